@@ -1,0 +1,91 @@
+//! A hostile policy for the runtime's tests. The request path picks the misbehaviour:
+//!
+//! | path | what it does | the host must answer |
+//! |---|---|---|
+//! | `/state` | counts in a `static`, a global cache, a `thread_local` and a lazy global, and reports the counts as headers | allow with every count at 1 (fresh instance) |
+//! | `/loop` | spins forever | deny `policy_timeout` |
+//! | `/memory-bomb` | allocates and touches memory without end | deny `policy_out_of_memory` |
+//! | `/recursion` | recurses without end | deny `policy_stack_overflow` |
+//! | `/panic` | panics | deny `policy_panicked` |
+//! | `/abort` | aborts | deny `policy_panicked` |
+//! | `/oversized` | answers an allow with megabytes of headers | deny `policy_decision_too_large` |
+//! | `/malformed` | answers a deny with status 200 | deny `policy_malformed_decision` |
+//! | anything else | allows | allow |
+
+use sandgate_policy_sdk::{allow, deny, Decision, DecisionExt, Policy, Request};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+static CACHE: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+static LAZY: LazyLock<Mutex<u64>> = LazyLock::new(|| Mutex::new(0));
+thread_local! {
+    static LOCAL: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Count in every kind of global state; return the counts.
+pub fn bump_state() -> [u64; 4] {
+    let counter = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
+    let cached = {
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = cache.get_or_insert_with(HashMap::new).entry("requests".into()).or_insert(0);
+        *entry += 1;
+        *entry
+    };
+    let local = LOCAL.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let lazy = {
+        let mut l = LAZY.lock().unwrap_or_else(|e| e.into_inner());
+        *l += 1;
+        *l
+    };
+    [counter, cached, local, lazy]
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
+}
+
+/// The hostile policy.
+pub struct Hostile;
+
+impl Policy for Hostile {
+    fn check(request: &Request) -> Decision {
+        match request.path.as_str() {
+            "/state" => {
+                let [counter, cache, local, lazy] = bump_state();
+                allow()
+                    .set_header("x-static-counter", &counter.to_string())
+                    .set_header("x-global-cache", &cache.to_string())
+                    .set_header("x-thread-local", &local.to_string())
+                    .set_header("x-lazy-global", &lazy.to_string())
+            }
+            "/loop" => {
+                let mut i = 0u64;
+                loop {
+                    i = std::hint::black_box(i.wrapping_add(1));
+                }
+            }
+            "/memory-bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "/recursion" => allow().set_header("x-depth", &recurse(0).to_string()),
+            "/panic" => panic!("policy gave up"),
+            "/abort" => std::process::abort(),
+            "/oversized" => (0..4096).fold(allow(), |d, i| d.set_header(&format!("x-filler-{i}"), &"x".repeat(1024))),
+            "/malformed" => deny(200, "not_really_a_denial"),
+            _ => allow(),
+        }
+    }
+}
+
+sandgate_policy_sdk::export_policy!(Hostile);

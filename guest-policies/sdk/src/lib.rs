@@ -1,0 +1,235 @@
+//! The Sandgate policy SDK: write an authorization policy as one Rust function.
+//!
+//! ```ignore
+//! use sandgate_policy_sdk::{allow, deny, Decision, Policy, Request, RequestExt, DecisionExt};
+//!
+//! struct AdminsOnly;
+//!
+//! impl Policy for AdminsOnly {
+//!     fn check(request: &Request) -> Decision {
+//!         match request.claims() {
+//!             Some(c) if c.roles.iter().any(|r| r == "admin") => allow().set_header("x-user", &c.subject),
+//!             Some(_) => deny(403, "forbidden"),
+//!             None => deny(401, "unauthenticated"),
+//!         }
+//!     }
+//! }
+//!
+//! sandgate_policy_sdk::export_policy!(AdminsOnly);
+//! ```
+//!
+//! Build it with `sandgate build` (it compiles to `wasm32-unknown-unknown` and wraps the module
+//! as a component of the `sandgate:policy/authorizer` world). The same code runs natively under
+//! `cargo test`, where the host imports are served by [`testing`] instead of the host.
+//!
+//! Every check runs in a fresh instance: statics, caches and thread-locals start empty each
+//! time, so there is no state to share between requests, and none to get wrong.
+
+#[cfg(target_arch = "wasm32")]
+mod bump_allocator;
+mod path;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use path::match_path;
+
+/// Bindings generated from `wit/policy.wit`. Policies rarely need them directly.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "authorizer",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_authorizer",
+        default_bindings_module: "sandgate_policy_sdk::bindings",
+    });
+}
+
+pub use bindings::sandgate::policy::host::LogLevel;
+pub use bindings::sandgate::policy::types::{
+    AllowResponse, CheckRequest as Request, Credential, CredentialError, Decision, DenyResponse, Header,
+    SnapshotVersions, StandardClaims, VerifiedCredential,
+};
+
+/// An authorization policy: one function from a request to a decision.
+pub trait Policy {
+    /// Decide on `request`. Panicking is a deny (`policy_panicked`), but a clear [`deny`] is
+    /// kinder to whoever reads the decision log.
+    fn check(request: &Request) -> Decision;
+}
+
+/// Export a [`Policy`] implementation as this component's `check`. Use once per crate.
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct SandgateExport;
+            impl $crate::bindings::exports::sandgate::policy::policy::Guest for SandgateExport {
+                fn check(request: $crate::Request) -> $crate::Decision {
+                    <$policy as $crate::Policy>::check(&request)
+                }
+            }
+            $crate::bindings::__export_authorizer!(SandgateExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Allow the request, setting no headers. Add some with [`DecisionExt::set_header`].
+pub fn allow() -> Decision {
+    Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: Vec::new() })
+}
+
+/// Deny the request with `status` (e.g. 401, 403) and a machine-readable `reason` code, which
+/// is also the message until [`DecisionExt::message`] sets one.
+pub fn deny(status: u16, reason: &str) -> Decision {
+    Decision::Deny(DenyResponse {
+        status,
+        reason: reason.to_owned(),
+        message: reason.replace('_', " "),
+        headers: Vec::new(),
+    })
+}
+
+/// Builder methods on a [`Decision`].
+pub trait DecisionExt {
+    /// On an allow, set this header on the upstream request; on a deny, add it to the denial.
+    fn set_header(self, name: &str, value: &str) -> Self;
+    /// On an allow, remove this header from the upstream request; no effect on a deny.
+    fn remove_header(self, name: &str) -> Self;
+    /// On a deny, the human-readable message (sent as the body); no effect on an allow.
+    fn message(self, message: &str) -> Self;
+    /// Whether this is an allow.
+    fn is_allow(&self) -> bool;
+}
+
+impl DecisionExt for Decision {
+    fn set_header(mut self, name: &str, value: &str) -> Self {
+        let header = Header { name: name.to_ascii_lowercase(), value: value.to_owned() };
+        match &mut self {
+            Decision::Allow(a) => a.set_headers.push(header),
+            Decision::Deny(d) => d.headers.push(header),
+        }
+        self
+    }
+
+    fn remove_header(mut self, name: &str) -> Self {
+        if let Decision::Allow(a) = &mut self {
+            a.remove_headers.push(name.to_ascii_lowercase());
+        }
+        self
+    }
+
+    fn message(mut self, message: &str) -> Self {
+        if let Decision::Deny(d) = &mut self {
+            d.message = message.to_owned();
+        }
+        self
+    }
+
+    fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow(_))
+    }
+}
+
+/// Convenience methods on a [`Request`].
+pub trait RequestExt {
+    /// The first value of header `name` (case-insensitive).
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The bearer token of the `Authorization` header, if any.
+    fn bearer_token(&self) -> Option<&str>;
+    /// The verified credential, if the host verified one.
+    fn credential(&self) -> Option<&VerifiedCredential>;
+    /// The verified standard claims, if the host verified a credential.
+    fn claims(&self) -> Option<&StandardClaims>;
+    /// Any claim of the verified credential by name, parsed from its JSON.
+    fn claim(&self, name: &str) -> Option<serde_json::Value>;
+    /// Whether the verified credential carries this OAuth scope.
+    fn has_scope(&self, scope: &str) -> bool;
+    /// Whether the verified credential carries this role.
+    fn has_role(&self, role: &str) -> bool;
+    /// The deny a policy usually answers when the credential is missing or was rejected:
+    /// 401 with `WWW-Authenticate: Bearer` and the host's reason code. `None` when verified.
+    fn unauthenticated(&self) -> Option<Decision>;
+}
+
+impl RequestExt for Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
+    }
+
+    fn bearer_token(&self) -> Option<&str> {
+        let value = self.header("authorization")?;
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    }
+
+    fn credential(&self) -> Option<&VerifiedCredential> {
+        match &self.credential {
+            Credential::Verified(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn claims(&self) -> Option<&StandardClaims> {
+        self.credential().map(|c| &c.claims)
+    }
+
+    fn claim(&self, name: &str) -> Option<serde_json::Value> {
+        let mut all: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&self.credential()?.claims_json).ok()?;
+        all.remove(name)
+    }
+
+    fn has_scope(&self, scope: &str) -> bool {
+        self.claims().is_some_and(|c| c.scopes.iter().any(|s| s == scope))
+    }
+
+    fn has_role(&self, role: &str) -> bool {
+        self.claims().is_some_and(|c| c.roles.iter().any(|r| r == role))
+    }
+
+    fn unauthenticated(&self) -> Option<Decision> {
+        let (reason, message) = match &self.credential {
+            Credential::Verified(_) => return None,
+            Credential::None => ("missing_credential", "a bearer token is required"),
+            Credential::Rejected(e) => (e.reason.as_str(), e.message.as_str()),
+        };
+        Some(deny(401, reason).message(message).set_header("www-authenticate", "Bearer"))
+    }
+}
+
+/// Calls to the host. Natively (under `cargo test`) these are served by [`testing`].
+pub mod host {
+    use super::*;
+
+    /// Add a line to this check's decision log entry.
+    pub fn log(level: LogLevel, message: &str) {
+        #[cfg(target_arch = "wasm32")]
+        bindings::sandgate::policy::host::log(level, message);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::log(level, message);
+    }
+
+    /// The JSON text at `pointer` (RFC 6901, e.g. `/roles/admin`) in the policy's data document.
+    pub fn data_get(pointer: &str) -> Option<String> {
+        #[cfg(target_arch = "wasm32")]
+        return bindings::sandgate::policy::host::data_get(pointer);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::data_get(pointer);
+    }
+
+    /// The value at `pointer` in the data document, parsed; `None` if absent or not JSON of
+    /// that shape.
+    pub fn data<T: serde::de::DeserializeOwned>(pointer: &str) -> Option<T> {
+        serde_json::from_str(&data_get(pointer)?).ok()
+    }
+
+    /// Verify a JWT found outside the `Authorization` header with the host's issuers and keys.
+    pub fn verify_jwt(token: &str) -> Result<VerifiedCredential, CredentialError> {
+        #[cfg(target_arch = "wasm32")]
+        return bindings::sandgate::policy::host::verify_jwt(token);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::verify_jwt(token);
+    }
+}

@@ -1,0 +1,53 @@
+//! Tenant isolation: a caller reaches only its own tenant's resources.
+//!
+//! Paths under `/tenants/{id}/…` are allowed only when `{id}` equals the token's `tenant`
+//! claim. Roles listed in the data document's `cross_tenant_roles` (e.g. platform operators)
+//! may reach every tenant; the decision log notes each such access. Paths outside `/tenants/`
+//! need only a verified credential. The upstream receives `x-user` and `x-tenant`.
+//!
+//! ```json
+//! { "cross_tenant_roles": ["platform-admin"] }
+//! ```
+
+use sandgate_policy_sdk::{allow, deny, host, match_path, Decision, DecisionExt, LogLevel, Policy, Request, RequestExt};
+
+/// The tenant isolation policy.
+pub struct TenantIsolation;
+
+impl Policy for TenantIsolation {
+    fn check(request: &Request) -> Decision {
+        if let Some(denial) = request.unauthenticated() {
+            return denial;
+        }
+        let Some(claims) = request.claims() else { return deny(401, "missing_credential") };
+        let own_tenant = request.claim("tenant").and_then(|t| t.as_str().map(str::to_owned));
+        let granted = |tenant: &str| allow().set_header("x-user", &claims.subject).set_header("x-tenant", tenant);
+
+        let Some(captures) = match_path("/tenants/{id}/**", &request.path) else {
+            return granted(own_tenant.as_deref().unwrap_or(""));
+        };
+        let wanted = captures[0].1;
+        if own_tenant.as_deref() == Some(wanted) {
+            return granted(wanted);
+        }
+        let cross: Vec<String> = host::data("/cross_tenant_roles").unwrap_or_default();
+        if let Some(role) = claims.roles.iter().find(|r| cross.contains(r)) {
+            host::log(LogLevel::Info, &format!("cross-tenant access to `{wanted}` by `{}` as `{role}`", claims.subject));
+            return granted(wanted);
+        }
+        match own_tenant {
+            None => deny(403, "missing_tenant").message("the token has no tenant claim"),
+            Some(_) => deny(403, "wrong_tenant").message("the token belongs to another tenant"),
+        }
+    }
+}
+
+sandgate_policy_sdk::export_policy!(TenantIsolation);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fixtures() {
+        sandgate_policy_sdk::testing::run_fixtures::<super::TenantIsolation>(include_str!("../fixtures.json"));
+    }
+}

@@ -1,0 +1,17 @@
+//! Sandgate: an authorization sidecar that runs each request's policy in a fresh WebAssembly
+//! sandbox.
+//!
+//! - [`runtime`]: compiles policy components once and evaluates every check in a new instance
+//!   with time and memory limits; any failure is a deny with its own reason code.
+//! - [`host_calls`]: what a policy may call (log, read-only data, JWT verification).
+//! - [`request`]: building check requests from their JSON form (`sandgate eval`, fixtures).
+//! - [`policy_build`]: turning a policy crate into a validated component (`sandgate build`).
+
+pub mod bindings;
+pub mod fixture_runner;
+pub mod host_calls;
+pub mod policy_build;
+pub mod request;
+pub mod runtime;
+
+pub use runtime::{EvalContext, Evaluation, LoadError, PolicyFault, PolicyModule, Runtime, RuntimeConfig};
