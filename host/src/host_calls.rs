@@ -38,6 +38,8 @@ pub const MAX_LOG_LINE: usize = 1024;
 pub(crate) struct MemoryCap {
     max_bytes: usize,
     exceeded: bool,
+    /// `memory.grow` calls after the initial allocation; a well-sized guest makes none.
+    pub(crate) grows: u32,
 }
 
 impl MemoryCap {
@@ -47,7 +49,10 @@ impl MemoryCap {
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if current > 0 {
+            self.grows += 1;
+        }
         if desired > self.max_bytes {
             self.exceeded = true;
             return Ok(false);
@@ -72,7 +77,7 @@ pub(crate) struct HostState {
 impl HostState {
     pub(crate) fn new(data: Arc<PolicyData>, verifier: Option<Arc<dyn TokenVerifier>>, memory_limit: usize) -> Self {
         HostState {
-            limiter: MemoryCap { max_bytes: memory_limit, exceeded: false },
+            limiter: MemoryCap { max_bytes: memory_limit, exceeded: false, grows: 0 },
             logs: Vec::new(),
             dropped_logs: 0,
             data,

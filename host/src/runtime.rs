@@ -173,17 +173,20 @@ pub struct Evaluation {
     pub fault: Option<PolicyFault>,
     /// Lines the policy logged, for the decision log.
     pub logs: Vec<PolicyLog>,
+    /// How often the guest grew its memory past the initial size (each costs `mprotect`
+    /// calls in the host); 0 for a well-behaved policy.
+    pub memory_grows: u32,
 }
 
 impl Evaluation {
-    fn fault(fault: PolicyFault, logs: Vec<PolicyLog>) -> Self {
+    fn fault(fault: PolicyFault, logs: Vec<PolicyLog>, memory_grows: u32) -> Self {
         let decision = Decision::Deny(DenyResponse {
             status: fault.status(),
             reason: fault.reason().to_owned(),
             message: "access denied".to_owned(),
             headers: Vec::new(),
         });
-        Evaluation { decision, fault: Some(fault), logs }
+        Evaluation { decision, fault: Some(fault), logs, memory_grows }
     }
 
     /// Whether the request is allowed.
@@ -296,7 +299,7 @@ impl Runtime {
         }
         let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
         let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
-        Ok(PolicyModule { pre, digest: hex::encode(Sha256::digest(bytes)).into(), size: bytes.len() })
+        Ok(PolicyModule { pre, digest: sha256_hex(bytes).into(), size: bytes.len() })
     }
 
     /// Evaluate one check in a fresh instance, waiting up to the queue timeout for a free
@@ -305,7 +308,7 @@ impl Runtime {
         let permit = tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await;
         match permit {
             Ok(Ok(_permit)) => self.evaluate(module, request, context),
-            _ => Evaluation::fault(PolicyFault::Overloaded, Vec::new()),
+            _ => Evaluation::fault(PolicyFault::Overloaded, Vec::new(), 0),
         }
     }
 
@@ -321,9 +324,10 @@ impl Runtime {
                 policy.sandgate_policy_policy().call_check(&mut store, request).map_err(|e| classify_trap(&e, &store))
             });
         let logs = std::mem::take(&mut store.data_mut().logs);
+        let memory_grows = store.data().limiter.grows;
         match result.and_then(validate_decision) {
-            Ok(decision) => Evaluation { decision, fault: None, logs },
-            Err(fault) => Evaluation::fault(fault, logs),
+            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows },
+            Err(fault) => Evaluation::fault(fault, logs, memory_grows),
         }
     }
 
@@ -335,26 +339,35 @@ impl Runtime {
         store.set_epoch_deadline(ticks);
         store
     }
+}
 
-    /// Test-only: evaluate `requests` one after another on ONE instance, the way Sandgate
-    /// never does. Exists so the isolation tests can show their check would catch state
-    /// surviving between requests, and for the benchmark's floor. Not for production use.
-    #[doc(hidden)]
-    pub fn evaluate_reusing_instance(
-        &self,
-        module: &PolicyModule,
-        requests: &[CheckRequest],
-        context: &EvalContext,
-    ) -> anyhow::Result<Vec<Decision>> {
-        let mut store = self.new_store(context);
+/// One instance reused for many checks: what Sandgate never does. It exists so the isolation
+/// tests can show their check would catch state surviving between requests, and as the
+/// benchmark's floor (the cost of a call without the cost of isolation). Not for production.
+#[doc(hidden)]
+pub struct ReusedInstance {
+    store: Store<HostState>,
+    policy: Authorizer,
+}
+
+impl ReusedInstance {
+    /// Instantiate `module` once.
+    pub fn new(runtime: &Runtime, module: &PolicyModule, context: &EvalContext) -> anyhow::Result<Self> {
+        let mut store = runtime.new_store(context);
         let policy = module.pre.instantiate(&mut store).map_err(anyhow::Error::from)?;
-        let mut decisions = Vec::with_capacity(requests.len());
-        for request in requests {
-            store.set_epoch_deadline(1_000);
-            decisions.push(policy.sandgate_policy_policy().call_check(&mut store, request).map_err(anyhow::Error::from)?);
-        }
-        Ok(decisions)
+        Ok(ReusedInstance { store, policy })
     }
+
+    /// Call `check` on the same instance again.
+    pub fn check(&mut self, request: &CheckRequest) -> anyhow::Result<Decision> {
+        self.store.set_epoch_deadline(1_000);
+        self.policy.sandgate_policy_policy().call_check(&mut self.store, request).map_err(anyhow::Error::from)
+    }
+}
+
+/// SHA-256 of `bytes`, lowercase hex: how Sandgate names a policy module's version.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn classify_instantiation(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFault {

@@ -93,7 +93,7 @@ pub fn request_from_spec(spec: &RequestSpec, now: u64) -> Request {
     };
     Request {
         request_id: "test".into(),
-        method: spec.method.clone(),
+        method: spec.method.to_ascii_uppercase(),
         scheme: spec.scheme.clone(),
         host: spec.host.clone(),
         path: spec.path.clone(),

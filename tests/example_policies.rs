@@ -1,0 +1,35 @@
+//! The example policies' fixture tables pass as Wasm through the real runtime, and every case
+//! gives exactly the same outcome natively as in Wasm.
+
+use sandgate::fixture_runner;
+use sandgate_policy_sdk::{Policy, testing};
+use sandgate_tests::{fixtures, load, runtime};
+
+fn same_outcomes_natively_and_as_wasm<P: Policy>(name: &str) {
+    let runtime = runtime();
+    let module = load(&runtime, name);
+    let file = fixtures(name);
+    assert!(file.cases.len() >= 5, "`{name}` needs a real table of cases");
+    let wasm = fixture_runner::run(&runtime, &module, &file);
+    for (case, result) in file.cases.iter().zip(&wasm) {
+        assert!(result.verdict.is_ok(), "{name} as Wasm, case `{}`: {:?}", case.name, result.verdict);
+        testing::set_data(case.data.clone().or_else(|| file.data.clone()).unwrap_or_default());
+        let native = testing::outcome(&P::check(&testing::request_from_spec(&case.request, file.now.unwrap_or(0))));
+        assert_eq!(native, result.got, "{name}, case `{}`: native and Wasm disagree", case.name);
+    }
+}
+
+#[test]
+fn rbac() {
+    same_outcomes_natively_and_as_wasm::<sandgate_policy_rbac::Rbac>("rbac");
+}
+
+#[test]
+fn tenant_isolation() {
+    same_outcomes_natively_and_as_wasm::<sandgate_policy_tenant::TenantIsolation>("tenant");
+}
+
+#[test]
+fn oauth_scopes() {
+    same_outcomes_natively_and_as_wasm::<sandgate_policy_scopes::Scopes>("scopes");
+}

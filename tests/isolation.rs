@@ -1,0 +1,76 @@
+//! No state survives a request: a policy that counts in a `static`, a global cache, a
+//! `thread_local` and a lazily initialised global sees 1 every time, sequentially and under
+//! concurrency. The same policy on one reused instance sees its counters grow, which shows the
+//! check below would catch a runtime that leaked state.
+
+use sandgate_tests::{allowed_header, check, context, load, runtime};
+use sandgate::runtime::ReusedInstance;
+use std::sync::Arc;
+
+const STATE_HEADERS: [&str; 4] = ["x-static-counter", "x-global-cache", "x-thread-local", "x-lazy-global"];
+
+#[test]
+fn fresh_state_on_every_sequential_check() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile");
+    let request = check(serde_json::json!({ "path": "/state" }));
+    for i in 0..1_000 {
+        let evaluation = runtime.evaluate(&hostile, &request, &context(serde_json::Value::Null));
+        for header in STATE_HEADERS {
+            assert_eq!(allowed_header(&evaluation.decision, header), "1", "check {i}: `{header}` survived a request");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fresh_state_on_every_concurrent_check() {
+    let runtime = Arc::new(runtime());
+    let hostile = load(&runtime, "hostile");
+    let request = Arc::new(check(serde_json::json!({ "path": "/state" })));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (runtime, hostile, request) = (runtime.clone(), hostile.clone(), request.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..20 {
+                    let evaluation = runtime.check(&hostile, &request, &context(serde_json::Value::Null)).await;
+                    seen.push(STATE_HEADERS.map(|h| allowed_header(&evaluation.decision, h)));
+                    tokio::task::yield_now().await;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut checks = 0;
+    for task in tasks {
+        for counts in task.await.unwrap() {
+            assert_eq!(counts, ["1", "1", "1", "1"], "state survived a request under concurrency");
+            checks += 1;
+        }
+    }
+    assert_eq!(checks, 1_000);
+}
+
+#[test]
+fn a_reused_instance_does_leak_state_so_the_checks_above_can_fail() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile");
+    let request = check(serde_json::json!({ "path": "/state" }));
+    let mut instance = ReusedInstance::new(&runtime, &hostile, &context(serde_json::Value::Null)).unwrap();
+    let decisions: Vec<_> = (0..5).map(|_| instance.check(&request).unwrap()).collect();
+    for header in STATE_HEADERS {
+        let counts: Vec<String> = decisions.iter().map(|d| allowed_header(d, header)).collect();
+        assert_eq!(counts, ["1", "2", "3", "4", "5"], "`{header}` on a reused instance");
+    }
+}
+
+#[test]
+fn a_normal_check_never_grows_guest_memory() {
+    let runtime = runtime();
+    let rbac = load(&runtime, "rbac");
+    let data = sandgate_tests::fixtures("rbac").data.unwrap();
+    let request = check(serde_json::json!({ "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader", "writer"] } }));
+    let evaluation = runtime.evaluate(&rbac, &request, &context(data));
+    assert!(evaluation.is_allow());
+    assert_eq!(evaluation.memory_grows, 0, "the guest called memory.grow on a normal request");
+}
