@@ -56,12 +56,36 @@ fn decision(c: &mut Criterion) {
     assert!(s.runtime.evaluate(&s.module, &s.check, &s.context).is_allow(), "the benchmark request must be allowed");
     let mut group = c.benchmark_group("rbac_decision");
     group.bench_function("fresh_instance", |b| b.iter(|| black_box(s.runtime.evaluate(&s.module, &s.check, &s.context))));
-    let mut reused = ReusedInstance::new(&s.runtime, &s.module, &s.context).expect("instance");
-    group.bench_function("reused_instance_floor", |b| b.iter(|| black_box(reused.check(&s.check).expect("check"))));
+    // The guest's bump allocator never frees (its instance is meant to die after one check), so
+    // a reused instance is replaced, untimed, every 1,000 calls before it fills its memory.
+    group.bench_function("reused_instance_floor", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let chunk = left.min(1_000);
+                let mut reused = ReusedInstance::new(&s.runtime, &s.module, &s.context).expect("instance");
+                let started = Instant::now();
+                for _ in 0..chunk {
+                    black_box(reused.check(&s.check).expect("check"));
+                }
+                elapsed += started.elapsed();
+                left -= chunk;
+            }
+            elapsed
+        })
+    });
     testing::set_data(s.data.clone());
     let native_request = testing::request_from_spec(&s.spec, 1_767_225_600);
     group.bench_function("native_rust", |b| b.iter(|| black_box(sandgate_policy_rbac::Rbac::check(black_box(&native_request)))));
     group.finish();
+
+    // The sandbox alone: the same request through a policy that allows without looking.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let trivial = s.runtime.load(&std::fs::read(root.join("target/policies/hostile.wasm")).expect("hostile.wasm")).expect("loads");
+    let mut trivial_check = s.check.clone();
+    trivial_check.path = "/".into();
+    c.bench_function("allow_all/fresh_instance", |b| b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context))));
 }
 
 /// Fresh-instance decisions per second over `threads` threads for `duration`.
@@ -87,8 +111,46 @@ fn throughput(s: &Arc<Setup>, threads: usize, duration: Duration) -> f64 {
     total as f64 / started.elapsed().as_secs_f64()
 }
 
+/// p50 and p99 of `f` over `n` individually timed calls, in µs.
+fn percentiles(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        })
+        .collect();
+    samples.sort_unstable();
+    let at = |q: f64| samples[((n as f64 * q) as usize).min(n - 1)].as_secs_f64() * 1e6;
+    (at(0.50), at(0.99))
+}
+
 fn scaling() {
     let s = Arc::new(setup());
+    let n = 100_000;
+    let (fresh50, fresh99) = percentiles(n, || {
+        black_box(s.runtime.evaluate(&s.module, &s.check, &s.context));
+    });
+    let mut reused = ReusedInstance::new(&s.runtime, &s.module, &s.context).expect("instance");
+    let mut calls = 0;
+    let (reused50, reused99) = percentiles(n, || {
+        calls += 1;
+        if calls % 1_000 == 0 {
+            reused = ReusedInstance::new(&s.runtime, &s.module, &s.context).expect("instance");
+        }
+        black_box(reused.check(&s.check).expect("check"));
+    });
+    testing::set_data(s.data.clone());
+    let native_request = testing::request_from_spec(&s.spec, 1_767_225_600);
+    let (native50, native99) = percentiles(n, || {
+        black_box(sandgate_policy_rbac::Rbac::check(black_box(&native_request)));
+    });
+    println!("\nper-call latency over {n} calls (µs, includes ~0.03 µs of timer overhead):");
+    println!("  fresh_instance         p50 {fresh50:.2}  p99 {fresh99:.2}");
+    println!("  reused_instance_floor  p50 {reused50:.2}  p99 {reused99:.2}  (every 1,000th call also re-instantiates)");
+    println!("  native_rust            p50 {native50:.2}  p99 {native99:.2}");
+    println!("  fresh / floor = {:.2}x, fresh / native = {:.2}x", fresh50 / reused50, fresh50 / native50);
+
     throughput(&s, 2, Duration::from_millis(500)); // warm up both threads' pool slots
     let one = throughput(&s, 1, Duration::from_secs(3));
     let two = throughput(&s, 2, Duration::from_secs(3));
