@@ -6,12 +6,21 @@
 //! - [`host_calls`]: what a policy may call (log, read-only data, JWT verification).
 //! - [`request`]: building check requests from their JSON form (`sandgate eval`, fixtures).
 //! - [`policy_build`]: turning a policy crate into a validated component (`sandgate build`).
+//! - [`server`]: the forward-auth HTTP server (`sandgate serve`), with [`keys`] (JWT
+//!   verification), [`jwks_fetcher`], [`snapshot`], [`metrics`] and [`config`].
 
 pub mod bindings;
+pub mod config;
+pub mod demo;
 pub mod fixture_runner;
 pub mod host_calls;
+pub mod jwks_fetcher;
+pub mod keys;
+pub mod metrics;
 pub mod policy_build;
 pub mod request;
 pub mod runtime;
+pub mod server;
+pub mod snapshot;
 
 pub use runtime::{EvalContext, Evaluation, LoadError, PolicyFault, PolicyModule, Runtime, RuntimeConfig};

@@ -19,6 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the authorization sidecar. Without `--config`: a demo with the bundled RBAC
+    /// policy, a generated key, and a printed token and curl lines.
+    Serve {
+        /// The configuration file (TOML); see examples/sandgate.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the configuration's.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Evaluate one request with a policy and print the decision as JSON.
     ///
     /// The request file is JSON: {"method": "GET", "path": "/api/x", "headers": {"name": "value"},
@@ -71,8 +81,56 @@ fn load(runtime: &Runtime, path: &Path) -> anyhow::Result<sandgate::PolicyModule
     runtime.load(&read(path, "policy")?).with_context(|| format!("cannot load policy `{}`", path.display()))
 }
 
+async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::Result<ExitCode> {
+    let (mut config, demo_token) = match config_path {
+        Some(path) => (sandgate::config::Config::from_file(&path)?, None),
+        None => {
+            let dir = std::env::temp_dir().join(format!("sandgate-demo-{}", std::process::id()));
+            let listen = listen.clone().unwrap_or_else(|| "127.0.0.1:8181".into());
+            let (config, token) = sandgate::demo::demo(&dir, sandgate::demo::bundled_policy()?, &listen)?;
+            (config, Some(token))
+        }
+    };
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    let app = sandgate::server::App::new(&config)?;
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on `{}`", config.server.listen))?;
+    let address = listener.local_addr()?;
+    app.start().await;
+    tracing::info!(%address, "sandgate listening");
+    eprintln!("sandgate: listening on http://{address} (checks at {}, /healthz, /readyz, /metrics)", config.server.auth_prefix);
+    if let Some(token) = demo_token {
+        let url = format!("http://{address}{}", config.server.auth_prefix);
+        eprintln!("\ndemo token (alice, role reader):\n{token}\n");
+        eprintln!("allowed (200):  curl -i -H 'Authorization: Bearer {token}' -H 'X-Original-URI: /api/orders/7' {url}");
+        eprintln!("denied (403):   curl -i -H 'Authorization: Bearer {token}' -H 'X-Original-Method: DELETE' -H 'X-Original-URI: /api/orders/7' {url}");
+        eprintln!("no token (401): curl -i -H 'X-Original-URI: /api/orders/7' {url}\n");
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    let grace = std::time::Duration::from_secs(config.server.shutdown_grace_secs);
+    sandgate::server::serve(app, listener, shutdown, grace).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve { config, listen } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve(config, listen))
+        }
         Command::Eval { policy, request: request_path, data } => {
             let spec: RequestSpec = read_json(&request_path, "request")?;
             let value = match data {

@@ -176,6 +176,8 @@ pub struct Evaluation {
     /// How often the guest grew its memory past the initial size (each costs `mprotect`
     /// calls in the host); 0 for a well-behaved policy.
     pub memory_grows: u32,
+    /// Whether the check had to wait for a free instance.
+    pub queued: bool,
 }
 
 impl Evaluation {
@@ -186,7 +188,7 @@ impl Evaluation {
             message: "access denied".to_owned(),
             headers: Vec::new(),
         });
-        Evaluation { decision, fault: Some(fault), logs, memory_grows }
+        Evaluation { decision, fault: Some(fault), logs, memory_grows, queued: false }
     }
 
     /// Whether the request is allowed.
@@ -274,6 +276,11 @@ impl Runtime {
         })
     }
 
+    /// Instances in use by [`Runtime::check`] right now.
+    pub fn instances_in_use(&self) -> usize {
+        self.config.max_instances as usize - self.permits.available_permits()
+    }
+
     /// The limits in force.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
@@ -305,11 +312,16 @@ impl Runtime {
     /// Evaluate one check in a fresh instance, waiting up to the queue timeout for a free
     /// slot in the pool. Runs the (bounded) policy call on the current thread.
     pub async fn check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        if let Ok(_permit) = self.permits.try_acquire() {
+            return self.evaluate(module, request, context);
+        }
         let permit = tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await;
-        match permit {
+        let mut evaluation = match permit {
             Ok(Ok(_permit)) => self.evaluate(module, request, context),
             _ => Evaluation::fault(PolicyFault::Overloaded, Vec::new(), 0),
-        }
+        };
+        evaluation.queued = true;
+        evaluation
     }
 
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
@@ -326,7 +338,7 @@ impl Runtime {
         let logs = std::mem::take(&mut store.data_mut().logs);
         let memory_grows = store.data().limiter.grows;
         match result.and_then(validate_decision) {
-            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows },
+            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows, queued: false },
             Err(fault) => Evaluation::fault(fault, logs, memory_grows),
         }
     }

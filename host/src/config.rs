@@ -1,0 +1,266 @@
+//! The `sandgate serve` configuration file (TOML). See `examples/sandgate.toml` for every
+//! field with its default. Reading the file binds nothing and loads nothing: `serve` does that.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The forward-auth listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Limits of the policy runtime.
+    #[serde(default)]
+    pub runtime: RuntimeLimits,
+    /// Token issuers the host verifies bearer tokens against.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+    /// Policies by id.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    /// Routes, checked in order; the first match picks the policy.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Revoked token ids and subjects.
+    #[serde(default)]
+    pub revocations: RevocationConfig,
+}
+
+/// The forward-auth listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Path prefix of forward-auth checks; the rest of the path is the original path when no
+    /// `X-Forwarded-Uri`/`X-Original-URI` header says otherwise (Envoy HTTP ext_authz).
+    pub auth_prefix: String,
+    /// Policy for requests no route matches; without one they are denied (`no_route`).
+    pub default_policy: Option<String>,
+    /// Extra identity headers on an allow: header name → claim name (e.g.
+    /// `"x-auth-subject" = "sub"`). Lists are joined with spaces.
+    pub identity_headers: BTreeMap<String, String>,
+    /// Grace period for in-flight checks on SIGTERM, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8181".into(),
+            auth_prefix: "/auth".into(),
+            default_policy: None,
+            identity_headers: BTreeMap::new(),
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// Limits of the policy runtime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeLimits {
+    /// Policy instances alive at once.
+    pub max_instances: u32,
+    /// Time budget of one policy call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Memory cap of one instance, in MiB.
+    pub memory_limit_mib: usize,
+    /// How long a check waits for a free instance, in milliseconds, before a 503.
+    pub queue_timeout_ms: u64,
+}
+
+impl Default for RuntimeLimits {
+    fn default() -> Self {
+        let d = crate::RuntimeConfig::default();
+        RuntimeLimits {
+            max_instances: d.max_instances,
+            timeout_ms: d.timeout.as_millis() as u64,
+            memory_limit_mib: d.memory_limit >> 20,
+            queue_timeout_ms: d.queue_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl RuntimeLimits {
+    /// As the runtime's configuration.
+    pub fn runtime_config(&self) -> crate::RuntimeConfig {
+        crate::RuntimeConfig {
+            max_instances: self.max_instances,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            memory_limit: self.memory_limit_mib << 20,
+            queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+        }
+    }
+}
+
+/// One token issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` its tokens carry.
+    pub issuer: String,
+    /// Accepted audiences; a token must name one. Empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted algorithms, e.g. `["RS256", "ES256"]`. `none` is never accepted.
+    pub algorithms: Vec<String>,
+    /// Clock leeway for `exp`/`nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Static keys.
+    #[serde(default)]
+    pub keys: Vec<KeySource>,
+    /// A JWKS URL fetched at start, periodically, and on an unknown `kid`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// An OIDC issuer whose `/.well-known/openid-configuration` names the JWKS URL.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Periodic JWKS refresh, in seconds.
+    #[serde(default = "default_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// Minimum time between fetches triggered by unknown `kid`s, in milliseconds.
+    #[serde(default = "default_min_refetch")]
+    pub jwks_min_refetch_ms: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_refresh() -> u64 {
+    300
+}
+fn default_min_refetch() -> u64 {
+    10_000
+}
+
+/// Where a static key comes from. Exactly one of the fields is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySource {
+    /// The `kid` tokens name this key by (JWKs carry their own).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// Algorithm of a PEM key or secret, e.g. `RS256` (JWKs may carry their own `alg`).
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// A PEM public key file (RSA, EC or Ed25519).
+    #[serde(default)]
+    pub pem_file: Option<PathBuf>,
+    /// A file with one JWK.
+    #[serde(default)]
+    pub jwk_file: Option<PathBuf>,
+    /// A JWKS file.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// An HMAC secret (HS256/384/512), given inline.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// One policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The id routes refer to.
+    pub id: String,
+    /// The compiled component.
+    pub module: PathBuf,
+    /// Its data document (JSON).
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host to match (exact, case-insensitive, port ignored); any host when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, on segment boundaries (`/api` matches `/api` and `/api/x`, not
+    /// `/apix`); `/` when absent.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The policy id.
+    pub policy: String,
+}
+
+/// Revocations known at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Revoked `jti`s.
+    #[serde(default)]
+    pub jtis: Vec<String>,
+    /// Subjects whose tokens are all revoked.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+impl Config {
+    /// Read and check a configuration file. Relative paths in it are resolved against the
+    /// file's directory.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+        let mut config: Config = toml::from_str(&text).with_context(|| format!("`{}` is not valid", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for policy in &mut self.policies {
+            resolve(&mut policy.module);
+            policy.data.as_mut().map(resolve);
+        }
+        for key in self.issuers.iter_mut().flat_map(|i| i.keys.iter_mut()) {
+            for p in [&mut key.pem_file, &mut key.jwk_file, &mut key.jwks_file].into_iter().flatten() {
+                resolve(p);
+            }
+        }
+    }
+
+    /// Cross-field checks serde cannot do.
+    pub fn check(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
+        let known = |id: &str| ids.contains(&id);
+        for route in &self.routes {
+            if !known(&route.policy) {
+                bail!("route to unknown policy `{}` (policies: {ids:?})", route.policy);
+            }
+        }
+        if let Some(id) = &self.server.default_policy
+            && !known(id)
+        {
+            bail!("default_policy `{id}` is not a configured policy (policies: {ids:?})");
+        }
+        if !self.server.auth_prefix.starts_with('/') {
+            bail!("auth_prefix `{}` must start with `/`", self.server.auth_prefix);
+        }
+        for issuer in &self.issuers {
+            if issuer.algorithms.is_empty() {
+                bail!("issuer `{}` accepts no algorithms", issuer.issuer);
+            }
+            for alg in &issuer.algorithms {
+                crate::keys::parse_algorithm(alg).map_err(|e| anyhow::anyhow!("issuer `{}`: {e}", issuer.issuer))?;
+            }
+            if issuer.keys.is_empty() && issuer.jwks_url.is_none() && issuer.discovery_url.is_none() {
+                bail!("issuer `{}` has no keys, no jwks_url and no discovery_url", issuer.issuer);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,475 @@
+//! The forward-auth HTTP server: proxies ask, Sandgate answers 2xx (allow, with identity
+//! headers) or 401/403 (deny, with a reason).
+//!
+//! The original request is read from `X-Forwarded-Method`/`-Uri`/`-Host`/`-Proto` (Traefik,
+//! Caddy), `X-Original-Method`/`X-Original-URI` (nginx), or, failing those, the path after the
+//! auth prefix (Envoy HTTP ext_authz). These headers are trusted: Sandgate is a sidecar that
+//! only the proxy in front of the application can reach.
+
+use crate::bindings::sandgate::policy::types::{CheckRequest, Credential, Decision, Header};
+use crate::config::{Config, ServerConfig};
+use crate::host_calls::PolicyData;
+use crate::jwks_fetcher::JwksFetcher;
+use crate::keys::{Issuer, KeySets, Rejection, Revocations};
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::snapshot::{LoadedPolicy, Route, Snapshot, SnapshotStore};
+use crate::{EvalContext, Evaluation, Runtime};
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+/// Everything the server shares between connections.
+pub struct App {
+    /// The current snapshot.
+    pub store: Arc<SnapshotStore>,
+    /// The policy runtime.
+    pub runtime: Arc<Runtime>,
+    /// JWKS fetching.
+    pub fetcher: Arc<JwksFetcher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    settings: ServerConfig,
+    ready: AtomicBool,
+    request_ids: AtomicU64,
+    id_prefix: String,
+}
+
+impl App {
+    /// Load policies and static keys from `config` (compiling modules), ready to serve once
+    /// [`App::start`] has fetched the JWKS endpoints.
+    pub fn new(config: &Config) -> anyhow::Result<Arc<App>> {
+        let runtime = Arc::new(Runtime::new(config.runtime.runtime_config())?);
+        let mut policies = HashMap::new();
+        for p in &config.policies {
+            let bytes = std::fs::read(&p.module).with_context(|| format!("policy `{}`: cannot read `{}`", p.id, p.module.display()))?;
+            let module = runtime.load(&bytes).with_context(|| format!("policy `{}` (`{}`)", p.id, p.module.display()))?;
+            let value = match &p.data {
+                Some(path) => serde_json::from_slice(&std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?)
+                    .with_context(|| format!("policy `{}`: data `{}` is not JSON", p.id, path.display()))?,
+                None => Value::Null,
+            };
+            let loaded = LoadedPolicy {
+                id: p.id.clone(),
+                module,
+                data: Arc::new(PolicyData { value, version: 1 }),
+                loaded_at: SystemTime::now(),
+            };
+            policies.insert(p.id.clone(), Arc::new(loaded));
+        }
+        let mut issuers = HashMap::new();
+        for i in &config.issuers {
+            issuers.insert(i.issuer.clone(), Arc::new(Issuer::from_config(i)?));
+        }
+        let routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.clone().unwrap_or_else(|| "/".into()),
+                policy: r.policy.clone(),
+            })
+            .collect();
+        let snapshot = Snapshot {
+            version: 1,
+            policies,
+            routes: routes.into(),
+            default_policy: config.server.default_policy.clone(),
+            keys: Arc::new(KeySets { version: 1, issuers }),
+            revocations: Arc::new(Revocations {
+                version: 1,
+                jtis: config.revocations.jtis.iter().cloned().collect(),
+                subjects: config.revocations.subjects.iter().cloned().collect(),
+            }),
+        };
+        let store = Arc::new(SnapshotStore::new(snapshot));
+        let metrics = Arc::new(Metrics::default());
+        let fetcher = Arc::new(JwksFetcher::new(&config.issuers, store.clone(), metrics.clone())?);
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        Ok(Arc::new(App {
+            store,
+            runtime,
+            fetcher,
+            metrics,
+            settings: config.server.clone(),
+            ready: AtomicBool::new(false),
+            request_ids: AtomicU64::new(0),
+            id_prefix: format!("{:08x}", nanos ^ std::process::id()),
+        }))
+    }
+
+    /// Fetch JWKS endpoints (failures are logged and retried later), start periodic refresh,
+    /// and become ready.
+    pub async fn start(self: &Arc<Self>) {
+        if let Err(e) = self.fetcher.fetch_all().await {
+            tracing::warn!(error = format!("{e:#}"), "initial JWKS fetch failed; will retry on demand");
+        }
+        self.fetcher.spawn_refresh();
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Answer one HTTP request.
+    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if path == "/readyz" {
+            let ready = self.ready.load(Ordering::SeqCst) && !self.store.load().policies.is_empty();
+            return if ready { text(StatusCode::OK, "ready\n") } else { text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n") };
+        }
+        if path == "/metrics" {
+            self.metrics.pool_in_use.set(self.runtime.instances_in_use() as i64);
+            let mut response = text(StatusCode::OK, &self.metrics.encode());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return response;
+        }
+        let prefix = self.settings.auth_prefix.trim_end_matches('/');
+        let rest = path.strip_prefix(prefix).filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        match rest {
+            Some(rest) => {
+                let rest = rest.to_owned();
+                self.check(request, &rest, peer).await
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    async fn check(self: &Arc<Self>, request: Request<Incoming>, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let original = OriginalRequest::from_forward_auth(&request, rest, peer);
+        let request_id = original
+            .header("x-request-id")
+            .filter(|id| id.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed)));
+
+        let mut snapshot = self.store.load();
+        let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
+            let evaluation = host_deny(403, "no_route", "no route matches this request");
+            return self.answer(&original, &request_id, None, &snapshot, None, &evaluation, started);
+        };
+        let policy_id = policy_id.to_owned();
+        let credential = match original.bearer() {
+            Bearer::None => Credential::None,
+            Bearer::Malformed => Credential::Rejected(crate::bindings::sandgate::policy::types::CredentialError {
+                reason: "malformed_authorization".into(),
+                message: "the Authorization header is not `Bearer <token>`".into(),
+            }),
+            Bearer::Token(token) => {
+                let (credential, pinned) = self.authenticate(token, snapshot).await;
+                snapshot = pinned;
+                credential
+            }
+        };
+        // The policy comes from the snapshot the credential was verified against.
+        let Some((_, policy)) = snapshot.route(&original.host, &original.path) else {
+            let evaluation = host_deny(403, "no_route", "no route matches this request");
+            return self.answer(&original, &request_id, Some(&policy_id), &snapshot, None, &evaluation, started);
+        };
+        let policy = policy.clone();
+        let check = CheckRequest {
+            request_id: request_id.clone(),
+            method: original.method.clone(),
+            scheme: original.scheme.clone(),
+            host: original.host.clone(),
+            path: original.path.clone(),
+            query: original.query.clone(),
+            headers: original.headers.clone(),
+            peer: Some(original.peer.clone()),
+            body: None,
+            credential,
+            now: crate::request::unix_now(),
+            versions: snapshot.versions(&policy),
+        };
+        let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
+        let evaluation = self.runtime.check(&policy.module, &check, &context).await;
+        if evaluation.queued {
+            self.metrics.queue_waits.inc();
+        }
+        self.answer(&original, &request_id, Some(&policy.id), &snapshot, Some((&policy, &check)), &evaluation, started)
+    }
+
+    /// Verify a bearer token against `snapshot`; on an unknown `kid` of an issuer with a JWKS
+    /// endpoint, fetch (single flight) and verify again against the snapshot that fetch
+    /// published. Returns the credential and the snapshot it was decided on.
+    async fn authenticate(&self, token: &str, snapshot: Arc<Snapshot>) -> (Credential, Arc<Snapshot>) {
+        match snapshot.keys.verify(token, &snapshot.revocations) {
+            Ok(verified) => (Credential::Verified(verified), snapshot),
+            Err(Rejection::UnknownKid { issuer, kid }) => {
+                if !self.fetcher.resolve_unknown_kid(&issuer, &kid).await {
+                    let rejection = Rejection::UnknownKid { issuer, kid };
+                    return (Credential::Rejected(rejection.to_credential_error()), snapshot);
+                }
+                let snapshot = self.store.load();
+                let credential = match snapshot.keys.verify(token, &snapshot.revocations) {
+                    Ok(verified) => Credential::Verified(verified),
+                    Err(rejection) => Credential::Rejected(rejection.to_credential_error()),
+                };
+                (credential, snapshot)
+            }
+            Err(rejection) => (Credential::Rejected(rejection.to_credential_error()), snapshot),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        original: &OriginalRequest,
+        request_id: &str,
+        policy_id: Option<&str>,
+        snapshot: &Snapshot,
+        checked: Option<(&LoadedPolicy, &CheckRequest)>,
+        evaluation: &Evaluation,
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
+        let mut response = match &evaluation.decision {
+            Decision::Allow(allow) => {
+                let mut response = Response::new(Full::new(Bytes::new()));
+                for h in &allow.set_headers {
+                    put_header(&mut response, &h.name, &h.value);
+                }
+                if let Some((_, check)) = checked {
+                    self.identity_headers(&mut response, &check.credential);
+                }
+                response
+            }
+            Decision::Deny(deny) => {
+                let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", deny.message))));
+                *response.status_mut() = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::FORBIDDEN);
+                put_header(&mut response, "content-type", "text/plain; charset=utf-8");
+                for h in &deny.headers {
+                    put_header(&mut response, &h.name, &h.value);
+                }
+                if deny.status == 401 && !response.headers().contains_key(hyper::header::WWW_AUTHENTICATE) {
+                    put_header(&mut response, "www-authenticate", "Bearer");
+                }
+                put_header(&mut response, "x-sandgate-reason", &deny.reason);
+                response
+            }
+        };
+        put_header(&mut response, "x-sandgate-request-id", request_id);
+
+        let latency = started.elapsed();
+        let outcome = if evaluation.is_allow() { "allow" } else { "deny" };
+        self.metrics.decisions.get_or_create(&DecisionLabels { outcome, reason: evaluation.reason().to_owned() }).inc();
+        self.metrics.latency.observe(latency.as_secs_f64());
+
+        let subject = checked.and_then(|(_, c)| match &c.credential {
+            Credential::Verified(v) => Some(v.claims.subject.as_str()),
+            _ => None,
+        });
+        let credential = checked.map(|(_, c)| match &c.credential {
+            Credential::None => "none".to_owned(),
+            Credential::Verified(_) => "verified".to_owned(),
+            Credential::Rejected(e) => format!("rejected:{}", e.reason),
+        });
+        let line = json!({
+            "ts": crate::request::unix_now(),
+            "request_id": request_id,
+            "method": original.method,
+            "host": original.host,
+            "path": original.path,
+            "policy": policy_id,
+            "policy_digest": checked.map(|(p, _)| p.module.digest()),
+            "snapshot": snapshot.version,
+            "key_set": snapshot.keys.version,
+            "revocations": snapshot.revocations.version,
+            "data": checked.map(|(p, _)| p.data.version),
+            "credential": credential,
+            "subject": subject,
+            "outcome": outcome,
+            "status": response.status().as_u16(),
+            "reason": evaluation.reason(),
+            "fault": evaluation.fault.as_ref().map(ToString::to_string),
+            "policy_logs": evaluation.logs,
+            "latency_us": latency.as_micros() as u64,
+        });
+        // The decision log is stdout, one JSON object a line; a closed stdout must not stop
+        // authorization, so a write error is ignored.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        response
+    }
+
+    fn identity_headers(&self, response: &mut Response<Full<Bytes>>, credential: &Credential) {
+        let Credential::Verified(verified) = credential else { return };
+        if self.settings.identity_headers.is_empty() {
+            return;
+        }
+        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else { return };
+        for (header, claim) in &self.settings.identity_headers {
+            let value = match claims.get(claim) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::Bool(b)) => b.to_string(),
+                _ => continue,
+            };
+            put_header(response, header, &value);
+        }
+    }
+}
+
+fn host_deny(status: u16, reason: &str, message: &str) -> Evaluation {
+    Evaluation {
+        decision: Decision::Deny(crate::bindings::sandgate::policy::types::DenyResponse {
+            status,
+            reason: reason.into(),
+            message: message.into(),
+            headers: Vec::new(),
+        }),
+        fault: None,
+        logs: Vec::new(),
+        memory_grows: 0,
+        queued: false,
+    }
+}
+
+fn put_header(response: &mut Response<Full<Bytes>>, name: &str, value: &str) {
+    // Decisions are validated by the runtime; anything still unrepresentable is dropped.
+    if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        response.headers_mut().append(name, value);
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+}
+
+enum Bearer<'a> {
+    None,
+    Malformed,
+    Token(&'a str),
+}
+
+/// The request the proxy asks about, reconstructed from the forward-auth request.
+struct OriginalRequest {
+    method: String,
+    scheme: String,
+    host: String,
+    path: String,
+    query: Option<String>,
+    headers: Vec<Header>,
+    peer: String,
+}
+
+impl OriginalRequest {
+    fn from_forward_auth(request: &Request<Incoming>, rest: &str, peer: SocketAddr) -> Self {
+        let headers: Vec<Header> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| Header { name: name.as_str().to_owned(), value: String::from_utf8_lossy(value.as_bytes()).into_owned() })
+            .collect();
+        let find = |name: &str| headers.iter().find(|h| h.name == name).map(|h| h.value.as_str());
+        let method = find("x-forwarded-method").or(find("x-original-method")).unwrap_or(request.method().as_str()).to_ascii_uppercase();
+        let uri = match find("x-forwarded-uri").or(find("x-original-uri")) {
+            Some(uri) => uri.to_owned(),
+            None => {
+                let path = if rest.is_empty() { "/" } else { rest };
+                match request.uri().query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_owned(),
+                }
+            }
+        };
+        let (path, query) = match uri.split_once('?') {
+            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+            None => (uri, None),
+        };
+        let path = if path.starts_with('/') { path } else { format!("/{path}") };
+        let host = find("x-forwarded-host")
+            .or(find("host"))
+            .or(request.uri().host())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let scheme = find("x-forwarded-proto").unwrap_or("http").to_ascii_lowercase();
+        let peer = find("x-forwarded-for")
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_owned())
+            .or_else(|| find("x-real-ip").map(str::to_owned))
+            .unwrap_or_else(|| peer.to_string());
+        OriginalRequest { method, scheme, host, path, query, headers, peer }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+    }
+
+    fn bearer(&self) -> Bearer<'_> {
+        let Some(value) = self.header("authorization") else { return Bearer::None };
+        match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+                Bearer::Token(token.trim())
+            }
+            _ => Bearer::Malformed,
+        }
+    }
+}
+
+/// Serve `app` on `listener` until `shutdown` resolves, then stop accepting and give
+/// in-flight checks `grace` to finish.
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    // Bounded headers: an oversized request is answered 431 by hyper, never buffered.
+    builder.http1().max_buf_size(64 << 10);
+    builder.http2().max_header_list_size(64 << 10);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let app = app.clone();
+                    async move { Ok::<_, std::convert::Infallible>(app.handle(request, peer).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no longer accepting, finishing in-flight checks");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over; dropping the remaining connections");
+    }
+}
+
+/// Identity headers in a config: BTreeMap helper for the demo.
+pub fn identity_headers(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(h, c)| ((*h).to_owned(), (*c).to_owned())).collect()
+}
