@@ -1,0 +1,191 @@
+"""Forward-auth over real sockets with tokens minted by PyJWT: every kind of bad token is a
+clear deny with its own reason, never a 5xx."""
+
+import signal
+import time
+
+import jwt
+import pytest
+
+from conftest import AUDIENCE, ISSUER, POLICIES
+
+
+@pytest.fixture
+def sandgate(start_sandgate, static_issuer, rbac_policy):
+    return start_sandgate(
+        issuers=[static_issuer],
+        policies=[rbac_policy],
+        server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}},
+        revocations={"jtis": ["revoked-jti"], "subjects": ["banned-user"]},
+    )
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders/7"}
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA", "HS256"])
+def test_allow_with_every_algorithm(sandgate, keys, alg):
+    status, headers, _ = sandgate.check(bearer(keys.token(alg, roles=["reader"])))
+    assert status == 200
+    assert headers["x-user"] == "alice"
+    assert headers["x-auth-subject"] == "alice"
+
+
+def test_deny_by_policy_is_403_with_reason(sandgate, keys):
+    status, headers, body = sandgate.check({**bearer(keys.token(roles=["reader"])), "X-Original-Method": "POST"})
+    assert (status, headers["x-sandgate-reason"]) == (403, "forbidden")
+    assert "no role permits POST /api/orders/7" in body
+
+
+def rejected(sandgate, headers, reason):
+    status, response_headers, _ = sandgate.check(headers)
+    assert status == 401, (status, response_headers)
+    assert response_headers["x-sandgate-reason"] == reason
+    assert response_headers["www-authenticate"].startswith("Bearer")
+
+
+def test_no_token(sandgate):
+    rejected(sandgate, {"X-Original-URI": "/api/x"}, "missing_credential")
+
+
+def test_expired(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(exp=int(time.time()) - 60, roles=["reader"])), "token_expired")
+
+
+def test_not_yet_valid(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(nbf=int(time.time()) + 600, roles=["reader"])), "token_not_yet_valid")
+
+
+def test_wrong_issuer(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(iss="https://evil.test", roles=["reader"])), "unknown_issuer")
+
+
+def test_wrong_audience(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(aud="another-api", roles=["reader"])), "wrong_audience")
+
+
+def test_missing_exp(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(exp=None, roles=["reader"])), "missing_claim")
+
+
+def test_alg_none(sandgate):
+    token = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 600, "roles": ["reader"]}, None, algorithm="none")
+    rejected(sandgate, bearer(token), "malformed_token")
+
+
+def test_algorithm_confusion_hs256_signed_with_the_rsa_public_key(sandgate, keys):
+    # The classic attack: an HS256 token whose HMAC secret is the RSA public key's PEM, with
+    # the RSA key's kid. PyJWT refuses to do this, so sign by hand.
+    import base64, hashlib, hmac, json
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode())
+    claims = b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "exp": int(time.time()) + 600, "roles": ["writer"]}).encode())
+    signature = b64(hmac.new(keys.rsa_public_pem(), f"{header}.{claims}".encode(), hashlib.sha256).digest())
+    rejected(sandgate, bearer(f"{header}.{claims}.{signature}"), "algorithm_mismatch")
+
+
+def test_bad_signature(sandgate, keys):
+    token = keys.token(roles=["reader"])
+    head, body, sig = token.split(".")
+    tampered = f"{head}.{body}.{sig[:-4]}AAAA"
+    rejected(sandgate, bearer(tampered), "bad_signature")
+
+
+def test_unknown_kid_on_a_static_issuer(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(kid="nobody-knows", roles=["reader"])), "unknown_kid")
+
+
+def test_revoked_jti_and_subject(sandgate, keys):
+    rejected(sandgate, bearer(keys.token(jti="revoked-jti", roles=["reader"])), "token_revoked")
+    rejected(sandgate, bearer(keys.token(sub="banned-user", roles=["reader"])), "token_revoked")
+    status, _, _ = sandgate.check(bearer(keys.token(jti="fine-jti", roles=["reader"])))
+    assert status == 200
+
+
+@pytest.mark.parametrize("value", ["Basic YWxpY2U6c2VjcmV0", "Bearer", "Bearer not-a-jwt", "Bearer a.b.c", "Bearer ....", "Bearer " + "x" * 4000])
+def test_malformed_authorization(sandgate, value):
+    status, headers, _ = sandgate.check({"Authorization": value, "X-Original-URI": "/api/x"})
+    assert status == 401
+    assert headers["x-sandgate-reason"] in ("malformed_authorization", "malformed_token")
+
+
+def test_oversized_headers_are_refused_not_a_5xx(sandgate, keys):
+    status, _, _ = sandgate.check({**bearer(keys.token(roles=["reader"])), "X-Padding": "x" * 200_000})
+    assert status == 431
+    # and the server is still fine
+    assert sandgate.check(bearer(keys.token(roles=["reader"])))[0] == 200
+
+
+def test_original_request_from_every_proxy_convention(sandgate, keys):
+    token = keys.token(roles=["reader"])
+    auth = {"Authorization": f"Bearer {token}"}
+    # Traefik / Caddy
+    assert sandgate.check({**auth, "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/a?x=1", "X-Forwarded-Host": "shop.test", "X-Forwarded-Proto": "https"})[0] == 200
+    assert sandgate.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/a"})[0] == 403
+    # nginx
+    assert sandgate.check({**auth, "X-Original-Method": "GET", "X-Original-URI": "/api/a"})[0] == 200
+    assert sandgate.check({**auth, "X-Original-Method": "DELETE", "X-Original-URI": "/api/a"})[0] == 403
+    # Envoy HTTP ext_authz: the original path follows the prefix, the method is the request's
+    assert sandgate.check(auth, path="/auth/api/a")[0] == 200
+    assert sandgate.check(auth, path="/auth/api/a", method="POST")[0] == 403
+    assert sandgate.check(auth, path="/auth/other")[0] == 403
+
+
+def test_decision_log_names_the_pinned_versions(sandgate, keys):
+    sandgate.check({**bearer(keys.token(roles=["reader"])), "X-Request-Id": "req-42"})
+    line = next(l for l in sandgate.decision_log() if l["request_id"] == "req-42")
+    assert line["outcome"] == "allow" and line["policy"] == "rbac" and line["subject"] == "alice"
+    assert len(line["policy_digest"]) == 64
+    assert {"snapshot", "key_set", "revocations", "data", "latency_us", "reason"} <= line.keys()
+
+
+def test_metrics_health_and_readiness(sandgate, keys):
+    sandgate.check(bearer(keys.token(roles=["reader"])))
+    sandgate.check({"X-Original-URI": "/api/x"})
+    import urllib.request
+
+    with urllib.request.urlopen(sandgate.base + "/metrics") as r:
+        text = r.read().decode()
+    assert 'sandgate_decisions_total{outcome="allow",reason="allow"}' in text
+    assert 'sandgate_decisions_total{outcome="deny",reason="missing_credential"}' in text
+    assert "sandgate_check_latency_seconds_bucket" in text
+    assert "sandgate_pool_instances_in_use" in text
+    with urllib.request.urlopen(sandgate.base + "/healthz") as r:
+        assert r.status == 200
+
+
+def test_routing_by_host_and_prefix_and_unknown_is_denied(start_sandgate, static_issuer, rbac_policy, keys):
+    tenant = {"id": "tenant", "module": str(POLICIES / "tenant.wasm")}
+    sandgate = start_sandgate(
+        issuers=[static_issuer],
+        policies=[rbac_policy, tenant],
+        routes=[{"host": "tenants.test", "path_prefix": "/tenants", "policy": "tenant"}, {"path_prefix": "/api", "policy": "rbac"}],
+    )
+    token = keys.token(tenant="acme", roles=["reader"])
+    auth = {"Authorization": f"Bearer {token}"}
+    status, headers, _ = sandgate.check({**auth, "X-Forwarded-Host": "tenants.test", "X-Forwarded-Uri": "/tenants/acme/x"})
+    assert (status, headers.get("x-tenant")) == (200, "acme")
+    assert sandgate.check({**auth, "X-Forwarded-Host": "tenants.test", "X-Forwarded-Uri": "/tenants/globex/x"})[0] == 403
+    assert sandgate.check({**auth, "X-Forwarded-Uri": "/api/x"})[0] == 200
+    status, headers, _ = sandgate.check({**auth, "X-Forwarded-Uri": "/elsewhere"})
+    assert (status, headers["x-sandgate-reason"]) == (403, "no_route")
+
+
+def test_sigterm_finishes_in_flight_checks_and_exits(start_sandgate, static_issuer, keys, tmp_path):
+    import threading
+
+    hostile = {"id": "slow", "module": str(POLICIES / "hostile.wasm")}
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[hostile], server={"default_policy": "slow"}, runtime={"timeout_ms": 1500})
+    results = []
+    # /loop runs until its 1.5 s deadline: SIGTERM arrives while it is in flight.
+    thread = threading.Thread(target=lambda: results.append(sandgate.check({"X-Original-URI": "/loop"})))
+    thread.start()
+    time.sleep(0.3)
+    sandgate.proc.send_signal(signal.SIGTERM)
+    thread.join(10)
+    assert results and results[0][0] == 403 and results[0][1]["x-sandgate-reason"] == "policy_timeout"
+    assert sandgate.proc.wait(timeout=10) == 0
