@@ -8,7 +8,7 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
 fi
 cargo build --release --locked -p sandgate --bin sandgate
 mkdir -p target/policies
-for policy in rbac tenant scopes hostile; do
+for policy in rbac tenant scopes hostile allow-all; do
   target/release/sandgate build "guest-policies/$policy" --out "target/policies/$policy.wasm"
 done
 # Must be refused at load, so it is written without validation.

@@ -42,6 +42,15 @@ pub struct App {
     ready: AtomicBool,
     request_ids: AtomicU64,
     id_prefix: String,
+    native_baseline: Option<NativePolicy>,
+}
+
+/// Policy logic compiled into the host: for the load benchmark's native baseline only.
+#[doc(hidden)]
+pub type NativePolicy = Arc<dyn Fn(&CheckRequest, &PolicyData) -> Decision + Send + Sync>;
+
+fn native_evaluation(decision: Decision) -> Evaluation {
+    Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false }
 }
 
 impl App {
@@ -104,7 +113,19 @@ impl App {
             ready: AtomicBool::new(false),
             request_ids: AtomicU64::new(0),
             id_prefix: format!("{:08x}", nanos ^ std::process::id()),
+            native_baseline: None,
         }))
+    }
+
+    /// The same server with policies evaluated by `native` instead of in Wasm: the load
+    /// benchmark's baseline (same HTTP, JWT verification, snapshot and decision log). Never
+    /// for production: there is no isolation.
+    #[doc(hidden)]
+    pub fn new_native_baseline(config: &Config, native: NativePolicy) -> anyhow::Result<Arc<App>> {
+        let app = App::new(config)?;
+        let mut app = Arc::into_inner(app).context("fresh app")?;
+        app.native_baseline = Some(native);
+        Ok(Arc::new(app))
     }
 
     /// Fetch JWKS endpoints (failures are logged and retried later), start periodic refresh,
@@ -195,7 +216,10 @@ impl App {
             versions: snapshot.versions(&policy),
         };
         let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
-        let evaluation = self.runtime.check(&policy.module, &check, &context).await;
+        let evaluation = match &self.native_baseline {
+            Some(native) => native_evaluation(native(&check, &policy.data)),
+            None => self.runtime.check(&policy.module, &check, &context).await,
+        };
         if evaluation.queued {
             self.metrics.queue_waits.inc();
         }
@@ -324,18 +348,12 @@ impl App {
 }
 
 fn host_deny(status: u16, reason: &str, message: &str) -> Evaluation {
-    Evaluation {
-        decision: Decision::Deny(crate::bindings::sandgate::policy::types::DenyResponse {
-            status,
-            reason: reason.into(),
-            message: message.into(),
-            headers: Vec::new(),
-        }),
-        fault: None,
-        logs: Vec::new(),
-        memory_grows: 0,
-        queued: false,
-    }
+    native_evaluation(Decision::Deny(crate::bindings::sandgate::policy::types::DenyResponse {
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        headers: Vec::new(),
+    }))
 }
 
 fn put_header(response: &mut Response<Full<Bytes>>, name: &str, value: &str) {

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Load benchmark of the sidecar, all in one run: hyper answering a fixed 200, Sandgate with an
+allow-all policy, the RBAC example with HS256/RS256/ES256/EdDSA tokens, and the native-Rust
+baseline (same server, same verification, RBAC logic compiled into the host).
+
+Run: scripts/bench-load.sh  (builds everything, then runs this with the test venv's Python).
+Prints a Markdown table for docs/BENCHMARKS.md. Each case: wrk -t2 -c64 for DURATION seconds
+after a 2 s warm-up, every server on 127.0.0.1 with its decision log sent to /dev/null."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT / "target" / "release"
+DURATION = int(os.environ.get("DURATION", "8"))
+ISSUER, AUDIENCE, SECRET = "https://issuer.bench", "bench", "a-benchmark-hs256-secret-of-32-bytes!"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd):
+    port = free_port()
+    proc = subprocess.Popen(cmd + [f"127.0.0.1:{port}"] if "serve" not in cmd else cmd + ["--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    sys.exit(f"{cmd} did not start")
+
+
+def wrk(port, headers, seconds):
+    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}/auth"], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx:
+        sys.exit(f"non-2xx responses in a benchmark that must allow:\n{out}")
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
+
+    return rps, pct(50), pct(99)
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-"))
+    keys = {"RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048), "ES256": ec.generate_private_key(ec.SECP256R1()), "EdDSA": ed25519.Ed25519PrivateKey.generate()}
+    algos = {"RS256": jwt.algorithms.RSAAlgorithm, "ES256": jwt.algorithms.ECAlgorithm, "EdDSA": jwt.algorithms.OKPAlgorithm}
+    jwks = []
+    for alg, key in keys.items():
+        jwk = json.loads(algos[alg].to_jwk(key.public_key()))
+        jwk.update({"kid": alg, "alg": alg, "use": "sig"})
+        jwks.append(jwk)
+    (tmp / "jwks.json").write_text(json.dumps({"keys": jwks}))
+    (tmp / "rbac-data.json").write_text((ROOT / "examples" / "rbac-data.json").read_text())
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "roles": ["reader"], "iat": now, "exp": now + 3600}
+    tokens = {alg: jwt.encode(claims, key, algorithm=alg, headers={"kid": alg}) for alg, key in keys.items()}
+    tokens["HS256"] = jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "HS256"})
+
+    def config(policy):
+        path = tmp / f"{policy}.toml"
+        data = f'data = "{tmp / "rbac-data.json"}"' if policy == "rbac" else ""
+        path.write_text(f"""
+[server]
+default_policy = "{policy}"
+[runtime]
+max_instances = 128
+[[issuers]]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["HS256", "RS256", "ES256", "EdDSA"]
+[[issuers.keys]]
+jwks_file = "{tmp / "jwks.json"}"
+[[issuers.keys]]
+kid = "HS256"
+algorithm = "HS256"
+secret = "{SECRET}"
+[[policies]]
+id = "{policy}"
+module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
+{data}
+""")
+        return str(path)
+
+    request = {"X-Original-URI": "/api/orders/7"}
+    cases = [("hyper fixed 200", [str(RELEASE / "examples" / "fixed_200")], {}),
+             ("sandgate allow-all, no token", [str(RELEASE / "sandgate"), "serve", "--config", config("allow-all")], request)]
+    for alg in ["HS256", "RS256", "ES256", "EdDSA"]:
+        auth = {**request, "Authorization": f"Bearer {tokens[alg]}"}
+        cases.append((f"sandgate RBAC {alg}", [str(RELEASE / "sandgate"), "serve", "--config", config("rbac")], auth))
+        cases.append((f"native-Rust RBAC {alg}", [str(RELEASE / "examples" / "native_baseline_server"), config("rbac")], auth))
+
+    results = {}
+    for name, cmd, headers in cases:
+        proc, port = start(cmd)
+        try:
+            wrk(port, headers, 2)
+            results[name] = wrk(port, headers, DURATION)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        print(f"{name}: {results[name][0]:.0f} req/s, p50 {results[name][1]:.0f} µs, p99 {results[name][2]:.0f} µs", file=sys.stderr)
+
+    fixed = results["hyper fixed 200"][0]
+    print(f"\n| case | req/s | p50 µs | p99 µs | ratio |\n|---|---|---|---|---|")
+    for name, (rps, p50, p99) in results.items():
+        if name.startswith("sandgate RBAC"):
+            baseline = results[name.replace("sandgate", "native-Rust")][0]
+            ratio = f"{rps / baseline:.2f} of native-Rust"
+        else:
+            ratio = f"{rps / fixed:.2f} of fixed 200"
+        print(f"| {name} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
