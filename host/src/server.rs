@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -291,40 +291,36 @@ impl App {
         self.metrics.decisions.get_or_create(&DecisionLabels { outcome, reason: evaluation.reason().to_owned() }).inc();
         self.metrics.latency.observe(latency.as_secs_f64());
 
-        let subject = checked.and_then(|(_, c)| match &c.credential {
-            Credential::Verified(v) => Some(v.claims.subject.as_str()),
-            _ => None,
-        });
         let credential = checked.map(|(_, c)| match &c.credential {
-            Credential::None => "none".to_owned(),
-            Credential::Verified(_) => "verified".to_owned(),
-            Credential::Rejected(e) => format!("rejected:{}", e.reason),
+            Credential::None => "none",
+            Credential::Verified(_) => "verified",
+            Credential::Rejected(e) => e.reason.as_str(),
         });
-        let line = json!({
-            "ts": crate::request::unix_now(),
-            "request_id": request_id,
-            "method": original.method,
-            "host": original.host,
-            "path": original.path,
-            "policy": policy_id,
-            "policy_digest": checked.map(|(p, _)| p.module.digest()),
-            "snapshot": snapshot.version,
-            "key_set": snapshot.keys.version,
-            "revocations": snapshot.revocations.version,
-            "data": checked.map(|(p, _)| p.data.version),
-            "credential": credential,
-            "subject": subject,
-            "outcome": outcome,
-            "status": response.status().as_u16(),
-            "reason": evaluation.reason(),
-            "fault": evaluation.fault.as_ref().map(ToString::to_string),
-            "policy_logs": evaluation.logs,
-            "latency_us": latency.as_micros() as u64,
-        });
-        // The decision log is stdout, one JSON object a line; a closed stdout must not stop
-        // authorization, so a write error is ignored.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        let entry = DecisionLogEntry {
+            ts: crate::request::unix_now(),
+            request_id,
+            method: &original.method,
+            host: &original.host,
+            path: &original.path,
+            policy: policy_id,
+            policy_digest: checked.map(|(p, _)| p.module.digest()),
+            snapshot: snapshot.version,
+            key_set: snapshot.keys.version,
+            revocations: snapshot.revocations.version,
+            data: checked.map(|(p, _)| p.data.version),
+            credential,
+            subject: checked.and_then(|(_, c)| match &c.credential {
+                Credential::Verified(v) => Some(v.claims.subject.as_str()),
+                _ => None,
+            }),
+            outcome,
+            status: response.status().as_u16(),
+            reason: evaluation.reason(),
+            fault: evaluation.fault.as_ref().map(ToString::to_string),
+            policy_logs: &evaluation.logs,
+            latency_us: latency.as_micros() as u64,
+        };
+        write_decision_log(&entry);
         response
     }
 
@@ -345,6 +341,46 @@ impl App {
             put_header(response, header, &value);
         }
     }
+}
+
+/// One line of the decision log: everything needed to explain the decision.
+#[derive(serde::Serialize)]
+struct DecisionLogEntry<'a> {
+    ts: u64,
+    request_id: &'a str,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    policy: Option<&'a str>,
+    policy_digest: Option<&'a str>,
+    snapshot: u64,
+    key_set: u64,
+    revocations: u64,
+    data: Option<u64>,
+    /// `none`, `verified`, or the reason the credential was rejected.
+    credential: Option<&'a str>,
+    subject: Option<&'a str>,
+    outcome: &'static str,
+    status: u16,
+    reason: &'a str,
+    fault: Option<String>,
+    policy_logs: &'a [crate::host_calls::PolicyLog],
+    latency_us: u64,
+}
+
+/// The decision log is stdout, one JSON object a line, written whole with one `write`. A
+/// closed stdout must not stop authorization, so a write error is ignored.
+fn write_decision_log(entry: &DecisionLogEntry<'_>) {
+    thread_local! {
+        static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        if serde_json::to_writer(&mut *line, entry).is_ok() {
+            line.push(b'\n');
+            let _ = std::io::stdout().lock().write_all(line);
+        }
+    });
 }
 
 fn host_deny(status: u16, reason: &str, message: &str) -> Evaluation {
