@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy_build;
 pub mod request;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod snapshot;
 

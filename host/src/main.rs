@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sandgate::bindings::sandgate::policy::types::SnapshotVersions;
 use sandgate::host_calls::PolicyData;
-use sandgate::{EvalContext, Runtime, RuntimeConfig, fixture_runner, policy_build, request};
+use sandgate::{EvalContext, Runtime, RuntimeConfig, fixture_runner, policy_build, request, scaffold};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,14 +58,44 @@ enum Command {
         #[arg(long, hide = true)]
         no_validate: bool,
     },
-    /// Run a policy's fixture cases against its compiled component.
+    /// Create a policy crate: an example check, a native unit test, a fixtures file.
+    New {
+        /// The policy's name (lowercase letters, digits, `-`, `_`).
+        name: String,
+        /// Where to create it; default `./NAME`.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// The policy SDK crate; default: the one this binary was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Run a policy's fixture cases against its compiled component, through the real runtime.
+    ///
+    /// With a crate directory (default `.`): builds it, then runs `<crate>/fixtures.json`.
+    /// With `--policy`: runs an already built component.
     Test {
+        /// The policy crate's directory.
+        path: Option<PathBuf>,
+        /// A built policy component (`.wasm`) instead of building a crate.
+        #[arg(long, conflicts_with = "path")]
+        policy: Option<PathBuf>,
+        /// The fixture file; default `<crate>/fixtures.json`.
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+    },
+    /// Measure per-decision latency of a policy on one request (fresh instance each time).
+    Bench {
         /// The policy component (`.wasm`).
-        #[arg(long)]
         policy: PathBuf,
-        /// The fixture file.
+        /// The request, as JSON (as for `eval`).
         #[arg(long)]
-        fixtures: PathBuf,
+        request: PathBuf,
+        /// The policy's data document, as JSON.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Decisions to time.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: usize,
     },
 }
 
@@ -164,11 +194,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("built {}\n  sha256 {digest}\n  size   {} bytes", out.display(), component.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { policy, fixtures } => {
+        Command::New { name, path, sdk } => {
+            let dir = path.unwrap_or_else(|| PathBuf::from(&name));
+            scaffold::new_policy(&name, &dir, &sdk.unwrap_or_else(scaffold::default_sdk_path))?;
+            println!("created policy `{name}` in {}", dir.display());
+            println!("next:\n  cd {}\n  cargo test        # fixtures, natively\n  sandgate build    # a validated Wasm component\n  sandgate test     # fixtures, through the real runtime", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { path, policy, fixtures } => {
+            let crate_dir = path.unwrap_or_else(|| PathBuf::from("."));
+            let fixtures = fixtures.unwrap_or_else(|| crate_dir.join("fixtures.json"));
             let text = String::from_utf8(read(&fixtures, "fixture file")?).context("fixture file is not UTF-8")?;
             let file = FixtureFile::parse(&text).with_context(|| format!("fixture file `{}` is not valid", fixtures.display()))?;
             let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })?;
-            let module = load(&runtime, &policy)?;
+            let module = match policy {
+                Some(policy) => load(&runtime, &policy)?,
+                None => {
+                    let (component, _) = policy_build::build_policy(&crate_dir)?;
+                    runtime.load(&component).context("the built component does not pass validation")?
+                }
+            };
             let results = fixture_runner::run(&runtime, &module, &file);
             let failed = results.iter().filter(|r| r.verdict.is_err()).count();
             for result in &results {
@@ -177,8 +222,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Err(why) => println!("FAILED  {}\n        {why}\n        got: {}", result.name, result.got),
                 }
             }
-            println!("{} passed, {failed} failed", results.len() - failed);
+            println!("{}: {} passed, {failed} failed", fixtures.display(), results.len() - failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Bench { policy, request: request_path, data, iterations } => {
+            anyhow::ensure!(iterations > 0, "--iterations must be at least 1");
+            let spec: RequestSpec = read_json(&request_path, "request")?;
+            let value = match data {
+                Some(path) => read_json(&path, "data document")?,
+                None => serde_json::Value::Null,
+            };
+            let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })?;
+            let module = load(&runtime, &policy)?;
+            let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
+            let check = request::from_spec(&spec, request::unix_now(), versions);
+            let context = EvalContext { data: Arc::new(PolicyData { value, version: 1 }), verifier: None };
+            let first = runtime.evaluate(&module, &check, &context);
+            for _ in 0..iterations.min(1_000) {
+                runtime.evaluate(&module, &check, &context);
+            }
+            let started = std::time::Instant::now();
+            let mut samples: Vec<std::time::Duration> = (0..iterations)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(runtime.evaluate(&module, &check, &context));
+                    t.elapsed()
+                })
+                .collect();
+            let total = started.elapsed();
+            samples.sort_unstable();
+            let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
+            println!("{}: {} ({}), {iterations} decisions, fresh instance each", policy.display(), first.reason(), if first.is_allow() { "allow" } else { "deny" });
+            println!("  p50 {:.2} µs   p90 {:.2} µs   p99 {:.2} µs   max {:.2} µs", at(0.50), at(0.90), at(0.99), at(1.0));
+            println!("  {:.0} decisions/s on one thread", iterations as f64 / total.as_secs_f64());
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
