@@ -18,7 +18,7 @@ fi
 
 ./scripts/build-policies.sh
 cargo test --release --locked
-for policy in rbac tenant scopes; do
+for policy in rbac tenant scopes allow-all; do
   echo "== sandgate test: $policy"
   target/release/sandgate test --policy "target/policies/$policy.wasm" --fixtures "guest-policies/$policy/fixtures.json"
 done

@@ -189,3 +189,28 @@ def test_sigterm_finishes_in_flight_checks_and_exits(start_sandgate, static_issu
     thread.join(10)
     assert results and results[0][0] == 403 and results[0][1]["x-sandgate-reason"] == "policy_timeout"
     assert sandgate.proc.wait(timeout=10) == 0
+
+
+def test_the_documented_example_config_parses_and_its_policies_load(tmp_path):
+    """examples/sandgate.toml is read by the real binary (its JWKS URL is unreachable here, so
+    serve it with the URL pointed at nothing and check it starts and answers)."""
+    import subprocess, re
+    from conftest import ROOT, SANDGATE, free_port
+
+    text = (ROOT / "examples" / "sandgate.toml").read_text()
+    text = re.sub(r'jwks_url = "[^"]+"', 'jwks_url = "http://127.0.0.1:9/jwks.json"', text)
+    config = ROOT / "examples" / ".test-sandgate.toml"
+    config.write_text(text)
+    try:
+        port = free_port()
+        proc = subprocess.Popen([str(SANDGATE), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            line = ""
+            while "listening" not in line:
+                line = proc.stderr.readline()
+                assert line, "sandgate exited on the example config"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        config.unlink()
