@@ -13,3 +13,7 @@ for policy in rbac tenant scopes hostile allow-all; do
 done
 # Must be refused at load, so it is written without validation.
 target/release/sandgate build guest-policies/bad-import --no-validate --out target/policies/bad-import.wasm
+# Two builds of one policy that differ only in the header they answer (hot-reload tests).
+for version in 1 2; do
+  SANDGATE_FIXTURE_VERSION=$version target/release/sandgate build guest-policies/versioned --out "target/policies/versioned-v$version.wasm"
+done

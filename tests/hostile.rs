@@ -73,8 +73,8 @@ fn hostile_checks_running_concurrently_do_not_disturb_normal_ones() {
 fn a_module_importing_what_the_host_lacks_is_refused_at_load() {
     let runtime = runtime();
     let error = runtime.load(&policy_bytes("bad-import")).err().expect("bad-import must be refused");
-    assert!(matches!(&error, LoadError::UnsupportedImport(name) if name == "sandgate:fixture/net"), "{error}");
-    assert!(error.to_string().contains("`sandgate:fixture/net`"), "the error names the import: {error}");
+    assert!(matches!(&error, LoadError::UnsupportedImport(name) if name == "wasi:filesystem/preopens@0.2.0"), "{error}");
+    assert!(error.to_string().contains("`wasi:filesystem/preopens@0.2.0`"), "the error names the import: {error}");
 }
 
 #[test]

@@ -27,6 +27,37 @@ pub struct Config {
     /// Revoked token ids and subjects.
     #[serde(default)]
     pub revocations: RevocationConfig,
+    /// The admin API; absent: no admin API.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin API's listener and credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// TCP address; loopback by default. Ignored when `unix_socket` is set.
+    pub listen: String,
+    /// A Unix socket path instead of TCP (created mode 0600; no token needed).
+    pub unix_socket: Option<PathBuf>,
+    /// The bearer token admin calls must carry.
+    pub token: Option<String>,
+    /// A file holding the token (first line), instead of `token`.
+    pub token_file: Option<PathBuf>,
+    /// If not empty, only modules with these sha256 digests may be loaded.
+    pub allowed_digests: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:8182".into(),
+            unix_socket: None,
+            token: None,
+            token_file: None,
+            allowed_digests: Vec::new(),
+        }
+    }
 }
 
 /// The forward-auth listener.
@@ -45,6 +76,11 @@ pub struct ServerConfig {
     pub identity_headers: BTreeMap<String, String>,
     /// Grace period for in-flight checks on SIGTERM, in seconds.
     pub shutdown_grace_secs: u64,
+    /// A directory watched for policy modules: `ID.wasm` (with optional data `ID.json`) is
+    /// loaded as policy `ID` when it appears or changes, and unloaded when it disappears.
+    pub policy_dir: Option<PathBuf>,
+    /// How often the policy directory is scanned, in milliseconds.
+    pub policy_dir_poll_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +91,8 @@ impl Default for ServerConfig {
             default_policy: None,
             identity_headers: BTreeMap::new(),
             shutdown_grace_secs: 10,
+            policy_dir: None,
+            policy_dir_poll_ms: 500,
         }
     }
 }
@@ -221,6 +259,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        self.server.policy_dir.as_mut().map(resolve);
+        if let Some(admin) = &mut self.admin {
+            admin.unix_socket.as_mut().map(resolve);
+            admin.token_file.as_mut().map(resolve);
+        }
         for policy in &mut self.policies {
             resolve(&mut policy.module);
             policy.data.as_mut().map(resolve);
@@ -236,7 +279,9 @@ impl Config {
     pub fn check(&self) -> anyhow::Result<()> {
         use anyhow::bail;
         let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
-        let known = |id: &str| ids.contains(&id);
+        // With a policy directory, routes may name policies it will provide; until one is
+        // loaded its route answers 403 `no_route`.
+        let known = |id: &str| ids.contains(&id) || self.server.policy_dir.is_some();
         for route in &self.routes {
             if !known(&route.policy) {
                 bail!("route to unknown policy `{}` (policies: {ids:?})", route.policy);

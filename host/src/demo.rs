@@ -59,6 +59,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         policies: vec![PolicyConfig { id: "rbac".into(), module: policy, data: Some(data_path) }],
         routes: Vec::new(),
         revocations: RevocationConfig::default(),
+        admin: None,
     };
     Ok((config, token))
 }

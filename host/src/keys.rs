@@ -142,18 +142,29 @@ impl Issuer {
         })
     }
 
-    /// The same issuer with its JWKS-endpoint keys replaced by `fetched`.
-    pub fn with_fetched_keys(&self, fetched: Vec<Key>) -> Issuer {
-        let mut keys: Vec<Arc<Key>> = self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect();
-        keys.extend(fetched.into_iter().map(Arc::new));
+    /// The same issuer with its static keys replaced by `keys` (JWKS-endpoint keys stay).
+    pub fn with_static_keys(&self, keys: Vec<Key>) -> Issuer {
+        let mut all: Vec<Arc<Key>> = self.keys.iter().filter(|k| k.from_jwks_url).cloned().collect();
+        all.extend(keys.into_iter().map(Arc::new));
+        Issuer { keys: all, ..self.clone_rules() }
+    }
+
+    fn clone_rules(&self) -> Issuer {
         Issuer {
             issuer: self.issuer.clone(),
             audiences: self.audiences.clone(),
             algorithms: self.algorithms.clone(),
             leeway: self.leeway,
-            keys,
+            keys: Vec::new(),
             has_jwks_endpoint: self.has_jwks_endpoint,
         }
+    }
+
+    /// The same issuer with its JWKS-endpoint keys replaced by `fetched`.
+    pub fn with_fetched_keys(&self, fetched: Vec<Key>) -> Issuer {
+        let mut keys: Vec<Arc<Key>> = self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect();
+        keys.extend(fetched.into_iter().map(Arc::new));
+        Issuer { keys, ..self.clone_rules() }
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`server`]: the forward-auth HTTP server (`sandgate serve`), with [`keys`] (JWT
 //!   verification), [`jwks_fetcher`], [`snapshot`], [`metrics`] and [`config`].
 
+pub mod admin;
 pub mod bindings;
 pub mod config;
 pub mod demo;

@@ -129,6 +129,13 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen on `{}`", config.server.listen))?;
     let address = listener.local_addr()?;
+    if let Some(admin) = &config.admin {
+        let (admin_address, generated_token) = sandgate::admin::start(app.clone(), admin).await?;
+        eprintln!("sandgate: admin API on {admin_address}");
+        if let Some(token) = generated_token {
+            eprintln!("sandgate: admin token (generated, none configured): {token}");
+        }
+    }
     app.start().await;
     tracing::info!(%address, "sandgate listening");
     eprintln!("sandgate: listening on http://{address} (checks at {}, /healthz, /readyz, /metrics)", config.server.auth_prefix);

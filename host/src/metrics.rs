@@ -25,6 +25,15 @@ pub struct FetchLabels {
     pub result: &'static str,
 }
 
+/// Labels of a shadow evaluation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The live policy's id.
+    pub policy: String,
+    /// `agree` or `disagree`.
+    pub result: &'static str,
+}
+
 /// Every metric Sandgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +47,8 @@ pub struct Metrics {
     pub pool_in_use: Gauge,
     /// Checks that had to wait for a free instance.
     pub queue_waits: Counter,
+    /// Shadow evaluations by policy and agreement with the live version.
+    pub shadow: Family<ShadowLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,7 +64,9 @@ impl Default for Metrics {
         registry.register("pool_instances_in_use", "Policy instances in use", pool_in_use.clone());
         let queue_waits = Counter::default();
         registry.register("queue_waits", "Checks that waited for a free policy instance", queue_waits.clone());
-        Metrics { registry, decisions, latency, jwks_fetches, pool_in_use, queue_waits }
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register("shadow_evaluations", "Shadow evaluations by agreement with the live policy", shadow.clone());
+        Metrics { registry, decisions, latency, jwks_fetches, pool_in_use, queue_waits, shadow }
     }
 }
 

@@ -311,6 +311,33 @@ impl Runtime {
         Ok(PolicyModule { pre, digest: sha256_hex(bytes).into(), size: bytes.len() })
     }
 
+    /// The path of the probe check every policy must answer, within its limits, before it is
+    /// published. Any decision will do; a trap or a timeout is a rejection.
+    pub const PROBE_PATH: &str = "/.sandgate/probe";
+
+    /// Run the probe check: a `GET` of [`Runtime::PROBE_PATH`] without credential or data.
+    pub fn probe(&self, module: &PolicyModule) -> Result<(), PolicyFault> {
+        use crate::bindings::sandgate::policy::types::{Credential, SnapshotVersions};
+        let request = CheckRequest {
+            request_id: "probe".into(),
+            method: "GET".into(),
+            scheme: "http".into(),
+            host: "localhost".into(),
+            path: Self::PROBE_PATH.into(),
+            query: None,
+            headers: Vec::new(),
+            peer: None,
+            body: None,
+            credential: Credential::None,
+            now: crate::request::unix_now(),
+            versions: SnapshotVersions { snapshot: 0, policy_digest: module.digest().into(), key_set: 0, revocations: 0, data: 0 },
+        };
+        match self.evaluate(module, &request, &EvalContext::default()).fault {
+            Some(fault) => Err(fault),
+            None => Ok(()),
+        }
+    }
+
     /// Evaluate one check in a fresh instance, waiting up to the queue timeout for a free
     /// slot in the pool. Runs the (bounded) policy call on the current thread.
     pub async fn check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {

@@ -43,6 +43,8 @@ pub struct App {
     request_ids: AtomicU64,
     id_prefix: String,
     native_baseline: Option<NativePolicy>,
+    /// Digests the admin API and policy directory may load; empty: any.
+    pub(crate) allowed_digests: std::collections::HashSet<String>,
 }
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
@@ -72,6 +74,7 @@ impl App {
                 module,
                 data: Arc::new(PolicyData { value, version: 1 }),
                 loaded_at: SystemTime::now(),
+                shadow: None,
             };
             policies.insert(p.id.clone(), Arc::new(loaded));
         }
@@ -114,6 +117,7 @@ impl App {
             request_ids: AtomicU64::new(0),
             id_prefix: format!("{:08x}", nanos ^ std::process::id()),
             native_baseline: None,
+            allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
         }))
     }
 
@@ -135,6 +139,10 @@ impl App {
             tracing::warn!(error = format!("{e:#}"), "initial JWKS fetch failed; will retry on demand");
         }
         self.fetcher.spawn_refresh();
+        if let Some(dir) = &self.settings.policy_dir {
+            let every = std::time::Duration::from_millis(self.settings.policy_dir_poll_ms.max(10));
+            crate::admin::watch_policy_dir(self.clone(), dir.clone(), every);
+        }
         self.ready.store(true, Ordering::SeqCst);
     }
 
@@ -223,7 +231,35 @@ impl App {
         if evaluation.queued {
             self.metrics.queue_waits.inc();
         }
+        if let Some(candidate) = &policy.shadow {
+            self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
+        }
         self.answer(&original, &request_id, Some(&policy.id), &snapshot, Some((&policy, &check)), &evaluation, started)
+    }
+
+    /// Evaluate a shadow candidate on the same request, after the answer and off its path:
+    /// the candidate never affects it. Disagreements are counted and logged.
+    fn shadow_evaluate(self: &Arc<Self>, candidate: crate::PolicyModule, policy: String, check: CheckRequest, context: EvalContext, primary: &Evaluation) {
+        let primary = crate::request::outcome(&primary.decision);
+        let app = self.clone();
+        tokio::spawn(async move {
+            let shadow = app.runtime.check(&candidate, &check, &context).await;
+            let shadow = crate::request::outcome(&shadow.decision);
+            let agree = shadow == primary;
+            let result = if agree { "agree" } else { "disagree" };
+            app.metrics.shadow.get_or_create(&crate::metrics::ShadowLabels { policy: policy.clone(), result }).inc();
+            if !agree {
+                let line = serde_json::json!({
+                    "shadow_disagreement": true,
+                    "request_id": check.request_id,
+                    "policy": policy,
+                    "candidate_digest": candidate.digest(),
+                    "primary": primary.to_string(),
+                    "candidate": shadow.to_string(),
+                });
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
+            }
+        });
     }
 
     /// Verify a bearer token against `snapshot`; on an unknown `kid` of an issuer with a JWKS

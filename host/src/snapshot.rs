@@ -24,6 +24,9 @@ pub struct LoadedPolicy {
     pub data: Arc<PolicyData>,
     /// When it was loaded.
     pub loaded_at: SystemTime,
+    /// A candidate version evaluated beside this one on every check, never affecting the
+    /// answer (shadow evaluation).
+    pub shadow: Option<PolicyModule>,
 }
 
 /// A routing rule.

@@ -200,9 +200,9 @@ def toml_value(value):
     return json.dumps(value)  # JSON strings, numbers, arrays and booleans are valid TOML
 
 
-def write_config(path, *, issuers, policies, routes=(), server=None, revocations=None, runtime=None):
+def write_config(path, *, issuers, policies, routes=(), server=None, revocations=None, runtime=None, admin=None):
     lines = []
-    for section, values in (("server", server), ("runtime", runtime), ("revocations", revocations)):
+    for section, values in (("server", server), ("runtime", runtime), ("revocations", revocations), ("admin", admin)):
         if values:
             lines.append(f"[{section}]")
             for k, v in values.items():

