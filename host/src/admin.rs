@@ -87,20 +87,29 @@ pub struct RevocationChange {
 }
 
 impl App {
-    /// Compile, validate and probe `bytes` on the blocking pool.
+    /// Compile, validate and probe `bytes` on the compiler thread, unless a module with the
+    /// same digest was compiled recently (a rollback is then instant).
     async fn compile(&self, bytes: Bytes) -> Result<PolicyModule, AdminError> {
         let digest = crate::runtime::sha256_hex(&bytes);
         if !self.allowed_digests.is_empty() && !self.allowed_digests.contains(&digest) {
             return Err(AdminError::DigestNotAllowed(digest));
         }
+        if let Some(module) = self.recent_modules.get(&digest) {
+            return Ok(module);
+        }
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || {
-            let module = runtime.load(&bytes)?;
-            runtime.probe(&module).map_err(AdminError::Probe)?;
-            Ok(module)
-        })
-        .await
-        .map_err(|e| AdminError::BadInput(format!("compilation did not finish: {e}")))?
+        let (done, result) = tokio::sync::oneshot::channel();
+        compiler().send(Box::new(move || {
+            let compiled = runtime.load(&bytes).map_err(AdminError::from).and_then(|module| {
+                runtime.probe(&module).map_err(AdminError::Probe)?;
+                Ok(module)
+            });
+            let _ = done.send(compiled);
+        }))
+        .map_err(|_| AdminError::BadInput("the compiler thread is gone".into()))?;
+        let module = result.await.map_err(|_| AdminError::BadInput("compilation did not finish".into()))??;
+        self.recent_modules.insert(digest, module.clone());
+        Ok(module)
     }
 
     /// Load or replace policy `id`; its data document is kept. Returns the live snapshot.
@@ -201,6 +210,55 @@ impl App {
         }
         Ok(snapshot)
     }
+}
+
+/// The most recently compiled modules by digest, so re-uploading a known module (a rollback,
+/// a deploy tool re-sending everything) skips compilation.
+#[derive(Default)]
+pub(crate) struct RecentModules(std::sync::Mutex<std::collections::VecDeque<(String, PolicyModule)>>);
+
+impl RecentModules {
+    const CAPACITY: usize = 8;
+
+    fn get(&self, digest: &str) -> Option<PolicyModule> {
+        let recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().find(|(d, _)| d == digest).map(|(_, m)| m.clone())
+    }
+
+    fn insert(&self, digest: String, module: PolicyModule) {
+        let mut recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|(d, _)| *d != digest);
+        if recent.len() == Self::CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back((digest, module));
+    }
+}
+
+type CompileJob = Box<dyn FnOnce() + Send>;
+
+/// The one thread that compiles hot-loaded modules, at a lower scheduling priority than the
+/// threads answering checks: compiling a module takes a core for tens of milliseconds, and on
+/// a small machine that core is better spent on checks (p99 during continuous reloads).
+fn compiler() -> &'static std::sync::mpsc::Sender<CompileJob> {
+    static COMPILER: std::sync::OnceLock<std::sync::mpsc::Sender<CompileJob>> = std::sync::OnceLock::new();
+    COMPILER.get_or_init(|| {
+        let (send, jobs) = std::sync::mpsc::channel::<CompileJob>();
+        let spawned = std::thread::Builder::new().name("sandgate-compile".into()).spawn(move || {
+            // SAFETY: setpriority with PRIO_PROCESS and id 0 only changes this thread's nice
+            // value on Linux; failure leaves the default priority, which is harmless.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            }
+            for job in jobs {
+                job();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the compiler thread");
+        }
+        send
+    })
 }
 
 fn clone_policy(p: &LoadedPolicy) -> LoadedPolicy {

@@ -45,6 +45,7 @@ pub struct App {
     native_baseline: Option<NativePolicy>,
     /// Digests the admin API and policy directory may load; empty: any.
     pub(crate) allowed_digests: std::collections::HashSet<String>,
+    pub(crate) recent_modules: crate::admin::RecentModules,
 }
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
@@ -118,6 +119,7 @@ impl App {
             id_prefix: format!("{:08x}", nanos ^ std::process::id()),
             native_baseline: None,
             allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
+            recent_modules: Default::default(),
         }))
     }
 
