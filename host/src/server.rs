@@ -179,8 +179,14 @@ impl App {
     }
 
     async fn check(self: &Arc<Self>, request: Request<Incoming>, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let decided = self.decide(OriginalRequest::from_forward_auth(&request, rest, peer)).await;
+        http_response(&decided)
+    }
+
+    /// Decide on one original request, whatever protocol it came in: pin a snapshot, route,
+    /// authenticate, evaluate, then count and log the decision.
+    pub async fn decide(self: &Arc<Self>, original: OriginalRequest) -> Decided {
         let started = Instant::now();
-        let original = OriginalRequest::from_forward_auth(&request, rest, peer);
         let request_id = original
             .header("x-request-id")
             .filter(|id| id.len() <= 128)
@@ -189,8 +195,9 @@ impl App {
 
         let mut snapshot = self.store.load();
         let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
-            let evaluation = host_deny(403, "no_route", "no route matches this request");
-            return self.answer(&original, &request_id, None, &snapshot, None, &evaluation, started);
+            let decided = Decided::host_deny(request_id, 403, "no_route", "no route matches this request");
+            self.record(&original, &decided, None, &snapshot, None, started);
+            return decided;
         };
         let policy_id = policy_id.to_owned();
         let credential = match original.bearer() {
@@ -207,8 +214,9 @@ impl App {
         };
         // The policy comes from the snapshot the credential was verified against.
         let Some((_, policy)) = snapshot.route(&original.host, &original.path) else {
-            let evaluation = host_deny(403, "no_route", "no route matches this request");
-            return self.answer(&original, &request_id, Some(&policy_id), &snapshot, None, &evaluation, started);
+            let decided = Decided::host_deny(request_id, 403, "no_route", "no route matches this request");
+            self.record(&original, &decided, Some(&policy_id), &snapshot, None, started);
+            return decided;
         };
         let policy = policy.clone();
         let check = CheckRequest {
@@ -220,7 +228,7 @@ impl App {
             query: original.query.clone(),
             headers: original.headers.clone(),
             peer: Some(original.peer.clone()),
-            body: None,
+            body: original.body.clone(),
             credential,
             now: crate::request::unix_now(),
             versions: snapshot.versions(&policy),
@@ -236,7 +244,10 @@ impl App {
         if let Some(candidate) = &policy.shadow {
             self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
         }
-        self.answer(&original, &request_id, Some(&policy.id), &snapshot, Some((&policy, &check)), &evaluation, started)
+        let identity = if evaluation.is_allow() { self.identity_headers(&check.credential) } else { Vec::new() };
+        let decided = Decided { request_id, evaluation, identity };
+        self.record(&original, &decided, Some(&policy.id), &snapshot, Some((&policy, &check)), started);
+        decided
     }
 
     /// Evaluate a shadow candidate on the same request, after the answer and off its path:
@@ -286,49 +297,21 @@ impl App {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn answer(
+    /// Count the decision and write its decision-log line.
+    fn record(
         &self,
         original: &OriginalRequest,
-        request_id: &str,
+        decided: &Decided,
         policy_id: Option<&str>,
         snapshot: &Snapshot,
         checked: Option<(&LoadedPolicy, &CheckRequest)>,
-        evaluation: &Evaluation,
         started: Instant,
-    ) -> Response<Full<Bytes>> {
-        let mut response = match &evaluation.decision {
-            Decision::Allow(allow) => {
-                let mut response = Response::new(Full::new(Bytes::new()));
-                for h in &allow.set_headers {
-                    put_header(&mut response, &h.name, &h.value);
-                }
-                if let Some((_, check)) = checked {
-                    self.identity_headers(&mut response, &check.credential);
-                }
-                response
-            }
-            Decision::Deny(deny) => {
-                let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", deny.message))));
-                *response.status_mut() = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::FORBIDDEN);
-                put_header(&mut response, "content-type", "text/plain; charset=utf-8");
-                for h in &deny.headers {
-                    put_header(&mut response, &h.name, &h.value);
-                }
-                if deny.status == 401 && !response.headers().contains_key(hyper::header::WWW_AUTHENTICATE) {
-                    put_header(&mut response, "www-authenticate", "Bearer");
-                }
-                put_header(&mut response, "x-sandgate-reason", &deny.reason);
-                response
-            }
-        };
-        put_header(&mut response, "x-sandgate-request-id", request_id);
-
+    ) {
+        let evaluation = &decided.evaluation;
         let latency = started.elapsed();
         let outcome = if evaluation.is_allow() { "allow" } else { "deny" };
         self.metrics.decisions.get_or_create(&DecisionLabels { outcome, reason: evaluation.reason().to_owned() }).inc();
         self.metrics.latency.observe(latency.as_secs_f64());
-
         let credential = checked.map(|(_, c)| match &c.credential {
             Credential::None => "none",
             Credential::Verified(_) => "verified",
@@ -336,7 +319,7 @@ impl App {
         });
         let entry = DecisionLogEntry {
             ts: crate::request::unix_now(),
-            request_id,
+            request_id: &decided.request_id,
             method: &original.method,
             host: &original.host,
             path: &original.path,
@@ -352,22 +335,23 @@ impl App {
                 _ => None,
             }),
             outcome,
-            status: response.status().as_u16(),
+            status: decided.status(),
             reason: evaluation.reason(),
             fault: evaluation.fault.as_ref().map(ToString::to_string),
             policy_logs: &evaluation.logs,
             latency_us: latency.as_micros() as u64,
         };
         write_decision_log(&entry);
-        response
     }
 
-    fn identity_headers(&self, response: &mut Response<Full<Bytes>>, credential: &Credential) {
-        let Credential::Verified(verified) = credential else { return };
+    /// The configured identity headers for a verified credential.
+    fn identity_headers(&self, credential: &Credential) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        let Credential::Verified(verified) = credential else { return headers };
         if self.settings.identity_headers.is_empty() {
-            return;
+            return headers;
         }
-        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else { return };
+        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else { return headers };
         for (header, claim) in &self.settings.identity_headers {
             let value = match claims.get(claim) {
                 Some(Value::String(s)) => s.clone(),
@@ -376,9 +360,73 @@ impl App {
                 Some(Value::Bool(b)) => b.to_string(),
                 _ => continue,
             };
-            put_header(response, header, &value);
+            headers.push((header.clone(), value));
+        }
+        headers
+    }
+}
+
+/// A decision, ready to be answered in any protocol.
+pub struct Decided {
+    /// The check's id (the caller's `x-request-id`, or one made up).
+    pub request_id: String,
+    /// The decision and how it was reached.
+    pub evaluation: Evaluation,
+    /// Configured identity headers to add to an allow.
+    pub identity: Vec<(String, String)>,
+}
+
+impl Decided {
+    fn host_deny(request_id: String, status: u16, reason: &str, message: &str) -> Self {
+        Decided { request_id, evaluation: host_deny(status, reason, message), identity: Vec::new() }
+    }
+
+    /// The HTTP status this decision answers: 200 for an allow.
+    pub fn status(&self) -> u16 {
+        match &self.evaluation.decision {
+            Decision::Allow(_) => 200,
+            Decision::Deny(d) => d.status,
         }
     }
+
+    /// Headers of the answer: for an allow, the upstream headers (the policy's, then the
+    /// identity headers); for a deny, the response headers, with `www-authenticate` on a 401
+    /// and `x-sandgate-reason`. Always `x-sandgate-request-id`.
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        match &self.evaluation.decision {
+            Decision::Allow(allow) => {
+                headers.extend(allow.set_headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
+                headers.extend(self.identity.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+            }
+            Decision::Deny(deny) => {
+                headers.extend(deny.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
+                if deny.status == 401 && !deny.headers.iter().any(|h| h.name.eq_ignore_ascii_case("www-authenticate")) {
+                    headers.push(("www-authenticate", "Bearer"));
+                }
+                headers.push(("x-sandgate-reason", &deny.reason));
+            }
+        }
+        headers.push(("x-sandgate-request-id", &self.request_id));
+        headers
+    }
+}
+
+/// The forward-auth answer: 200 with identity headers, or the deny's status, headers and body.
+fn http_response(decided: &Decided) -> Response<Full<Bytes>> {
+    let mut response = match &decided.evaluation.decision {
+        Decision::Allow(_) => Response::new(Full::new(Bytes::new())),
+        Decision::Deny(deny) => {
+            let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", deny.message))));
+            *response.status_mut() = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::FORBIDDEN);
+            put_header(&mut response, "content-type", "text/plain; charset=utf-8");
+            response
+        }
+    };
+    for (name, value) in decided.headers() {
+        put_header(&mut response, name, value);
+    }
+    response
 }
 
 /// One line of the decision log: everything needed to explain the decision.
@@ -449,15 +497,24 @@ enum Bearer<'a> {
     Token(&'a str),
 }
 
-/// The request the proxy asks about, reconstructed from the forward-auth request.
-struct OriginalRequest {
-    method: String,
-    scheme: String,
-    host: String,
-    path: String,
-    query: Option<String>,
-    headers: Vec<Header>,
-    peer: String,
+/// The request the proxy asks about, as any protocol delivers it.
+pub struct OriginalRequest {
+    /// Method, uppercase.
+    pub method: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host, lowercase.
+    pub host: String,
+    /// Path, starting with `/`.
+    pub path: String,
+    /// Query without `?`.
+    pub query: Option<String>,
+    /// Headers, lowercase names.
+    pub headers: Vec<Header>,
+    /// Client address.
+    pub peer: String,
+    /// Body, if the proxy sent one (already capped).
+    pub body: Option<Vec<u8>>,
 }
 
 impl OriginalRequest {
@@ -495,7 +552,7 @@ impl OriginalRequest {
             .map(|v| v.trim().to_owned())
             .or_else(|| find("x-real-ip").map(str::to_owned))
             .unwrap_or_else(|| peer.to_string());
-        OriginalRequest { method, scheme, host, path, query, headers, peer }
+        OriginalRequest { method, scheme, host, path, query, headers, peer, body: None }
     }
 
     fn header(&self, name: &str) -> Option<&str> {

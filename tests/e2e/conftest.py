@@ -126,11 +126,13 @@ def jwks_server():
 class Sandgate:
     """A running `sandgate serve`."""
 
-    def __init__(self, config_path, log_path):
+    def __init__(self, config_path, log_path, grpc=False):
         self.log_file = open(log_path, "w")
         self.log_path = log_path
+        self.grpc = None
+        extra = ["--grpc-listen", "127.0.0.1:0"] if grpc else []
         self.proc = subprocess.Popen(
-            [str(SANDGATE), "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
+            [str(SANDGATE), "serve", "--config", str(config_path), "--listen", "127.0.0.1:0", *extra],
             stdout=self.log_file,
             stderr=subprocess.PIPE,
             text=True,
@@ -144,6 +146,9 @@ class Sandgate:
             if not line:
                 break
             self.stderr_lines.append(line)
+            g = re.search(r"ext_authz gRPC on ([0-9.:]+)", line)
+            if g:
+                self.grpc = g.group(1)
             m = re.search(r"listening on (http://[0-9.:]+)", line)
             if m:
                 address = m.group(1)
@@ -243,11 +248,11 @@ def start_sandgate(tmp_path):
     """Start Sandgate with a config; every started process is stopped after the test."""
     started = []
 
-    def start(**config):
+    def start(grpc=False, **config):
         n = len(started)
         config_path = tmp_path / f"sandgate-{n}.toml"
         write_config(config_path, **config)
-        sandgate = Sandgate(config_path, tmp_path / f"decisions-{n}.log")
+        sandgate = Sandgate(config_path, tmp_path / f"decisions-{n}.log", grpc=grpc)
         started.append(sandgate)
         return sandgate
 
