@@ -4,8 +4,10 @@ allow-all policy, the RBAC example with HS256/RS256/ES256/EdDSA tokens, and the 
 baseline (same server, same verification, RBAC logic compiled into the host).
 
 Run: scripts/bench-load.sh  (builds everything, then runs this with the test venv's Python).
-Prints a Markdown table for docs/BENCHMARKS.md. Each case: wrk -t2 -c64 for DURATION seconds
-after a 2 s warm-up, every server on 127.0.0.1 with its decision log sent to /dev/null."""
+Also: the verified-token cache (on by default) against no cache, with one repeated token and
+with a stream of all-distinct tokens. Prints a Markdown table for docs/BENCHMARKS.md. Each
+case: wrk -t2 -c64 for DURATION seconds after a 2 s warm-up, every server on 127.0.0.1 with its
+decision log sent to /dev/null."""
 
 import json
 import os
@@ -46,8 +48,8 @@ def start(cmd):
     sys.exit(f"{cmd} did not start")
 
 
-def wrk(port, headers, seconds):
-    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"]
+def wrk(port, headers, seconds, script=None):
+    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"] + (["-s", script] if script else [])
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     out = subprocess.run(args + [f"http://127.0.0.1:{port}/auth"], capture_output=True, text=True, check=True).stdout
@@ -80,12 +82,13 @@ def main():
     tokens = {alg: jwt.encode(claims, key, algorithm=alg, headers={"kid": alg}) for alg, key in keys.items()}
     tokens["HS256"] = jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "HS256"})
 
-    def config(policy):
-        path = tmp / f"{policy}.toml"
+    def config(policy, cache=True):
+        path = tmp / f"{policy}{'' if cache else '-nocache'}.toml"
         data = f'data = "{tmp / "rbac-data.json"}"' if policy == "rbac" else ""
         path.write_text(f"""
 [server]
 default_policy = "{policy}"
+token_cache_size = {10000 if cache else 0}
 [runtime]
 max_instances = 128
 [[issuers]]
@@ -113,10 +116,23 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
         cases.append((f"sandgate RBAC {alg}", [str(RELEASE / "sandgate"), "serve", "--config", config("rbac")], auth))
         cases.append((f"native-Rust RBAC {alg}", [str(RELEASE / "examples" / "native_baseline_server"), config("rbac")], auth))
 
+    # The verified-token cache: ES256 and RS256 without it, and a stream of all-distinct
+    # ES256 tokens (more tokens than requests) with and without it.
+    for alg in ["RS256", "ES256"]:
+        auth = {**request, "Authorization": f"Bearer {tokens[alg]}"}
+        cases.append((f"sandgate RBAC {alg}, no token cache", [str(RELEASE / "sandgate"), "serve", "--config", config("rbac", cache=False)], auth))
+    distinct = distinct_tokens(tmp, keys["ES256"], claims, 160_000)
+    for cache in (True, False):
+        name = f"sandgate RBAC ES256 all-distinct tokens, token cache {'on' if cache else 'off'}"
+        cases.append((name, [str(RELEASE / "sandgate"), "serve", "--config", config("rbac", cache=cache)], distinct))
+
     results = {}
     for name, cmd, headers in cases:
         proc, port = start(cmd)
         try:
+            if isinstance(headers, Path):  # a wrk script; one pass, no warm-up (tokens must not repeat)
+                results[name] = wrk(port, {}, min(DURATION, 6), script=str(headers))
+                continue
             wrk(port, headers, 2)
             results[name] = wrk(port, headers, DURATION)
         finally:
@@ -125,14 +141,42 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
         print(f"{name}: {results[name][0]:.0f} req/s, p50 {results[name][1]:.0f} µs, p99 {results[name][2]:.0f} µs", file=sys.stderr)
 
     fixed = results["hyper fixed 200"][0]
+    allow_all = results["sandgate allow-all, no token"][0]
     print(f"\n| case | req/s | p50 µs | p99 µs | ratio |\n|---|---|---|---|---|")
     for name, (rps, p50, p99) in results.items():
-        if name.startswith("sandgate RBAC"):
+        if "all-distinct" in name:
+            off = results["sandgate RBAC ES256 all-distinct tokens, token cache off"][0]
+            ratio = f"{rps / off:.2f} of cache off"
+        elif "no token cache" in name:
+            ratio = f"{rps / allow_all:.2f} of allow-all"
+        elif name.startswith("sandgate RBAC"):
             baseline = results[name.replace("sandgate", "native-Rust")][0]
-            ratio = f"{rps / baseline:.2f} of native-Rust"
+            ratio = f"{rps / baseline:.2f} of native-Rust, {rps / allow_all:.2f} of allow-all"
         else:
             ratio = f"{rps / fixed:.2f} of fixed 200"
         print(f"| {name} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {ratio} |")
+
+
+def distinct_tokens(tmp, key, claims, n):
+    """A wrk script sending `n` distinct ES256 tokens, each thread its own half."""
+    path = tmp / "tokens.txt"
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(jwt.encode({**claims, "jti": f"t-{i}"}, key, algorithm="ES256", headers={"kid": "ES256"}) + "\n")
+    script = tmp / "distinct.lua"
+    script.write_text(f"""
+local tokens = {{}}
+for line in io.lines("{path}") do tokens[#tokens + 1] = line end
+local threads = 0
+function setup(thread) thread:set("id", threads); threads = threads + 1 end
+local i = 0
+function request()
+  i = i + 1
+  local t = tokens[(id * {n // 2} + i) % #tokens + 1]
+  return wrk.format(nil, nil, {{["Authorization"] = "Bearer " .. t, ["X-Original-URI"] = "/api/orders/7"}})
+end
+""")
+    return script
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ pub struct ServerConfig {
     pub policy_dir: Option<PathBuf>,
     /// How often the policy directory is scanned, in milliseconds.
     pub policy_dir_poll_ms: u64,
+    /// Verified tokens remembered (by SHA-256 and key-set version, until their `exp`) so a
+    /// repeated token skips its signature check; 0 turns the cache off.
+    pub token_cache_size: usize,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +113,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 10,
             policy_dir: None,
             policy_dir_poll_ms: 500,
+            token_cache_size: 10_000,
         }
     }
 }

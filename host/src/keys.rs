@@ -233,6 +233,14 @@ impl KeySets {
     /// Verify `token`: shape, issuer, algorithm, key, signature, `exp`/`nbf`, audience, then
     /// revocation. Never panics on any input.
     pub fn verify(&self, token: &str, revocations: &Revocations) -> Result<VerifiedCredential, Rejection> {
+        let credential = self.verify_signature(token)?;
+        check_revocation(&credential, revocations)?;
+        Ok(credential)
+    }
+
+    /// Everything [`KeySets::verify`] checks except revocation: what a verified-token cache
+    /// may remember (revocation must be checked on every request).
+    pub fn verify_signature(&self, token: &str) -> Result<VerifiedCredential, Rejection> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Rejection::invalid("malformed_token", format!("cannot read the token header: {e}")))?;
         // The issuer decides which keys and rules apply; it is read before the signature is
@@ -273,7 +281,7 @@ impl KeySets {
                 continue;
             }
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation) {
-                Ok(data) => return check_revocation(data.claims, header.kid, &header.alg, revocations),
+                Ok(data) => return Ok(crate::request::verified_credential(data.claims, header.kid, &format!("{:?}", header.alg))),
                 Err(e) => last = rejection(e.kind()),
             }
         }
@@ -281,18 +289,13 @@ impl KeySets {
     }
 }
 
-fn check_revocation(
-    claims: Map<String, Value>,
-    kid: Option<String>,
-    alg: &Algorithm,
-    revocations: &Revocations,
-) -> Result<VerifiedCredential, Rejection> {
-    let credential = crate::request::verified_credential(claims, kid, &format!("{alg:?}"));
+/// `Err(token_revoked)` if the credential's `jti` or subject is revoked.
+pub fn check_revocation(credential: &VerifiedCredential, revocations: &Revocations) -> Result<(), Rejection> {
     let c = &credential.claims;
     if c.token_id.as_ref().is_some_and(|j| revocations.jtis.contains(j)) || revocations.subjects.contains(&c.subject) {
         return Err(Rejection::invalid("token_revoked", "the token has been revoked"));
     }
-    Ok(credential)
+    Ok(())
 }
 
 fn rejection(kind: &ErrorKind) -> Rejection {

@@ -26,5 +26,6 @@ pub mod runtime;
 pub mod scaffold;
 pub mod server;
 pub mod snapshot;
+pub mod token_cache;
 
 pub use runtime::{EvalContext, Evaluation, LoadError, PolicyFault, PolicyModule, Runtime, RuntimeConfig};

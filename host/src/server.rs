@@ -46,6 +46,8 @@ pub struct App {
     /// Digests the admin API and policy directory may load; empty: any.
     pub(crate) allowed_digests: std::collections::HashSet<String>,
     pub(crate) recent_modules: crate::admin::RecentModules,
+    /// Verified tokens; `None` when `token_cache_size` is 0.
+    pub token_cache: Option<crate::token_cache::TokenCache>,
 }
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
@@ -120,6 +122,7 @@ impl App {
             native_baseline: None,
             allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
             recent_modules: Default::default(),
+            token_cache: crate::token_cache::TokenCache::new(config.server.token_cache_size),
         }))
     }
 
@@ -250,6 +253,25 @@ impl App {
         decided
     }
 
+    /// Verify a bearer token against `snapshot` at `now`, through the verified-token cache:
+    /// the signature check is skipped for a token verified before under the same key-set
+    /// version and not past its `exp`; revocation is checked every time.
+    pub fn verify_token(&self, token: &str, snapshot: &Snapshot, now: u64) -> Result<crate::bindings::sandgate::policy::types::VerifiedCredential, Rejection> {
+        let keys = &snapshot.keys;
+        let credential = match self.token_cache.as_ref().and_then(|c| c.get(token, keys.version, now)) {
+            Some(credential) => credential,
+            None => {
+                let credential = keys.verify_signature(token)?;
+                if let Some(cache) = &self.token_cache {
+                    cache.insert(token, keys.version, now, &credential);
+                }
+                credential
+            }
+        };
+        crate::keys::check_revocation(&credential, &snapshot.revocations)?;
+        Ok(credential)
+    }
+
     /// Evaluate a shadow candidate on the same request, after the answer and off its path:
     /// the candidate never affects it. Disagreements are counted and logged.
     fn shadow_evaluate(self: &Arc<Self>, candidate: crate::PolicyModule, policy: String, check: CheckRequest, context: EvalContext, primary: &Evaluation) {
@@ -279,7 +301,7 @@ impl App {
     /// endpoint, fetch (single flight) and verify again against the snapshot that fetch
     /// published. Returns the credential and the snapshot it was decided on.
     async fn authenticate(&self, token: &str, snapshot: Arc<Snapshot>) -> (Credential, Arc<Snapshot>) {
-        match snapshot.keys.verify(token, &snapshot.revocations) {
+        match self.verify_token(token, &snapshot, crate::request::unix_now()) {
             Ok(verified) => (Credential::Verified(verified), snapshot),
             Err(Rejection::UnknownKid { issuer, kid }) => {
                 if !self.fetcher.resolve_unknown_kid(&issuer, &kid).await {
@@ -287,7 +309,7 @@ impl App {
                     return (Credential::Rejected(rejection.to_credential_error()), snapshot);
                 }
                 let snapshot = self.store.load();
-                let credential = match snapshot.keys.verify(token, &snapshot.revocations) {
+                let credential = match self.verify_token(token, &snapshot, crate::request::unix_now()) {
                     Ok(verified) => Credential::Verified(verified),
                     Err(rejection) => Credential::Rejected(rejection.to_credential_error()),
                 };

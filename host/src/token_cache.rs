@@ -1,0 +1,96 @@
+//! A bounded cache of verified tokens, so a token seen again skips its signature check.
+//!
+//! - **Key**: SHA-256 of the whole token and the key-set version it was verified against. A
+//!   rotation or JWKS refresh is a new version, so a token whose key has left the key set is
+//!   never found and is verified (and rejected) again.
+//! - **Expiry**: an entry is used only while `now < exp` (and never longer than
+//!   [`MAX_AGE`]); a token without `exp` is not cached.
+//! - **Revocation is not cached**: the caller checks it on every request against the pinned
+//!   snapshot.
+//! - **Bounded**: at most `capacity` entries, in shards; a full shard drops an arbitrary entry.
+
+use crate::bindings::sandgate::policy::types::VerifiedCredential;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The longest an entry is used, whatever the token's `exp`.
+pub const MAX_AGE: u64 = 300;
+const SHARDS: usize = 16;
+
+type Key = ([u8; 32], u64);
+
+struct Entry {
+    credential: VerifiedCredential,
+    /// Unix seconds after which the entry is not used.
+    until: u64,
+}
+
+/// The cache. See the module documentation.
+pub struct TokenCache {
+    shards: Vec<Mutex<HashMap<Key, Entry>>>,
+    per_shard: usize,
+}
+
+impl TokenCache {
+    /// A cache of at most `capacity` tokens; `None` for 0 (no cache).
+    pub fn new(capacity: usize) -> Option<Self> {
+        (capacity > 0).then(|| TokenCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS),
+        })
+    }
+
+    fn key(token: &str, key_set: u64) -> Key {
+        (Sha256::digest(token.as_bytes()).into(), key_set)
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Entry>> {
+        &self.shards[key.0[0] as usize % SHARDS]
+    }
+
+    /// The credential `token` verified to under key-set version `key_set`, if cached and
+    /// still within its `exp` at `now`.
+    pub fn get(&self, token: &str, key_set: u64, now: u64) -> Option<VerifiedCredential> {
+        let key = Self::key(token, key_set);
+        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        match shard.get(&key) {
+            Some(entry) if now < entry.until => Some(entry.credential.clone()),
+            Some(_) => {
+                shard.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remember that `token` verified to `credential` under `key_set` at `now`.
+    pub fn insert(&self, token: &str, key_set: u64, now: u64, credential: &VerifiedCredential) {
+        let Some(exp) = credential.claims.expires_at else { return };
+        let until = exp.min(now.saturating_add(MAX_AGE));
+        if until <= now {
+            return;
+        }
+        let key = Self::key(token, key_set);
+        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        // Full: drop an arbitrary entry (O(1); scanning for expired ones on every insert
+        // would make a stream of distinct tokens slower than no cache). Expired entries are
+        // dropped when looked up.
+        if shard.len() >= self.per_shard
+            && let Some(victim) = shard.keys().next().copied()
+        {
+            shard.remove(&victim);
+        }
+        shard.insert(key, Entry { credential: credential.clone(), until });
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
