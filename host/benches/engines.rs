@@ -1,0 +1,314 @@
+//! The same authorization rules, on the same inputs, in one run, through five engines:
+//! Sandgate's fresh-instance Wasm path, the reused-instance floor (isolation off, for
+//! comparison only), native Rust (the same policy code), Rego via `regorus`, and Cedar via
+//! `cedar-policy`. Rule sets: the RBAC example (roles from a data document → methods and path
+//! patterns) and tenant isolation. Before timing, every engine must agree on every input.
+//!
+//! Run: `scripts/build-policies.sh && cargo bench -p sandgate --bench engines`
+//!
+//! What each engine is handed: Sandgate and native Rust get the check request the host builds
+//! (verified claims included); regorus gets the same facts as a JSON input document; Cedar gets
+//! a principal entity (the subject, with its roles as parents and its tenant as an attribute)
+//! and a resource entity (the path, and the tenant id the host parsed out of it, since Cedar
+//! cannot split strings). Building those inputs is timed, as building the check request is.
+
+use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, RestrictedExpression};
+use criterion::{Criterion, criterion_group};
+use sandgate::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
+use sandgate::host_calls::PolicyData;
+use sandgate::runtime::ReusedInstance;
+use sandgate::{EvalContext, PolicyModule, Runtime, RuntimeConfig, request};
+use sandgate_policy_sdk::{Policy, testing};
+use sandgate_spec::RequestSpec;
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One authorization question, in the form every engine is built from.
+#[derive(Clone)]
+struct Input {
+    method: &'static str,
+    path: &'static str,
+    subject: &'static str,
+    roles: Vec<&'static str>,
+    tenant: Option<&'static str>,
+}
+
+fn input(method: &'static str, path: &'static str, roles: &[&'static str], tenant: Option<&'static str>) -> Input {
+    Input { method, path, subject: "alice", roles: roles.to_vec(), tenant }
+}
+
+fn rbac_inputs() -> Vec<Input> {
+    vec![
+        input("GET", "/api/orders/7", &["reader"], None),
+        input("POST", "/api/orders/7", &["reader"], None),
+        input("POST", "/api/orders/7", &["reader", "writer"], None),
+        input("PUT", "/api/users/1", &["writer"], None),
+        input("DELETE", "/admin/cache", &["admin"], None),
+        input("GET", "/apix/secret", &["reader"], None),
+        input("GET", "/api/x", &["superuser"], None),
+        input("GET", "/api/x", &[], None),
+    ]
+}
+
+fn tenant_inputs() -> Vec<Input> {
+    vec![
+        input("GET", "/tenants/acme/orders", &[], Some("acme")),
+        input("GET", "/tenants/globex/orders", &[], Some("acme")),
+        input("GET", "/tenants/acme2/orders", &[], Some("acme")),
+        input("GET", "/tenants/globex/orders", &["platform-admin"], Some("acme")),
+        input("GET", "/tenants/acme/orders", &[], None),
+        input("GET", "/health/deep", &[], Some("acme")),
+    ]
+}
+
+const REGO_RBAC: &str = r#"
+package sandgate.rbac
+import rego.v1
+
+default allow := false
+
+allow if {
+    some role in input.roles
+    some rule in data.roles[role]
+    method_ok(rule.methods)
+    some pattern in rule.paths
+    path_ok(pattern)
+}
+
+method_ok(methods) if "*" in methods
+method_ok(methods) if upper(input.method) in methods
+
+path_ok(pattern) if glob.match(pattern, ["/"], input.path)
+path_ok(pattern) if {
+    endswith(pattern, "/**")
+    input.path == trim_suffix(pattern, "/**")
+}
+"#;
+
+const REGO_TENANT: &str = r#"
+package sandgate.tenant
+import rego.v1
+
+default allow := false
+
+segments := split(input.path, "/")
+tenant_path if {
+    segments[1] == "tenants"
+    count(segments) > 2
+    segments[2] != ""
+}
+
+allow if not tenant_path
+allow if {
+    tenant_path
+    segments[2] == input.tenant
+}
+allow if {
+    tenant_path
+    some role in input.roles
+    role in data.cross_tenant_roles
+}
+"#;
+
+const CEDAR_TENANT: &str = r#"
+permit(principal, action, resource) when { !(resource has tenant) };
+permit(principal, action, resource) when { resource has tenant && principal has tenant && principal.tenant == resource.tenant };
+permit(principal in Role::"platform-admin", action, resource) when { resource has tenant };
+"#;
+
+/// The Cedar policies equivalent to the RBAC data document: one `permit` per role rule.
+fn cedar_rbac(data: &Value) -> String {
+    let mut text = String::new();
+    for (role, rules) in data["roles"].as_object().into_iter().flatten() {
+        for rule in rules.as_array().into_iter().flatten() {
+            let methods: Vec<&str> = rule["methods"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let action = if methods.contains(&"*") {
+                "action".to_owned()
+            } else {
+                let list: Vec<String> = methods.iter().map(|m| format!("Action::{m:?}")).collect();
+                format!("action in [{}]", list.join(", "))
+            };
+            let paths: Vec<String> = rule["paths"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(|p| match p.strip_suffix("/**") {
+                    Some(prefix) => format!("resource.path == {prefix:?} || resource.path like \"{prefix}/*\""),
+                    None => format!("resource.path == {p:?}"),
+                })
+                .collect();
+            text += &format!("permit(principal in Role::{role:?}, {action}, resource) when {{ {} }};\n", paths.join(" || "));
+        }
+    }
+    text
+}
+
+struct Engines {
+    runtime: Runtime,
+    module: PolicyModule,
+    context: EvalContext,
+    data: Value,
+    native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision,
+    rego: regorus::Engine,
+    rego_rule: String,
+    cedar: PolicySet,
+}
+
+fn spec(i: &Input) -> RequestSpec {
+    let mut claims = json!({ "iss": "https://issuer.example", "sub": i.subject, "exp": 1_900_000_000u64, "roles": i.roles });
+    if let Some(t) = i.tenant {
+        claims["tenant"] = json!(t);
+    }
+    serde_json::from_value(json!({ "method": i.method, "path": i.path, "claims": claims })).expect("spec")
+}
+
+fn check_request(i: &Input, digest: &str) -> CheckRequest {
+    let versions = SnapshotVersions { snapshot: 1, policy_digest: digest.into(), key_set: 1, revocations: 1, data: 1 };
+    request::from_spec(&spec(i), 1_767_225_600, versions)
+}
+
+impl Engines {
+    fn new(policy: &str, data: Value, native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision) -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bytes = std::fs::read(root.join(format!("target/policies/{policy}.wasm"))).expect("run scripts/build-policies.sh first");
+        let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
+        let module = runtime.load(&bytes).expect("policy loads");
+        let context = EvalContext { data: Arc::new(PolicyData { value: data.clone(), version: 1 }), verifier: None };
+        let mut rego = regorus::Engine::new();
+        let (rego_text, rego_rule) = if policy == "rbac" { (REGO_RBAC, "data.sandgate.rbac.allow") } else { (REGO_TENANT, "data.sandgate.tenant.allow") };
+        rego.add_policy(format!("{policy}.rego"), rego_text.to_owned()).expect("rego parses");
+        rego.add_data(regorus::Value::from_json_str(&data.to_string()).expect("data")).expect("rego data");
+        let cedar_text = if policy == "rbac" { cedar_rbac(&data) } else { CEDAR_TENANT.to_owned() };
+        let cedar = PolicySet::from_str(&cedar_text).expect("cedar parses");
+        Engines { runtime, module, context, data, native, rego, rego_rule: rego_rule.to_owned(), cedar }
+    }
+
+    fn sandgate(&self, i: &Input) -> bool {
+        let check = check_request(i, self.module.digest());
+        matches!(self.runtime.evaluate(&self.module, &check, &self.context).decision, Decision::Allow(_))
+    }
+
+    fn native(&self, i: &Input) -> bool {
+        let request = testing::request_from_spec(&spec(i), 1_767_225_600);
+        matches!((self.native)(&request), sandgate_policy_sdk::Decision::Allow(_))
+    }
+
+    fn rego(&mut self, i: &Input) -> bool {
+        let input = json!({ "method": i.method, "path": i.path, "subject": i.subject, "roles": i.roles, "tenant": i.tenant });
+        self.rego.set_input(regorus::Value::from_json_str(&input.to_string()).expect("input"));
+        self.rego.eval_rule(self.rego_rule.clone()).expect("rego evaluates") == regorus::Value::from(true)
+    }
+
+    fn cedar(&self, i: &Input) -> bool {
+        let principal = EntityUid::from_str(&format!("User::{:?}", i.subject)).expect("uid");
+        let parents: HashSet<EntityUid> = i.roles.iter().map(|r| EntityUid::from_str(&format!("Role::{r:?}")).expect("role")).collect();
+        let mut user_attrs = HashMap::new();
+        if let Some(t) = i.tenant {
+            user_attrs.insert("tenant".to_owned(), RestrictedExpression::new_string(t.to_owned()));
+        }
+        let resource = EntityUid::from_str(r#"Resource::"request""#).expect("uid");
+        let mut resource_attrs = HashMap::from([("path".to_owned(), RestrictedExpression::new_string(i.path.to_owned()))]);
+        let segments: Vec<&str> = i.path.split('/').collect();
+        if segments.len() > 2 && segments[1] == "tenants" && !segments[2].is_empty() {
+            resource_attrs.insert("tenant".to_owned(), RestrictedExpression::new_string(segments[2].to_owned()));
+        }
+        let entities = Entities::from_entities(
+            [
+                Entity::new(principal.clone(), user_attrs, parents).expect("user"),
+                Entity::new(resource.clone(), resource_attrs, HashSet::new()).expect("resource"),
+            ],
+            None,
+        )
+        .expect("entities");
+        let action = EntityUid::from_str(&format!("Action::{:?}", i.method)).expect("action");
+        let request = cedar_policy::Request::new(principal, action, resource, Context::empty(), None).expect("request");
+        Authorizer::new().is_authorized(&request, &self.cedar, &entities).decision() == cedar_policy::Decision::Allow
+    }
+}
+
+fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Input>) {
+    // Agreement first: a benchmark of engines that decide differently would compare nothing.
+    testing::set_data(engines.data.clone());
+    for i in &inputs {
+        let answers = [engines.sandgate(i), engines.native(i), engines.rego(i), engines.cedar(i)];
+        assert!(answers.iter().all(|a| *a == answers[0]), "{name}: engines disagree on {} {} roles {:?} tenant {:?}: sandgate/native/rego/cedar = {answers:?}", i.method, i.path, i.roles, i.tenant);
+    }
+    let allowed = inputs.iter().filter(|i| engines.sandgate(i)).count();
+    eprintln!("{name}: all engines agree on {} inputs ({allowed} allowed)", inputs.len());
+
+    let checks: Vec<CheckRequest> = inputs.iter().map(|i| check_request(i, engines.module.digest())).collect();
+    let mut group = c.benchmark_group(name);
+    // Each iteration decides every input once; times are per decision.
+    group.throughput(criterion::Throughput::Elements(inputs.len() as u64));
+    group.bench_function("sandgate_fresh_instance", |b| {
+        b.iter(|| {
+            for i in &inputs {
+                black_box(engines.sandgate(i));
+            }
+        })
+    });
+    group.bench_function("reused_instance_floor", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let chunk = left.min(100);
+                let mut reused = ReusedInstance::new(&engines.runtime, &engines.module, &engines.context).expect("instance");
+                let started = std::time::Instant::now();
+                for _ in 0..chunk {
+                    for (i, check) in inputs.iter().zip(&checks) {
+                        // The same work as the fresh path: build the request, then decide.
+                        black_box(check_request(i, engines.module.digest()));
+                        black_box(reused.check(check).expect("check"));
+                    }
+                }
+                elapsed += started.elapsed();
+                left -= chunk;
+            }
+            elapsed
+        })
+    });
+    group.bench_function("native_rust", |b| {
+        b.iter(|| {
+            for i in &inputs {
+                black_box(engines.native(i));
+            }
+        })
+    });
+    group.bench_function("regorus", |b| {
+        b.iter(|| {
+            for i in &inputs {
+                black_box(engines.rego(i));
+            }
+        })
+    });
+    group.bench_function("cedar", |b| {
+        b.iter(|| {
+            for i in &inputs {
+                black_box(engines.cedar(i));
+            }
+        })
+    });
+    group.finish();
+}
+
+fn engines(c: &mut Criterion) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rbac_data: Value = serde_json::from_str(&std::fs::read_to_string(root.join("examples/rbac-data.json")).expect("rbac data")).expect("json");
+    rule_set(c, "rbac", Engines::new("rbac", rbac_data, sandgate_policy_rbac::Rbac::check), rbac_inputs());
+    let tenant_data = json!({ "cross_tenant_roles": ["platform-admin"] });
+    rule_set(c, "tenant", Engines::new("tenant", tenant_data, sandgate_policy_tenant::TenantIsolation::check), tenant_inputs());
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = engines
+}
+criterion::criterion_main!(benches);
