@@ -115,6 +115,7 @@ impl App {
     /// Load or replace policy `id`; its data document is kept. Returns the live snapshot.
     pub async fn put_policy(&self, id: &str, bytes: Bytes) -> Result<Arc<Snapshot>, AdminError> {
         check_id(id)?;
+        let _writes = self.module_writes.lock().await;
         let module = self.compile(bytes).await?;
         Ok(self.store.update(|s| {
             let (data, shadow) = match s.policies.get(id) {
@@ -136,6 +137,7 @@ impl App {
 
     /// Attach (`Some`) or detach (`None`) a shadow candidate to policy `id`.
     pub async fn set_shadow(&self, id: &str, bytes: Option<Bytes>) -> Result<Arc<Snapshot>, AdminError> {
+        let _writes = self.module_writes.lock().await;
         let candidate = match bytes {
             Some(bytes) => Some(self.compile(bytes).await?),
             None => None,

@@ -86,6 +86,13 @@ pub struct ServerConfig {
     /// Path prefix of forward-auth checks; the rest of the path is the original path when no
     /// `X-Forwarded-Uri`/`X-Original-URI` header says otherwise (Envoy HTTP ext_authz).
     pub auth_prefix: String,
+    /// Which headers carry the original request: `nginx` (`X-Original-Method`/`-URI`, host
+    /// from `X-Forwarded-Host`), `forwarded` (Caddy, Traefik: `X-Forwarded-Method`/`-Uri`/
+    /// `-Host`/`-Proto`), `envoy` (the path after `auth_prefix`, the request's own method and
+    /// host), or `auto` (X-Original if present, else X-Forwarded, else the path). Name your proxy:
+    /// a proxy passes its client's headers on, so with `auto` a client could send the
+    /// convention the proxy does not overwrite.
+    pub proxy: ProxyKind,
     /// Policy for requests no route matches; without one they are denied (`no_route`).
     pub default_policy: Option<String>,
     /// Extra identity headers on an allow: header name → claim name (e.g.
@@ -103,11 +110,27 @@ pub struct ServerConfig {
     pub token_cache_size: usize,
 }
 
+/// How the proxy in front passes the original request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyKind {
+    /// Guess from the headers present (trusting the client not to add any).
+    #[default]
+    Auto,
+    /// nginx `auth_request`.
+    Nginx,
+    /// Caddy `forward_auth`, Traefik ForwardAuth.
+    Forwarded,
+    /// Envoy HTTP ext_authz.
+    Envoy,
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8181".into(),
             auth_prefix: "/auth".into(),
+            proxy: ProxyKind::Auto,
             default_policy: None,
             identity_headers: BTreeMap::new(),
             shutdown_grace_secs: 10,
@@ -313,8 +336,9 @@ impl Config {
         {
             bail!("default_policy `{id}` is not a configured policy (policies: {ids:?})");
         }
-        if !self.server.auth_prefix.starts_with('/') {
-            bail!("auth_prefix `{}` must start with `/`", self.server.auth_prefix);
+        let prefix = self.server.auth_prefix.trim_end_matches('/');
+        if !self.server.auth_prefix.starts_with('/') || prefix.is_empty() || ["/healthz", "/readyz", "/metrics"].contains(&prefix) {
+            bail!("auth_prefix `{}` must start with `/` and not be `/`, `/healthz`, `/readyz` or `/metrics`", self.server.auth_prefix);
         }
         for issuer in &self.issuers {
             if issuer.algorithms.is_empty() {

@@ -134,7 +134,7 @@ fn check_response(decided: &Decided) -> CheckResponse {
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 // Overwrite: a client must not be able to send its own `x-user`.
                 headers: headers.iter().map(|(n, v)| header(n, v, HeaderAppendAction::OverwriteIfExistsOrAdd)).collect(),
-                headers_to_remove: allow.remove_headers.clone(),
+                headers_to_remove: allow.remove_headers.iter().chain(&decided.unset_identity).cloned().collect(),
                 ..Default::default()
             })),
             ..Default::default()

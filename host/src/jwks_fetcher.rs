@@ -154,6 +154,9 @@ impl JwksFetcher {
         let set: jsonwebtoken::jwk::JwkSet =
             serde_json::from_value(self.get_json(&url).await?).with_context(|| format!("`{url}` did not return a JWKS"))?;
         let fetched = keys_from_jwks(&set, true)?;
+        if fetched.is_empty() {
+            bail!("`{url}` returned no keys; keeping the keys already known");
+        }
         let published = self.store.update(|snapshot| {
             let mut issuers = snapshot.keys.issuers.clone();
             if let Some(current) = issuers.get(issuer) {
@@ -168,6 +171,12 @@ impl JwksFetcher {
 
     async fn get_json(&self, url: &str) -> anyhow::Result<serde_json::Value> {
         let uri: hyper::Uri = url.parse().with_context(|| format!("invalid URL `{url}`"))?;
+        // Keys over plain http could be replaced by anyone on the path; only loopback (a
+        // local key server, the tests) may use it.
+        let loopback = uri.host().is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
+        if uri.scheme_str() != Some("https") && !loopback {
+            bail!("`{url}` is not https; keys are only fetched over https (or from loopback)");
+        }
         let response = tokio::time::timeout(FETCH_TIMEOUT, self.client.get(uri))
             .await
             .with_context(|| format!("`{url}` timed out"))?

@@ -182,6 +182,26 @@ async fn serve(config_path: Option<PathBuf>, listen: Option<String>, grpc_listen
     Ok(ExitCode::SUCCESS)
 }
 
+/// A runtime, the loaded policy, the check request from its JSON file, and the data document:
+/// what `eval` and `bench` start from.
+fn prepare(
+    policy: &Path,
+    request_path: &Path,
+    data: Option<&Path>,
+) -> anyhow::Result<(Runtime, sandgate::PolicyModule, sandgate::bindings::sandgate::policy::types::CheckRequest, EvalContext)> {
+    let spec: RequestSpec = read_json(request_path, "request")?;
+    let value = match data {
+        Some(path) => read_json(path, "data document")?,
+        None => serde_json::Value::Null,
+    };
+    let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })?;
+    let module = load(&runtime, policy)?;
+    let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
+    let check = request::from_spec(&spec, request::unix_now(), versions);
+    let context = EvalContext { data: Arc::new(PolicyData { value, version: 1 }), verifier: None };
+    Ok((runtime, module, check, context))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config, listen, grpc_listen } => {
@@ -193,22 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(serve(config, listen, grpc_listen))
         }
         Command::Eval { policy, request: request_path, data } => {
-            let spec: RequestSpec = read_json(&request_path, "request")?;
-            let value = match data {
-                Some(path) => read_json(&path, "data document")?,
-                None => serde_json::Value::Null,
-            };
-            let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })?;
-            let module = load(&runtime, &policy)?;
-            let versions = SnapshotVersions {
-                snapshot: 0,
-                policy_digest: module.digest().to_owned(),
-                key_set: 0,
-                revocations: 0,
-                data: 1,
-            };
-            let check = request::from_spec(&spec, request::unix_now(), versions);
-            let context = EvalContext { data: Arc::new(PolicyData { value, version: 1 }), verifier: None };
+            let (runtime, module, check, context) = prepare(&policy, &request_path, data.as_deref())?;
             let evaluation = runtime.evaluate(&module, &check, &context);
             println!("{}", serde_json::to_string_pretty(&request::evaluation_json(&evaluation))?);
             Ok(ExitCode::SUCCESS)
@@ -258,16 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { policy, request: request_path, data, iterations } => {
             anyhow::ensure!(iterations > 0, "--iterations must be at least 1");
-            let spec: RequestSpec = read_json(&request_path, "request")?;
-            let value = match data {
-                Some(path) => read_json(&path, "data document")?,
-                None => serde_json::Value::Null,
-            };
-            let runtime = Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })?;
-            let module = load(&runtime, &policy)?;
-            let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
-            let check = request::from_spec(&spec, request::unix_now(), versions);
-            let context = EvalContext { data: Arc::new(PolicyData { value, version: 1 }), verifier: None };
+            let (runtime, module, check, context) = prepare(&policy, &request_path, data.as_deref())?;
             let first = runtime.evaluate(&module, &check, &context);
             for _ in 0..iterations.min(1_000) {
                 runtime.evaluate(&module, &check, &context);

@@ -30,7 +30,7 @@ pub struct FetchLabels {
 pub struct ShadowLabels {
     /// The live policy's id.
     pub policy: String,
-    /// `agree` or `disagree`.
+    /// `agree`, `disagree`, or `skipped` (no instance was free).
     pub result: &'static str,
 }
 

@@ -336,6 +336,15 @@ impl Runtime {
             now: crate::request::unix_now(),
             versions: SnapshotVersions { snapshot: 0, policy_digest: module.digest().into(), key_set: 0, revocations: 0, data: 0 },
         };
+        // The probe takes a pool slot like any check, waiting up to the queue timeout.
+        let deadline = std::time::Instant::now() + self.config.queue_timeout;
+        let _permit = loop {
+            match self.permits.try_acquire() {
+                Ok(permit) => break permit,
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => return Err(PolicyFault::Overloaded),
+            }
+        };
         match self.evaluate(module, &request, &EvalContext::default()).fault {
             Some(fault) => Err(fault),
             None => Ok(()),
@@ -355,6 +364,13 @@ impl Runtime {
         };
         evaluation.queued = true;
         evaluation
+    }
+
+    /// Evaluate one check only if an instance is free right now (shadow evaluations, which
+    /// must never make a live check wait).
+    pub fn try_check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Option<Evaluation> {
+        let _permit = self.permits.try_acquire().ok()?;
+        Some(self.evaluate(module, request, context))
     }
 
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
@@ -469,7 +485,10 @@ fn validate_decision(decision: Decision) -> Result<Decision, PolicyFault> {
         if !is_header_name(&header.name) {
             return Err(PolicyFault::MalformedDecision(format!("invalid header name {:?}", header.name)));
         }
-        if header.value.len() > MAX_HEADER_BYTES || header.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        if is_framing_header(&header.name) {
+            return Err(PolicyFault::MalformedDecision(format!("a policy may not set `{}`", header.name)));
+        }
+        if header.value.len() > MAX_HEADER_BYTES || !is_header_value(&header.value) {
             return Err(PolicyFault::MalformedDecision(format!("invalid value for header `{}`", header.name)));
         }
     }
@@ -491,6 +510,19 @@ fn validate_decision(decision: Decision) -> Result<Decision, PolicyFault> {
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Headers that frame the HTTP exchange between the proxy and Sandgate (or route it): a
+/// policy that could set them could smuggle a second response onto the proxy's connection.
+fn is_framing_header(name: &str) -> bool {
+    const FRAMING: [&str; 9] =
+        ["content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "host"];
+    FRAMING.iter().any(|f| f.eq_ignore_ascii_case(name))
+}
+
+/// A header value: visible ASCII, spaces, tabs and non-ASCII bytes; no other control byte.
+pub(crate) fn is_header_value(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 /// A reason code: 1 to 64 of `[a-z0-9_.-]`.
@@ -516,6 +548,12 @@ mod tests {
         assert!(matches!(validate_decision(crlf), Err(PolicyFault::MalformedDecision(_))));
         let bad_name = allow_with(vec![Header { name: "x user".into(), value: "a".into() }]);
         assert!(matches!(validate_decision(bad_name), Err(PolicyFault::MalformedDecision(_))));
+        for framing in ["Content-Length", "transfer-encoding", "connection", "host"] {
+            let smuggle = allow_with(vec![Header { name: framing.into(), value: "0".into() }]);
+            assert!(matches!(validate_decision(smuggle), Err(PolicyFault::MalformedDecision(_))), "{framing}");
+        }
+        let control = allow_with(vec![Header { name: "x-user".into(), value: "a\u{1b}b".into() }]);
+        assert!(matches!(validate_decision(control), Err(PolicyFault::MalformedDecision(_))));
         let many = allow_with((0..65).map(|i| Header { name: format!("x-{i}"), value: "v".into() }).collect());
         assert!(matches!(validate_decision(many), Err(PolicyFault::DecisionTooLarge(_))));
         let deny = |status, reason: &str| {

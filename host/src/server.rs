@@ -7,7 +7,7 @@
 //! only the proxy in front of the application can reach.
 
 use crate::bindings::sandgate::policy::types::{CheckRequest, Credential, Decision, Header};
-use crate::config::{Config, ServerConfig};
+use crate::config::{Config, ProxyKind, ServerConfig};
 use crate::host_calls::PolicyData;
 use crate::jwks_fetcher::JwksFetcher;
 use crate::keys::{Issuer, KeySets, Rejection, Revocations};
@@ -27,6 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
+
+/// The longest a check waits for a JWKS fetch triggered by an unknown `kid`.
+const UNKNOWN_KID_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Everything the server shares between connections.
 pub struct App {
@@ -48,6 +51,9 @@ pub struct App {
     pub(crate) recent_modules: crate::admin::RecentModules,
     /// Verified tokens; `None` when `token_cache_size` is 0.
     pub token_cache: Option<crate::token_cache::TokenCache>,
+    /// Serialises module uploads from compile to publish, so a quick upload (a cached
+    /// rollback) cannot be overtaken by a slower one that started before it.
+    pub(crate) module_writes: tokio::sync::Mutex<()>,
 }
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
@@ -123,6 +129,7 @@ impl App {
             allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
             recent_modules: Default::default(),
             token_cache: crate::token_cache::TokenCache::new(config.server.token_cache_size),
+            module_writes: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -182,7 +189,7 @@ impl App {
     }
 
     async fn check(self: &Arc<Self>, request: Request<Incoming>, rest: &str, peer: SocketAddr) -> Response<Full<Bytes>> {
-        let decided = self.decide(OriginalRequest::from_forward_auth(&request, rest, peer)).await;
+        let decided = self.decide(OriginalRequest::from_forward_auth(&request, rest, peer, self.settings.proxy)).await;
         http_response(&decided)
     }
 
@@ -197,6 +204,11 @@ impl App {
             .unwrap_or_else(|| format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed)));
 
         let mut snapshot = self.store.load();
+        if original.is_ambiguous_path() {
+            let decided = Decided::host_deny(request_id, 400, "ambiguous_path", "the path has dot segments, empty segments or encoded slashes");
+            self.record(&original, &decided, None, &snapshot, None, started);
+            return decided;
+        }
         let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
             let decided = Decided::host_deny(request_id, 403, "no_route", "no route matches this request");
             self.record(&original, &decided, None, &snapshot, None, started);
@@ -248,7 +260,14 @@ impl App {
             self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
         }
         let identity = if evaluation.is_allow() { self.identity_headers(&check.credential) } else { Vec::new() };
-        let decided = Decided { request_id, evaluation, identity };
+        let unset_identity = self
+            .settings
+            .identity_headers
+            .keys()
+            .filter(|name| evaluation.is_allow() && !identity.iter().any(|(n, _)| n == *name))
+            .cloned()
+            .collect();
+        let decided = Decided { request_id, evaluation, identity, unset_identity };
         self.record(&original, &decided, Some(&policy.id), &snapshot, Some((&policy, &check)), started);
         decided
     }
@@ -278,7 +297,11 @@ impl App {
         let primary = crate::request::outcome(&primary.decision);
         let app = self.clone();
         tokio::spawn(async move {
-            let shadow = app.runtime.check(&candidate, &check, &context).await;
+            // Only on a free instance: a shadow must never make a live check wait.
+            let Some(shadow) = app.runtime.try_check(&candidate, &check, &context) else {
+                app.metrics.shadow.get_or_create(&crate::metrics::ShadowLabels { policy, result: "skipped" }).inc();
+                return;
+            };
             let shadow = crate::request::outcome(&shadow.decision);
             let agree = shadow == primary;
             let result = if agree { "agree" } else { "disagree" };
@@ -304,7 +327,10 @@ impl App {
         match self.verify_token(token, &snapshot, crate::request::unix_now()) {
             Ok(verified) => (Credential::Verified(verified), snapshot),
             Err(Rejection::UnknownKid { issuer, kid }) => {
-                if !self.fetcher.resolve_unknown_kid(&issuer, &kid).await {
+                // A check never waits long on a fetch: a token with a made-up kid must not be
+                // able to hold it past a proxy's timeout.
+                let resolve = self.fetcher.resolve_unknown_kid(&issuer, &kid);
+                if !tokio::time::timeout(UNKNOWN_KID_WAIT, resolve).await.unwrap_or(false) {
                     let rejection = Rejection::UnknownKid { issuer, kid };
                     return (Credential::Rejected(rejection.to_credential_error()), snapshot);
                 }
@@ -382,7 +408,9 @@ impl App {
                 Some(Value::Bool(b)) => b.to_string(),
                 _ => continue,
             };
-            headers.push((header.clone(), value));
+            if crate::runtime::is_header_value(&value) {
+                headers.push((header.clone(), value));
+            }
         }
         headers
     }
@@ -396,11 +424,14 @@ pub struct Decided {
     pub evaluation: Evaluation,
     /// Configured identity headers to add to an allow.
     pub identity: Vec<(String, String)>,
+    /// Configured identity headers this allow has no value for: a proxy that can remove
+    /// upstream headers (Envoy) removes them, so a client cannot supply its own.
+    pub unset_identity: Vec<String>,
 }
 
 impl Decided {
     fn host_deny(request_id: String, status: u16, reason: &str, message: &str) -> Self {
-        Decided { request_id, evaluation: host_deny(status, reason, message), identity: Vec::new() }
+        Decided { request_id, evaluation: host_deny(status, reason, message), identity: Vec::new(), unset_identity: Vec::new() }
     }
 
     /// The HTTP status this decision answers: 200 for an allow.
@@ -540,41 +571,75 @@ pub struct OriginalRequest {
 }
 
 impl OriginalRequest {
-    fn from_forward_auth(request: &Request<Incoming>, rest: &str, peer: SocketAddr) -> Self {
+    fn from_forward_auth(request: &Request<Incoming>, rest: &str, peer: SocketAddr, proxy: ProxyKind) -> Self {
         let headers: Vec<Header> = request
             .headers()
             .iter()
             .map(|(name, value)| Header { name: name.as_str().to_owned(), value: String::from_utf8_lossy(value.as_bytes()).into_owned() })
             .collect();
         let find = |name: &str| headers.iter().find(|h| h.name == name).map(|h| h.value.as_str());
-        let method = find("x-forwarded-method").or(find("x-original-method")).unwrap_or(request.method().as_str()).to_ascii_uppercase();
-        let uri = match find("x-forwarded-uri").or(find("x-original-uri")) {
-            Some(uri) => uri.to_owned(),
-            None => {
-                let path = if rest.is_empty() { "/" } else { rest };
-                match request.uri().query() {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path.to_owned(),
-                }
+        let proxy = match proxy {
+            ProxyKind::Auto if find("x-original-uri").is_some() => ProxyKind::Nginx,
+            ProxyKind::Auto if find("x-forwarded-uri").is_some() => ProxyKind::Forwarded,
+            ProxyKind::Auto => ProxyKind::Envoy,
+            explicit => explicit,
+        };
+        let own_uri = || {
+            let path = if rest.is_empty() { "/" } else { rest };
+            match request.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
             }
+        };
+        let own_method = request.method().as_str();
+        let own_host = find("host").or(request.uri().host());
+        let (method, uri, host, scheme) = match proxy {
+            ProxyKind::Nginx => (
+                find("x-original-method").unwrap_or(own_method),
+                find("x-original-uri").map_or_else(own_uri, str::to_owned),
+                find("x-forwarded-host").or(own_host),
+                find("x-forwarded-proto"),
+            ),
+            ProxyKind::Forwarded => (
+                find("x-forwarded-method").unwrap_or(own_method),
+                find("x-forwarded-uri").map_or_else(own_uri, str::to_owned),
+                find("x-forwarded-host").or(own_host),
+                find("x-forwarded-proto"),
+            ),
+            ProxyKind::Envoy | ProxyKind::Auto => (own_method, own_uri(), own_host, find("x-forwarded-proto")),
         };
         let (path, query) = match uri.split_once('?') {
             Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
             None => (uri, None),
         };
         let path = if path.starts_with('/') { path } else { format!("/{path}") };
-        let host = find("x-forwarded-host")
-            .or(find("host"))
-            .or(request.uri().host())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        let scheme = find("x-forwarded-proto").unwrap_or("http").to_ascii_lowercase();
+        // The rightmost X-Forwarded-For entry is the one the proxy itself appended; the ones
+        // before it are whatever the client sent.
         let peer = find("x-forwarded-for")
-            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.rsplit(',').next())
             .map(|v| v.trim().to_owned())
-            .or_else(|| find("x-real-ip").map(str::to_owned))
+            .filter(|v| !v.is_empty())
             .unwrap_or_else(|| peer.to_string());
-        OriginalRequest { method, scheme, host, path, query, headers, peer, body: None }
+        OriginalRequest {
+            method: method.to_ascii_uppercase(),
+            scheme: scheme.unwrap_or("http").to_ascii_lowercase(),
+            host: host.unwrap_or("").to_ascii_lowercase(),
+            path,
+            query,
+            headers,
+            peer,
+            body: None,
+        }
+    }
+
+    /// Whether the path could mean something else to the upstream than to the router: dot
+    /// segments, empty segments, or percent-encoded dots and slashes. Such requests are
+    /// denied rather than routed by a spelling the upstream will normalise away.
+    fn is_ambiguous_path(&self) -> bool {
+        let lower = self.path.to_ascii_lowercase();
+        lower.contains("//")
+            || lower.split('/').any(|segment| segment == "." || segment == "..")
+            || ["%2e", "%2f", "%5c", "\\"].iter().any(|t| lower.contains(t))
     }
 
     fn header(&self, name: &str) -> Option<&str> {

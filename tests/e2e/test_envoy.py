@@ -43,7 +43,7 @@ def backend():
 @pytest.fixture(params=["grpc", "http"])
 def envoy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
     sandgate = start_sandgate(grpc=True, issuers=[static_issuer], policies=[rbac_policy],
-                              server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
+                              server={"proxy": "envoy", "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
     proxy_port = free_port()
     template = EXAMPLES / ("envoy-grpc.yaml" if request.param == "grpc" else "envoy-http.yaml")
     ports = {8000: proxy_port, 8080: backend.port, 8183: int(sandgate.grpc.rsplit(":", 1)[1]), 8181: sandgate.port}

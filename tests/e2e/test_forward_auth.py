@@ -214,3 +214,18 @@ def test_the_documented_example_config_parses_and_its_policies_load(tmp_path):
             proc.wait(10)
     finally:
         config.unlink()
+
+
+@pytest.mark.parametrize("path", ["/api/../admin/x", "/api//x", "/api/%2e%2e/admin", "/api%2fx", "/./api/x"])
+def test_ambiguous_paths_are_denied_not_routed(sandgate, keys, path):
+    status, headers, _ = sandgate.check({"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-URI": path})
+    assert (status, headers["x-sandgate-reason"]) == (400, "ambiguous_path")
+
+
+def test_the_proxy_setting_decides_which_headers_are_read(start_sandgate, static_issuer, rbac_policy, keys):
+    auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}"}
+    nginx = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"})
+    # nginx sets X-Original-*; an X-Forwarded-* a client added is not read.
+    assert nginx.check({**auth, "X-Original-Method": "POST", "X-Original-URI": "/api/x", "X-Forwarded-Method": "GET"})[0] == 403
+    forwarded = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "forwarded", "default_policy": "rbac"})
+    assert forwarded.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/x", "X-Original-Method": "GET"})[0] == 403

@@ -14,7 +14,7 @@ OK, INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED = 0, 3, 7, 16
 @pytest.fixture
 def sandgate(start_sandgate, static_issuer, rbac_policy):
     return start_sandgate(grpc=True, issuers=[static_issuer], policies=[rbac_policy],
-                          server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
+                          server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub", "x-auth-tenant": "tenant"}})
 
 
 @pytest.fixture
@@ -44,6 +44,8 @@ def test_allow_carries_identity_headers_to_set(stub, keys):
     assert headers["x-user"] == "alice" and headers["x-auth-subject"] == "alice"
     overwrite = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
     assert all(o.append_action == overwrite for o in response.ok_response.headers), "identity must overwrite what the client sent"
+    # The token has no tenant claim: Envoy is told to remove any x-auth-tenant the client sent.
+    assert "x-auth-tenant" in response.ok_response.headers_to_remove
 
 
 def test_deny_carries_the_policy_status_and_body(stub, keys):

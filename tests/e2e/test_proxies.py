@@ -105,7 +105,8 @@ def backend():
 
 @pytest.fixture(params=["nginx", "caddy"])
 def proxy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
-    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
+    kind = "nginx" if request.param == "nginx" else "forwarded"
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": kind, "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
     starter = start_nginx if request.param == "nginx" else start_caddy
     proc, port = starter(tmp_path, sandgate.port, backend.port)
     yield f"http://127.0.0.1:{port}", sandgate
@@ -132,6 +133,11 @@ def test_allowed_requests_reach_the_backend_with_identity_denied_ones_do_not(pro
     # A client cannot smuggle an identity past the proxy.
     status, body = get(f"{base}/api/orders/7", {"Authorization": f"Bearer {token}", "X-User": "root"})
     assert json.loads(body)["user"] == "alice"
+    # A client cannot smuggle another request's method or path past the proxy either: the
+    # conventions the proxy does not set are not read.
+    spoof = {"Authorization": f"Bearer {token}", "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/orders",
+             "X-Original-Method": "GET", "X-Original-URI": "/api/orders"}
+    assert get(f"{base}/api/orders", spoof, method="POST")[0] == 403
     # Denied: the policy forbids POST for readers; no token at all is 401.
     assert get(f"{base}/api/orders", {"Authorization": f"Bearer {token}"}, method="POST")[0] == 403
     assert get(f"{base}/api/orders")[0] == 401
@@ -142,7 +148,7 @@ def test_allowed_requests_reach_the_backend_with_identity_denied_ones_do_not(pro
 
 @pytest.fixture
 def nginx_proxy(tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
-    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
     proc, port = start_nginx(tmp_path, sandgate.port, backend.port)
     yield f"http://127.0.0.1:{port}", sandgate
     proc.terminate()
