@@ -41,7 +41,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         server: ServerConfig {
             listen: listen.to_owned(),
             default_policy: Some("rbac".into()),
-            identity_headers: crate::server::identity_headers(&[("x-auth-subject", "sub")]),
+            identity_headers: [("x-auth-subject".to_owned(), "sub".to_owned())].into(),
             ..ServerConfig::default()
         },
         runtime: RuntimeLimits::default(),
