@@ -126,3 +126,39 @@ fn bad_names_and_existing_directories_are_refused() {
     assert!(text(&out).contains("already exists"));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn eval_prints_any_decision_with_exit_0_and_bad_input_exits_2_with_a_message() {
+    let root = temp_dir("eval");
+    let workspace = sandgate_tests::workspace();
+    let policy = workspace.join("target/policies/rbac.wasm");
+    let data = workspace.join("examples/rbac-data.json");
+    let request = root.join("req.json");
+    let eval = |request: &Path| run(Command::new(sandgate()).arg("eval").arg("--policy").arg(&policy).arg("--request").arg(request).arg("--data").arg(&data));
+
+    std::fs::write(&request, r#"{"method": "DELETE", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#).unwrap();
+    let out = eval(&request);
+    assert_eq!(out.status.code(), Some(0), "a deny is still a successful evaluation");
+    let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((decision["decision"].as_str(), decision["status"].as_u64(), decision["reason"].as_str()), (Some("deny"), Some(403), Some("forbidden")));
+
+    std::fs::write(&request, r#"{"method": "GET", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#).unwrap();
+    let decision: serde_json::Value = serde_json::from_slice(&eval(&request).stdout).unwrap();
+    assert_eq!(decision["decision"], "allow");
+
+    std::fs::write(&request, r#"{"pth": "/api"}"#).unwrap();
+    let out = eval(&request);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("unknown field `pth`"), "{}", text(&out));
+
+    std::fs::write(&request, r#"{"path": "/"}"#).unwrap();
+    let out = run(Command::new(sandgate()).arg("eval").arg("--policy").arg(root.join("missing.wasm")).arg("--request").arg(&request));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("cannot read policy"), "{}", text(&out));
+
+    std::fs::write(root.join("notwasm.wasm"), "hello").unwrap();
+    let out = run(Command::new(sandgate()).arg("eval").arg("--policy").arg(root.join("notwasm.wasm")).arg("--request").arg(&request));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("not a WebAssembly file"), "{}", text(&out));
+    let _ = std::fs::remove_dir_all(&root);
+}
