@@ -131,7 +131,7 @@ impl App {
     pub fn put_data(&self, id: &str, value: Value) -> Result<Arc<Snapshot>, AdminError> {
         self.change_policy(id, |old| LoadedPolicy {
             data: Arc::new(crate::host_calls::PolicyData { value, version: old.data.version + 1 }),
-            ..clone_policy(old)
+            ..old.clone()
         })
     }
 
@@ -142,7 +142,7 @@ impl App {
             Some(bytes) => Some(self.compile(bytes).await?),
             None => None,
         };
-        self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..clone_policy(old) })
+        self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..old.clone() })
     }
 
     fn change_policy(&self, id: &str, change: impl FnOnce(&LoadedPolicy) -> LoadedPolicy) -> Result<Arc<Snapshot>, AdminError> {
@@ -261,10 +261,6 @@ fn compiler() -> &'static std::sync::mpsc::Sender<CompileJob> {
         }
         send
     })
-}
-
-fn clone_policy(p: &LoadedPolicy) -> LoadedPolicy {
-    LoadedPolicy { id: p.id.clone(), module: p.module.clone(), data: p.data.clone(), loaded_at: p.loaded_at, shadow: p.shadow.clone() }
 }
 
 fn check_id(id: &str) -> Result<(), AdminError> {

@@ -49,7 +49,7 @@ impl Authorization for ExtAuthz {
     async fn check(&self, request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let response = match original_request(request.get_ref()) {
             Ok(original) => check_response(&self.app.decide(original).await),
-            Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, Vec::new()),
+            Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
         };
         Ok(tonic::Response::new(response))
     }
@@ -145,13 +145,12 @@ fn check_response(decided: &Decided) -> CheckResponse {
                 503 => code::UNAVAILABLE,
                 _ => code::PERMISSION_DENIED,
             };
-            let headers = headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect();
-            denied(grpc, deny.status, &deny.message, headers)
+            denied(grpc, deny.status, &deny.message, &headers)
         }
     }
 }
 
-fn denied(grpc: i32, status: u16, message: &str, headers: Vec<(String, String)>) -> CheckResponse {
+fn denied(grpc: i32, status: u16, message: &str, headers: &[(&str, &str)]) -> CheckResponse {
     let mut headers: Vec<HeaderValueOption> =
         headers.iter().map(|(n, v)| header(n, v, HeaderAppendAction::OverwriteIfExistsOrAdd)).collect();
     headers.push(header("content-type", "text/plain; charset=utf-8", HeaderAppendAction::OverwriteIfExistsOrAdd));

@@ -75,11 +75,6 @@ impl JwksFetcher {
         Ok(JwksFetcher { client, sources, store, metrics })
     }
 
-    /// Whether any issuer has a JWKS endpoint.
-    pub fn is_empty(&self) -> bool {
-        self.sources.is_empty()
-    }
-
     /// Fetch every issuer's JWKS now (at start); the first error is returned, after all tried.
     pub async fn fetch_all(&self) -> anyhow::Result<()> {
         let mut first_error = None;

@@ -287,11 +287,6 @@ impl Runtime {
         self.config.max_instances as usize - self.permits.available_permits()
     }
 
-    /// The limits in force.
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.config
-    }
-
     /// Compile and validate a policy component: only the contract's imports, the `policy`
     /// export with the contract's types. Compilation is slow (milliseconds): do it once per
     /// policy version, off the request path.

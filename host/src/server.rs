@@ -195,7 +195,7 @@ impl App {
 
     /// Decide on one original request, whatever protocol it came in: pin a snapshot, route,
     /// authenticate, evaluate, then count and log the decision.
-    pub async fn decide(self: &Arc<Self>, original: OriginalRequest) -> Decided {
+    pub async fn decide(self: &Arc<Self>, mut original: OriginalRequest) -> Decided {
         let started = Instant::now();
         let request_id = original
             .header("x-request-id")
@@ -241,9 +241,10 @@ impl App {
             host: original.host.clone(),
             path: original.path.clone(),
             query: original.query.clone(),
-            headers: original.headers.clone(),
-            peer: Some(original.peer.clone()),
-            body: original.body.clone(),
+            // The log line needs only method, host and path: move the rest.
+            headers: std::mem::take(&mut original.headers),
+            peer: Some(std::mem::take(&mut original.peer)),
+            body: original.body.take(),
             credential,
             now: crate::request::unix_now(),
             versions: snapshot.versions(&policy),

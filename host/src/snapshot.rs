@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// A loaded policy.
+#[derive(Clone)]
 pub struct LoadedPolicy {
     /// Its id.
     pub id: String,
