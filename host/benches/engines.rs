@@ -179,7 +179,7 @@ impl Engines {
         let bytes = std::fs::read(root.join(format!("target/policies/{policy}.wasm"))).expect("run scripts/build-policies.sh first");
         let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let module = runtime.load(&bytes).expect("policy loads");
-        let context = EvalContext { data: Arc::new(PolicyData { value: data.clone(), version: 1 }), verifier: None };
+        let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
         let mut rego = regorus::Engine::new();
         let (rego_text, rego_rule) = if policy == "rbac" { (REGO_RBAC, "data.sandgate.rbac.allow") } else { (REGO_TENANT, "data.sandgate.tenant.allow") };
         rego.add_policy(format!("{policy}.rego"), rego_text.to_owned()).expect("rego parses");

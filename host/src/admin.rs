@@ -130,7 +130,7 @@ impl App {
     /// Replace policy `id`'s data document.
     pub fn put_data(&self, id: &str, value: Value) -> Result<Arc<Snapshot>, AdminError> {
         self.change_policy(id, |old| LoadedPolicy {
-            data: Arc::new(crate::host_calls::PolicyData { value, version: old.data.version + 1 }),
+            data: Arc::new(crate::host_calls::PolicyData::new(value, old.data.version + 1)),
             ..old.clone()
         })
     }

@@ -21,12 +21,12 @@ pub struct CaseResult {
 /// Evaluate every case of `file` with `module`, each in a fresh instance.
 pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile) -> Vec<CaseResult> {
     let now = file.now.unwrap_or_else(request::unix_now);
-    let file_data = Arc::new(PolicyData { value: file.data.clone().unwrap_or_default(), version: 1 });
+    let file_data = Arc::new(PolicyData::new(file.data.clone().unwrap_or_default(), 1));
     file.cases
         .iter()
         .map(|case| {
             let data = match &case.data {
-                Some(value) => Arc::new(PolicyData { value: value.clone(), version: 1 }),
+                Some(value) => Arc::new(PolicyData::new(value.clone(), 1)),
                 None => file_data.clone(),
             };
             let versions = SnapshotVersions {

@@ -198,7 +198,7 @@ fn prepare(
     let module = load(&runtime, policy)?;
     let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
     let check = request::from_spec(&spec, request::unix_now(), versions);
-    let context = EvalContext { data: Arc::new(PolicyData { value, version: 1 }), verifier: None };
+    let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
     Ok((runtime, module, check, context))
 }
 

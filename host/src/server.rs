@@ -81,7 +81,7 @@ impl App {
             let loaded = LoadedPolicy {
                 id: p.id.clone(),
                 module,
-                data: Arc::new(PolicyData { value, version: 1 }),
+                data: Arc::new(PolicyData::new(value, 1)),
                 loaded_at: SystemTime::now(),
                 shadow: None,
             };

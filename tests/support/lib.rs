@@ -45,7 +45,7 @@ pub fn check(json: serde_json::Value) -> CheckRequest {
 
 /// An evaluation context with this data document.
 pub fn context(data: serde_json::Value) -> EvalContext {
-    EvalContext { data: Arc::new(PolicyData { value: data, version: 1 }), verifier: None }
+    EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None }
 }
 
 /// The value of an upstream header set by an allow; panics on a deny.
