@@ -6,11 +6,13 @@
 //!
 //! Run: `scripts/build-policies.sh && cargo bench -p sandgate --bench engines`
 //!
-//! What each engine is handed: Sandgate and native Rust get the check request the host builds
-//! (verified claims included); regorus gets the same facts as a JSON input document; Cedar gets
-//! a principal entity (the subject, with its roles as parents and its tenant as an attribute)
-//! and a resource entity (the path, and the tenant id the host parsed out of it, since Cedar
-//! cannot split strings). Building those inputs is timed, as building the check request is.
+//! What each engine is handed: Sandgate gets the check request as the server builds one, a copy
+//! of the request's strings and of the verified credential the token cache holds (built once
+//! per input, copied per decision); native Rust gets the same request in the SDK's types;
+//! regorus gets the same facts as a JSON input document; Cedar gets a principal entity (the
+//! subject, with its roles as parents and its tenant as an attribute) and a resource entity (the
+//! path, and the tenant id the host parsed out of it, since Cedar cannot split strings).
+//! Building those inputs is timed, as copying the check request is.
 
 use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, RestrictedExpression};
 use criterion::{Criterion, criterion_group};
@@ -189,13 +191,13 @@ impl Engines {
         Engines { runtime, module, context, data, native, rego, rego_rule: rego_rule.to_owned(), cedar }
     }
 
-    fn sandgate(&self, i: &Input) -> bool {
-        let check = check_request(i, self.module.digest());
+    fn sandgate(&self, check: &CheckRequest) -> bool {
+        let check = check.clone();
         matches!(self.runtime.evaluate(&self.module, &check, &self.context).decision, Decision::Allow(_))
     }
 
-    fn native(&self, i: &Input) -> bool {
-        let request = testing::request_from_spec(&spec(i), 1_767_225_600);
+    fn native(&self, request: &sandgate_policy_sdk::Request) -> bool {
+        let request = request.clone();
         matches!((self.native)(&request), sandgate_policy_sdk::Decision::Allow(_))
     }
 
@@ -235,21 +237,22 @@ impl Engines {
 fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Input>) {
     // Agreement first: a benchmark of engines that decide differently would compare nothing.
     testing::set_data(engines.data.clone());
-    for i in &inputs {
-        let answers = [engines.sandgate(i), engines.native(i), engines.rego(i), engines.cedar(i)];
+    let checks: Vec<CheckRequest> = inputs.iter().map(|i| check_request(i, engines.module.digest())).collect();
+    let natives: Vec<sandgate_policy_sdk::Request> = inputs.iter().map(|i| testing::request_from_spec(&spec(i), 1_767_225_600)).collect();
+    for ((i, check), native) in inputs.iter().zip(&checks).zip(&natives) {
+        let answers = [engines.sandgate(check), engines.native(native), engines.rego(i), engines.cedar(i)];
         assert!(answers.iter().all(|a| *a == answers[0]), "{name}: engines disagree on {} {} roles {:?} tenant {:?}: sandgate/native/rego/cedar = {answers:?}", i.method, i.path, i.roles, i.tenant);
     }
-    let allowed = inputs.iter().filter(|i| engines.sandgate(i)).count();
+    let allowed = checks.iter().filter(|c| engines.sandgate(c)).count();
     eprintln!("{name}: all engines agree on {} inputs ({allowed} allowed)", inputs.len());
 
-    let checks: Vec<CheckRequest> = inputs.iter().map(|i| check_request(i, engines.module.digest())).collect();
     let mut group = c.benchmark_group(name);
     // Each iteration decides every input once; times are per decision.
     group.throughput(criterion::Throughput::Elements(inputs.len() as u64));
     group.bench_function("sandgate_fresh_instance", |b| {
         b.iter(|| {
-            for i in &inputs {
-                black_box(engines.sandgate(i));
+            for check in &checks {
+                black_box(engines.sandgate(check));
             }
         })
     });
@@ -262,10 +265,9 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
                 let mut reused = ReusedInstance::new(&engines.runtime, &engines.module, &engines.context).expect("instance");
                 let started = std::time::Instant::now();
                 for _ in 0..chunk {
-                    for (i, check) in inputs.iter().zip(&checks) {
-                        // The same work as the fresh path: build the request, then decide.
-                        black_box(check_request(i, engines.module.digest()));
-                        black_box(reused.check(check).expect("check"));
+                    for check in &checks {
+                        // The same work as the fresh path: copy the request, then decide.
+                        black_box(reused.check(&check.clone()).expect("check"));
                     }
                 }
                 elapsed += started.elapsed();
@@ -276,8 +278,8 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
     });
     group.bench_function("native_rust", |b| {
         b.iter(|| {
-            for i in &inputs {
-                black_box(engines.native(i));
+            for request in &natives {
+                black_box(engines.native(request));
             }
         })
     });

@@ -15,17 +15,21 @@
 
 use sandgate_policy_sdk::{allow, deny, host, match_path, Decision, DecisionExt, Policy, Request, RequestExt};
 use serde::Deserialize;
+use std::borrow::Cow;
 
-/// One permission of a role.
+/// One permission of a role. Borrowed from the data text where it can be: the policy reads it
+/// once per check and never keeps it.
 #[derive(Deserialize)]
-pub struct Rule {
+pub struct Rule<'a> {
     /// Methods this rule permits; `*` for any.
-    pub methods: Vec<String>,
+    #[serde(borrow)]
+    pub methods: Vec<Cow<'a, str>>,
     /// Path patterns this rule permits.
-    pub paths: Vec<String>,
+    #[serde(borrow)]
+    pub paths: Vec<Cow<'a, str>>,
 }
 
-impl Rule {
+impl Rule<'_> {
     fn permits(&self, method: &str, path: &str) -> bool {
         self.methods.iter().any(|m| m == "*" || m.eq_ignore_ascii_case(method))
             && self.paths.iter().any(|p| match_path(p, path).is_some())
@@ -42,7 +46,8 @@ impl Policy for Rbac {
         }
         let Some(claims) = request.claims() else { return deny(401, "missing_credential") };
         let permitted = claims.roles.iter().any(|role| {
-            let rules: Vec<Rule> = host::data(&format!("/roles/{}", escape_pointer(role))).unwrap_or_default();
+            let Some(text) = host::data_get(&role_pointer(role)) else { return false };
+            let rules: Vec<Rule> = serde_json::from_str(&text).unwrap_or_default();
             rules.iter().any(|rule| rule.permits(&request.method, &request.path))
         });
         if permitted {
@@ -53,9 +58,18 @@ impl Policy for Rbac {
     }
 }
 
-/// Escape a key for use in a JSON pointer (RFC 6901).
-fn escape_pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+/// The JSON pointer (RFC 6901) of a role's rules: `/roles/<role>`, the role escaped.
+fn role_pointer(role: &str) -> String {
+    let mut pointer = String::with_capacity(7 + role.len());
+    pointer.push_str("/roles/");
+    for c in role.chars() {
+        match c {
+            '~' => pointer.push_str("~0"),
+            '/' => pointer.push_str("~1"),
+            c => pointer.push(c),
+        }
+    }
+    pointer
 }
 
 sandgate_policy_sdk::export_policy!(Rbac);
