@@ -6,8 +6,9 @@ baseline (same server, same verification, RBAC logic compiled into the host).
 Run: scripts/bench-load.sh  (builds everything, then runs this with the test venv's Python).
 Also: the verified-token cache (on by default) against no cache, with one repeated token and
 with a stream of all-distinct tokens. Prints a Markdown table for docs/BENCHMARKS.md. Each
-case: wrk -t2 -c64 for DURATION seconds after a 2 s warm-up, every server on 127.0.0.1 with its
-decision log sent to /dev/null."""
+case: wrk -t2 -c64 for DURATION (5) seconds after a 2 s warm-up, every server on 127.0.0.1 with
+its decision log sent to /dev/null. Each comparison is measured ROUNDS (3) times, baseline then
+case back to back, and the median ratio reported."""
 
 import json
 import os
@@ -24,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT / "target" / "release"
-DURATION = int(os.environ.get("DURATION", "8"))
+DURATION = int(os.environ.get("DURATION", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 ISSUER, AUDIENCE, SECRET = "https://issuer.bench", "bench", "a-benchmark-hs256-secret-of-32-bytes!"
 
 
@@ -109,52 +111,62 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
         return str(path)
 
     request = {"X-Original-URI": "/api/orders/7"}
-    cases = [("hyper fixed 200", [str(RELEASE / "examples" / "fixed_200")], {}),
-             ("sandgate allow-all, no token", [str(RELEASE / "sandgate"), "serve", "--config", config("allow-all")], request)]
+    sandgate = lambda policy, cache=True: [str(RELEASE / "sandgate"), "serve", "--config", config(policy, cache)]
+    cases = {"hyper fixed 200": ([str(RELEASE / "examples" / "fixed_200")], {}),
+             "sandgate allow-all, no token": (sandgate("allow-all"), request)}
     for alg in ["HS256", "RS256", "ES256", "EdDSA"]:
         auth = {**request, "Authorization": f"Bearer {tokens[alg]}"}
-        cases.append((f"sandgate RBAC {alg}", [str(RELEASE / "sandgate"), "serve", "--config", config("rbac")], auth))
-        cases.append((f"native-Rust RBAC {alg}", [str(RELEASE / "examples" / "native_baseline_server"), config("rbac")], auth))
-
-    # The verified-token cache: ES256 and RS256 without it, and a stream of all-distinct
-    # ES256 tokens (more tokens than requests) with and without it.
-    for alg in ["RS256", "ES256"]:
-        auth = {**request, "Authorization": f"Bearer {tokens[alg]}"}
-        cases.append((f"sandgate RBAC {alg}, no token cache", [str(RELEASE / "sandgate"), "serve", "--config", config("rbac", cache=False)], auth))
+        cases[f"sandgate RBAC {alg}"] = (sandgate("rbac"), auth)
+        cases[f"native-Rust RBAC {alg}"] = ([str(RELEASE / "examples" / "native_baseline_server"), config("rbac")], auth)
+    # The verified-token cache: the allow-all policy with a repeated ES256 token (the token path
+    # alone: header, cache, revocation, the credential handed to the policy), ES256 without the
+    # cache, and a stream of all-distinct ES256 tokens (more tokens than requests) with and
+    # without it.
+    es256 = {**request, "Authorization": f"Bearer {tokens['ES256']}"}
+    cases["sandgate allow-all, ES256 token"] = (sandgate("allow-all"), es256)
+    cases["sandgate RBAC ES256, no token cache"] = (sandgate("rbac", cache=False), es256)
     distinct = distinct_tokens(tmp, keys["ES256"], claims, 160_000)
-    for cache in (True, False):
-        name = f"sandgate RBAC ES256 all-distinct tokens, token cache {'on' if cache else 'off'}"
-        cases.append((name, [str(RELEASE / "sandgate"), "serve", "--config", config("rbac", cache=cache)], distinct))
+    cases["RBAC ES256 all-distinct tokens, cache on"] = (sandgate("rbac"), distinct)
+    cases["RBAC ES256 all-distinct tokens, cache off"] = (sandgate("rbac", cache=False), distinct)
 
-    results = {}
-    for name, cmd, headers in cases:
+    # (case, baseline): each round measures the baseline and then the case, back to back, so the
+    # slow drifts of this shared machine cancel out of their ratio; the table reports medians.
+    comparisons = [("sandgate allow-all, no token", "hyper fixed 200")]
+    comparisons += [(f"sandgate RBAC {alg}", f"native-Rust RBAC {alg}") for alg in ["HS256", "RS256", "ES256", "EdDSA"]]
+    comparisons += [("sandgate allow-all, ES256 token", "sandgate allow-all, no token"),
+                    ("sandgate RBAC ES256", "sandgate allow-all, no token"),
+                    ("sandgate RBAC ES256, no token cache", "sandgate RBAC ES256"),
+                    ("RBAC ES256 all-distinct tokens, cache on", "RBAC ES256 all-distinct tokens, cache off")]
+
+    def measure(name):
+        cmd, headers = cases[name]
         proc, port = start(cmd)
         try:
             if isinstance(headers, Path):  # a wrk script; one pass, no warm-up (tokens must not repeat)
-                results[name] = wrk(port, {}, min(DURATION, 6), script=str(headers))
-                continue
-            wrk(port, headers, 2)
-            results[name] = wrk(port, headers, DURATION)
+                result = wrk(port, {}, min(DURATION, 6), script=str(headers))
+            else:
+                wrk(port, headers, 2)
+                result = wrk(port, headers, DURATION)
         finally:
             proc.terminate()
             proc.wait(10)
-        print(f"{name}: {results[name][0]:.0f} req/s, p50 {results[name][1]:.0f} µs, p99 {results[name][2]:.0f} µs", file=sys.stderr)
+        print(f"{name}: {result[0]:.0f} req/s, p50 {result[1]:.0f} µs, p99 {result[2]:.0f} µs", file=sys.stderr)
+        return result
 
-    fixed = results["hyper fixed 200"][0]
-    allow_all = results["sandgate allow-all, no token"][0]
-    print(f"\n| case | req/s | p50 µs | p99 µs | ratio |\n|---|---|---|---|---|")
-    for name, (rps, p50, p99) in results.items():
-        if "all-distinct" in name:
-            off = results["sandgate RBAC ES256 all-distinct tokens, token cache off"][0]
-            ratio = f"{rps / off:.2f} of cache off"
-        elif "no token cache" in name:
-            ratio = f"{rps / allow_all:.2f} of allow-all"
-        elif name.startswith("sandgate RBAC"):
-            baseline = results[name.replace("sandgate", "native-Rust")][0]
-            ratio = f"{rps / baseline:.2f} of native-Rust, {rps / allow_all:.2f} of allow-all"
-        else:
-            ratio = f"{rps / fixed:.2f} of fixed 200"
-        print(f"| {name} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {ratio} |")
+    runs = {pair: [] for pair in comparisons}
+    for _ in range(ROUNDS):
+        for case, baseline in comparisons:
+            base = measure(baseline)
+            runs[(case, baseline)].append((measure(case), base))
+
+    print(f"\nMedians of {ROUNDS} rounds; each round measured the baseline right before the case.")
+    print("\n| case | req/s | p50 µs | p99 µs | baseline | baseline req/s | ratio (range) |\n|---|---|---|---|---|---|---|")
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    for (case, baseline), pairs in runs.items():
+        ratios = [c[0] / b[0] for c, b in pairs]
+        rps, p50, p99 = (median([c[k] for c, _ in pairs]) for k in range(3))
+        base = median([b[0] for _, b in pairs])
+        print(f"| {case} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {baseline} | {base:,.0f} | **{median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) |")
 
 
 def distinct_tokens(tmp, key, claims, n):
