@@ -138,6 +138,9 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
                     ("sandgate RBAC ES256, no token cache", "sandgate RBAC ES256"),
                     ("RBAC ES256 all-distinct tokens, cache on", "RBAC ES256 all-distinct tokens, cache off")]
 
+    # `ONLY=<text>`: just the comparisons whose case name contains it.
+    comparisons = [c for c in comparisons if os.environ.get("ONLY", "") in c[0]]
+
     def measure(name):
         cmd, headers = cases[name]
         proc, port = start(cmd)

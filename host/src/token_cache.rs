@@ -8,10 +8,15 @@
 //! - **Revocation is not cached**: the caller checks it on every request against the pinned
 //!   snapshot.
 //! - **Bounded**: at most `capacity` entries, in shards; a full shard drops an arbitrary entry.
+//! - **Admitted on the second sighting**: the first verification of a token only remembers its
+//!   key (a "doorkeeper" set, cleared when full); the credential is stored when the token is
+//!   verified again. A stream of tokens that never repeat then costs a hash-set insert per
+//!   request instead of copying and evicting whole credentials, and does not flush the tokens
+//!   that do repeat.
 
 use crate::bindings::sandgate::policy::types::VerifiedCredential;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 /// The longest an entry is used, whatever the token's `exp`.
@@ -26,9 +31,16 @@ struct Entry {
     until: u64,
 }
 
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<Key, Entry>,
+    /// Keys of tokens verified once and not stored yet.
+    seen_once: HashSet<Key>,
+}
+
 /// The cache. See the module documentation.
 pub struct TokenCache {
-    shards: Vec<Mutex<HashMap<Key, Entry>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
 }
 
@@ -36,7 +48,7 @@ impl TokenCache {
     /// A cache of at most `capacity` tokens; `None` for 0 (no cache).
     pub fn new(capacity: usize) -> Option<Self> {
         (capacity > 0).then(|| TokenCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),
         })
     }
@@ -45,7 +57,7 @@ impl TokenCache {
         (Sha256::digest(token.as_bytes()).into(), key_set)
     }
 
-    fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Entry>> {
+    fn shard(&self, key: &Key) -> &Mutex<Shard> {
         &self.shards[key.0[0] as usize % SHARDS]
     }
 
@@ -54,17 +66,18 @@ impl TokenCache {
     pub fn get(&self, token: &str, key_set: u64, now: u64) -> Option<VerifiedCredential> {
         let key = Self::key(token, key_set);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        match shard.get(&key) {
+        match shard.entries.get(&key) {
             Some(entry) if now < entry.until => Some(entry.credential.clone()),
             Some(_) => {
-                shard.remove(&key);
+                shard.entries.remove(&key);
                 None
             }
             None => None,
         }
     }
 
-    /// Remember that `token` verified to `credential` under `key_set` at `now`.
+    /// Remember that `token` verified to `credential` under `key_set` at `now` (stored from the
+    /// second time it is verified).
     pub fn insert(&self, token: &str, key_set: u64, now: u64, credential: &VerifiedCredential) {
         let Some(exp) = credential.claims.expires_at else { return };
         let until = exp.min(now.saturating_add(MAX_AGE));
@@ -73,20 +86,27 @@ impl TokenCache {
         }
         let key = Self::key(token, key_set);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        if !shard.seen_once.remove(&key) {
+            if shard.seen_once.len() >= self.per_shard {
+                shard.seen_once.clear();
+            }
+            shard.seen_once.insert(key);
+            return;
+        }
         // Full: drop an arbitrary entry (O(1); scanning for expired ones on every insert
         // would make a stream of distinct tokens slower than no cache). Expired entries are
         // dropped when looked up.
-        if shard.len() >= self.per_shard
-            && let Some(victim) = shard.keys().next().copied()
+        if shard.entries.len() >= self.per_shard
+            && let Some(victim) = shard.entries.keys().next().copied()
         {
-            shard.remove(&victim);
+            shard.entries.remove(&victim);
         }
-        shard.insert(key, Entry { credential: credential.clone(), until });
+        shard.entries.insert(key, Entry { credential: credential.clone(), until });
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len()).sum()
     }
 
     /// Whether no entry is held.

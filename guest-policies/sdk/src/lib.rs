@@ -176,9 +176,9 @@ impl RequestExt for Request {
     }
 
     fn claim(&self, name: &str) -> Option<serde_json::Value> {
-        let mut all: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&self.credential()?.claims_json).ok()?;
-        all.remove(name)
+        use serde::de::DeserializeSeed;
+        let mut json = serde_json::Deserializer::from_str(&self.credential()?.claims_json);
+        ClaimLookup(name).deserialize(&mut json).ok().flatten()
     }
 
     fn has_scope(&self, scope: &str) -> bool {
@@ -196,6 +196,39 @@ impl RequestExt for Request {
             Credential::Rejected(e) => (e.reason.as_str(), e.message.as_str()),
         };
         Some(deny(401, reason).message(message).set_header("www-authenticate", "Bearer"))
+    }
+}
+
+/// Finds one claim in the claims JSON, building a value for it alone: every other claim is
+/// skipped without being parsed into a value (a fresh instance parses the claims on every
+/// check). A claim given twice is its last value, as when parsing the whole object.
+struct ClaimLookup<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ClaimLookup<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ClaimLookup<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0 {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -231,5 +264,29 @@ pub mod host {
         return bindings::sandgate::policy::host::verify_jwt(token);
         #[cfg(not(target_arch = "wasm32"))]
         return crate::testing::verify_jwt(token);
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    fn with_claims_json(json: &str) -> Request {
+        let spec: sandgate_spec::RequestSpec = serde_json::from_value(serde_json::json!({ "path": "/", "claims": { "iss": "i" } })).unwrap();
+        let mut request = testing::request_from_spec(&spec, 0);
+        let Credential::Verified(credential) = &mut request.credential else { panic!("verified") };
+        credential.claims_json = json.to_owned();
+        request
+    }
+
+    #[test]
+    fn claims_are_found_by_name() {
+        let request = with_claims_json(r#"{"a":1,"tenant":"acme","nested":{"tenant":"no"},"t\u0065nant2":[1,{"x":null}],"dup":1,"dup":2}"#);
+        assert_eq!(request.claim("tenant"), Some(serde_json::json!("acme")));
+        assert_eq!(request.claim("tenant2"), Some(serde_json::json!([1, { "x": null }])));
+        assert_eq!(request.claim("dup"), Some(serde_json::json!(2)));
+        assert_eq!(request.claim("x"), None);
+        assert_eq!(with_claims_json("[1]").claim("a"), None);
+        assert_eq!(with_claims_json("{\"a\":").claim("a"), None);
     }
 }
