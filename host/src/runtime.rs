@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, TypedFunc};
 use wasmtime::{
     Config, Engine, Enabled, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, Store, Trap,
 };
@@ -93,6 +94,8 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct PolicyModule {
     pre: AuthorizerPre<HostState>,
+    /// The `check` export, type-checked against the contract's Rust types at load.
+    check: ComponentExportIndex,
     digest: Arc<str>,
     size: usize,
 }
@@ -306,8 +309,9 @@ impl Runtime {
             return Err(LoadError::MissingExport(exports));
         }
         let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
+        let check = check_export(&instance_pre).map_err(LoadError::Contract)?;
         let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
-        Ok(PolicyModule { pre, digest: sha256_hex(bytes).into(), size: bytes.len() })
+        Ok(PolicyModule { pre, check, digest: sha256_hex(bytes).into(), size: bytes.len() })
     }
 
     /// The path of the probe check every policy must answer, within its limits, before it is
@@ -374,10 +378,16 @@ impl Runtime {
         let mut store = self.new_store(context);
         let result = module
             .pre
+            .instance_pre()
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(&e, &store))
-            .and_then(|policy| {
-                policy.sandgate_policy_policy().call_check(&mut store, request).map_err(|e| classify_trap(&e, &store))
+            .and_then(|instance| {
+                let func = instance.get_func(&mut store, module.check).ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
+                // SAFETY: `check_export` type-checked this export against these types when the
+                // module was loaded, and a component's types never change. (The generated
+                // bindings would check them again on every instantiation: ~0.5 µs a check.)
+                let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
+                check.call(&mut store, (request,)).map(|(decision,)| decision).map_err(|e| classify_trap(&e, &store))
             });
         let logs = std::mem::take(&mut store.data_mut().logs);
         let memory_grows = store.data().limiter.grows;
@@ -419,6 +429,17 @@ impl ReusedInstance {
         self.store.set_epoch_deadline(1_000);
         self.policy.sandgate_policy_policy().call_check(&mut self.store, request).map_err(anyhow::Error::from)
     }
+}
+
+/// The index of the `check` function in the `policy` export, type-checked against the Rust
+/// types `evaluate` calls it with.
+fn check_export(pre: &InstancePre<HostState>) -> wasmtime::Result<ComponentExportIndex> {
+    let component = pre.component();
+    let (_, policy) = component.get_export(None, POLICY_EXPORT).ok_or_else(|| wasmtime::format_err!("no `{POLICY_EXPORT}` export"))?;
+    let (item, check) = component.get_export(Some(&policy), "check").ok_or_else(|| wasmtime::format_err!("no `check` function in `{POLICY_EXPORT}`"))?;
+    let ComponentItem::ComponentFunc(func) = item else { return Err(wasmtime::format_err!("`check` is not a function")) };
+    wasmtime::error::Context::context(func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()), "`check` has the wrong type")?;
+    Ok(check)
 }
 
 /// SHA-256 of `bytes`, lowercase hex: how Sandgate names a policy module's version.
@@ -569,5 +590,21 @@ mod tests {
         assert!(matches!(runtime.load(&truncated[..truncated.len() - 3]), Err(LoadError::Invalid(_))));
         let empty = wat::parse_str("(component)").unwrap();
         assert!(matches!(runtime.load(&empty), Err(LoadError::MissingExport(_))));
+        // The right names with the wrong type: refused at load, since checks call `check`
+        // without type-checking it again.
+        let wrong_type = wat::parse_str(
+            r#"(component
+                (core module $m (func (export "check") (param i32) (result i32) local.get 0))
+                (core instance $i (instantiate $m))
+                (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
+                (instance $policy (export "check" (func $check)))
+                (export "sandgate:policy/policy@0.1.0" (instance $policy)))"#,
+        )
+        .unwrap();
+        match runtime.load(&wrong_type) {
+            Err(LoadError::Contract(e)) => assert!(format!("{e:#}").contains("`check` has the wrong type"), "{e:#}"),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a `check` of the wrong type was loaded"),
+        }
     }
 }
