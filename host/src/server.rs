@@ -13,6 +13,7 @@ use crate::jwks_fetcher::JwksFetcher;
 use crate::keys::{Issuer, KeySets, Rejection, Revocations};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::snapshot::{LoadedPolicy, Route, Snapshot, SnapshotStore};
+use crate::token_cache::TokenCache;
 use crate::{EvalContext, Evaluation, Runtime};
 use anyhow::Context;
 use bytes::Bytes;
@@ -50,7 +51,7 @@ pub struct App {
     pub(crate) allowed_digests: std::collections::HashSet<String>,
     pub(crate) recent_modules: crate::admin::RecentModules,
     /// Verified tokens; `None` when `token_cache_size` is 0.
-    pub token_cache: Option<crate::token_cache::TokenCache>,
+    pub token_cache: Option<TokenCache>,
     /// Serialises module uploads from compile to publish, so a quick upload (a cached
     /// rollback) cannot be overtaken by a slower one that started before it.
     pub(crate) module_writes: tokio::sync::Mutex<()>,
@@ -128,7 +129,7 @@ impl App {
             native_baseline: None,
             allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
             recent_modules: Default::default(),
-            token_cache: crate::token_cache::TokenCache::new(config.server.token_cache_size),
+            token_cache: TokenCache::new(config.server.token_cache_size),
             module_writes: tokio::sync::Mutex::new(()),
         }))
     }
@@ -278,12 +279,13 @@ impl App {
     /// version and not past its `exp`; revocation is checked every time.
     pub fn verify_token(&self, token: &str, snapshot: &Snapshot, now: u64) -> Result<crate::bindings::sandgate::policy::types::VerifiedCredential, Rejection> {
         let keys = &snapshot.keys;
-        let credential = match self.token_cache.as_ref().and_then(|c| c.get(token, keys.version, now)) {
+        let cached = self.token_cache.as_ref().map(|cache| (cache, TokenCache::key(token, keys.version)));
+        let credential = match cached.as_ref().and_then(|(cache, key)| cache.get(key, now)) {
             Some(credential) => credential,
             None => {
                 let credential = keys.verify_signature(token)?;
-                if let Some(cache) = &self.token_cache {
-                    cache.insert(token, keys.version, now, &credential);
+                if let Some((cache, key)) = cached {
+                    cache.insert(key, now, &credential);
                 }
                 credential
             }

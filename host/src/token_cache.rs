@@ -23,7 +23,9 @@ use std::sync::Mutex;
 pub const MAX_AGE: u64 = 300;
 const SHARDS: usize = 16;
 
-type Key = ([u8; 32], u64);
+/// What the cache knows a token by: SHA-256 of the token and the key-set version.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key([u8; 32], u64);
 
 struct Entry {
     credential: VerifiedCredential,
@@ -53,38 +55,38 @@ impl TokenCache {
         })
     }
 
-    fn key(token: &str, key_set: u64) -> Key {
-        (Sha256::digest(token.as_bytes()).into(), key_set)
+    /// The key of `token` verified under key-set version `key_set` (computed once per request,
+    /// for the lookup and, on a miss, the insert).
+    pub fn key(token: &str, key_set: u64) -> Key {
+        Key(Sha256::digest(token.as_bytes()).into(), key_set)
     }
 
     fn shard(&self, key: &Key) -> &Mutex<Shard> {
         &self.shards[key.0[0] as usize % SHARDS]
     }
 
-    /// The credential `token` verified to under key-set version `key_set`, if cached and
-    /// still within its `exp` at `now`.
-    pub fn get(&self, token: &str, key_set: u64, now: u64) -> Option<VerifiedCredential> {
-        let key = Self::key(token, key_set);
-        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        match shard.entries.get(&key) {
+    /// The credential the token of `key` verified to, if cached and still within its `exp` at
+    /// `now`.
+    pub fn get(&self, key: &Key, now: u64) -> Option<VerifiedCredential> {
+        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        match shard.entries.get(key) {
             Some(entry) if now < entry.until => Some(entry.credential.clone()),
             Some(_) => {
-                shard.entries.remove(&key);
+                shard.entries.remove(key);
                 None
             }
             None => None,
         }
     }
 
-    /// Remember that `token` verified to `credential` under `key_set` at `now` (stored from the
+    /// Remember that the token of `key` verified to `credential` at `now` (stored from the
     /// second time it is verified).
-    pub fn insert(&self, token: &str, key_set: u64, now: u64, credential: &VerifiedCredential) {
+    pub fn insert(&self, key: Key, now: u64, credential: &VerifiedCredential) {
         let Some(exp) = credential.claims.expires_at else { return };
         let until = exp.min(now.saturating_add(MAX_AGE));
         if until <= now {
             return;
         }
-        let key = Self::key(token, key_set);
         let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
         if !shard.seen_once.remove(&key) {
             if shard.seen_once.len() >= self.per_shard {
