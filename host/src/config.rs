@@ -105,8 +105,9 @@ pub struct ServerConfig {
     pub policy_dir: Option<PathBuf>,
     /// How often the policy directory is scanned, in milliseconds.
     pub policy_dir_poll_ms: u64,
-    /// Verified tokens remembered (by SHA-256 and key-set version, until their `exp`) so a
-    /// repeated token skips its signature check; 0 turns the cache off.
+    /// Verified tokens remembered (by SHA-256 and key-set version, from their second use until
+    /// their `exp`, at most 5 minutes) so a repeated token skips its signature check; 0 turns
+    /// the cache off.
     pub token_cache_size: usize,
 }
 
