@@ -596,21 +596,21 @@ impl OriginalRequest {
         };
         let own_method = request.method().as_str();
         let own_host = find("host").or(request.uri().host());
-        let (method, uri, host, scheme) = match proxy {
-            ProxyKind::Nginx => (
-                find("x-original-method").unwrap_or(own_method),
-                find("x-original-uri").map_or_else(own_uri, str::to_owned),
-                find("x-forwarded-host").or(own_host),
-                find("x-forwarded-proto"),
-            ),
-            ProxyKind::Forwarded => (
-                find("x-forwarded-method").unwrap_or(own_method),
-                find("x-forwarded-uri").map_or_else(own_uri, str::to_owned),
-                find("x-forwarded-host").or(own_host),
-                find("x-forwarded-proto"),
-            ),
-            ProxyKind::Envoy | ProxyKind::Auto => (own_method, own_uri(), own_host, find("x-forwarded-proto")),
+        // Which headers carry the original method and URI; Envoy sends the request itself.
+        let original = match proxy {
+            ProxyKind::Nginx => Some(("x-original-method", "x-original-uri")),
+            ProxyKind::Forwarded => Some(("x-forwarded-method", "x-forwarded-uri")),
+            ProxyKind::Envoy | ProxyKind::Auto => None,
         };
+        let (method, uri, host) = match original {
+            Some((method, uri)) => (
+                find(method).unwrap_or(own_method),
+                find(uri).map_or_else(own_uri, str::to_owned),
+                find("x-forwarded-host").or(own_host),
+            ),
+            None => (own_method, own_uri(), own_host),
+        };
+        let scheme = find("x-forwarded-proto");
         let (path, query) = match uri.split_once('?') {
             Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
             None => (uri, None),
@@ -639,10 +639,11 @@ impl OriginalRequest {
     /// segments, empty segments, or percent-encoded dots and slashes. Such requests are
     /// denied rather than routed by a spelling the upstream will normalise away.
     fn is_ambiguous_path(&self) -> bool {
-        let lower = self.path.to_ascii_lowercase();
-        lower.contains("//")
-            || lower.split('/').any(|segment| segment == "." || segment == "..")
-            || ["%2e", "%2f", "%5c", "\\"].iter().any(|t| lower.contains(t))
+        let path = self.path.as_bytes();
+        self.path.contains("//")
+            || self.path.contains('\\')
+            || self.path.split('/').any(|segment| segment == "." || segment == "..")
+            || path.windows(3).any(|w| [b"%2e", b"%2f", b"%5c"].iter().any(|t| w.eq_ignore_ascii_case(*t)))
     }
 
     fn header(&self, name: &str) -> Option<&str> {
