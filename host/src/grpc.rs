@@ -82,11 +82,7 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
         }));
     }
     headers.sort_by(|a, b| a.name.cmp(&b.name));
-    let (path, query) = match http.path.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (http.path.clone(), None),
-    };
-    let path = if path.starts_with('/') { path } else { format!("/{path}") };
+    let (path, query) = OriginalRequest::split_target(&http.path);
     let body = if !http.raw_body.is_empty() {
         Some(http.raw_body.iter().take(MAX_BODY_BYTES).copied().collect())
     } else if !http.body.is_empty() {

@@ -611,11 +611,7 @@ impl OriginalRequest {
             None => (own_method, own_uri(), own_host),
         };
         let scheme = find("x-forwarded-proto");
-        let (path, query) = match uri.split_once('?') {
-            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-            None => (uri, None),
-        };
-        let path = if path.starts_with('/') { path } else { format!("/{path}") };
+        let (path, query) = Self::split_target(&uri);
         // The rightmost X-Forwarded-For entry is the one the proxy itself appended; the ones
         // before it are whatever the client sent.
         let peer = find("x-forwarded-for")
@@ -633,6 +629,16 @@ impl OriginalRequest {
             peer,
             body: None,
         }
+    }
+
+    /// Split a request target into its path (always starting with `/`) and query.
+    pub(crate) fn split_target(target: &str) -> (String, Option<String>) {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (target, None),
+        };
+        let path = if path.starts_with('/') { path.to_owned() } else { format!("/{path}") };
+        (path, query)
     }
 
     /// Whether the path could mean something else to the upstream than to the router: dot
