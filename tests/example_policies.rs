@@ -33,3 +33,13 @@ fn tenant_isolation() {
 fn oauth_scopes() {
     same_outcomes_natively_and_as_wasm::<sandgate_policy_scopes::Scopes>("scopes");
 }
+
+/// `sandgate build` folds the import shim into the policy module: a check instantiates the
+/// policy and the fixup that fills its import table, not a third shim instance.
+#[test]
+fn built_policies_instantiate_two_core_instances() {
+    for name in ["rbac", "tenant", "scopes"] {
+        let bytes = sandgate_tests::policy_bytes(name);
+        assert_eq!(sandgate::import_shim::core_instantiations(&bytes).unwrap(), 2, "{name}");
+    }
+}

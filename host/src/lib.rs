@@ -5,7 +5,8 @@
 //!   with time and memory limits; any failure is a deny with its own reason code.
 //! - [`host_calls`]: what a policy may call (log, read-only data, JWT verification).
 //! - [`request`]: building check requests from their JSON form (`sandgate eval`, fixtures).
-//! - [`policy_build`]: turning a policy crate into a validated component (`sandgate build`).
+//! - [`policy_build`]: turning a policy crate into a validated component (`sandgate build`),
+//!   with [`import_shim`] folding `wit-component`'s import shim into the policy module.
 //! - [`server`]: the forward-auth HTTP server (`sandgate serve`), with [`keys`] (JWT
 //!   verification), [`jwks_fetcher`], [`snapshot`], [`metrics`] and [`config`]; [`grpc`] (Envoy
 //!   ext_authz over gRPC) and [`admin`] (hot-loading) share them.
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod fixture_runner;
 pub mod grpc;
 pub mod host_calls;
+pub mod import_shim;
 pub mod jwks_fetcher;
 pub mod keys;
 pub mod metrics;

@@ -248,6 +248,9 @@ impl Runtime {
             .total_memories(instances)
             .total_tables(instances * 4)
             .max_memories_per_component(1)
+            // A policy module has its function table and, after `sandgate build` folds the import
+            // shim into it (`import_shim`), the table of its host imports.
+            .max_tables_per_module(2)
             .max_memory_size(config.memory_limit)
             .linear_memory_keep_resident(KEEP_RESIDENT.min(config.memory_limit))
             .table_keep_resident(64 << 10)
