@@ -80,11 +80,23 @@ impl<'a> Layout<'a> {
                             ComponentAlias::CoreInstanceExport { kind: ExternalKind::Func, instance_index, name } => {
                                 layout.core_funcs.push(Some((instance_index, name)))
                             }
+                            // Core modules from anywhere but a module section would shift the
+                            // module indices this pass counts.
                             ComponentAlias::InstanceExport { kind: wasmparser::ComponentExternalKind::Module, .. } => {
                                 bail!("the component aliases a core module from an instance")
                             }
                             _ => {}
                         }
+                    }
+                }
+                Payload::ComponentImportSection(reader) => {
+                    for import in reader {
+                        ensure!(!matches!(import?.ty, wasmparser::ComponentTypeRef::Module(_)), "the component imports a core module");
+                    }
+                }
+                Payload::ComponentExportSection(reader) => {
+                    for export in reader {
+                        ensure!(export?.kind != wasmparser::ComponentExternalKind::Module, "the component exports a core module");
                     }
                 }
                 Payload::ComponentCanonicalSection(reader) => {
@@ -241,7 +253,7 @@ impl<'a> Module<'a> {
     /// `local.get 0 .. local.get n-1; i32.const slot; call_indirect (type t) (table 0)`.
     fn indirect_call(&self, func: u32) -> Result<(u32, i32)> {
         let defined = (func as usize).checked_sub(self.imports.len()).context("a shim export is an import")?;
-        let (ty, body) = (self.functions[defined], &self.bodies[defined]);
+        let (Some(&ty), Some(body)) = (self.functions.get(defined), self.bodies.get(defined)) else { bail!("shim function {func} is not defined") };
         let params = self.types.get(ty as usize).and_then(Option::as_ref).context("bad shim type")?.params().len() as u32;
         let ops: Vec<Operator> = body.get_operators_reader()?.into_iter().collect::<Result<_, _>>()?;
         let locals = body.get_locals_reader()?.get_count();
