@@ -5,14 +5,25 @@
 
 use sandgate_tests::{allowed_header, check, context, load, runtime};
 use sandgate::runtime::ReusedInstance;
+use sandgate::{Runtime, RuntimeConfig};
 use std::sync::Arc;
 
 const STATE_HEADERS: [&str; 4] = ["x-static-counter", "x-global-cache", "x-thread-local", "x-lazy-global"];
 
 #[test]
 fn fresh_state_on_every_sequential_check() {
-    let runtime = runtime();
-    let hostile = load(&runtime, "hostile");
+    fresh_state_sequentially(&runtime());
+}
+
+/// The same with every page of memory reset after each check (what the runtime does when swap
+/// is on, since the written-page scan cannot see swapped-out pages).
+#[test]
+fn fresh_state_on_every_sequential_check_with_a_full_memory_reset() {
+    fresh_state_sequentially(&Runtime::new(RuntimeConfig { max_instances: 4, full_memory_reset: true, ..Default::default() }).unwrap());
+}
+
+fn fresh_state_sequentially(runtime: &Runtime) {
+    let hostile = load(runtime, "hostile");
     let request = check(serde_json::json!({ "path": "/state" }));
     for i in 0..1_000 {
         let evaluation = runtime.evaluate(&hostile, &request, &context(serde_json::Value::Null));

@@ -6,6 +6,8 @@
 //! perf record -g target/release/examples/profile_decision target/policies/rbac.wasm 300000
 //! ```
 //!
+//! A third argument `full` sets `full_memory_reset` (every page reset, as when swap is on).
+//!
 //! The request is the decision benchmark's (RBAC `POST /api/orders/7`, roles `reader, writer`,
 //! data `examples/rbac-data.json`); any policy module can be given.
 
@@ -21,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let module_path = args.next().unwrap_or_else(|| "target/policies/rbac.wasm".into());
     let n: u64 = args.next().map_or(Ok(200_000), |s| s.parse())?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
+    // A third argument `full`: reset all of each instance's memory (as with swap on).
+    let full_memory_reset = args.next().is_some_and(|a| a == "full");
+    let runtime = Runtime::new(RuntimeConfig { full_memory_reset, ..Default::default() })?;
     let module = runtime.load(&std::fs::read(&module_path)?)?;
     let data = serde_json::from_str(&std::fs::read_to_string("examples/rbac-data.json")?)?;
     let spec: RequestSpec = serde_json::from_value(serde_json::json!({

@@ -154,6 +154,9 @@ pub struct RuntimeLimits {
     pub memory_limit_mib: usize,
     /// How long a check waits for a free instance, in milliseconds, before a 503.
     pub queue_timeout_ms: u64,
+    /// Reset all of an instance's memory after each check, not only the pages found written.
+    /// On automatically when swap is enabled at start; set it if swap may be enabled later.
+    pub full_memory_reset: bool,
 }
 
 impl Default for RuntimeLimits {
@@ -164,6 +167,7 @@ impl Default for RuntimeLimits {
             timeout_ms: d.timeout.as_millis() as u64,
             memory_limit_mib: d.memory_limit >> 20,
             queue_timeout_ms: d.queue_timeout.as_millis() as u64,
+            full_memory_reset: d.full_memory_reset,
         }
     }
 }
@@ -176,6 +180,7 @@ impl RuntimeLimits {
             timeout: std::time::Duration::from_millis(self.timeout_ms),
             memory_limit: self.memory_limit_mib << 20,
             queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+            full_memory_reset: self.full_memory_reset,
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct RuntimeConfig {
     pub memory_limit: usize,
     /// How long a check may wait for a free instance before it is denied as overloaded.
     pub queue_timeout: Duration,
+    /// Reset every page of an instance's memory after a check, not only the pages found written
+    /// (slower: see [`Runtime::new`]). Chosen automatically when the host has swap enabled.
+    pub full_memory_reset: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -53,6 +56,7 @@ impl Default for RuntimeConfig {
             timeout: Duration::from_millis(100),
             memory_limit: 16 << 20,
             queue_timeout: Duration::from_secs(1),
+            full_memory_reset: false,
         }
     }
 }
@@ -64,6 +68,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Guest memory kept resident between instances in a pool slot: resetting it is one `memset`
 /// or page-map scan instead of `madvise` + page faults (DESIGN.md measured 21.8 µs → 8.6 µs).
 const KEEP_RESIDENT: usize = 4 << 20;
+/// Memory reset in place on a full reset (the rest is decommitted): the fastest of those
+/// measured without the page scan (docs/BENCHMARKS.md).
+const FULL_RESET_KEEP_RESIDENT: usize = 128 << 10;
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -236,9 +243,29 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Create the engine, the pooling allocator and the epoch ticker.
-    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+    ///
+    /// After each check wasmtime resets the instance's memory slot to the module's initial image.
+    /// By default it asks Linux which pages the check wrote (`PAGEMAP_SCAN`) and resets only
+    /// those. That scan only sees pages in memory: a written page the kernel has swapped out
+    /// would be neither reset nor dropped, and the next check in that slot would read the last
+    /// one's data (wasmtime PR #14357, open). So when swap is on (`/proc/swaps` lists a device
+    /// and the cgroup's `memory.swap.max` is not 0), or `full_memory_reset` is set, the scan is
+    /// off and every page of the memory is reset: the first 128 KiB in place, the rest
+    /// decommitted, which also drops swapped pages. That more than doubles the cost of a check
+    /// (docs/BENCHMARKS.md). Swap turned on after start is not seen: set `full_memory_reset`
+    /// where that can happen.
+    pub fn new(mut config: RuntimeConfig) -> anyhow::Result<Self> {
         anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
         anyhow::ensure!(config.memory_limit >= 1 << 20, "memory_limit must be at least 1 MiB");
+        let read = |path| std::fs::read_to_string(path).ok();
+        if !config.full_memory_reset && swap_possible(read("/proc/swaps").as_deref(), read("/sys/fs/cgroup/memory.swap.max").as_deref()) {
+            tracing::warn!("swap is enabled: resetting all of each policy instance's memory after every check (slower), since the written-page scan cannot see swapped-out pages");
+            config.full_memory_reset = true;
+        }
+        let (keep_resident, scan) = match config.full_memory_reset {
+            false => (KEEP_RESIDENT, Enabled::Auto),
+            true => (FULL_RESET_KEEP_RESIDENT, Enabled::No),
+        };
         let instances = config.max_instances;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
@@ -252,9 +279,9 @@ impl Runtime {
             // shim into it (`import_shim`), the table of its host imports.
             .max_tables_per_module(2)
             .max_memory_size(config.memory_limit)
-            .linear_memory_keep_resident(KEEP_RESIDENT.min(config.memory_limit))
+            .linear_memory_keep_resident(keep_resident.min(config.memory_limit))
             .table_keep_resident(64 << 10)
-            .pagemap_scan(Enabled::Auto);
+            .pagemap_scan(scan);
 
         let mut wasm = Config::new();
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
@@ -445,6 +472,14 @@ fn check_export(pre: &InstancePre<HostState>) -> wasmtime::Result<ComponentExpor
     Ok(check)
 }
 
+/// Whether this process's memory may be swapped out: `/proc/swaps` (its text, if readable)
+/// lists a swap device or file, and the cgroup's `memory.swap.max` (cgroup v2, if readable) is
+/// not `0` (a container can be denied swap on a host that has it).
+fn swap_possible(proc_swaps: Option<&str>, cgroup_swap_max: Option<&str>) -> bool {
+    let host_has_swap = proc_swaps.is_some_and(|text| text.lines().skip(1).any(|line| !line.trim().is_empty()));
+    host_has_swap && cgroup_swap_max.is_none_or(|max| max.trim() != "0")
+}
+
 /// SHA-256 of `bytes`, lowercase hex: how Sandgate names a policy module's version.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -557,6 +592,18 @@ mod tests {
 
     fn allow_with(headers: Vec<Header>) -> Decision {
         Decision::Allow(AllowResponse { set_headers: headers, remove_headers: vec![] })
+    }
+
+    #[test]
+    fn swap_is_seen_in_proc_swaps_unless_the_cgroup_denies_it() {
+        let header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        let zram = format!("{header}/dev/zram0                              partition\t8388604\t\t0\t\t100\n");
+        assert!(!swap_possible(Some(header), None));
+        assert!(!swap_possible(None, Some("max\n")));
+        assert!(swap_possible(Some(&zram), None));
+        assert!(swap_possible(Some(&format!("{header}/swapfile file 1048572 0 -2")), Some("max\n")));
+        assert!(swap_possible(Some(&zram), Some("1073741824\n")));
+        assert!(!swap_possible(Some(&zram), Some("0\n")));
     }
 
     #[test]
