@@ -159,7 +159,8 @@ struct Engines {
     /// The floor's own runtime: a reused instance writes far more of its memory than a check
     /// does, and a pool slot that once held it would copy those pages back on every later
     /// reset (see docs/BENCHMARKS.md), slowing the fresh path it shared the pool with.
-    floor: (Runtime, PolicyModule),
+    floor_runtime: Runtime,
+    floor_module: PolicyModule,
     context: EvalContext,
     data: Value,
     native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision,
@@ -189,7 +190,6 @@ impl Engines {
         let module = runtime.load(&bytes).expect("policy loads");
         let floor_runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let floor_module = floor_runtime.load(&bytes).expect("policy loads");
-        let floor = (floor_runtime, floor_module);
         let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
         let mut rego = regorus::Engine::new();
         let (rego_text, rego_rule) = if policy == "rbac" { (REGO_RBAC, "data.sandgate.rbac.allow") } else { (REGO_TENANT, "data.sandgate.tenant.allow") };
@@ -197,7 +197,7 @@ impl Engines {
         rego.add_data(regorus::Value::from_json_str(&data.to_string()).expect("data")).expect("rego data");
         let cedar_text = if policy == "rbac" { cedar_rbac(&data) } else { CEDAR_TENANT.to_owned() };
         let cedar = PolicySet::from_str(&cedar_text).expect("cedar parses");
-        Engines { runtime, module, floor, context, data, native, rego, rego_rule: rego_rule.to_owned(), cedar }
+        Engines { runtime, module, floor_runtime, floor_module, context, data, native, rego, rego_rule: rego_rule.to_owned(), cedar }
     }
 
     fn sandgate(&self, check: &CheckRequest) -> bool {
@@ -271,7 +271,7 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
             let mut left = iters;
             while left > 0 {
                 let chunk = left.min(100);
-                let mut reused = ReusedInstance::new(&engines.floor.0, &engines.floor.1, &engines.context).expect("instance");
+                let mut reused = ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
                 let started = std::time::Instant::now();
                 for _ in 0..chunk {
                     for check in &checks {
@@ -320,34 +320,20 @@ fn interleaved(name: &str, engines: &mut Engines, inputs: &[Input], checks: &[Ch
     let per_decision = |started: std::time::Instant| started.elapsed().as_secs_f64() * 1e6 / (PASSES * inputs.len()) as f64;
     let mut rounds: Vec<[f64; 5]> = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
-        let mut round = [0.0; 5];
-        let started = std::time::Instant::now();
-        for _ in 0..PASSES {
-            checks.iter().for_each(|c| _ = black_box(engines.sandgate(c)));
-        }
-        round[0] = per_decision(started);
-        let mut reused = ReusedInstance::new(&engines.floor.0, &engines.floor.1, &engines.context).expect("instance");
-        let started = std::time::Instant::now();
-        for _ in 0..PASSES {
-            checks.iter().for_each(|c| _ = black_box(reused.check(&c.clone()).expect("check")));
-        }
-        round[1] = per_decision(started);
-        let started = std::time::Instant::now();
-        for _ in 0..PASSES {
-            natives.iter().for_each(|r| _ = black_box(engines.native(r)));
-        }
-        round[2] = per_decision(started);
-        let started = std::time::Instant::now();
-        for _ in 0..PASSES {
-            inputs.iter().for_each(|i| _ = black_box(engines.rego(i)));
-        }
-        round[3] = per_decision(started);
-        let started = std::time::Instant::now();
-        for _ in 0..PASSES {
-            inputs.iter().for_each(|i| _ = black_box(engines.cedar(i)));
-        }
-        round[4] = per_decision(started);
-        rounds.push(round);
+        // µs per decision of `PASSES` passes of `pass` (one pass decides every input once).
+        let time = |pass: &mut dyn FnMut()| {
+            let started = std::time::Instant::now();
+            (0..PASSES).for_each(|_| pass());
+            per_decision(started)
+        };
+        let mut reused = ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
+        rounds.push([
+            time(&mut || checks.iter().for_each(|c| _ = black_box(engines.sandgate(c)))),
+            time(&mut || checks.iter().for_each(|c| _ = black_box(reused.check(&c.clone()).expect("check")))),
+            time(&mut || natives.iter().for_each(|r| _ = black_box(engines.native(r)))),
+            time(&mut || inputs.iter().for_each(|i| _ = black_box(engines.rego(i)))),
+            time(&mut || inputs.iter().for_each(|i| _ = black_box(engines.cedar(i)))),
+        ]);
     }
     let quartiles = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);

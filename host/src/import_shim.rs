@@ -28,8 +28,8 @@ use wasmparser::{
 /// The name `wit-component` gives the shim's table.
 const SHIM_TABLE: &str = "$imports";
 
-/// Fold the import shim of `component` into its main module. `Ok(None)` when the component
-/// has no shim; an error when it has one in a shape this pass does not know.
+/// Fold the import shim of `component` into its main module and validate the result. `Ok(None)`
+/// when the component has no shim; an error when it has one in a shape this pass does not know.
 pub fn fold(component: &[u8]) -> Result<Option<Vec<u8>>> {
     let layout = Layout::read(component)?;
     let Some(shim_instance) = layout.shim_instance()? else { return Ok(None) };
@@ -38,7 +38,9 @@ pub fn fold(component: &[u8]) -> Result<Option<Vec<u8>>> {
     let mut fold = Fold { depth: 0, modules: 0, instances: 0, main_module, shim_instance, main_instance, new_main: &new_main };
     let mut out = wasm_encoder::Component::new();
     fold.parse_component(&mut out, Parser::new(0), component).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Some(out.finish()))
+    let folded = out.finish();
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all()).validate_all(&folded).context("the folded component does not validate")?;
+    Ok(Some(folded))
 }
 
 /// The top level of a component: what this pass needs to find the shim and its users.
@@ -198,7 +200,7 @@ impl<'a> Layout<'a> {
 /// What this pass reads of a core module.
 struct Module<'a> {
     bytes: &'a [u8],
-    types: Vec<Option<FuncType>>,
+    types: Vec<FuncType>,
     imports: Vec<wasmparser::Import<'a>>,
     tables_imported: usize,
     tables: Vec<TableType>,
@@ -214,7 +216,7 @@ impl<'a> Module<'a> {
             match payload? {
                 Payload::TypeSection(reader) => {
                     for ty in reader.into_iter_err_on_gc_types() {
-                        module.types.push(Some(ty?));
+                        module.types.push(ty?);
                     }
                 }
                 Payload::ImportSection(reader) => {
@@ -255,7 +257,7 @@ impl<'a> Module<'a> {
     fn indirect_call(&self, func: u32) -> Result<(u32, i32)> {
         let defined = (func as usize).checked_sub(self.imports.len()).context("a shim export is an import")?;
         let (Some(&ty), Some(body)) = (self.functions.get(defined), self.bodies.get(defined)) else { bail!("shim function {func} is not defined") };
-        let params = self.types.get(ty as usize).and_then(Option::as_ref).context("bad shim type")?.params().len() as u32;
+        let params = self.types.get(ty as usize).context("bad shim type")?.params().len() as u32;
         let ops: Vec<Operator> = body.get_operators_reader()?.into_iter().collect::<Result<_, _>>()?;
         let locals = body.get_locals_reader()?.get_count();
         let n = params as usize;
@@ -317,39 +319,35 @@ impl<'a> Module<'a> {
                     section.export(SHIM_TABLE, wasm_encoder::ExportKind::Table, table_index);
                     out.section(&section);
                 }
-                Payload::CodeSectionStart { .. } => {}
-                Payload::CodeSectionEntry(_) => {}
-                Payload::End(_) => {}
+                // Written whole where it starts: its bodies were read by `Module::read`.
+                Payload::CodeSectionStart { .. } => {
+                    let mut section = wasm_encoder::CodeSection::new();
+                    for (_, ty, slot) in trampolines {
+                        let params = self.types.get(*ty as usize).context("bad import type")?.params().len() as u32;
+                        let mut f = wasm_encoder::Function::new([]);
+                        for local in 0..params {
+                            f.instruction(&wasm_encoder::Instruction::LocalGet(local));
+                        }
+                        f.instruction(&wasm_encoder::Instruction::I32Const(*slot));
+                        f.instruction(&wasm_encoder::Instruction::CallIndirect { type_index: *ty, table_index });
+                        f.instruction(&wasm_encoder::Instruction::End);
+                        section.function(&f);
+                    }
+                    for body in &self.bodies {
+                        section.raw(body.as_bytes());
+                    }
+                    out.section(&section);
+                }
+                Payload::CodeSectionEntry(_) | Payload::End(_) => {}
                 other => {
                     if let Some((id, range)) = other.as_section() {
                         out.section(&RawSection { id, data: &self.bytes[range] });
                     }
                 }
             }
-            // The code section is written whole where it starts (its bodies were read before).
-            if id == Some(10) {
-                let mut section = wasm_encoder::CodeSection::new();
-                for (_, ty, slot) in trampolines {
-                    let params = self.types.get(*ty as usize).and_then(Option::as_ref).context("bad import type")?.params().len() as u32;
-                    let mut f = wasm_encoder::Function::new([]);
-                    for local in 0..params {
-                        f.instruction(&wasm_encoder::Instruction::LocalGet(local));
-                    }
-                    f.instruction(&wasm_encoder::Instruction::I32Const(*slot));
-                    f.instruction(&wasm_encoder::Instruction::CallIndirect { type_index: *ty, table_index });
-                    f.instruction(&wasm_encoder::Instruction::End);
-                    section.function(&f);
-                }
-                for body in &self.bodies {
-                    section.raw(body.as_bytes());
-                }
-                out.section(&section);
-            }
         }
         ensure!(table_written, "the module has no sections after its tables");
-        let bytes = out.finish();
-        wasmparser::Validator::new().validate_all(&bytes).context("the folded module does not validate")?;
-        Ok(bytes)
+        Ok(out.finish())
     }
 }
 

@@ -23,19 +23,13 @@ pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
         .encode()
         .context("the module cannot be wrapped as a component")?;
     // The fold is an optimisation: a component it does not recognise is used as encoded.
-    match import_shim::fold(&component).and_then(|folded| folded.map(validate).transpose()) {
+    match import_shim::fold(&component) {
         Ok(folded) => Ok(folded.unwrap_or(component)),
         Err(e) => {
             eprintln!("note: kept the component's import shim as encoded ({e:#}); each check costs ~0.5 µs more");
             Ok(component)
         }
     }
-}
-
-/// A component's bytes if they validate.
-fn validate(component: Vec<u8>) -> anyhow::Result<Vec<u8>> {
-    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all()).validate_all(&component).context("the folded component does not validate")?;
-    Ok(component)
 }
 
 /// Whether rustup has the target installed, when rustup is what provides Rust here.
