@@ -1,7 +1,7 @@
 //! The example policies' fixture tables pass as Wasm through the real runtime, and every case
 //! gives exactly the same outcome natively as in Wasm.
 
-use sandgate::fixture_runner;
+use sandgate_tooling::fixture_runner;
 use sandgate_policy_sdk::{Policy, testing};
 use sandgate_tests::{fixtures, load, runtime};
 
@@ -10,7 +10,7 @@ fn same_outcomes_natively_and_as_wasm<P: Policy>(name: &str) {
     let module = load(&runtime, name);
     let file = fixtures(name);
     assert!(file.cases.len() >= 5, "`{name}` needs a real table of cases");
-    let wasm = fixture_runner::run(&runtime, &module, &file);
+    let wasm = fixture_runner::run(&runtime, &module, &file, sandgate_server::unix_now());
     for (case, result) in file.cases.iter().zip(&wasm) {
         assert!(result.verdict.is_ok(), "{name} as Wasm, case `{}`: {:?}", case.name, result.verdict);
         testing::set_data(case.data.clone().or_else(|| file.data.clone()).unwrap_or_default());
@@ -40,6 +40,6 @@ fn oauth_scopes() {
 fn built_policies_instantiate_two_core_instances() {
     for name in ["rbac", "tenant", "scopes"] {
         let bytes = sandgate_tests::policy_bytes(name);
-        assert_eq!(sandgate::import_shim::core_instantiations(&bytes).unwrap(), 2, "{name}");
+        assert_eq!(sandgate_tooling::import_shim::core_instantiations(&bytes).unwrap(), 2, "{name}");
     }
 }

@@ -1,7 +1,7 @@
 //! Each hostile behaviour becomes a deny with its own reason code, and the runtime keeps
 //! serving: a normal policy evaluated right after, and at the same time, answers correctly.
 
-use sandgate::{LoadError, PolicyFault, Runtime, RuntimeConfig};
+use sandgate_runtime::{LoadError, PolicyFault, Runtime, RuntimeConfig};
 use sandgate_tests::{allowed_header, check, context, fixtures, load, policy_bytes, runtime};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ const CASES: [(&str, &str); 7] = [
     ("/malformed", "policy_malformed_decision"),
 ];
 
-fn reader_request() -> sandgate::bindings::sandgate::policy::types::CheckRequest {
+fn reader_request() -> sandgate_runtime::bindings::sandgate::policy::types::CheckRequest {
     check(json!({ "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader"] } }))
 }
 
@@ -121,7 +121,7 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let queued = runtime.check(&hostile, &check(json!({ "path": "/" })), &context(Value::Null)).await;
     assert_eq!(queued.fault, Some(PolicyFault::Overloaded));
-    assert!(matches!(queued.decision, sandgate::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503));
+    assert!(matches!(queued.decision, sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503));
     for task in busy {
         assert_eq!(task.await.unwrap().fault, Some(PolicyFault::Timeout));
     }

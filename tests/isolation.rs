@@ -4,8 +4,8 @@
 //! check below would catch a runtime that leaked state.
 
 use sandgate_tests::{allowed_header, check, context, load, runtime};
-use sandgate::runtime::ReusedInstance;
-use sandgate::{Runtime, RuntimeConfig};
+use sandgate_runtime::ReusedInstance;
+use sandgate_runtime::{Runtime, RuntimeConfig};
 use std::sync::Arc;
 
 const STATE_HEADERS: [&str; 4] = ["x-static-counter", "x-global-cache", "x-thread-local", "x-lazy-global"];

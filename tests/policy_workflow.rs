@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn sandgate() -> PathBuf {
-    let path = sandgate_tests::workspace().join("target/release/sandgate");
-    assert!(path.is_file(), "{} is missing; run scripts/build-policies.sh first", path.display());
-    path
+    sandgate_tests::sandgate_binary()
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -3,18 +3,18 @@
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use sandgate::config::{Config, IssuerConfig, KeySource};
-use sandgate::keys::Rejection;
-use sandgate::server::App;
+use sandgate_auth::{IssuerConfig, KeySource, Rejection, VerifiedToken};
+use sandgate_server::{Authorizer, Config, RevocationChange};
 use serde_json::json;
+use std::sync::Arc;
 
 const ISSUER: &str = "https://cache.test";
 const SECRET: &str = "a-cache-test-secret-of-at-least-32-bytes";
 
-fn app(cache_size: usize) -> std::sync::Arc<App> {
+fn app(cache_size: usize) -> Arc<Authorizer> {
     let mut config = toml_config();
     config.server.token_cache_size = cache_size;
-    App::new(&config).unwrap()
+    sandgate_tests::authorizer(&config)
 }
 
 fn toml_config() -> Config {
@@ -40,13 +40,13 @@ fn token(claims: serde_json::Value) -> String {
 }
 
 fn now() -> u64 {
-    sandgate::request::unix_now()
+    sandgate_server::unix_now()
 }
 
-fn reason(result: Result<sandgate::bindings::sandgate::policy::types::VerifiedCredential, Rejection>) -> String {
+fn reason(result: Result<VerifiedToken, Rejection>) -> String {
     match result {
         Ok(_) => "accepted".into(),
-        Err(rejection) => rejection.to_credential_error().reason,
+        Err(rejection) => rejection.reason().into(),
     }
 }
 
@@ -55,35 +55,35 @@ fn not_after_exp() {
     let app = app(100);
     let exp = now() + 2;
     let t = token(json!({ "iss": ISSUER, "sub": "alice", "exp": exp }));
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
-    assert_eq!(app.token_cache.as_ref().unwrap().len(), 0, "a token seen once is not stored");
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
-    assert_eq!(app.token_cache.as_ref().unwrap().len(), 1, "the token was cached on its second sighting");
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
+    assert_eq!(app.token_cache().unwrap().len(), 0, "a token seen once is not stored");
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
+    assert_eq!(app.token_cache().unwrap().len(), 1, "the token was cached on its second sighting");
     // At exp the cached entry is not used, whatever the clock the signature check sees.
-    let key = sandgate::token_cache::TokenCache::key(&t, app.store.load().keys.version);
-    assert!(app.token_cache.as_ref().unwrap().get(&key, exp).is_none());
+    let key = sandgate_auth::TokenCache::key(&t, app.state().store.load().keys.version);
+    assert!(app.token_cache().unwrap().get(&key, exp).is_none());
     while now() <= exp {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "token_expired");
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "token_expired");
 }
 
 #[test]
 fn not_after_revocation() {
     let app = app(100);
     let t = token(json!({ "iss": ISSUER, "sub": "bob", "jti": "j-1", "exp": now() + 600 }));
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
-    let change = sandgate::admin::RevocationChange { jtis: vec!["j-1".into()], subjects: vec![] };
-    app.change_revocations(&change, true);
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "token_revoked");
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
+    let change = RevocationChange { jtis: vec!["j-1".into()], subjects: vec![] };
+    app.state().change_revocations(&change, true);
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "token_revoked");
     let t2 = token(json!({ "iss": ISSUER, "sub": "carol", "exp": now() + 600 }));
     for _ in 0..2 {
-        assert_eq!(reason(app.verify_token(&t2, &app.store.load(), now())), "accepted");
+        assert_eq!(reason(app.verify_token(&t2, &app.state().store.load(), now())), "accepted");
     }
-    assert_eq!(app.token_cache.as_ref().unwrap().len(), 2, "both tokens were cached");
-    app.change_revocations(&sandgate::admin::RevocationChange { jtis: vec![], subjects: vec!["carol".into()] }, true);
-    assert_eq!(reason(app.verify_token(&t2, &app.store.load(), now())), "token_revoked");
+    assert_eq!(app.token_cache().unwrap().len(), 2, "both tokens were cached");
+    app.state().change_revocations(&RevocationChange { jtis: vec![], subjects: vec!["carol".into()] }, true);
+    assert_eq!(reason(app.verify_token(&t2, &app.state().store.load(), now())), "token_revoked");
 }
 
 #[test]
@@ -91,14 +91,14 @@ fn not_after_its_key_left_the_key_set() {
     let app = app(100);
     let t = token(json!({ "iss": ISSUER, "sub": "dan", "exp": now() + 600 }));
     for _ in 0..2 {
-        assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
+        assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
     }
-    assert_eq!(app.token_cache.as_ref().unwrap().len(), 1, "the token was cached");
+    assert_eq!(app.token_cache().unwrap().len(), 1, "the token was cached");
     // Rotate to a different key with a different kid: k1 is gone.
     let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"another-secret-of-at-least-32-bytes!!");
     let jwks = serde_json::from_value(json!({ "keys": [{ "kty": "oct", "kid": "k2", "alg": "HS256", "k": other }] })).unwrap();
-    app.rotate_keys(ISSUER, &jwks).unwrap();
-    assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "unknown_kid");
+    app.state().rotate_keys(ISSUER, &jwks).unwrap();
+    assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "unknown_kid");
 }
 
 #[test]
@@ -107,10 +107,10 @@ fn bounded_and_off_when_zero() {
     for i in 0..1_000 {
         let t = token(json!({ "iss": ISSUER, "sub": format!("user-{i}"), "exp": now() + 600 }));
         for _ in 0..2 {
-            assert_eq!(reason(app.verify_token(&t, &app.store.load(), now())), "accepted");
+            assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "accepted");
         }
     }
-    let held = app.token_cache.as_ref().unwrap().len();
+    let held = app.token_cache().unwrap().len();
     assert!(held <= 64, "the cache holds {held} entries, more than its bound");
-    assert!(self::app(0).token_cache.is_none());
+    assert!(self::app(0).token_cache().is_none());
 }

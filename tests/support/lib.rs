@@ -1,8 +1,9 @@
-//! Shared helpers for Sandgate's integration tests: the compiled policies, and check requests.
+//! Shared helpers for Sandgate's integration tests: the compiled policies (built on first use,
+//! so `cargo test` works on a fresh clone), check requests, and an authorizer without sockets.
 
-use sandgate::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
-use sandgate::host_calls::PolicyData;
-use sandgate::{EvalContext, PolicyModule, Runtime, RuntimeConfig, request};
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
+use sandgate_runtime::PolicyData;
+use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,11 +13,82 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The bytes of a compiled policy from `target/policies/` (built by `scripts/build-policies.sh`).
+/// Every fixture policy a test loads, with the guest crate it is built from and the fixture
+/// version it is built with (`versioned` answers a header naming it).
+const FIXTURES: [(&str, &str, Option<&str>); 8] = [
+    ("rbac", "rbac", None),
+    ("tenant", "tenant", None),
+    ("scopes", "scopes", None),
+    ("hostile", "hostile", None),
+    ("allow-all", "allow-all", None),
+    ("bad-import", "bad-import", None),
+    ("versioned-v1", "versioned", Some("1")),
+    ("versioned-v2", "versioned", Some("2")),
+];
+
+/// The bytes of a compiled policy from `target/policies/`. `scripts/build-policies.sh` builds
+/// them all; a policy missing there is built on first use (one test process at a time).
 pub fn policy_bytes(name: &str) -> Vec<u8> {
-    let path = workspace().join("target/policies").join(format!("{name}.wasm"));
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}; run scripts/build-policies.sh first", path.display()))
+    let dir = workspace().join("target/policies");
+    let path = dir.join(format!("{name}.wasm"));
+    if !path.is_file() {
+        build_fixture(name, &dir, &path);
+    }
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn build_fixture(name: &str, dir: &std::path::Path, path: &std::path::Path) {
+    let Some((_, crate_name, version)) = FIXTURES.iter().find(|(n, _, _)| *n == name) else {
+        panic!("`{name}` is not a fixture policy (known: {:?})", FIXTURES.map(|f| f.0))
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let lock = std::fs::File::create(dir.join(".build.lock")).unwrap();
+    lock.lock().unwrap();
+    if path.is_file() {
+        return; // another test process built it while this one waited
+    }
+    // SAFETY (of the environment change): the variable is read only by the cargo child this
+    // call starts, and test processes build fixtures under the lock above.
+    if let Some(version) = version {
+        unsafe { std::env::set_var("SANDGATE_FIXTURE_VERSION", version) };
+    }
+    let built = sandgate_tooling::policy_build::build_policy(&workspace().join("guest-policies").join(crate_name));
+    if version.is_some() {
+        unsafe { std::env::remove_var("SANDGATE_FIXTURE_VERSION") };
+    }
+    let (component, _) = built.unwrap_or_else(|e| panic!("cannot build fixture `{name}`: {e:#}"));
+    let partial = path.with_extension("wasm.partial");
+    std::fs::write(&partial, component).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+/// The `sandgate` binary, built by `cargo build --release -p sandgate` when missing.
+pub fn sandgate_binary() -> PathBuf {
+    let path = workspace().join("target/release/sandgate");
+    if !path.is_file() {
+        let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "-p", "sandgate", "--bin", "sandgate"])
+            .current_dir(workspace())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cannot build the sandgate binary");
+    }
+    path
+}
+
+/// An authorizer for `config` without listeners, its decision log discarded.
+pub fn authorizer(config: &sandgate_server::Config) -> Arc<sandgate_server::Authorizer> {
+    let state = sandgate_server::State::from_config(config).unwrap();
+    let counter = state.metrics.decision_log_dropped.clone();
+    let (log, _writer) = sandgate_server::DecisionLog::start(Box::new(std::io::sink()), 1024, counter).unwrap();
+    let server = &config.server;
+    Arc::new(sandgate_server::Authorizer::new(
+        state,
+        server.identity_headers.clone(),
+        server.token_cache_size,
+        log,
+        tokio_util::task::TaskTracker::new(),
+    ))
 }
 
 /// A runtime with default limits but a small pool.

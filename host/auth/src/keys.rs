@@ -1,0 +1,248 @@
+//! Issuers and their keys by `kid`, and revocations: the immutable, versioned pieces of a
+//! snapshot that token verification reads.
+//!
+//! Every key has exactly one algorithm. A token is accepted only when its header's `alg` is
+//! both the key's algorithm and one its issuer allows, so `alg: none` (not an algorithm at
+//! all here) and algorithm confusion (an HS256 token "signed" with an RSA public key) fail
+//! before any signature check.
+
+use crate::config::{IssuerConfig, KeySource};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Why a key or an issuer could not be built from its configuration or a JWKS.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// An algorithm name that is not one Sandgate verifies (`none` included).
+    #[error("unsupported algorithm `{0}`")]
+    Algorithm(String),
+    /// A JWK without `alg` whose type implies none.
+    #[error("JWK {0:?} has no `alg` and none can be implied from its type")]
+    NoAlgorithm(Option<String>),
+    /// A JWK the JWT library cannot use.
+    #[error("invalid JWK")]
+    Jwk(#[source] jsonwebtoken::errors::Error),
+    /// A key file that cannot be read.
+    #[error("cannot read `{}`", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    /// A key file that is not the JSON it should be.
+    #[error("`{}` is not a {}", .0.display(), .1)]
+    NotJson(PathBuf, &'static str, #[source] serde_json::Error),
+    /// A PEM file that is not a public key of its algorithm.
+    #[error("`{}` is not a {:?} public key", .0.display(), .1)]
+    NotAKey(PathBuf, Algorithm, #[source] jsonwebtoken::errors::Error),
+    /// A PEM key without an `algorithm`.
+    #[error("PEM key `{}` needs an `algorithm`", .0.display())]
+    PemNeedsAlgorithm(PathBuf),
+    /// An HMAC algorithm given a PEM file.
+    #[error("an HMAC algorithm takes a `secret`, not a PEM key")]
+    HmacNeedsSecret,
+    /// A secret without an HMAC algorithm.
+    #[error("a `secret` needs `algorithm` HS256, HS384 or HS512")]
+    SecretNeedsHmac,
+    /// A key entry with no source.
+    #[error("a key needs one of `pem_file`, `jwk_file`, `jwks_file` or `secret`")]
+    NoSource,
+    /// A JWKS with keys, none of them usable for signatures.
+    #[error("the JWKS has no usable signing key")]
+    NoUsableKey,
+    /// A key of one issuer.
+    #[error("issuer `{0}`")]
+    Issuer(String, #[source] Box<KeyError>),
+}
+
+/// Parse an algorithm name; `none` and unknown names are errors.
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, KeyError> {
+    Algorithm::from_str(name).map_err(|_| KeyError::Algorithm(name.to_owned()))
+}
+
+/// One verification key.
+pub struct Key {
+    /// The `kid` tokens name it by.
+    pub kid: Option<String>,
+    /// The one algorithm it verifies.
+    pub algorithm: Algorithm,
+    pub(crate) decoding: DecodingKey,
+    /// Whether it came from the issuer's JWKS endpoint (replaced on refresh) or configuration.
+    pub from_jwks_url: bool,
+}
+
+impl Key {
+    /// A key from a JWK; its algorithm is the JWK's `alg`, else `fallback`, else the one its
+    /// type implies (EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA, RSA → RS256).
+    pub fn from_jwk(jwk: &Jwk, fallback: Option<Algorithm>, from_jwks_url: bool) -> Result<Key, KeyError> {
+        let declared = jwk.common.key_algorithm.and_then(|a| Algorithm::from_str(&a.to_string()).ok());
+        let implied = match &jwk.algorithm {
+            AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                EllipticCurve::P256 => Some(Algorithm::ES256),
+                EllipticCurve::P384 => Some(Algorithm::ES384),
+                _ => None,
+            },
+            AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+            AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+            _ => None,
+        };
+        let Some(algorithm) = declared.or(fallback).or(implied) else {
+            return Err(KeyError::NoAlgorithm(jwk.common.key_id.clone()));
+        };
+        let decoding = DecodingKey::from_jwk(jwk).map_err(KeyError::Jwk)?;
+        Ok(Key { kid: jwk.common.key_id.clone(), algorithm, decoding, from_jwks_url })
+    }
+
+    /// Keys from a static configuration entry.
+    pub fn from_source(source: &KeySource) -> Result<Vec<Key>, KeyError> {
+        let algorithm = source.algorithm.as_deref().map(parse_algorithm).transpose()?;
+        let read = |p: &Path| std::fs::read(p).map_err(|e| KeyError::Read(p.to_owned(), e));
+        let static_key = |decoding: DecodingKey, algorithm: Algorithm| Key {
+            kid: source.kid.clone(),
+            algorithm,
+            decoding,
+            from_jwks_url: false,
+        };
+        if let Some(path) = &source.pem_file {
+            let Some(algorithm) = algorithm else { return Err(KeyError::PemNeedsAlgorithm(path.clone())) };
+            let pem = read(path)?;
+            use jsonwebtoken::AlgorithmFamily as F;
+            let decoding = match algorithm.family() {
+                F::Rsa => DecodingKey::from_rsa_pem(&pem),
+                F::Ec => DecodingKey::from_ec_pem(&pem),
+                F::Ed => DecodingKey::from_ed_pem(&pem),
+                F::Hmac => return Err(KeyError::HmacNeedsSecret),
+            }
+            .map_err(|e| KeyError::NotAKey(path.clone(), algorithm, e))?;
+            return Ok(vec![static_key(decoding, algorithm)]);
+        }
+        if let Some(secret) = &source.secret {
+            let Some(algorithm) = algorithm.filter(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac) else {
+                return Err(KeyError::SecretNeedsHmac);
+            };
+            return Ok(vec![static_key(DecodingKey::from_secret(secret.as_bytes()), algorithm)]);
+        }
+        if let Some(path) = &source.jwk_file {
+            let jwk: Jwk = serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWK", e))?;
+            let mut key = Key::from_jwk(&jwk, algorithm, false)?;
+            key.kid = key.kid.or_else(|| source.kid.clone());
+            return Ok(vec![key]);
+        }
+        if let Some(path) = &source.jwks_file {
+            let set: JwkSet = serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWKS", e))?;
+            return keys_from_jwks(&set, false);
+        }
+        Err(KeyError::NoSource)
+    }
+}
+
+/// The usable keys of a JWKS. Keys meant only for encryption, or of unsupported types, are
+/// skipped; a set with no usable key is an error.
+pub fn keys_from_jwks(set: &JwkSet, from_jwks_url: bool) -> Result<Vec<Key>, KeyError> {
+    let keys: Vec<Key> = set
+        .keys
+        .iter()
+        .filter(|jwk| !matches!(jwk.common.public_key_use, Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)))
+        .filter_map(|jwk| Key::from_jwk(jwk, None, from_jwks_url).ok())
+        .collect();
+    if keys.is_empty() && !set.keys.is_empty() {
+        return Err(KeyError::NoUsableKey);
+    }
+    Ok(keys)
+}
+
+/// One issuer: its rules and current keys.
+pub struct Issuer {
+    /// `iss`.
+    pub issuer: String,
+    pub(crate) audiences: Vec<String>,
+    pub(crate) algorithms: Vec<Algorithm>,
+    pub(crate) leeway: u64,
+    /// Current keys.
+    pub keys: Vec<Arc<Key>>,
+    /// Whether an unknown `kid` may be looked up at a JWKS endpoint.
+    pub has_jwks_endpoint: bool,
+}
+
+impl Issuer {
+    /// An issuer with its static keys.
+    pub fn from_config(config: &IssuerConfig) -> Result<Issuer, KeyError> {
+        let in_issuer = |e| KeyError::Issuer(config.issuer.clone(), Box::new(e));
+        let mut keys = Vec::new();
+        for source in &config.keys {
+            keys.extend(Key::from_source(source).map_err(in_issuer)?.into_iter().map(Arc::new));
+        }
+        Ok(Issuer {
+            issuer: config.issuer.clone(),
+            audiences: config.audiences.clone(),
+            algorithms: config.algorithms.iter().map(|a| parse_algorithm(a)).collect::<Result<_, _>>().map_err(in_issuer)?,
+            leeway: config.leeway_secs,
+            keys,
+            has_jwks_endpoint: config.jwks_url.is_some() || config.discovery_url.is_some(),
+        })
+    }
+
+    /// The same issuer with its static keys replaced by `keys` (JWKS-endpoint keys stay).
+    pub fn with_static_keys(&self, keys: Vec<Key>) -> Issuer {
+        let mut all: Vec<Arc<Key>> = self.keys.iter().filter(|k| k.from_jwks_url).cloned().collect();
+        all.extend(keys.into_iter().map(Arc::new));
+        Issuer { keys: all, ..self.clone_rules() }
+    }
+
+    fn clone_rules(&self) -> Issuer {
+        Issuer {
+            issuer: self.issuer.clone(),
+            audiences: self.audiences.clone(),
+            algorithms: self.algorithms.clone(),
+            leeway: self.leeway,
+            keys: Vec::new(),
+            has_jwks_endpoint: self.has_jwks_endpoint,
+        }
+    }
+
+    /// The same issuer with its JWKS-endpoint keys replaced by `fetched`.
+    pub fn with_fetched_keys(&self, fetched: Vec<Key>) -> Issuer {
+        let mut keys: Vec<Arc<Key>> = self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect();
+        keys.extend(fetched.into_iter().map(Arc::new));
+        Issuer { keys, ..self.clone_rules() }
+    }
+}
+
+/// All issuers and their keys: immutable, versioned, part of a snapshot.
+#[derive(Default)]
+pub struct KeySets {
+    /// Bumped on every change (a JWKS refresh, a rotation).
+    pub version: u64,
+    /// By `iss`.
+    pub issuers: HashMap<String, Arc<Issuer>>,
+}
+
+impl KeySets {
+    /// Whether `issuer` has a key `kid`.
+    pub fn has_kid(&self, issuer: &str, kid: &str) -> bool {
+        self.issuers.get(issuer).is_some_and(|i| i.keys.iter().any(|k| k.kid.as_deref() == Some(kid)))
+    }
+
+    /// The next version of these key sets, with `issuer` changed by `change` (unchanged when
+    /// there is no such issuer).
+    pub fn with_issuer(&self, issuer: &str, change: impl FnOnce(&Issuer) -> Issuer) -> KeySets {
+        let mut issuers = self.issuers.clone();
+        if let Some(current) = issuers.get(issuer) {
+            let updated = Arc::new(change(current));
+            issuers.insert(issuer.to_owned(), updated);
+        }
+        KeySets { version: self.version + 1, issuers }
+    }
+}
+
+/// Revoked token ids and subjects: immutable, versioned, part of a snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct Revocations {
+    /// Bumped on every change.
+    pub version: u64,
+    /// Revoked `jti`s.
+    pub jtis: HashSet<String>,
+    /// Subjects whose every token is revoked.
+    pub subjects: HashSet<String>,
+}
+

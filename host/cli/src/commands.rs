@@ -1,0 +1,53 @@
+//! One module per subcommand, and what several of them share.
+
+pub mod bench;
+pub mod build;
+pub mod eval;
+pub mod new;
+pub mod serve;
+pub mod test;
+
+use anyhow::Context;
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, SnapshotVersions};
+use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, RuntimeConfig};
+use sandgate_spec::RequestSpec;
+use std::path::Path;
+use std::sync::Arc;
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} `{}`", path.display()))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    serde_json::from_slice(&read(path, what)?).with_context(|| format!("{what} `{}` is not valid", path.display()))
+}
+
+/// A runtime for one command-line evaluation at a time.
+fn small_runtime() -> anyhow::Result<Runtime> {
+    Runtime::new(RuntimeConfig { max_instances: 1, ..Default::default() })
+}
+
+fn load(runtime: &Runtime, path: &Path) -> anyhow::Result<PolicyModule> {
+    runtime.load(&read(path, "policy")?).with_context(|| format!("cannot load policy `{}`", path.display()))
+}
+
+/// Load a freshly built component, which must pass the runtime's validation.
+fn load_built(runtime: &Runtime, component: &[u8]) -> anyhow::Result<PolicyModule> {
+    runtime.load(component).context("the built component does not pass validation")
+}
+
+/// A runtime, the loaded policy, the check request from its JSON file, and the data document:
+/// what `eval` and `bench` start from.
+fn prepare(policy: &Path, request_path: &Path, data: Option<&Path>) -> anyhow::Result<(Runtime, PolicyModule, CheckRequest, EvalContext)> {
+    let spec: RequestSpec = read_json(request_path, "request")?;
+    let value = match data {
+        Some(path) => read_json(path, "data document")?,
+        None => serde_json::Value::Null,
+    };
+    let runtime = small_runtime()?;
+    let module = load(&runtime, policy)?;
+    let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
+    let check = sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions);
+    let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
+    Ok((runtime, module, check, context))
+}

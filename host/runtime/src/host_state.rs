@@ -1,0 +1,122 @@
+//! The host side of the WIT `host` interface: what a policy may call during a check, and the
+//! per-store state behind it. Everything here lives and dies with one check's store.
+
+use crate::PolicyData;
+use crate::bindings::sandgate::policy::host::{Host, LogLevel};
+use crate::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Verifies tokens a policy found itself (the `verify-jwt` import).
+pub trait TokenVerifier: Send + Sync {
+    /// Verify `token` with the pinned key sets and revocations.
+    fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError>;
+}
+
+/// One line a policy logged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyLog {
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message, truncated to [`MAX_LOG_LINE`] bytes.
+    pub message: String,
+}
+
+/// Log lines kept per check; later ones are counted, not kept.
+pub const MAX_LOG_LINES: usize = 32;
+/// Bytes kept of one log line.
+pub const MAX_LOG_LINE: usize = 1024;
+
+/// Fails memory growth past a cap, and remembers that it did so a trap can be told apart.
+pub(crate) struct MemoryCap {
+    max_bytes: usize,
+    exceeded: bool,
+    /// `memory.grow` calls after the initial allocation; a well-sized guest makes none.
+    pub(crate) grows: u32,
+}
+
+impl MemoryCap {
+    pub(crate) fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if current > 0 {
+            self.grows += 1;
+        }
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The state of one check's store.
+pub(crate) struct HostState {
+    pub(crate) limiter: MemoryCap,
+    pub(crate) logs: Vec<PolicyLog>,
+    dropped_logs: usize,
+    data: Arc<PolicyData>,
+    verifier: Option<Arc<dyn TokenVerifier>>,
+}
+
+impl HostState {
+    pub(crate) fn new(data: Arc<PolicyData>, verifier: Option<Arc<dyn TokenVerifier>>, memory_limit: usize) -> Self {
+        HostState {
+            limiter: MemoryCap { max_bytes: memory_limit, exceeded: false, grows: 0 },
+            logs: Vec::new(),
+            dropped_logs: 0,
+            data,
+            verifier,
+        }
+    }
+}
+
+impl crate::bindings::sandgate::policy::types::Host for HostState {}
+
+impl Host for HostState {
+    fn log(&mut self, level: LogLevel, mut message: String) {
+        if self.logs.len() >= MAX_LOG_LINES {
+            self.dropped_logs += 1;
+            if let Some(last) = self.logs.last_mut() {
+                last.message = format!("({} more lines dropped)", self.dropped_logs);
+            }
+            return;
+        }
+        if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let level = match level {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        };
+        self.logs.push(PolicyLog { level, message });
+    }
+
+    fn data_get(&mut self, pointer: String) -> Option<String> {
+        self.data.get(&pointer).map(Cow::into_owned)
+    }
+
+    fn verify_jwt(&mut self, token: String) -> Result<VerifiedCredential, CredentialError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify(&token),
+            None => Err(CredentialError {
+                reason: "verification_unavailable".into(),
+                message: "this host has no token verification configured".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! The Sandgate policy runtime: the WebAssembly sandbox every check runs in.
+//!
+//! It compiles policy components once and evaluates every check in a new instance with time and
+//! memory limits; any failure is a deny with its own reason code. It knows nothing of HTTP, JWT
+//! or configuration files: the server hands it a [`CheckRequest`](bindings::sandgate::policy::types::CheckRequest)
+//! and an [`EvalContext`], and gets an [`Evaluation`] back.
+//!
+//! - [`bindings`]: the types and traits `bindgen!` generates from `wit/policy.wit` (the one
+//!   place it runs).
+//! - [`Runtime`]: engine, pooling allocator, epoch ticker; [`Runtime::load`],
+//!   [`Runtime::probe`], [`Runtime::check`] / [`Runtime::evaluate`].
+//! - [`PolicyModule`] and [`LoadError`]: a validated, pre-instantiated component, or why not.
+//! - [`Evaluation`] and [`PolicyFault`]: what a check produced.
+//! - [`PolicyData`], [`TokenVerifier`], [`PolicyLog`]: what a policy may consult and write.
+//! - [`contract`]: the rules every decision is held to.
+//! - [`spec`]: check requests from their JSON form, outcomes for fixtures.
+
+pub mod bindings;
+pub mod contract;
+mod fault;
+mod host_state;
+mod policy;
+mod policy_data;
+#[cfg(feature = "bench-internals")]
+mod reused;
+mod runtime;
+pub mod spec;
+
+pub use fault::{Evaluation, PolicyFault};
+pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, PolicyLog, TokenVerifier};
+pub use policy::{LoadError, PolicyModule, sha256_hex};
+pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
+#[cfg(feature = "bench-internals")]
+pub use reused::ReusedInstance;
+pub use runtime::{EvalContext, Runtime, RuntimeConfig};

@@ -1,0 +1,79 @@
+//! Loading a policy: validating a component against the contract and pre-instantiating it
+//! once ([`PolicyModule`]), or saying exactly why it cannot be loaded ([`LoadError`]).
+
+use crate::bindings::AuthorizerPre;
+use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
+use crate::host_state::HostState;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{ComponentExportIndex, InstancePre};
+
+/// The imports a policy may have: the WIT contract's `types` and `host` interfaces.
+pub(crate) const ALLOWED_IMPORTS: [&str; 2] = ["sandgate:policy/types@0.1.0", "sandgate:policy/host@0.1.0"];
+/// The export a policy must have.
+pub(crate) const POLICY_EXPORT: &str = "sandgate:policy/policy@0.1.0";
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly file (it does not start with `\\0asm`)")]
+    NotWasm,
+    /// A core module, not a component.
+    #[error(
+        "this is a core WebAssembly module, not a component: build the policy with `sandgate build`, which wraps it as a `sandgate:policy/authorizer` component"
+    )]
+    CoreModule,
+    /// The component failed to compile (malformed, truncated, unsupported features).
+    #[error("the component is invalid: {0:#}")]
+    Invalid(#[source] wasmtime::Error),
+    /// The component imports something the host does not provide.
+    #[error("the policy imports `{0}`, which Sandgate does not provide; policies may import only {ALLOWED_IMPORTS:?}")]
+    UnsupportedImport(String),
+    /// The component does not export the policy interface.
+    #[error("the policy does not export `{POLICY_EXPORT}` (it exports {0:?}); is it built against `wit/policy.wit`?")]
+    MissingExport(Vec<String>),
+    /// Imports or exports have the right names but the wrong types.
+    #[error("the policy does not match the WIT contract: {0:#}")]
+    Contract(#[source] wasmtime::Error),
+}
+
+/// A policy compiled and pre-instantiated once, ready for any number of fresh instances.
+#[derive(Clone)]
+pub struct PolicyModule {
+    pub(crate) pre: AuthorizerPre<HostState>,
+    /// The `check` export, type-checked against the contract's Rust types at load.
+    pub(crate) check: ComponentExportIndex,
+    pub(crate) digest: Arc<str>,
+    pub(crate) size: usize,
+}
+
+impl PolicyModule {
+    /// SHA-256 of the component bytes, lowercase hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Size of the component in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+/// The index of the `check` function in the `policy` export, type-checked against the Rust
+/// types `evaluate` calls it with.
+pub(crate) fn check_export(pre: &InstancePre<HostState>) -> wasmtime::Result<ComponentExportIndex> {
+    let component = pre.component();
+    let (_, policy) = component.get_export(None, POLICY_EXPORT).ok_or_else(|| wasmtime::format_err!("no `{POLICY_EXPORT}` export"))?;
+    let (item, check) = component.get_export(Some(&policy), "check").ok_or_else(|| wasmtime::format_err!("no `check` function in `{POLICY_EXPORT}`"))?;
+    let ComponentItem::ComponentFunc(func) = item else { return Err(wasmtime::format_err!("`check` is not a function")) };
+    wasmtime::error::Context::context(func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()), "`check` has the wrong type")?;
+    Ok(check)
+}
+
+/// Whether this process's memory may be swapped out: `/proc/swaps` (its text, if readable)
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

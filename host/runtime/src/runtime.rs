@@ -1,0 +1,392 @@
+//! The policy runtime: compiles policy components once and evaluates each check in a fresh
+//! instance.
+//!
+//! Object lifetimes, as in wasmtime's own guidance:
+//! - one [`Runtime`] (one `Engine`, one `Linker`, one epoch ticker) per process;
+//! - one [`PolicyModule`] per policy version: the component compiled once and pre-instantiated
+//!   (`InstancePre`: imports resolved, type-checked) once;
+//! - one `Store` and one instance per check, dropped when the check ends.
+//!
+//! **Why a store is never reused.** A policy is ordinary code with ordinary globals. Reusing an
+//! instance would let a `static`, a cache or a thread-local written during one request be read
+//! by the next: exactly the cross-request leaks (a "current user" left behind, a half-updated
+//! cache) that Sandgate exists to rule out. And after a trap or an epoch interrupt an instance
+//! may be stopped mid-update, with a guest lock held or an allocator half-way through a change;
+//! no later request may run on it. A fresh instance from the pooling allocator costs a few
+//! microseconds (see `docs/BENCHMARKS.md`), so isolation is not traded for speed.
+
+use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
+use crate::bindings::{Authorizer, AuthorizerPre};
+use crate::contract::validate_decision;
+use crate::host_state::{HostState, TokenVerifier};
+use crate::policy::{ALLOWED_IMPORTS, POLICY_EXPORT, check_export, sha256_hex};
+use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use wasmtime::component::{Component, Linker, TypedFunc};
+use wasmtime::{
+    Config, Engine, Enabled, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
+    Trap,
+};
+
+/// Limits of the runtime. The defaults suit a sidecar on a small machine.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Policy instances alive at once (the pool's size); checks beyond this wait in a queue.
+    pub max_instances: u32,
+    /// Wall-clock budget for one check's policy call.
+    pub timeout: Duration,
+    /// Linear memory one instance may use, in bytes.
+    pub memory_limit: usize,
+    /// How long a check may wait for a free instance before it is denied as overloaded.
+    pub queue_timeout: Duration,
+    /// Reset every page of an instance's memory after a check, not only the pages found written
+    /// (slower: see [`Runtime::new`]). Chosen automatically when the host has swap enabled.
+    pub full_memory_reset: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_instances: 64,
+            timeout: Duration::from_millis(100),
+            memory_limit: 16 << 20,
+            queue_timeout: Duration::from_secs(1),
+            full_memory_reset: false,
+        }
+    }
+}
+
+/// How often the epoch advances; the timeout is rounded up to whole ticks.
+/// Each tick wakes a thread on a busy machine; 5 ms keeps that cost negligible while a 100 ms
+/// budget is still enforced within 5%.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Guest memory kept resident between instances in a pool slot: resetting it is one `memset`
+/// or page-map scan instead of `madvise` + page faults (DESIGN.md measured 21.8 µs → 8.6 µs).
+const KEEP_RESIDENT: usize = 4 << 20;
+/// Memory reset in place on a full reset (the rest is decommitted): the fastest of those
+/// measured without the page scan (docs/BENCHMARKS.md).
+const FULL_RESET_KEEP_RESIDENT: usize = 128 << 10;
+
+/// What a check may consult besides its request: the pinned snapshot's pieces.
+#[derive(Clone, Default)]
+pub struct EvalContext {
+    /// The policy's read-only data document.
+    pub data: Arc<PolicyData>,
+    /// Verifies tokens for the `verify-jwt` import; `None` answers `verification_unavailable`.
+    pub verifier: Option<Arc<dyn TokenVerifier>>,
+}
+
+/// The policy runtime. See the module documentation for lifetimes and guarantees.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Held for its `Drop`: stops and joins the ticker thread with the runtime.
+    _ticker: EpochTicker,
+}
+
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stopped and joined when
+/// the runtime is dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("sandgate-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })?;
+        Ok(EpochTicker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // The loop sleeps one tick at most before it sees the flag.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Runtime {
+    /// Create the engine, the pooling allocator and the epoch ticker.
+    ///
+    /// After each check wasmtime resets the instance's memory slot to the module's initial image.
+    /// By default it asks Linux which pages the check wrote (`PAGEMAP_SCAN`) and resets only
+    /// those. That scan only sees pages in memory: a written page the kernel has swapped out
+    /// would be neither reset nor dropped, and the next check in that slot would read the last
+    /// one's data (wasmtime PR #14357, open). So when swap is on (`/proc/swaps` lists a device
+    /// and the cgroup's `memory.swap.max` is not 0), or `full_memory_reset` is set, the scan is
+    /// off and every page of the memory is reset: the first 128 KiB in place, the rest
+    /// decommitted, which also drops swapped pages. That more than doubles the cost of a check
+    /// (docs/BENCHMARKS.md). Swap turned on after start is not seen: set `full_memory_reset`
+    /// where that can happen.
+    pub fn new(mut config: RuntimeConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
+        anyhow::ensure!(config.memory_limit >= 1 << 20, "memory_limit must be at least 1 MiB");
+        let read = |path| std::fs::read_to_string(path).ok();
+        if !config.full_memory_reset && swap_possible(read("/proc/swaps").as_deref(), read("/sys/fs/cgroup/memory.swap.max").as_deref()) {
+            tracing::warn!("swap is enabled: resetting all of each policy instance's memory after every check (slower), since the written-page scan cannot see swapped-out pages");
+            config.full_memory_reset = true;
+        }
+        let (keep_resident, scan) = match config.full_memory_reset {
+            false => (KEEP_RESIDENT, Enabled::Auto),
+            true => (FULL_RESET_KEEP_RESIDENT, Enabled::No),
+        };
+        let instances = config.max_instances;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(instances)
+            // A policy component holds its own module plus the small shim modules the
+            // component model uses for imports returning strings or lists.
+            .total_core_instances(instances * 4)
+            .total_memories(instances)
+            .total_tables(instances * 4)
+            .max_memories_per_component(1)
+            // A policy module has its function table and, after `sandgate build` folds the import
+            // shim into it (`import_shim`), the table of its host imports.
+            .max_tables_per_module(2)
+            .max_memory_size(config.memory_limit)
+            .linear_memory_keep_resident(keep_resident.min(config.memory_limit))
+            .table_keep_resident(64 << 10)
+            .pagemap_scan(scan);
+
+        let mut wasm = Config::new();
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            .cranelift_opt_level(OptLevel::Speed)
+            // Policies are compiled while the sidecar serves (hot-loading). One compiler
+            // thread leaves the other cores to checks: on 2 cores, parallel compilation
+            // doubled the p99 of checks during continuous reloads.
+            .parallel_compilation(false);
+        let engine = Engine::new(&wasm).map_err(anyhow::Error::from)?;
+
+        let mut linker = Linker::new(&engine);
+        Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)?;
+
+        let ticker = EpochTicker::start(engine.clone())?;
+
+        Ok(Runtime {
+            engine,
+            linker,
+            permits: Arc::new(tokio::sync::Semaphore::new(instances as usize)),
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    /// Instances in use by [`Runtime::check`] right now.
+    pub fn instances_in_use(&self) -> usize {
+        self.config.max_instances as usize - self.permits.available_permits()
+    }
+
+    /// Compile and validate a policy component: only the contract's imports, the `policy`
+    /// export with the contract's types. Compilation is slow (milliseconds): do it once per
+    /// policy version, off the request path.
+    pub fn load(&self, bytes: &[u8]) -> Result<PolicyModule, LoadError> {
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(LoadError::CoreModule),
+            Some([0, b'a', b's', b'm', ..]) => {}
+            _ => return Err(LoadError::NotWasm),
+        }
+        let component = Component::new(&self.engine, bytes).map_err(LoadError::Invalid)?;
+        let ty = component.component_type();
+        if let Some((name, _)) = ty.imports(&self.engine).find(|(name, _)| !ALLOWED_IMPORTS.contains(name)) {
+            return Err(LoadError::UnsupportedImport(name.to_owned()));
+        }
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_owned()).collect();
+        if !exports.iter().any(|e| e == POLICY_EXPORT) {
+            return Err(LoadError::MissingExport(exports));
+        }
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
+        let check = check_export(&instance_pre).map_err(LoadError::Contract)?;
+        let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
+        Ok(PolicyModule { pre, check, digest: sha256_hex(bytes).into(), size: bytes.len() })
+    }
+
+    /// The path of the probe check every policy must answer, within its limits, before it is
+    /// published. Any decision will do; a trap or a timeout is a rejection.
+    pub const PROBE_PATH: &str = "/.sandgate/probe";
+
+    /// Run the probe check: a `GET` of [`Runtime::PROBE_PATH`] at `now` (Unix seconds) without
+    /// credential or data.
+    pub fn probe(&self, module: &PolicyModule, now: u64) -> Result<(), PolicyFault> {
+        use crate::bindings::sandgate::policy::types::{Credential, SnapshotVersions};
+        let request = CheckRequest {
+            request_id: "probe".into(),
+            method: "GET".into(),
+            scheme: "http".into(),
+            host: "localhost".into(),
+            path: Self::PROBE_PATH.into(),
+            query: None,
+            headers: Vec::new(),
+            peer: None,
+            body: None,
+            credential: Credential::None,
+            now,
+            versions: SnapshotVersions { snapshot: 0, policy_digest: module.digest().into(), key_set: 0, revocations: 0, data: 0 },
+        };
+        // The probe takes a pool slot like any check, waiting up to the queue timeout.
+        let deadline = std::time::Instant::now() + self.config.queue_timeout;
+        let _permit = loop {
+            match self.permits.try_acquire() {
+                Ok(permit) => break permit,
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => return Err(PolicyFault::Overloaded),
+            }
+        };
+        match self.evaluate(module, &request, &EvalContext::default()).fault {
+            Some(fault) => Err(fault),
+            None => Ok(()),
+        }
+    }
+
+    /// Evaluate one check in a fresh instance, waiting up to the queue timeout for a free
+    /// slot in the pool. Runs the (bounded) policy call on the current thread.
+    pub async fn check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        if let Ok(_permit) = self.permits.try_acquire() {
+            return self.evaluate(module, request, context);
+        }
+        let permit = tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await;
+        let mut evaluation = match permit {
+            Ok(Ok(_permit)) => self.evaluate(module, request, context),
+            _ => Evaluation::fault(PolicyFault::Overloaded, Vec::new(), 0),
+        };
+        evaluation.queued = true;
+        evaluation
+    }
+
+    /// Evaluate one check only if an instance is free right now (shadow evaluations, which
+    /// must never make a live check wait).
+    pub fn try_check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Option<Evaluation> {
+        let _permit = self.permits.try_acquire().ok()?;
+        Some(self.evaluate(module, request, context))
+    }
+
+    /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
+    /// is full the check is denied as overloaded; [`Runtime::check`] queues instead.
+    pub fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        let mut store = self.new_store(context);
+        let result = module
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .map_err(|e| classify_instantiation(&e, &store))
+            .and_then(|instance| {
+                let func = instance.get_func(&mut store, module.check).ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
+                // SAFETY: `check_export` type-checked this export against these types when the
+                // module was loaded, and a component's types never change. (The generated
+                // bindings would check them again on every instantiation: ~0.5 µs a check.)
+                let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
+                check.call(&mut store, (request,)).map(|(decision,)| decision).map_err(|e| classify_trap(&e, &store))
+            });
+        let logs = std::mem::take(&mut store.data_mut().logs);
+        let memory_grows = store.data().limiter.grows;
+        match result.and_then(validate_decision) {
+            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows, queued: false },
+            Err(fault) => Evaluation::fault(fault, logs, memory_grows),
+        }
+    }
+
+    pub(crate) fn new_store(&self, context: &EvalContext) -> Store<HostState> {
+        let state = HostState::new(context.data.clone(), context.verifier.clone(), self.config.memory_limit);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = self.config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store
+    }
+}
+
+/// Whether this process's memory may be swapped out: `/proc/swaps` (its text, if readable)
+/// lists a swap device or file, and the cgroup's `memory.swap.max` (cgroup v2, if readable) is
+/// not `0` (a container can be denied swap on a host that has it).
+fn swap_possible(proc_swaps: Option<&str>, cgroup_swap_max: Option<&str>) -> bool {
+    let host_has_swap = proc_swaps.is_some_and(|text| text.lines().skip(1).any(|line| !line.trim().is_empty()));
+    host_has_swap && cgroup_swap_max.is_none_or(|max| max.trim() != "0")
+}
+
+
+fn classify_instantiation(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFault {
+    if store.data().limiter.exceeded() {
+        return PolicyFault::OutOfMemory;
+    }
+    // The pooling allocator refuses a new instance when every slot is taken.
+    if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
+        return PolicyFault::Overloaded;
+    }
+    // A start function or initialiser may also trap.
+    match error.downcast_ref::<Trap>() {
+        Some(_) => classify_trap(error, store),
+        None => PolicyFault::Instantiate(format!("{error:#}")),
+    }
+}
+
+fn classify_trap(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFault {
+    if store.data().limiter.exceeded() {
+        // Growth was refused; the guest's allocator failed and it aborted.
+        return PolicyFault::OutOfMemory;
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PolicyFault::Timeout,
+        Some(Trap::StackOverflow) => PolicyFault::StackOverflow,
+        Some(Trap::UnreachableCodeReached) => PolicyFault::Panicked,
+        Some(trap) => PolicyFault::Trap(trap.to_string()),
+        None => PolicyFault::Trap(format!("{error:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn swap_is_seen_in_proc_swaps_unless_the_cgroup_denies_it() {
+        let header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n";
+        let zram = format!("{header}/dev/zram0                              partition\t8388604\t\t0\t\t100\n");
+        assert!(!swap_possible(Some(header), None));
+        assert!(!swap_possible(None, Some("max\n")));
+        assert!(swap_possible(Some(&zram), None));
+        assert!(swap_possible(Some(&format!("{header}/swapfile file 1048572 0 -2")), Some("max\n")));
+        assert!(swap_possible(Some(&zram), Some("1073741824\n")));
+        assert!(!swap_possible(Some(&zram), Some("0\n")));
+    }
+
+    #[test]
+    fn not_wasm_and_core_modules_are_refused_with_their_own_error() {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 2, ..Default::default() }).unwrap();
+        assert!(matches!(runtime.load(b"hello"), Err(LoadError::NotWasm)));
+        let core = wat::parse_str("(module)").unwrap();
+        assert!(matches!(runtime.load(&core), Err(LoadError::CoreModule)));
+        let truncated = wat::parse_str("(component (core module))").unwrap();
+        assert!(matches!(runtime.load(&truncated[..truncated.len() - 3]), Err(LoadError::Invalid(_))));
+        let empty = wat::parse_str("(component)").unwrap();
+        assert!(matches!(runtime.load(&empty), Err(LoadError::MissingExport(_))));
+        // The right names with the wrong type: refused at load, since checks call `check`
+        // without type-checking it again.
+        let wrong_type = wat::parse_str(
+            r#"(component
+                (core module $m (func (export "check") (param i32) (result i32) local.get 0))
+                (core instance $i (instantiate $m))
+                (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
+                (instance $policy (export "check" (func $check)))
+                (export "sandgate:policy/policy@0.1.0" (instance $policy)))"#,
+        )
+        .unwrap();
+        match runtime.load(&wrong_type) {
+            Err(LoadError::Contract(e)) => assert!(format!("{e:#}").contains("`check` has the wrong type"), "{e:#}"),
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a `check` of the wrong type was loaded"),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The `sandgate serve` configuration file (TOML). See `examples/sandgate.toml` for every
+//! field with its default. Reading the file binds nothing and loads nothing: `serve` does that.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read `{}`", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("`{}` is not valid", .0.display())]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// The settings contradict each other.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The forward-auth listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Limits of the policy runtime.
+    #[serde(default)]
+    pub runtime: RuntimeLimits,
+    /// Token issuers the host verifies bearer tokens against.
+    #[serde(default)]
+    pub issuers: Vec<sandgate_auth::IssuerConfig>,
+    /// Policies by id.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    /// Routes, checked in order; the first match picks the policy.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Revoked token ids and subjects.
+    #[serde(default)]
+    pub revocations: RevocationConfig,
+    /// The admin API; absent: no admin API.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Envoy ext_authz over gRPC; absent: none.
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
+}
+
+/// The Envoy ext_authz gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address to listen on.
+    pub listen: String,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig { listen: "127.0.0.1:8183".into() }
+    }
+}
+
+/// The admin API's listener and credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// TCP address; loopback by default. Ignored when `unix_socket` is set.
+    pub listen: String,
+    /// A Unix socket path instead of TCP (created mode 0600; no token needed).
+    pub unix_socket: Option<PathBuf>,
+    /// The bearer token admin calls must carry.
+    pub token: Option<String>,
+    /// A file holding the token (first line), instead of `token`.
+    pub token_file: Option<PathBuf>,
+    /// If not empty, only modules with these sha256 digests may be loaded.
+    pub allowed_digests: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:8182".into(),
+            unix_socket: None,
+            token: None,
+            token_file: None,
+            allowed_digests: Vec::new(),
+        }
+    }
+}
+
+/// The forward-auth listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Path prefix of forward-auth checks; the rest of the path is the original path when no
+    /// `X-Forwarded-Uri`/`X-Original-URI` header says otherwise (Envoy HTTP ext_authz).
+    pub auth_prefix: String,
+    /// Which headers carry the original request: `nginx` (`X-Original-Method`/`-URI`, host
+    /// from `X-Forwarded-Host`), `forwarded` (Caddy, Traefik: `X-Forwarded-Method`/`-Uri`/
+    /// `-Host`/`-Proto`), `envoy` (the path after `auth_prefix`, the request's own method and
+    /// host), or `auto` (X-Original if present, else X-Forwarded, else the path). Name your proxy:
+    /// a proxy passes its client's headers on, so with `auto` a client could send the
+    /// convention the proxy does not overwrite.
+    pub proxy: ProxyKind,
+    /// Policy for requests no route matches; without one they are denied (`no_route`).
+    pub default_policy: Option<String>,
+    /// Extra identity headers on an allow: header name → claim name (e.g.
+    /// `"x-auth-subject" = "sub"`). Lists are joined with spaces.
+    pub identity_headers: BTreeMap<String, String>,
+    /// Grace period for in-flight checks on SIGTERM, in seconds.
+    pub shutdown_grace_secs: u64,
+    /// A directory watched for policy modules: `ID.wasm` (with optional data `ID.json`) is
+    /// loaded as policy `ID` when it appears or changes, and unloaded when it disappears.
+    pub policy_dir: Option<PathBuf>,
+    /// How often the policy directory is scanned, in milliseconds.
+    pub policy_dir_poll_ms: u64,
+    /// Verified tokens remembered (by SHA-256 and key-set version, from their second use until
+    /// their `exp`, at most 5 minutes) so a repeated token skips its signature check; 0 turns
+    /// the cache off.
+    pub token_cache_size: usize,
+}
+
+/// How the proxy in front passes the original request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyKind {
+    /// Guess from the headers present (trusting the client not to add any).
+    #[default]
+    Auto,
+    /// nginx `auth_request`.
+    Nginx,
+    /// Caddy `forward_auth`, Traefik ForwardAuth.
+    Forwarded,
+    /// Envoy HTTP ext_authz.
+    Envoy,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8181".into(),
+            auth_prefix: "/auth".into(),
+            proxy: ProxyKind::Auto,
+            default_policy: None,
+            identity_headers: BTreeMap::new(),
+            shutdown_grace_secs: 10,
+            policy_dir: None,
+            policy_dir_poll_ms: 500,
+            token_cache_size: 10_000,
+        }
+    }
+}
+
+/// Limits of the policy runtime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeLimits {
+    /// Policy instances alive at once.
+    pub max_instances: u32,
+    /// Time budget of one policy call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Memory cap of one instance, in MiB.
+    pub memory_limit_mib: usize,
+    /// How long a check waits for a free instance, in milliseconds, before a 503.
+    pub queue_timeout_ms: u64,
+    /// Reset all of an instance's memory after each check, not only the pages found written.
+    /// On automatically when swap is enabled at start; set it if swap may be enabled later.
+    pub full_memory_reset: bool,
+}
+
+impl Default for RuntimeLimits {
+    fn default() -> Self {
+        let d = sandgate_runtime::RuntimeConfig::default();
+        RuntimeLimits {
+            max_instances: d.max_instances,
+            timeout_ms: d.timeout.as_millis() as u64,
+            memory_limit_mib: d.memory_limit >> 20,
+            queue_timeout_ms: d.queue_timeout.as_millis() as u64,
+            full_memory_reset: d.full_memory_reset,
+        }
+    }
+}
+
+impl RuntimeLimits {
+    /// As the runtime's configuration.
+    pub fn runtime_config(&self) -> sandgate_runtime::RuntimeConfig {
+        sandgate_runtime::RuntimeConfig {
+            max_instances: self.max_instances,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            memory_limit: self.memory_limit_mib << 20,
+            queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+            full_memory_reset: self.full_memory_reset,
+        }
+    }
+}
+
+/// One policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The id routes refer to.
+    pub id: String,
+    /// The compiled component.
+    pub module: PathBuf,
+    /// Its data document (JSON).
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host to match (exact, case-insensitive, port ignored); any host when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, on segment boundaries (`/api` matches `/api` and `/api/x`, not
+    /// `/apix`); `/` when absent.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The policy id.
+    pub policy: String,
+}
+
+/// Revocations known at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Revoked `jti`s.
+    #[serde(default)]
+    pub jtis: Vec<String>,
+    /// Subjects whose tokens are all revoked.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+impl Config {
+    /// Read and check a configuration file. Relative paths in it are resolved against the
+    /// file's directory.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        self.server.policy_dir.as_mut().map(resolve);
+        if let Some(admin) = &mut self.admin {
+            admin.unix_socket.as_mut().map(resolve);
+            admin.token_file.as_mut().map(resolve);
+        }
+        for policy in &mut self.policies {
+            resolve(&mut policy.module);
+            policy.data.as_mut().map(resolve);
+        }
+        for key in self.issuers.iter_mut().flat_map(|i| i.keys.iter_mut()) {
+            for p in [&mut key.pem_file, &mut key.jwk_file, &mut key.jwks_file].into_iter().flatten() {
+                resolve(p);
+            }
+        }
+    }
+
+    /// Cross-field checks serde cannot do.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        macro_rules! bail {
+            ($($message:tt)*) => {
+                return Err(ConfigError::Invalid(format!($($message)*)))
+            };
+        }
+        let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
+        // With a policy directory, routes may name policies it will provide; until one is
+        // loaded its route answers 403 `no_route`.
+        let known = |id: &str| ids.contains(&id) || self.server.policy_dir.is_some();
+        for route in &self.routes {
+            if !known(&route.policy) {
+                bail!("route to unknown policy `{}` (policies: {ids:?})", route.policy);
+            }
+        }
+        if let Some(id) = &self.server.default_policy
+            && !known(id)
+        {
+            bail!("default_policy `{id}` is not a configured policy (policies: {ids:?})");
+        }
+        let prefix = self.server.auth_prefix.trim_end_matches('/');
+        if !self.server.auth_prefix.starts_with('/') || prefix.is_empty() || ["/healthz", "/readyz", "/metrics"].contains(&prefix) {
+            bail!("auth_prefix `{}` must start with `/` and not be `/`, `/healthz`, `/readyz` or `/metrics`", self.server.auth_prefix);
+        }
+        for issuer in &self.issuers {
+            if issuer.algorithms.is_empty() {
+                bail!("issuer `{}` accepts no algorithms", issuer.issuer);
+            }
+            for alg in &issuer.algorithms {
+                if let Err(e) = sandgate_auth::parse_algorithm(alg) {
+                    bail!("issuer `{}`: {e}", issuer.issuer);
+                }
+            }
+            if issuer.keys.is_empty() && issuer.jwks_url.is_none() && issuer.discovery_url.is_none() {
+                bail!("issuer `{}` has no keys, no jwks_url and no discovery_url", issuer.issuer);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,373 @@
+//! The protocol-agnostic decision path (DESIGN "The request path", steps 2–6): pin `now` and a
+//! snapshot once, route, authenticate, evaluate in a fresh instance, then count and log. HTTP
+//! forward-auth and Envoy ext_authz both turn their request into an [`OriginalRequest`] and
+//! answer the [`Answer`] this returns in their own protocol.
+
+use crate::credential;
+use crate::decision_log::{DecisionLog, DecisionLogEntry};
+use crate::metrics::{DecisionLabels, ShadowLabels};
+use crate::original_request::{Bearer, OriginalRequest};
+use crate::snapshot::{LoadedPolicy, Snapshot};
+use crate::state::State;
+use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Credential, CredentialError, Decision, DenyResponse};
+use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, spec};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The longest a check waits for a JWKS fetch triggered by an unknown `kid`.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
+
+/// The time now, Unix seconds. A check reads it once, in [`Authorizer::decide`].
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Policy logic compiled into the host: for the load benchmark's native baseline only.
+#[cfg(feature = "bench-internals")]
+pub type NativePolicy =
+    Arc<dyn Fn(&CheckRequest, &sandgate_runtime::PolicyData) -> Decision + Send + Sync>;
+
+/// Decides checks against the served [`State`].
+pub struct Authorizer {
+    state: Arc<State>,
+    /// Extra identity headers on an allow: header name → claim name.
+    identity_headers: BTreeMap<String, String>,
+    /// Verified tokens; `None` when `token_cache_size` is 0.
+    token_cache: Option<TokenCache>,
+    request_ids: AtomicU64,
+    id_prefix: String,
+    log: DecisionLog,
+    /// Shadow evaluations run here, so shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
+    #[cfg(feature = "bench-internals")]
+    native: Option<NativePolicy>,
+}
+
+impl Authorizer {
+    /// An authorizer over `state`.
+    pub fn new(
+        state: Arc<State>,
+        identity_headers: BTreeMap<String, String>,
+        token_cache_size: usize,
+        log: DecisionLog,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Self {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        Authorizer {
+            state,
+            identity_headers,
+            token_cache: TokenCache::new(token_cache_size),
+            request_ids: AtomicU64::new(0),
+            id_prefix: format!("{:08x}", nanos ^ std::process::id()),
+            log,
+            tasks,
+            #[cfg(feature = "bench-internals")]
+            native: None,
+        }
+    }
+
+    /// The same authorizer with policies evaluated by `native` instead of in Wasm: the load
+    /// benchmark's baseline (same HTTP, JWT verification, snapshot and decision log). Never
+    /// for production: there is no isolation.
+    #[cfg(feature = "bench-internals")]
+    pub fn with_native_baseline(mut self, native: NativePolicy) -> Self {
+        self.native = Some(native);
+        self
+    }
+
+    /// The served state.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Decide on one original request, whatever protocol it came in: pin `now` and a
+    /// snapshot, route, authenticate, evaluate, then count and log the decision.
+    pub async fn decide(self: &Arc<Self>, mut original: OriginalRequest) -> Answer {
+        let started = Instant::now();
+        let now = unix_now();
+        let request_id = original
+            .header("x-request-id")
+            .filter(|id| id.len() <= 128)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed)));
+
+        let mut snapshot = self.state.store.load();
+        if original.is_ambiguous_path() {
+            let answer = Answer::host_deny(request_id, 400, "ambiguous_path", "the path has dot segments, empty segments or encoded slashes");
+            self.record(&original, &answer, None, &snapshot, None, now, started);
+            return answer;
+        }
+        let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
+            let answer = Answer::host_deny(request_id, 403, "no_route", "no route matches this request");
+            self.record(&original, &answer, None, &snapshot, None, now, started);
+            return answer;
+        };
+        let policy_id = policy_id.to_owned();
+        let credential = match original.bearer() {
+            Bearer::None => Credential::None,
+            Bearer::Malformed => Credential::Rejected(CredentialError {
+                reason: "malformed_authorization".into(),
+                message: "the Authorization header is not `Bearer <token>`".into(),
+            }),
+            Bearer::Token(token) => {
+                let (credential, pinned) = self.authenticate(token, snapshot, now).await;
+                snapshot = pinned;
+                credential
+            }
+        };
+        // The policy comes from the snapshot the credential was verified against.
+        let Some((_, policy)) = snapshot.route(&original.host, &original.path) else {
+            let answer = Answer::host_deny(request_id, 403, "no_route", "no route matches this request");
+            self.record(&original, &answer, Some(&policy_id), &snapshot, None, now, started);
+            return answer;
+        };
+        let policy = policy.clone();
+        let check = CheckRequest {
+            request_id: request_id.clone(),
+            method: original.method.clone(),
+            scheme: original.scheme.clone(),
+            host: original.host.clone(),
+            path: original.path.clone(),
+            query: original.query.clone(),
+            // The log line needs only method, host and path: move the rest.
+            headers: std::mem::take(&mut original.headers),
+            peer: Some(std::mem::take(&mut original.peer)),
+            body: original.body.take(),
+            credential,
+            now,
+            versions: snapshot.versions(&policy),
+        };
+        let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
+        let evaluation = self.evaluate(&policy, &check, &context).await;
+        if evaluation.queued {
+            self.state.metrics.queue_waits.inc();
+        }
+        if let Some(candidate) = &policy.shadow {
+            self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
+        }
+        let identity = if evaluation.is_allow() { self.identity_headers(&check.credential) } else { Vec::new() };
+        let unset_identity = self
+            .identity_headers
+            .keys()
+            .filter(|name| evaluation.is_allow() && !identity.iter().any(|(n, _)| n == *name))
+            .cloned()
+            .collect();
+        let answer = Answer { request_id, evaluation, identity, unset_identity };
+        self.record(&original, &answer, Some(&policy.id), &snapshot, Some((&policy, &check)), now, started);
+        answer
+    }
+
+    async fn evaluate(&self, policy: &LoadedPolicy, check: &CheckRequest, context: &EvalContext) -> Evaluation {
+        #[cfg(feature = "bench-internals")]
+        if let Some(native) = &self.native {
+            let decision = native(check, &policy.data);
+            return Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
+        }
+        self.state.runtime.check(&policy.module, check, context).await
+    }
+
+    /// Verify a bearer token against `snapshot` at `now`, through the verified-token cache:
+    /// the signature check is skipped for a token verified before under the same key-set
+    /// version and not past its `exp`; revocation is checked every time.
+    pub fn verify_token(&self, token: &str, snapshot: &Snapshot, now: u64) -> Result<VerifiedToken, Rejection> {
+        let keys = &snapshot.keys;
+        let cached = self.token_cache.as_ref().map(|cache| (cache, TokenCache::key(token, keys.version)));
+        let verified = match cached.as_ref().and_then(|(cache, key)| cache.get(key, now)) {
+            Some(verified) => verified,
+            None => {
+                let verified = keys.verify_signature(token)?;
+                if let Some((cache, key)) = cached {
+                    cache.insert(key, now, &verified);
+                }
+                verified
+            }
+        };
+        check_revocation(&verified, &snapshot.revocations)?;
+        Ok(verified)
+    }
+
+    /// The verified-token cache; `None` when it is off.
+    pub fn token_cache(&self) -> Option<&TokenCache> {
+        self.token_cache.as_ref()
+    }
+
+    /// Verify a bearer token against `snapshot`; on an unknown `kid` of an issuer with a JWKS
+    /// endpoint, fetch (single flight) and verify again against the snapshot that fetch
+    /// published. Returns the credential and the snapshot it was decided on.
+    async fn authenticate(&self, token: &str, snapshot: Arc<Snapshot>, now: u64) -> (Credential, Arc<Snapshot>) {
+        let as_credential = |result: Result<VerifiedToken, Rejection>| match result {
+            Ok(verified) => Credential::Verified(credential::verified(verified)),
+            Err(rejection) => Credential::Rejected(credential::rejected(&rejection)),
+        };
+        match self.verify_token(token, &snapshot, now) {
+            Err(Rejection::UnknownKid { issuer, kid }) => {
+                // A check never waits long on a fetch: a token with a made-up kid must not be
+                // able to hold it past a proxy's timeout.
+                let resolve = self.state.fetcher.resolve_unknown_kid(&issuer, &kid);
+                if !tokio::time::timeout(UNKNOWN_KID_WAIT, resolve).await.unwrap_or(false) {
+                    return (as_credential(Err(Rejection::UnknownKid { issuer, kid })), snapshot);
+                }
+                let snapshot = self.state.store.load();
+                (as_credential(self.verify_token(token, &snapshot, now)), snapshot)
+            }
+            result => (as_credential(result), snapshot),
+        }
+    }
+
+    /// Evaluate a shadow candidate on the same request, after the answer and off its path:
+    /// the candidate never affects it. Disagreements are counted and logged.
+    fn shadow_evaluate(&self, candidate: PolicyModule, policy: String, check: CheckRequest, context: EvalContext, primary: &Evaluation) {
+        let primary = spec::outcome(&primary.decision);
+        let state = self.state.clone();
+        let log = self.log.clone();
+        self.tasks.spawn(async move {
+            // Only on a free instance: a shadow must never make a live check wait.
+            let Some(shadow) = state.runtime.try_check(&candidate, &check, &context) else {
+                state.metrics.shadow.get_or_create(&ShadowLabels { policy, result: "skipped" }).inc();
+                return;
+            };
+            let shadow = spec::outcome(&shadow.decision);
+            let agree = shadow == primary;
+            let result = if agree { "agree" } else { "disagree" };
+            state.metrics.shadow.get_or_create(&ShadowLabels { policy: policy.clone(), result }).inc();
+            if !agree {
+                log.write_json(&serde_json::json!({
+                    "shadow_disagreement": true,
+                    "request_id": check.request_id,
+                    "policy": policy,
+                    "candidate_digest": candidate.digest(),
+                    "primary": primary.to_string(),
+                    "candidate": shadow.to_string(),
+                }));
+            }
+        });
+    }
+
+    /// Count the decision and write its decision-log line.
+    #[expect(clippy::too_many_arguments, reason = "one call site per outcome, each naming what it knows")]
+    fn record(
+        &self,
+        original: &OriginalRequest,
+        answer: &Answer,
+        policy_id: Option<&str>,
+        snapshot: &Snapshot,
+        checked: Option<(&LoadedPolicy, &CheckRequest)>,
+        now: u64,
+        started: Instant,
+    ) {
+        let evaluation = &answer.evaluation;
+        let latency = started.elapsed();
+        let outcome = if evaluation.is_allow() { "allow" } else { "deny" };
+        let metrics = &self.state.metrics;
+        metrics.decisions.get_or_create(&DecisionLabels { outcome, reason: evaluation.reason().to_owned() }).inc();
+        metrics.latency.observe(latency.as_secs_f64());
+        let credential = checked.map(|(_, c)| match &c.credential {
+            Credential::None => "none",
+            Credential::Verified(_) => "verified",
+            Credential::Rejected(e) => e.reason.as_str(),
+        });
+        self.log.write(&DecisionLogEntry {
+            ts: now,
+            request_id: &answer.request_id,
+            method: &original.method,
+            host: &original.host,
+            path: &original.path,
+            policy: policy_id,
+            policy_digest: checked.map(|(p, _)| p.module.digest()),
+            snapshot: snapshot.version,
+            key_set: snapshot.keys.version,
+            revocations: snapshot.revocations.version,
+            data: checked.map(|(p, _)| p.data.version),
+            credential,
+            subject: checked.and_then(|(_, c)| match &c.credential {
+                Credential::Verified(v) => Some(v.claims.subject.as_str()),
+                _ => None,
+            }),
+            outcome,
+            status: answer.status(),
+            reason: evaluation.reason(),
+            fault: evaluation.fault.as_ref().map(ToString::to_string),
+            policy_logs: &evaluation.logs,
+            latency_us: latency.as_micros() as u64,
+        });
+    }
+
+    /// The configured identity headers for a verified credential.
+    fn identity_headers(&self, credential: &Credential) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        let Credential::Verified(verified) = credential else { return headers };
+        if self.identity_headers.is_empty() {
+            return headers;
+        }
+        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else { return headers };
+        for (header, claim) in &self.identity_headers {
+            let value = match claims.get(claim) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::Bool(b)) => b.to_string(),
+                _ => continue,
+            };
+            if sandgate_runtime::contract::is_header_value(&value) {
+                headers.push((header.clone(), value));
+            }
+        }
+        headers
+    }
+}
+
+/// A decision, ready to be answered in any protocol.
+pub struct Answer {
+    /// The check's id (the caller's `x-request-id`, or one made up).
+    pub request_id: String,
+    /// The decision and how it was reached.
+    pub evaluation: Evaluation,
+    /// Configured identity headers to add to an allow.
+    pub identity: Vec<(String, String)>,
+    /// Configured identity headers this allow has no value for: a proxy that can remove
+    /// upstream headers (Envoy) removes them, so a client cannot supply its own.
+    pub unset_identity: Vec<String>,
+}
+
+impl Answer {
+    /// A deny the host decides without a policy (bad path, no route, bad input).
+    pub fn host_deny(request_id: String, status: u16, reason: &str, message: &str) -> Self {
+        let decision = Decision::Deny(DenyResponse { status, reason: reason.into(), message: message.into(), headers: Vec::new() });
+        let evaluation = Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
+        Answer { request_id, evaluation, identity: Vec::new(), unset_identity: Vec::new() }
+    }
+
+    /// The HTTP status this decision answers: 200 for an allow.
+    pub fn status(&self) -> u16 {
+        match &self.evaluation.decision {
+            Decision::Allow(_) => 200,
+            Decision::Deny(d) => d.status,
+        }
+    }
+
+    /// Headers of the answer: for an allow, the upstream headers (the policy's, then the
+    /// identity headers); for a deny, the response headers, with `www-authenticate` on a 401
+    /// and `x-sandgate-reason`. Always `x-sandgate-request-id`.
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        match &self.evaluation.decision {
+            Decision::Allow(allow) => {
+                headers.extend(allow.set_headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
+                headers.extend(self.identity.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+            }
+            Decision::Deny(deny) => {
+                headers.extend(deny.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
+                if deny.status == 401 && !deny.headers.iter().any(|h| h.name.eq_ignore_ascii_case("www-authenticate")) {
+                    headers.push(("www-authenticate", "Bearer"));
+                }
+                headers.push(("x-sandgate-reason", &deny.reason));
+            }
+        }
+        headers.push(("x-sandgate-request-id", &self.request_id));
+        headers
+    }
+}

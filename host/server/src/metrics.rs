@@ -1,0 +1,85 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allow` or `deny`.
+    pub outcome: &'static str,
+    /// The reason code (`allow` for allows).
+    pub reason: String,
+}
+
+/// Labels of a JWKS fetch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// The issuer.
+    pub issuer: String,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Labels of a shadow evaluation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    /// The live policy's id.
+    pub policy: String,
+    /// `agree`, `disagree`, or `skipped` (no instance was free).
+    pub result: &'static str,
+}
+
+/// Every metric Sandgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Decisions by outcome and reason.
+    pub decisions: Family<DecisionLabels, Counter>,
+    /// Check latency, seconds.
+    pub latency: Histogram,
+    /// JWKS fetches by issuer and result.
+    pub jwks_fetches: Family<FetchLabels, Counter>,
+    /// Policy instances in use (set at scrape time).
+    pub pool_in_use: Gauge,
+    /// Checks that had to wait for a free instance.
+    pub queue_waits: Counter,
+    /// Shadow evaluations by policy and agreement with the live version.
+    pub shadow: Family<ShadowLabels, Counter>,
+    /// Decision-log lines dropped because the log's reader was not keeping up.
+    pub decision_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sandgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register("decisions", "Authorization decisions by outcome and reason", decisions.clone());
+        let latency = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        registry.register("check_latency_seconds", "Time to answer a check", latency.clone());
+        let jwks_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register("jwks_fetches", "JWKS fetches by issuer and result", jwks_fetches.clone());
+        let pool_in_use = Gauge::default();
+        registry.register("pool_instances_in_use", "Policy instances in use", pool_in_use.clone());
+        let queue_waits = Counter::default();
+        registry.register("queue_waits", "Checks that waited for a free policy instance", queue_waits.clone());
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register("shadow_evaluations", "Shadow evaluations by agreement with the live policy", shadow.clone());
+        let decision_log_dropped = Counter::default();
+        registry.register("decision_log_dropped", "Decision-log lines dropped because the log's reader was not keeping up", decision_log_dropped.clone());
+        Metrics { registry, decisions, latency, jwks_fetches, pool_in_use, queue_waits, shadow, decision_log_dropped }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

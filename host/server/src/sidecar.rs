@@ -1,0 +1,199 @@
+//! The sidecar as one value: built from a [`Config`] (state loaded, listeners bound), then run
+//! until a shutdown signal, then drained. It owns every background task: the listeners, the
+//! JWKS refresh loops, the policy-directory watcher, shadow evaluations and the decision-log
+//! writer; the runtime owns its epoch thread and the state its compiler thread.
+
+use crate::admin_api::AdminApi;
+use crate::config::{AdminConfig, Config};
+use crate::decide::Authorizer;
+use crate::decision_log::{DecisionLog, LogWriter, QUEUE_LINES};
+use crate::forward_auth::ForwardAuth;
+use crate::listener::{self, Listener};
+use crate::state::{StartError, State};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A sidecar ready to run.
+pub struct Sidecar {
+    config: Config,
+    authorizer: Authorizer,
+    http: Listener,
+    grpc: Option<Listener>,
+    admin: Option<(Listener, Option<String>)>,
+    generated_admin_token: Option<String>,
+    log_writer: LogWriter,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Sidecar {
+    /// Load the state `config` describes and bind its listeners; nothing is served yet.
+    pub async fn build(config: Config) -> Result<Sidecar, StartError> {
+        let state = State::from_config(&config)?;
+        let tasks = TaskTracker::new();
+        let dropped = state.metrics.decision_log_dropped.clone();
+        let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_LINES, dropped)
+            .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
+        let server = &config.server;
+        let authorizer = Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone());
+        let http = bind_tcp(&server.listen, "").await?;
+        let grpc = match &config.grpc {
+            Some(grpc) => Some(bind_tcp(&grpc.listen, " (gRPC)").await?),
+            None => None,
+        };
+        let (admin, generated_admin_token) = match &config.admin {
+            Some(admin) => {
+                let (listener, token, generated) = bind_admin(admin).await?;
+                (Some((listener, token)), generated)
+            }
+            None => (None, None),
+        };
+        Ok(Sidecar { config, authorizer, http, grpc, admin, generated_admin_token, log_writer, tasks, stop: CancellationToken::new() })
+    }
+
+    /// Evaluate policies with `native` instead of in Wasm: the load benchmark's baseline.
+    #[cfg(feature = "bench-internals")]
+    pub fn with_native_baseline(mut self, native: crate::decide::NativePolicy) -> Self {
+        self.authorizer = self.authorizer.with_native_baseline(native);
+        self
+    }
+
+    /// Where forward-auth checks are answered.
+    pub fn http_address(&self) -> String {
+        self.http.address()
+    }
+
+    /// Where Envoy ext_authz gRPC is answered, if configured.
+    pub fn grpc_address(&self) -> Option<String> {
+        self.grpc.as_ref().map(Listener::address)
+    }
+
+    /// Where the admin API listens (`http://ip:port` or `unix:PATH`), if configured.
+    pub fn admin_address(&self) -> Option<String> {
+        self.admin.as_ref().map(|(l, _)| match l {
+            Listener::Tcp(_) => format!("http://{}", l.address()),
+            Listener::Unix(_) => l.address(),
+        })
+    }
+
+    /// The admin token made up because none was configured (loopback TCP only).
+    pub fn generated_admin_token(&self) -> Option<&str> {
+        self.generated_admin_token.as_deref()
+    }
+
+    /// Serve until `shutdown` resolves, then stop every listener and loop, give open
+    /// connections `shutdown_grace_secs` to finish, and write out the decision log.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Sidecar { config, authorizer, http, grpc, admin, log_writer, tasks, stop, .. } = self;
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let authorizer = Arc::new(authorizer);
+        let state = authorizer.state().clone();
+        if let Some((listener, token)) = admin {
+            let api = Arc::new(AdminApi::new(state.clone(), token));
+            let make = move |_| {
+                let api = api.clone();
+                hyper::service::service_fn(move |request| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(request).await) }
+                })
+            };
+            tasks.spawn(listener::serve("admin", listener, make, stop.clone(), grace));
+        }
+        if let Some(listener) = grpc {
+            let routes = crate::ext_authz::routes(authorizer.clone()).await;
+            let make = move |_| hyper_util::service::TowerToHyperService::new(routes.clone());
+            tasks.spawn(listener::serve("grpc", listener, make, stop.clone(), grace));
+        }
+        if let Err(e) = state.fetcher.fetch_all().await {
+            tracing::warn!(error = %sandgate_auth::error_chain(&e), "initial JWKS fetch failed; will retry on demand");
+        }
+        state.fetcher.spawn_refresh(&tasks, &stop);
+        if let Some(dir) = &config.server.policy_dir {
+            let every = Duration::from_millis(config.server.policy_dir_poll_ms.max(10));
+            tasks.spawn(crate::policy_dir::watch(state.clone(), dir.clone(), every, stop.clone()));
+        }
+        let ready = Arc::new(AtomicBool::new(false));
+        let server = &config.server;
+        let forward_auth = Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, server.proxy, ready.clone()));
+        let make = move |peer| {
+            let forward_auth = forward_auth.clone();
+            hyper::service::service_fn(move |request| {
+                let forward_auth = forward_auth.clone();
+                async move { Ok::<_, Infallible>(forward_auth.handle(request, peer).await) }
+            })
+        };
+        tasks.spawn(listener::serve("forward-auth", http, make, stop.clone(), grace));
+        ready.store(true, Ordering::SeqCst);
+        tracing::info!("sandgate ready");
+
+        shutdown.await;
+        tracing::info!("shutting down: draining every listener, stopping background loops");
+        ready.store(false, Ordering::SeqCst);
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(grace + Duration::from_secs(1), tasks.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop within the grace period");
+        }
+        drop(authorizer);
+        log_writer.finish(grace).await;
+    }
+}
+
+async fn bind_tcp(address: &str, what: &str) -> Result<Listener, StartError> {
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|e| StartError::Listen(format!("cannot listen on `{address}`{what}"), e))?;
+    Ok(Listener::Tcp(listener))
+}
+
+/// Bind the admin listener; returns it, the token calls must carry, and the token if it was
+/// made up because none was configured.
+async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, Option<String>), StartError> {
+    let configured = match (&config.token, &config.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| StartError::Listen(format!("cannot read the admin token file `{}`", path.display()), e))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if configured.as_deref() == Some("") {
+        return Err(StartError::Admin("the admin token is empty".into()));
+    }
+    if let Some(path) = &config.unix_socket {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).map_err(|e| StartError::Listen(format!("cannot listen on `{}`", path.display()), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StartError::Listen(format!("cannot make `{}` private", path.display()), e))?;
+        return Ok((Listener::Unix(listener), configured, None));
+    }
+    let address: std::net::SocketAddr = config
+        .listen
+        .parse()
+        .map_err(|_| StartError::Admin(format!("admin listen address `{}` is not ip:port", config.listen)))?;
+    let (token, generated) = match configured {
+        Some(token) => (token, None),
+        None if address.ip().is_loopback() => {
+            let mut bytes = [0u8; 24];
+            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| StartError::Admin("no randomness for the admin token".into()))?;
+            let token = hex::encode(bytes);
+            (token.clone(), Some(token))
+        }
+        None => {
+            return Err(StartError::Admin(format!(
+                "refusing to start: the admin API would listen on non-loopback `{address}` without a token; set [admin] token or token_file, or use unix_socket"
+            )));
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| StartError::Listen(format!("cannot listen on `{address}`"), e))?;
+    Ok((Listener::Tcp(listener), Some(token), generated))
+}

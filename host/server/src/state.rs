@@ -1,0 +1,357 @@
+//! What the sidecar serves, and every way to change it while it serves: policies, data,
+//! shadows, revocations, keys. The admin API, the policy directory and the JWKS fetcher all
+//! write through here.
+//!
+//! Every change builds a new snapshot from the current one and publishes it atomically; a
+//! call returns only once its snapshot is live, so any check that starts afterwards sees it
+//! (read-your-writes), while checks in flight finish on the snapshot they pinned. Modules are
+//! compiled and probed on the compiler thread, never on a request thread. A rejected module or
+//! document leaves the old version serving.
+
+use crate::compiler::Compiler;
+use crate::config::Config;
+use crate::metrics::{FetchLabels, Metrics};
+use crate::snapshot::{LoadedPolicy, Route, Snapshot, SnapshotStore};
+use bytes::Bytes;
+use sandgate_auth::{FetchError, Issuer, JwksFetcher, Key, KeyError, KeySets, KeyStore, Revocations, keys_from_jwks};
+use sandgate_runtime::{LoadError, PolicyData, PolicyFault, PolicyModule, Runtime, sha256_hex};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// Why the sidecar could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The runtime could not start.
+    #[error("cannot start the policy runtime")]
+    Runtime(#[source] anyhow::Error),
+    /// A file named by the configuration cannot be read.
+    #[error("policy `{}`: cannot read `{}`", .0, .1.display())]
+    Read(String, PathBuf, #[source] std::io::Error),
+    /// A configured module does not load.
+    #[error("policy `{}` (`{}`)", .0, .1.display())]
+    Module(String, PathBuf, #[source] LoadError),
+    /// A configured data document is not JSON.
+    #[error("policy `{}`: data `{}` is not JSON", .0, .1.display())]
+    Data(String, PathBuf, #[source] serde_json::Error),
+    /// An issuer's keys or rules are invalid.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The JWKS client could not be built.
+    #[error(transparent)]
+    Fetcher(#[from] FetchError),
+    /// A listener could not be bound or configured.
+    #[error("{0}")]
+    Listen(String, #[source] std::io::Error),
+    /// The admin API's settings are unusable.
+    #[error("{0}")]
+    Admin(String),
+    /// The compiler thread could not start.
+    #[error("cannot start the compiler thread")]
+    Compiler(#[source] std::io::Error),
+}
+
+/// Why a change was refused. The old state keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The module does not load (not Wasm, not a component, wrong imports/exports, …).
+    #[error("the module was rejected: {0}")]
+    Module(#[from] LoadError),
+    /// The module loads but fails its probe check.
+    #[error("the module failed its probe check: {0}")]
+    Probe(#[source] PolicyFault),
+    /// The module's digest is not on the configured allow-list.
+    #[error("module digest `{0}` is not in the allowed_digests list")]
+    DigestNotAllowed(String),
+    /// A policy id that is not 1 to 64 of `[A-Za-z0-9._-]`.
+    #[error("`{0}` is not a policy id: use 1 to 64 of [A-Za-z0-9._-]")]
+    BadId(String),
+    /// A request body that is not what the call takes.
+    #[error("{0}")]
+    BadInput(String),
+    /// A JWKS whose keys cannot be used.
+    #[error("the JWKS is not usable: {0}")]
+    Keys(#[source] KeyError),
+    /// No such policy or issuer.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change would break the configuration (e.g. unloading a routed policy).
+    #[error("{0}")]
+    Conflict(String),
+    /// A JWKS endpoint could not be fetched.
+    #[error("the JWKS fetch failed")]
+    Fetch(#[source] FetchError),
+    /// The host failed, not the request (the compiler thread is gone).
+    #[error("{0}")]
+    Internal(&'static str),
+}
+
+/// Revocations to add or remove.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationChange {
+    /// Token ids.
+    #[serde(default)]
+    pub jtis: Vec<String>,
+    /// Subjects.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+/// The served state: the snapshot store and what it takes to change it.
+pub struct State {
+    /// The current snapshot.
+    pub store: Arc<SnapshotStore>,
+    /// The policy runtime.
+    pub runtime: Arc<Runtime>,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// JWKS fetching.
+    pub fetcher: Arc<JwksFetcher>,
+    /// Digests the admin API and policy directory may load; empty: any.
+    allowed_digests: HashSet<String>,
+    recent_modules: RecentModules,
+    /// Serialises module uploads from compile to publish, so a quick upload (a cached
+    /// rollback) cannot be overtaken by a slower one that started before it.
+    module_writes: tokio::sync::Mutex<()>,
+    compiler: Compiler,
+}
+
+/// The snapshot store as the JWKS fetcher's [`KeyStore`], counting fetches.
+struct FetchedKeys {
+    store: Arc<SnapshotStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl KeyStore for FetchedKeys {
+    fn key_sets(&self) -> Arc<KeySets> {
+        self.store.load().keys.clone()
+    }
+
+    fn publish_fetched(&self, issuer: &str, keys: Vec<Key>) -> u64 {
+        let published = self.store.update(|s| s.keys = Arc::new(s.keys.with_issuer(issuer, |i| i.with_fetched_keys(keys))));
+        published.keys.version
+    }
+
+    fn fetch_finished(&self, issuer: &str, ok: bool) {
+        let label = FetchLabels { issuer: issuer.to_owned(), result: if ok { "ok" } else { "error" } };
+        self.metrics.jwks_fetches.get_or_create(&label).inc();
+    }
+}
+
+impl State {
+    /// Load policies and static keys from `config` (compiling modules). JWKS endpoints are
+    /// fetched later, when the sidecar starts.
+    pub fn from_config(config: &Config) -> Result<Arc<State>, StartError> {
+        let runtime = Arc::new(Runtime::new(config.runtime.runtime_config()).map_err(StartError::Runtime)?);
+        let mut policies = HashMap::new();
+        for p in &config.policies {
+            let bytes = std::fs::read(&p.module).map_err(|e| StartError::Read(p.id.clone(), p.module.clone(), e))?;
+            let module = runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.clone(), e))?;
+            let value = match &p.data {
+                Some(path) => {
+                    let bytes = std::fs::read(path).map_err(|e| StartError::Read(p.id.clone(), path.clone(), e))?;
+                    serde_json::from_slice(&bytes).map_err(|e| StartError::Data(p.id.clone(), path.clone(), e))?
+                }
+                None => Value::Null,
+            };
+            let loaded = LoadedPolicy {
+                id: p.id.clone(),
+                module,
+                data: Arc::new(PolicyData::new(value, 1)),
+                loaded_at: SystemTime::now(),
+                shadow: None,
+            };
+            policies.insert(p.id.clone(), Arc::new(loaded));
+        }
+        let mut issuers = HashMap::new();
+        for i in &config.issuers {
+            issuers.insert(i.issuer.clone(), Arc::new(Issuer::from_config(i)?));
+        }
+        let routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.clone().unwrap_or_else(|| "/".into()),
+                policy: r.policy.clone(),
+            })
+            .collect();
+        let snapshot = Snapshot {
+            version: 1,
+            policies,
+            routes: routes.into(),
+            default_policy: config.server.default_policy.clone(),
+            keys: Arc::new(KeySets { version: 1, issuers }),
+            revocations: Arc::new(Revocations {
+                version: 1,
+                jtis: config.revocations.jtis.iter().cloned().collect(),
+                subjects: config.revocations.subjects.iter().cloned().collect(),
+            }),
+        };
+        let store = Arc::new(SnapshotStore::new(snapshot));
+        let metrics = Arc::new(Metrics::default());
+        let keys = Arc::new(FetchedKeys { store: store.clone(), metrics: metrics.clone() });
+        let fetcher = Arc::new(JwksFetcher::new(&config.issuers, keys)?);
+        Ok(Arc::new(State {
+            store,
+            runtime,
+            metrics,
+            fetcher,
+            allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
+            recent_modules: RecentModules::default(),
+            module_writes: tokio::sync::Mutex::new(()),
+            compiler: Compiler::start().map_err(StartError::Compiler)?,
+        }))
+    }
+
+    /// Compile, validate and probe `bytes` on the compiler thread, unless a module with the
+    /// same digest was compiled recently (a rollback is then instant).
+    async fn compile(&self, bytes: Bytes) -> Result<PolicyModule, ChangeError> {
+        let digest = sha256_hex(&bytes);
+        if !self.allowed_digests.is_empty() && !self.allowed_digests.contains(&digest) {
+            return Err(ChangeError::DigestNotAllowed(digest));
+        }
+        if let Some(module) = self.recent_modules.get(&digest) {
+            return Ok(module);
+        }
+        let runtime = self.runtime.clone();
+        let (done, result) = tokio::sync::oneshot::channel();
+        let queued = self.compiler.run(move || {
+            let compiled = runtime.load(&bytes).map_err(ChangeError::from).and_then(|module| {
+                runtime.probe(&module, crate::decide::unix_now()).map_err(ChangeError::Probe)?;
+                Ok(module)
+            });
+            let _ = done.send(compiled);
+        });
+        if !queued {
+            return Err(ChangeError::Internal("the compiler thread is gone"));
+        }
+        let module = result.await.map_err(|_| ChangeError::Internal("compilation did not finish"))??;
+        self.recent_modules.insert(digest, module.clone());
+        Ok(module)
+    }
+
+    /// Load or replace policy `id`; its data document is kept. Returns the live snapshot.
+    pub async fn put_policy(&self, id: &str, bytes: Bytes) -> Result<Arc<Snapshot>, ChangeError> {
+        check_id(id)?;
+        let _writes = self.module_writes.lock().await;
+        let module = self.compile(bytes).await?;
+        Ok(self.store.update(|s| {
+            let (data, shadow) = match s.policies.get(id) {
+                Some(old) => (old.data.clone(), old.shadow.clone()),
+                None => (Arc::new(PolicyData::default()), None),
+            };
+            let loaded = LoadedPolicy { id: id.to_owned(), module, data, loaded_at: SystemTime::now(), shadow };
+            s.policies.insert(id.to_owned(), Arc::new(loaded));
+        }))
+    }
+
+    /// Replace policy `id`'s data document.
+    pub fn put_data(&self, id: &str, value: Value) -> Result<Arc<Snapshot>, ChangeError> {
+        self.change_policy(id, |old| LoadedPolicy { data: Arc::new(PolicyData::new(value, old.data.version + 1)), ..old.clone() })
+    }
+
+    /// Attach (`Some`) or detach (`None`) a shadow candidate to policy `id`.
+    pub async fn set_shadow(&self, id: &str, bytes: Option<Bytes>) -> Result<Arc<Snapshot>, ChangeError> {
+        let _writes = self.module_writes.lock().await;
+        let candidate = match bytes {
+            Some(bytes) => Some(self.compile(bytes).await?),
+            None => None,
+        };
+        self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..old.clone() })
+    }
+
+    fn change_policy(&self, id: &str, change: impl FnOnce(&LoadedPolicy) -> LoadedPolicy) -> Result<Arc<Snapshot>, ChangeError> {
+        self.store.try_update(|s| {
+            let old = s.policies.get(id).ok_or_else(|| ChangeError::NotFound(format!("no policy `{id}`")))?;
+            let new = change(old);
+            s.policies.insert(id.to_owned(), Arc::new(new));
+            Ok(())
+        })
+    }
+
+    /// Unload policy `id`. Unless `even_if_routed`, refuse while a route or the default
+    /// policy uses it; if it is unloaded anyway, those routes answer 403 `no_route`.
+    pub fn remove_policy(&self, id: &str, even_if_routed: bool) -> Result<Arc<Snapshot>, ChangeError> {
+        self.store.try_update(|s| {
+            if !s.policies.contains_key(id) {
+                return Err(ChangeError::NotFound(format!("no policy `{id}`")));
+            }
+            if !even_if_routed && (s.routes.iter().any(|r| r.policy == id) || s.default_policy.as_deref() == Some(id)) {
+                return Err(ChangeError::Conflict(format!("policy `{id}` is used by a route; change the routes first")));
+            }
+            s.policies.remove(id);
+            Ok(())
+        })
+    }
+
+    /// Add (`revoke`) or remove revocations.
+    pub fn change_revocations(&self, change: &RevocationChange, revoke: bool) -> Arc<Snapshot> {
+        self.store.update(|s| {
+            let mut next = Revocations::clone(&s.revocations);
+            next.version += 1;
+            for jti in &change.jtis {
+                if revoke { next.jtis.insert(jti.clone()) } else { next.jtis.remove(jti) };
+            }
+            for subject in &change.subjects {
+                if revoke { next.subjects.insert(subject.clone()) } else { next.subjects.remove(subject) };
+            }
+            s.revocations = Arc::new(next);
+        })
+    }
+
+    /// Replace `issuer`'s static keys (keys from its JWKS endpoint stay).
+    pub fn rotate_keys(&self, issuer: &str, jwks: &jsonwebtoken::jwk::JwkSet) -> Result<Arc<Snapshot>, ChangeError> {
+        let keys: Vec<Key> = keys_from_jwks(jwks, false).map_err(ChangeError::Keys)?;
+        if keys.is_empty() {
+            return Err(ChangeError::BadInput("the JWKS has no keys; an issuer without keys would reject every token".into()));
+        }
+        self.store.try_update(|s| {
+            if !s.keys.issuers.contains_key(issuer) {
+                return Err(ChangeError::NotFound(format!("no issuer `{issuer}`")));
+            }
+            s.keys = Arc::new(s.keys.with_issuer(issuer, |current| current.with_static_keys(keys)));
+            Ok(())
+        })
+    }
+
+    /// Fetch `issuer`'s JWKS now; returns the live snapshot.
+    pub async fn refresh_jwks(&self, issuer: &str) -> Result<Arc<Snapshot>, ChangeError> {
+        match self.fetcher.fetch(issuer).await {
+            Ok(()) => Ok(self.store.load()),
+            Err(FetchError::NoEndpoint(_)) => Err(ChangeError::NotFound(format!("issuer `{issuer}` has no JWKS endpoint"))),
+            Err(e) => Err(ChangeError::Fetch(e)),
+        }
+    }
+}
+
+/// The most recently compiled modules by digest, so re-uploading a known module (a rollback,
+/// a deploy tool re-sending everything) skips compilation.
+#[derive(Default)]
+struct RecentModules(Mutex<VecDeque<(String, PolicyModule)>>);
+
+impl RecentModules {
+    const CAPACITY: usize = 8;
+
+    fn get(&self, digest: &str) -> Option<PolicyModule> {
+        let recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().find(|(d, _)| d == digest).map(|(_, m)| m.clone())
+    }
+
+    fn insert(&self, digest: String, module: PolicyModule) {
+        let mut recent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|(d, _)| *d != digest);
+        if recent.len() == Self::CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back((digest, module));
+    }
+}
+
+fn check_id(id: &str) -> Result<(), ChangeError> {
+    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok { Ok(()) } else { Err(ChangeError::BadId(id.to_owned())) }
+}
