@@ -1,9 +1,10 @@
 //! The example policies' fixture tables pass as Wasm through the real runtime, and every case
 //! gives exactly the same outcome natively as in Wasm.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
 
-use sandgate_tooling::fixture_runner;
 use sandgate_policy_sdk::{Policy, testing};
 use sandgate_tests::{fixtures, load, runtime};
+use sandgate_tooling::fixture_runner;
 
 fn same_outcomes_natively_and_as_wasm<P: Policy>(name: &str) {
     let runtime = runtime();

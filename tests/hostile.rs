@@ -1,5 +1,6 @@
 //! Each hostile behaviour becomes a deny with its own reason code, and the runtime keeps
 //! serving: a normal policy evaluated right after, and at the same time, answers correctly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
 
 use sandgate_runtime::{LoadError, PolicyFault, Runtime, RuntimeConfig};
 use sandgate_tests::{allowed_header, check, context, fixtures, load, policy_bytes, runtime};
@@ -73,7 +74,10 @@ fn hostile_checks_running_concurrently_do_not_disturb_normal_ones() {
 fn a_module_importing_what_the_host_lacks_is_refused_at_load() {
     let runtime = runtime();
     let error = runtime.load(&policy_bytes("bad-import")).err().expect("bad-import must be refused");
-    assert!(matches!(&error, LoadError::UnsupportedImport(name) if name == "wasi:filesystem/preopens@0.2.0"), "{error}");
+    assert!(
+        matches!(&error, LoadError::UnsupportedImport(name) if name == "wasi:filesystem/preopens@0.2.0"),
+        "{error}"
+    );
     assert!(error.to_string().contains("`wasi:filesystem/preopens@0.2.0`"), "the error names the import: {error}");
 }
 
@@ -115,13 +119,17 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
     let busy: Vec<_> = (0..2)
         .map(|_| {
             let (runtime, hostile) = (runtime.clone(), hostile.clone());
-            tokio::spawn(async move { runtime.check(&hostile, &check(json!({ "path": "/loop" })), &context(Value::Null)).await })
+            tokio::spawn(async move {
+                runtime.check(&hostile, &check(json!({ "path": "/loop" })), &context(Value::Null)).await
+            })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let queued = runtime.check(&hostile, &check(json!({ "path": "/" })), &context(Value::Null)).await;
     assert_eq!(queued.fault, Some(PolicyFault::Overloaded));
-    assert!(matches!(queued.decision, sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503));
+    assert!(
+        matches!(queued.decision, sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503)
+    );
     for task in busy {
         assert_eq!(task.await.unwrap().fault, Some(PolicyFault::Timeout));
     }

@@ -2,10 +2,11 @@
 //! `thread_local` and a lazily initialised global sees 1 every time, sequentially and under
 //! concurrency. The same policy on one reused instance sees its counters grow, which shows the
 //! check below would catch a runtime that leaked state.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
 
-use sandgate_tests::{allowed_header, check, context, load, runtime};
 use sandgate_runtime::ReusedInstance;
 use sandgate_runtime::{Runtime, RuntimeConfig};
+use sandgate_tests::{allowed_header, check, context, load, runtime};
 use std::sync::Arc;
 
 const STATE_HEADERS: [&str; 4] = ["x-static-counter", "x-global-cache", "x-thread-local", "x-lazy-global"];
@@ -19,7 +20,9 @@ fn fresh_state_on_every_sequential_check() {
 /// is on, since the written-page scan cannot see swapped-out pages).
 #[test]
 fn fresh_state_on_every_sequential_check_with_a_full_memory_reset() {
-    fresh_state_sequentially(&Runtime::new(RuntimeConfig { max_instances: 4, full_memory_reset: true, ..Default::default() }).unwrap());
+    fresh_state_sequentially(
+        &Runtime::new(RuntimeConfig { max_instances: 4, full_memory_reset: true, ..Default::default() }).unwrap(),
+    );
 }
 
 fn fresh_state_sequentially(runtime: &Runtime) {
@@ -80,7 +83,9 @@ fn a_normal_check_never_grows_guest_memory() {
     let runtime = runtime();
     let rbac = load(&runtime, "rbac");
     let data = sandgate_tests::fixtures("rbac").data.unwrap();
-    let request = check(serde_json::json!({ "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader", "writer"] } }));
+    let request = check(
+        serde_json::json!({ "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader", "writer"] } }),
+    );
     let evaluation = runtime.evaluate(&rbac, &request, &context(data));
     assert!(evaluation.is_allow());
     assert_eq!(evaluation.memory_grows, 0, "the guest called memory.grow on a normal request");

@@ -1,6 +1,7 @@
 //! A policy author's workflow end to end with the real `sandgate` binary: `new` → `cargo test`
 //! → `build` → `test` in a fresh directory, a broken fixture failing by name, and the errors a
 //! newcomer hits each saying what to do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -71,12 +72,24 @@ fn new_build_test_from_scratch_and_a_broken_fixture_is_named() {
 #[test]
 fn a_fixture_typo_names_the_file_and_field() {
     let root = temp_dir("typo");
-    std::fs::write(root.join("fixtures.json"), r#"{"cases": [{"name": "x", "request": {"path": "/", "methd": "GET"}, "expect": {"decision": "allow"}}]}"#).unwrap();
+    std::fs::write(
+        root.join("fixtures.json"),
+        r#"{"cases": [{"name": "x", "request": {"path": "/", "methd": "GET"}, "expect": {"decision": "allow"}}]}"#,
+    )
+    .unwrap();
     let wasm = sandgate_tests::workspace().join("target/policies/rbac.wasm");
-    let out = run(Command::new(sandgate()).arg("test").arg("--policy").arg(&wasm).arg("--fixtures").arg(root.join("fixtures.json")));
+    let out = run(Command::new(sandgate())
+        .arg("test")
+        .arg("--policy")
+        .arg(&wasm)
+        .arg("--fixtures")
+        .arg(root.join("fixtures.json")));
     assert_eq!(out.status.code(), Some(2));
     let report = text(&out);
-    assert!(report.contains("fixtures.json") && report.contains("unknown field `methd`") && report.contains("line 1"), "{report}");
+    assert!(
+        report.contains("fixtures.json") && report.contains("unknown field `methd`") && report.contains("line 1"),
+        "{report}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -84,7 +97,11 @@ fn a_fixture_typo_names_the_file_and_field() {
 fn a_crate_that_is_not_a_policy_says_what_it_needs() {
     let root = temp_dir("notpolicy");
     std::fs::create_dir_all(root.join("src")).unwrap();
-    std::fs::write(root.join("Cargo.toml"), "[package]\nname = \"plain\"\nversion = \"0.1.0\"\nedition = \"2024\"\n[workspace]\n").unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        "[package]\nname = \"plain\"\nversion = \"0.1.0\"\nedition = \"2024\"\n[workspace]\n",
+    )
+    .unwrap();
     std::fs::write(root.join("src/lib.rs"), "pub fn f() {}\n").unwrap();
     let out = run(in_crate(&sandgate(), &root).args(["build"]));
     assert_eq!(out.status.code(), Some(2));
@@ -106,7 +123,10 @@ fn a_missing_wasm_target_gives_the_rustup_line() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    let out = run(Command::new(sandgate()).env("PATH", path).arg("build").arg(sandgate_tests::workspace().join("guest-policies/rbac")));
+    let out = run(Command::new(sandgate())
+        .env("PATH", path)
+        .arg("build")
+        .arg(sandgate_tests::workspace().join("guest-policies/rbac")));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("rustup target add wasm32-unknown-unknown"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(&root);
@@ -132,15 +152,35 @@ fn eval_prints_any_decision_with_exit_0_and_bad_input_exits_2_with_a_message() {
     let policy = workspace.join("target/policies/rbac.wasm");
     let data = workspace.join("examples/rbac-data.json");
     let request = root.join("req.json");
-    let eval = |request: &Path| run(Command::new(sandgate()).arg("eval").arg("--policy").arg(&policy).arg("--request").arg(request).arg("--data").arg(&data));
+    let eval = |request: &Path| {
+        run(Command::new(sandgate())
+            .arg("eval")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--request")
+            .arg(request)
+            .arg("--data")
+            .arg(&data))
+    };
 
-    std::fs::write(&request, r#"{"method": "DELETE", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#).unwrap();
+    std::fs::write(
+        &request,
+        r#"{"method": "DELETE", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#,
+    )
+    .unwrap();
     let out = eval(&request);
     assert_eq!(out.status.code(), Some(0), "a deny is still a successful evaluation");
     let decision: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((decision["decision"].as_str(), decision["status"].as_u64(), decision["reason"].as_str()), (Some("deny"), Some(403), Some("forbidden")));
+    assert_eq!(
+        (decision["decision"].as_str(), decision["status"].as_u64(), decision["reason"].as_str()),
+        (Some("deny"), Some(403), Some("forbidden"))
+    );
 
-    std::fs::write(&request, r#"{"method": "GET", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#).unwrap();
+    std::fs::write(
+        &request,
+        r#"{"method": "GET", "path": "/api/orders/7", "claims": {"sub": "alice", "roles": ["reader"]}}"#,
+    )
+    .unwrap();
     let decision: serde_json::Value = serde_json::from_slice(&eval(&request).stdout).unwrap();
     assert_eq!(decision["decision"], "allow");
 
@@ -150,12 +190,22 @@ fn eval_prints_any_decision_with_exit_0_and_bad_input_exits_2_with_a_message() {
     assert!(text(&out).contains("unknown field `pth`"), "{}", text(&out));
 
     std::fs::write(&request, r#"{"path": "/"}"#).unwrap();
-    let out = run(Command::new(sandgate()).arg("eval").arg("--policy").arg(root.join("missing.wasm")).arg("--request").arg(&request));
+    let out = run(Command::new(sandgate())
+        .arg("eval")
+        .arg("--policy")
+        .arg(root.join("missing.wasm"))
+        .arg("--request")
+        .arg(&request));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("cannot read policy"), "{}", text(&out));
 
     std::fs::write(root.join("notwasm.wasm"), "hello").unwrap();
-    let out = run(Command::new(sandgate()).arg("eval").arg("--policy").arg(root.join("notwasm.wasm")).arg("--request").arg(&request));
+    let out = run(Command::new(sandgate())
+        .arg("eval")
+        .arg("--policy")
+        .arg(root.join("notwasm.wasm"))
+        .arg("--request")
+        .arg(&request));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("not a WebAssembly file"), "{}", text(&out));
     let _ = std::fs::remove_dir_all(&root);

@@ -1,5 +1,6 @@
 //! The verified-token cache never accepts a token after its `exp`, after it is revoked, or
 //! after its key has left the key set, and it stays within its bound.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -24,7 +25,14 @@ fn toml_config() -> Config {
         audiences: vec![],
         algorithms: vec!["HS256".into()],
         leeway_secs: 0,
-        keys: vec![KeySource { kid: Some("k1".into()), algorithm: Some("HS256".into()), pem_file: None, jwk_file: None, jwks_file: None, secret: Some(SECRET.into()) }],
+        keys: vec![KeySource {
+            kid: Some("k1".into()),
+            algorithm: Some("HS256".into()),
+            pem_file: None,
+            jwk_file: None,
+            jwks_file: None,
+            secret: Some(SECRET.into()),
+        }],
         jwks_url: None,
         discovery_url: None,
         jwks_refresh_secs: 300,
@@ -96,7 +104,8 @@ fn not_after_its_key_left_the_key_set() {
     assert_eq!(app.token_cache().unwrap().len(), 1, "the token was cached");
     // Rotate to a different key with a different kid: k1 is gone.
     let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"another-secret-of-at-least-32-bytes!!");
-    let jwks = serde_json::from_value(json!({ "keys": [{ "kty": "oct", "kid": "k2", "alg": "HS256", "k": other }] })).unwrap();
+    let jwks =
+        serde_json::from_value(json!({ "keys": [{ "kty": "oct", "kid": "k2", "alg": "HS256", "k": other }] })).unwrap();
     app.state().rotate_keys(ISSUER, &jwks).unwrap();
     assert_eq!(reason(app.verify_token(&t, &app.state().store.load(), now())), "unknown_kid");
 }

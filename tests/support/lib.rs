@@ -1,8 +1,9 @@
 //! Shared helpers for Sandgate's integration tests: the compiled policies (built on first use,
 //! so `cargo test` works on a fresh clone), check requests, and an authorizer without sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test support: a failed set-up fails the test that asked for it")]
 
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
 use sandgate_runtime::PolicyData;
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
 use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::path::PathBuf;
@@ -110,8 +111,7 @@ pub fn fixtures(policy: &str) -> FixtureFile {
 /// A check request from its JSON form.
 pub fn check(json: serde_json::Value) -> CheckRequest {
     let spec: RequestSpec = serde_json::from_value(json).unwrap();
-    let versions =
-        SnapshotVersions { snapshot: 1, policy_digest: String::new(), key_set: 0, revocations: 0, data: 1 };
+    let versions = SnapshotVersions { snapshot: 1, policy_digest: String::new(), key_set: 0, revocations: 0, data: 1 };
     request::from_spec(&spec, 1_767_225_600, versions)
 }
 
@@ -123,7 +123,9 @@ pub fn context(data: serde_json::Value) -> EvalContext {
 /// The value of an upstream header set by an allow; panics on a deny.
 pub fn allowed_header(decision: &Decision, name: &str) -> String {
     match decision {
-        Decision::Allow(a) => a.set_headers.iter().find(|h| h.name == name).map(|h| h.value.clone()).unwrap_or_default(),
+        Decision::Allow(a) => {
+            a.set_headers.iter().find(|h| h.name == name).map(|h| h.value.clone()).unwrap_or_default()
+        }
         Decision::Deny(d) => panic!("expected allow, got deny {} {}", d.status, d.reason),
     }
 }

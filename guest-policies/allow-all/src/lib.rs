@@ -1,7 +1,7 @@
 //! Allows every request without looking at it: the cost of the sandbox alone, for the load
 //! benchmark. Never deploy it.
 
-use sandgate_policy_sdk::{allow, Decision, Policy, Request};
+use sandgate_policy_sdk::{Decision, Policy, Request, allow};
 
 /// The allow-all policy.
 pub struct AllowAll;

@@ -13,7 +13,7 @@
 //! | `/malformed` | answers a deny with status 200 | deny `policy_malformed_decision` |
 //! | anything else | allows | allow |
 
-use sandgate_policy_sdk::{allow, deny, Decision, DecisionExt, Policy, Request};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,7 +13,7 @@
 //! `x-user` (the subject) and `x-roles`. No credential, or a rejected one: 401. Authenticated
 //! but no matching rule: 403 `forbidden`.
 
-use sandgate_policy_sdk::{allow, deny, host, match_path, Decision, DecisionExt, Policy, Request, RequestExt};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, RequestExt, allow, deny, host, match_path};
 use serde::Deserialize;
 use std::borrow::Cow;
 

@@ -13,7 +13,7 @@
 //! A missing scope is answered as RFC 6750 says: 403 with
 //! `WWW-Authenticate: Bearer error="insufficient_scope", scope="…"`.
 
-use sandgate_policy_sdk::{allow, deny, host, match_path, Decision, DecisionExt, Policy, Request, RequestExt};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, RequestExt, allow, deny, host, match_path};
 use serde::Deserialize;
 
 /// A route and the scope it requires.

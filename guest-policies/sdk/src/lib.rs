@@ -70,7 +70,7 @@ macro_rules! export_policy {
                     <$policy as $crate::Policy>::check(&request)
                 }
             }
-            $crate::bindings::__export_authorizer!(SandgateExport with_types_in $crate::bindings);
+    $crate::bindings::__export_authorizer!(SandgateExport with_types_in $crate::bindings);
         };
     };
 }
@@ -267,12 +267,13 @@ pub mod host {
     }
 }
 
-#[cfg(all(test, not(target_arch = "wasm32")))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn with_claims_json(json: &str) -> Request {
-        let spec: sandgate_spec::RequestSpec = serde_json::from_value(serde_json::json!({ "path": "/", "claims": { "iss": "i" } })).unwrap();
+        let spec: sandgate_spec::RequestSpec =
+            serde_json::from_value(serde_json::json!({ "path": "/", "claims": { "iss": "i" } })).unwrap();
         let mut request = testing::request_from_spec(&spec, 0);
         let Credential::Verified(credential) = &mut request.credential else { panic!("verified") };
         credential.claims_json = json.to_owned();
@@ -281,7 +282,9 @@ mod tests {
 
     #[test]
     fn claims_are_found_by_name() {
-        let request = with_claims_json(r#"{"a":1,"tenant":"acme","nested":{"tenant":"no"},"t\u0065nant2":[1,{"x":null}],"dup":1,"dup":2}"#);
+        let request = with_claims_json(
+            r#"{"a":1,"tenant":"acme","nested":{"tenant":"no"},"t\u0065nant2":[1,{"x":null}],"dup":1,"dup":2}"#,
+        );
         assert_eq!(request.claim("tenant"), Some(serde_json::json!("acme")));
         assert_eq!(request.claim("tenant2"), Some(serde_json::json!([1, { "x": null }])));
         assert_eq!(request.claim("dup"), Some(serde_json::json!(2)));

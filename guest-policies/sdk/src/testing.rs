@@ -118,6 +118,7 @@ pub fn outcome(decision: &Decision) -> Outcome {
 }
 
 /// Run every case of a fixture file through `P` natively; panic with every failing case.
+#[expect(clippy::panic, reason = "a test helper: failing the calling test is its job")]
 pub fn run_fixtures<P: Policy>(fixtures_json: &str) {
     let file = match FixtureFile::parse(fixtures_json) {
         Ok(file) => file,
@@ -132,5 +133,11 @@ pub fn run_fixtures<P: Policy>(fixtures_json: &str) {
             failures.push(format!("case `{}`: {why}", case.name));
         }
     }
-    assert!(failures.is_empty(), "{} of {} fixture cases failed:\n{}", failures.len(), file.cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixture cases failed:\n{}",
+        failures.len(),
+        file.cases.len(),
+        failures.join("\n")
+    );
 }

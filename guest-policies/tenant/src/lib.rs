@@ -9,7 +9,9 @@
 //! { "cross_tenant_roles": ["platform-admin"] }
 //! ```
 
-use sandgate_policy_sdk::{allow, deny, host, match_path, Decision, DecisionExt, LogLevel, Policy, Request, RequestExt};
+use sandgate_policy_sdk::{
+    Decision, DecisionExt, LogLevel, Policy, Request, RequestExt, allow, deny, host, match_path,
+};
 
 /// The tenant isolation policy.
 pub struct TenantIsolation;
@@ -32,7 +34,10 @@ impl Policy for TenantIsolation {
         }
         let cross: Vec<String> = host::data("/cross_tenant_roles").unwrap_or_default();
         if let Some(role) = claims.roles.iter().find(|r| cross.contains(r)) {
-            host::log(LogLevel::Info, &format!("cross-tenant access to `{wanted}` by `{}` as `{role}`", claims.subject));
+            host::log(
+                LogLevel::Info,
+                &format!("cross-tenant access to `{wanted}` by `{}` as `{role}`", claims.subject),
+            );
             return granted(wanted);
         }
         match own_tenant {

@@ -1,7 +1,7 @@
 //! Allows every request with `x-policy-version` naming the build that answered: built twice,
 //! with `SANDGATE_FIXTURE_VERSION=1` and `=2`, for the hot-reload tests.
 
-use sandgate_policy_sdk::{allow, Decision, DecisionExt, Policy, Request};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow};
 
 const VERSION: &str = match option_env!("SANDGATE_FIXTURE_VERSION") {
     Some(v) => v,

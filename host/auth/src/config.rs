@@ -68,4 +68,3 @@ pub struct KeySource {
     #[serde(default)]
     pub secret: Option<String>,
 }
-

@@ -156,7 +156,11 @@ impl JwksFetcher {
     }
 
     /// Refresh every issuer periodically on `tasks` until `stop` is cancelled.
-    pub fn spawn_refresh(self: &Arc<Self>, tasks: &tokio_util::task::TaskTracker, stop: &tokio_util::sync::CancellationToken) {
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        tasks: &tokio_util::task::TaskTracker,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
         for (issuer, source) in &self.sources {
             let (this, issuer, period, stop) = (self.clone(), issuer.clone(), source.refresh, stop.clone());
             tasks.spawn(async move {
@@ -187,15 +191,17 @@ impl JwksFetcher {
         let url = match (&gate.url, &source.discovery_url) {
             (Some(url), _) => url.clone(),
             (None, Some(discovery)) => {
-                let doc = self.get_json(&format!("{}/.well-known/openid-configuration", discovery.trim_end_matches('/'))).await?;
+                let doc = self
+                    .get_json(&format!("{}/.well-known/openid-configuration", discovery.trim_end_matches('/')))
+                    .await?;
                 let url = doc["jwks_uri"].as_str().ok_or(FetchError::NoJwksUri)?.to_owned();
                 gate.url = Some(url.clone());
                 url
             }
             (None, None) => return Err(FetchError::NoEndpoint(issuer.to_owned())),
         };
-        let set: jsonwebtoken::jwk::JwkSet =
-            serde_json::from_value(self.get_json(&url).await?).map_err(|e| FetchError::NotJson(url.clone(), "a JWKS", e))?;
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(self.get_json(&url).await?)
+            .map_err(|e| FetchError::NotJson(url.clone(), "a JWKS", e))?;
         let fetched = keys_from_jwks(&set, true).map_err(|e| FetchError::Keys(url.clone(), Some(e)))?;
         if fetched.is_empty() {
             return Err(FetchError::Keys(url, None));
@@ -209,7 +215,9 @@ impl JwksFetcher {
         let uri: hyper::Uri = url.parse().map_err(|e| FetchError::Url(url.to_owned(), e))?;
         // Keys over plain http could be replaced by anyone on the path; only loopback (a
         // local key server, the tests) may use it.
-        let loopback = uri.host().is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
+        let loopback = uri
+            .host()
+            .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
         if uri.scheme_str() != Some("https") && !loopback {
             return Err(FetchError::NotHttps(url.to_owned()));
         }

@@ -123,13 +123,15 @@ impl Key {
             return Ok(vec![static_key(DecodingKey::from_secret(secret.as_bytes()), algorithm)]);
         }
         if let Some(path) = &source.jwk_file {
-            let jwk: Jwk = serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWK", e))?;
+            let jwk: Jwk =
+                serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWK", e))?;
             let mut key = Key::from_jwk(&jwk, algorithm, false)?;
             key.kid = key.kid.or_else(|| source.kid.clone());
             return Ok(vec![key]);
         }
         if let Some(path) = &source.jwks_file {
-            let set: JwkSet = serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWKS", e))?;
+            let set: JwkSet =
+                serde_json::from_slice(&read(path)?).map_err(|e| KeyError::NotJson(path.clone(), "JWKS", e))?;
             return keys_from_jwks(&set, false);
         }
         Err(KeyError::NoSource)
@@ -175,7 +177,12 @@ impl Issuer {
         Ok(Issuer {
             issuer: config.issuer.clone(),
             audiences: config.audiences.clone(),
-            algorithms: config.algorithms.iter().map(|a| parse_algorithm(a)).collect::<Result<_, _>>().map_err(in_issuer)?,
+            algorithms: config
+                .algorithms
+                .iter()
+                .map(|a| parse_algorithm(a))
+                .collect::<Result<_, _>>()
+                .map_err(in_issuer)?,
             leeway: config.leeway_secs,
             keys,
             has_jwks_endpoint: config.jwks_url.is_some() || config.discovery_url.is_some(),
@@ -245,4 +252,3 @@ pub struct Revocations {
     /// Subjects whose every token is revoked.
     pub subjects: HashSet<String>,
 }
-

@@ -63,9 +63,15 @@ impl KeySets {
             .map_err(|e| Rejection::invalid("malformed_token", format!("cannot read the token claims: {e}")))?
             .iss
             .ok_or_else(|| Rejection::invalid("missing_issuer", "the token has no `iss`"))?;
-        let issuer = self.issuers.get(&iss).ok_or_else(|| Rejection::invalid("unknown_issuer", "the token's issuer is not trusted"))?;
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| Rejection::invalid("unknown_issuer", "the token's issuer is not trusted"))?;
         if !issuer.algorithms.contains(&header.alg) {
-            return Err(Rejection::invalid("algorithm_not_allowed", format!("{:?} is not allowed for this issuer", header.alg)));
+            return Err(Rejection::invalid(
+                "algorithm_not_allowed",
+                format!("{:?} is not allowed for this issuer", header.alg),
+            ));
         }
         let candidates: Vec<&Arc<Key>> = match &header.kid {
             Some(kid) => issuer.keys.iter().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect(),
@@ -91,7 +97,10 @@ impl KeySets {
         let mut last = Rejection::invalid("algorithm_mismatch", format!("no key for {:?}", header.alg));
         for key in candidates {
             if key.algorithm != header.alg {
-                last = Rejection::invalid("algorithm_mismatch", format!("the key is for {:?}, the token says {:?}", key.algorithm, header.alg));
+                last = Rejection::invalid(
+                    "algorithm_mismatch",
+                    format!("the key is for {:?}, the token says {:?}", key.algorithm, header.alg),
+                );
                 continue;
             }
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation) {

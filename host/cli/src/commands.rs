@@ -38,7 +38,11 @@ fn load_built(runtime: &Runtime, component: &[u8]) -> anyhow::Result<PolicyModul
 
 /// A runtime, the loaded policy, the check request from its JSON file, and the data document:
 /// what `eval` and `bench` start from.
-fn prepare(policy: &Path, request_path: &Path, data: Option<&Path>) -> anyhow::Result<(Runtime, PolicyModule, CheckRequest, EvalContext)> {
+fn prepare(
+    policy: &Path,
+    request_path: &Path,
+    data: Option<&Path>,
+) -> anyhow::Result<(Runtime, PolicyModule, CheckRequest, EvalContext)> {
     let spec: RequestSpec = read_json(request_path, "request")?;
     let value = match data {
         Some(path) => read_json(path, "data document")?,
@@ -46,7 +50,13 @@ fn prepare(policy: &Path, request_path: &Path, data: Option<&Path>) -> anyhow::R
     };
     let runtime = small_runtime()?;
     let module = load(&runtime, policy)?;
-    let versions = SnapshotVersions { snapshot: 0, policy_digest: module.digest().to_owned(), key_set: 0, revocations: 0, data: 1 };
+    let versions = SnapshotVersions {
+        snapshot: 0,
+        policy_digest: module.digest().to_owned(),
+        key_set: 0,
+        revocations: 0,
+        data: 1,
+    };
     let check = sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions);
     let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
     Ok((runtime, module, check, context))

@@ -1,11 +1,11 @@
 //! The built-in demo of `sandgate serve` without a configuration: the bundled RBAC policy, a
 //! freshly generated ES256 key, and a token to try it with.
 
-use sandgate_auth::{IssuerConfig, KeySource};
-use sandgate_server::config::{Config, PolicyConfig, RevocationConfig, RuntimeLimits, ServerConfig};
 use anyhow::Context;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
+use sandgate_auth::{IssuerConfig, KeySource};
+use sandgate_server::config::{Config, PolicyConfig, RevocationConfig, RuntimeLimits, ServerConfig};
 use std::path::{Path, PathBuf};
 
 /// The demo issuer.
@@ -19,8 +19,10 @@ const DATA: &str = include_str!("../../../examples/rbac-data.json");
 pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|_| anyhow::anyhow!("cannot generate a key"))?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("bad key"))?;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("cannot generate a key"))?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("bad key"))?;
     let point = pair.public_key().as_ref();
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let jwk = serde_json::json!({ "kty": "EC", "crv": "P-256", "kid": "demo", "alg": "ES256", "use": "sig",
@@ -51,7 +53,14 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
             audiences: vec![AUDIENCE.into()],
             algorithms: vec!["ES256".into()],
             leeway_secs: 30,
-            keys: vec![KeySource { kid: None, algorithm: None, pem_file: None, jwk_file: None, jwks_file: Some(jwks_path), secret: None }],
+            keys: vec![KeySource {
+                kid: None,
+                algorithm: None,
+                pem_file: None,
+                jwk_file: None,
+                jwks_file: Some(jwks_path),
+                secret: None,
+            }],
             jwks_url: None,
             discovery_url: None,
             jwks_refresh_secs: 300,

@@ -9,7 +9,11 @@ mod commands;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "sandgate", version, about = "Authorization sidecar running each check's policy in a fresh WebAssembly sandbox")]
+#[command(
+    name = "sandgate",
+    version,
+    about = "Authorization sidecar running each check's policy in a fresh WebAssembly sandbox"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -10,13 +10,14 @@
 //!
 //! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench-internals --bench decision`
 //! (JWT verification is not included: the credential is already verified.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark: a failed set-up should stop it loudly")]
 
 use criterion::{Criterion, criterion_group};
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, SnapshotVersions};
+use sandgate_policy_sdk::{Policy, testing};
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, SnapshotVersions};
 use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
-use sandgate_policy_sdk::{Policy, testing};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -45,7 +46,8 @@ fn setup() -> Setup {
         "claims": { "iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": 1900000000, "roles": ["reader", "writer"] }
     }))
     .expect("request");
-    let versions = SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
+    let versions =
+        SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
     let check = request::from_spec(&spec, 1_767_225_600, versions);
     let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
     Setup { runtime, module, context, check, spec, data }
@@ -55,7 +57,9 @@ fn decision(c: &mut Criterion) {
     let s = setup();
     assert!(s.runtime.evaluate(&s.module, &s.check, &s.context).is_allow(), "the benchmark request must be allowed");
     let mut group = c.benchmark_group("rbac_decision");
-    group.bench_function("fresh_instance", |b| b.iter(|| black_box(s.runtime.evaluate(&s.module, &s.check, &s.context))));
+    group.bench_function("fresh_instance", |b| {
+        b.iter(|| black_box(s.runtime.evaluate(&s.module, &s.check, &s.context)))
+    });
     // The guest's bump allocator never frees (its instance is meant to die after one check), so
     // a reused instance is replaced, untimed, every 1,000 calls before it fills its memory.
     group.bench_function("reused_instance_floor", |b| {
@@ -77,15 +81,22 @@ fn decision(c: &mut Criterion) {
     });
     testing::set_data(s.data.clone());
     let native_request = testing::request_from_spec(&s.spec, 1_767_225_600);
-    group.bench_function("native_rust", |b| b.iter(|| black_box(sandgate_policy_rbac::Rbac::check(black_box(&native_request)))));
+    group.bench_function("native_rust", |b| {
+        b.iter(|| black_box(sandgate_policy_rbac::Rbac::check(black_box(&native_request))))
+    });
     group.finish();
 
     // The sandbox alone: the same request through a policy that allows without looking.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let trivial = s.runtime.load(&std::fs::read(root.join("target/policies/hostile.wasm")).expect("hostile.wasm")).expect("loads");
+    let trivial = s
+        .runtime
+        .load(&std::fs::read(root.join("target/policies/hostile.wasm")).expect("hostile.wasm"))
+        .expect("loads");
     let mut trivial_check = s.check.clone();
     trivial_check.path = "/".into();
-    c.bench_function("allow_all/fresh_instance", |b| b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context))));
+    c.bench_function("allow_all/fresh_instance", |b| {
+        b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context)))
+    });
 }
 
 /// Fresh-instance decisions per second over `threads` threads for `duration`.
@@ -147,7 +158,9 @@ fn scaling() {
     });
     println!("\nper-call latency over {n} calls (µs, includes ~0.03 µs of timer overhead):");
     println!("  fresh_instance         p50 {fresh50:.2}  p99 {fresh99:.2}");
-    println!("  reused_instance_floor  p50 {reused50:.2}  p99 {reused99:.2}  (every 1,000th call also re-instantiates)");
+    println!(
+        "  reused_instance_floor  p50 {reused50:.2}  p99 {reused99:.2}  (every 1,000th call also re-instantiates)"
+    );
     println!("  native_rust            p50 {native50:.2}  p99 {native99:.2}");
     println!("  fresh / floor = {:.2}x, fresh / native = {:.2}x", fresh50 / reused50, fresh50 / native50);
 

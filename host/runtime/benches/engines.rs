@@ -15,14 +15,15 @@
 //! subject, with its roles as parents and its tenant as an attribute) and a resource entity (the
 //! path, and the tenant id the host parsed out of it, since Cedar cannot split strings).
 //! Building those inputs is timed, as copying the check request is.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark: a failed set-up should stop it loudly")]
 
 use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, RestrictedExpression};
 use criterion::{Criterion, criterion_group};
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
+use sandgate_policy_sdk::{Policy, testing};
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
 use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
-use sandgate_policy_sdk::{Policy, testing};
 use sandgate_spec::RequestSpec;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -130,7 +131,8 @@ fn cedar_rbac(data: &Value) -> String {
     let mut text = String::new();
     for (role, rules) in data["roles"].as_object().into_iter().flatten() {
         for rule in rules.as_array().into_iter().flatten() {
-            let methods: Vec<&str> = rule["methods"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let methods: Vec<&str> =
+                rule["methods"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             let action = if methods.contains(&"*") {
                 "action".to_owned()
             } else {
@@ -147,7 +149,10 @@ fn cedar_rbac(data: &Value) -> String {
                     None => format!("resource.path == {p:?}"),
                 })
                 .collect();
-            text += &format!("permit(principal in Role::{role:?}, {action}, resource) when {{ {} }};\n", paths.join(" || "));
+            text += &format!(
+                "permit(principal in Role::{role:?}, {action}, resource) when {{ {} }};\n",
+                paths.join(" || ")
+            );
         }
     }
     text
@@ -170,7 +175,8 @@ struct Engines {
 }
 
 fn spec(i: &Input) -> RequestSpec {
-    let mut claims = json!({ "iss": "https://issuer.example", "sub": i.subject, "exp": 1_900_000_000u64, "roles": i.roles });
+    let mut claims =
+        json!({ "iss": "https://issuer.example", "sub": i.subject, "exp": 1_900_000_000u64, "roles": i.roles });
     if let Some(t) = i.tenant {
         claims["tenant"] = json!(t);
     }
@@ -183,21 +189,41 @@ fn check_request(i: &Input, digest: &str) -> CheckRequest {
 }
 
 impl Engines {
-    fn new(policy: &str, data: Value, native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision) -> Self {
+    fn new(
+        policy: &str,
+        data: Value,
+        native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision,
+    ) -> Self {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let bytes = std::fs::read(root.join(format!("target/policies/{policy}.wasm"))).expect("run scripts/build-policies.sh first");
+        let bytes = std::fs::read(root.join(format!("target/policies/{policy}.wasm")))
+            .expect("run scripts/build-policies.sh first");
         let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let module = runtime.load(&bytes).expect("policy loads");
         let floor_runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let floor_module = floor_runtime.load(&bytes).expect("policy loads");
         let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
         let mut rego = regorus::Engine::new();
-        let (rego_text, rego_rule) = if policy == "rbac" { (REGO_RBAC, "data.sandgate.rbac.allow") } else { (REGO_TENANT, "data.sandgate.tenant.allow") };
+        let (rego_text, rego_rule) = if policy == "rbac" {
+            (REGO_RBAC, "data.sandgate.rbac.allow")
+        } else {
+            (REGO_TENANT, "data.sandgate.tenant.allow")
+        };
         rego.add_policy(format!("{policy}.rego"), rego_text.to_owned()).expect("rego parses");
         rego.add_data(regorus::Value::from_json_str(&data.to_string()).expect("data")).expect("rego data");
         let cedar_text = if policy == "rbac" { cedar_rbac(&data) } else { CEDAR_TENANT.to_owned() };
         let cedar = PolicySet::from_str(&cedar_text).expect("cedar parses");
-        Engines { runtime, module, floor_runtime, floor_module, context, data, native, rego, rego_rule: rego_rule.to_owned(), cedar }
+        Engines {
+            runtime,
+            module,
+            floor_runtime,
+            floor_module,
+            context,
+            data,
+            native,
+            rego,
+            rego_rule: rego_rule.to_owned(),
+            cedar,
+        }
     }
 
     fn sandgate(&self, check: &CheckRequest) -> bool {
@@ -211,20 +237,23 @@ impl Engines {
     }
 
     fn rego(&mut self, i: &Input) -> bool {
-        let input = json!({ "method": i.method, "path": i.path, "subject": i.subject, "roles": i.roles, "tenant": i.tenant });
+        let input =
+            json!({ "method": i.method, "path": i.path, "subject": i.subject, "roles": i.roles, "tenant": i.tenant });
         self.rego.set_input(regorus::Value::from_json_str(&input.to_string()).expect("input"));
         self.rego.eval_rule(self.rego_rule.clone()).expect("rego evaluates") == regorus::Value::from(true)
     }
 
     fn cedar(&self, i: &Input) -> bool {
         let principal = EntityUid::from_str(&format!("User::{:?}", i.subject)).expect("uid");
-        let parents: HashSet<EntityUid> = i.roles.iter().map(|r| EntityUid::from_str(&format!("Role::{r:?}")).expect("role")).collect();
+        let parents: HashSet<EntityUid> =
+            i.roles.iter().map(|r| EntityUid::from_str(&format!("Role::{r:?}")).expect("role")).collect();
         let mut user_attrs = HashMap::new();
         if let Some(t) = i.tenant {
             user_attrs.insert("tenant".to_owned(), RestrictedExpression::new_string(t.to_owned()));
         }
         let resource = EntityUid::from_str(r#"Resource::"request""#).expect("uid");
-        let mut resource_attrs = HashMap::from([("path".to_owned(), RestrictedExpression::new_string(i.path.to_owned()))]);
+        let mut resource_attrs =
+            HashMap::from([("path".to_owned(), RestrictedExpression::new_string(i.path.to_owned()))]);
         let segments: Vec<&str> = i.path.split('/').collect();
         if segments.len() > 2 && segments[1] == "tenants" && !segments[2].is_empty() {
             resource_attrs.insert("tenant".to_owned(), RestrictedExpression::new_string(segments[2].to_owned()));
@@ -247,10 +276,18 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
     // Agreement first: a benchmark of engines that decide differently would compare nothing.
     testing::set_data(engines.data.clone());
     let checks: Vec<CheckRequest> = inputs.iter().map(|i| check_request(i, engines.module.digest())).collect();
-    let natives: Vec<sandgate_policy_sdk::Request> = inputs.iter().map(|i| testing::request_from_spec(&spec(i), 1_767_225_600)).collect();
+    let natives: Vec<sandgate_policy_sdk::Request> =
+        inputs.iter().map(|i| testing::request_from_spec(&spec(i), 1_767_225_600)).collect();
     for ((i, check), native) in inputs.iter().zip(&checks).zip(&natives) {
         let answers = [engines.sandgate(check), engines.native(native), engines.rego(i), engines.cedar(i)];
-        assert!(answers.iter().all(|a| *a == answers[0]), "{name}: engines disagree on {} {} roles {:?} tenant {:?}: sandgate/native/rego/cedar = {answers:?}", i.method, i.path, i.roles, i.tenant);
+        assert!(
+            answers.iter().all(|a| *a == answers[0]),
+            "{name}: engines disagree on {} {} roles {:?} tenant {:?}: sandgate/native/rego/cedar = {answers:?}",
+            i.method,
+            i.path,
+            i.roles,
+            i.tenant
+        );
     }
     let allowed = checks.iter().filter(|c| engines.sandgate(c)).count();
     eprintln!("{name}: all engines agree on {} inputs ({allowed} allowed)", inputs.len());
@@ -271,7 +308,8 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
             let mut left = iters;
             while left > 0 {
                 let chunk = left.min(100);
-                let mut reused = ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
+                let mut reused = ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context)
+                    .expect("instance");
                 let started = std::time::Instant::now();
                 for _ in 0..chunk {
                     for check in &checks {
@@ -314,10 +352,17 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
 /// over the inputs), 51 rounds, so that a burst of noise on this shared machine lands in one
 /// round rather than on one engine. Prints each engine's median µs per decision over the rounds
 /// and, for each ratio the targets name, the median (and middle half) of the rounds' ratios.
-fn interleaved(name: &str, engines: &mut Engines, inputs: &[Input], checks: &[CheckRequest], natives: &[sandgate_policy_sdk::Request]) {
+fn interleaved(
+    name: &str,
+    engines: &mut Engines,
+    inputs: &[Input],
+    checks: &[CheckRequest],
+    natives: &[sandgate_policy_sdk::Request],
+) {
     const ROUNDS: usize = 51;
     const PASSES: usize = 100;
-    let per_decision = |started: std::time::Instant| started.elapsed().as_secs_f64() * 1e6 / (PASSES * inputs.len()) as f64;
+    let per_decision =
+        |started: std::time::Instant| started.elapsed().as_secs_f64() * 1e6 / (PASSES * inputs.len()) as f64;
     let mut rounds: Vec<[f64; 5]> = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         // µs per decision of `PASSES` passes of `pass` (one pass decides every input once).
@@ -326,7 +371,8 @@ fn interleaved(name: &str, engines: &mut Engines, inputs: &[Input], checks: &[Ch
             (0..PASSES).for_each(|_| pass());
             per_decision(started)
         };
-        let mut reused = ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
+        let mut reused =
+            ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
         rounds.push([
             time(&mut || checks.iter().for_each(|c| _ = black_box(engines.sandgate(c)))),
             time(&mut || checks.iter().for_each(|c| _ = black_box(reused.check(&c.clone()).expect("check")))),
@@ -340,7 +386,9 @@ fn interleaved(name: &str, engines: &mut Engines, inputs: &[Input], checks: &[Ch
         (v[v.len() / 4], v[v.len() / 2], v[v.len() * 3 / 4])
     };
     let names = ["sandgate_fresh_instance", "reused_instance_floor", "native_rust", "regorus", "cedar"];
-    eprintln!("{name}, interleaved ({ROUNDS} rounds of {PASSES} passes), median µs per decision and ratio to Sandgate:");
+    eprintln!(
+        "{name}, interleaved ({ROUNDS} rounds of {PASSES} passes), median µs per decision and ratio to Sandgate:"
+    );
     for (i, engine) in names.iter().enumerate() {
         let (_, time, _) = quartiles(rounds.iter().map(|r| r[i]).collect());
         let (_, ratio, _) = quartiles(rounds.iter().map(|r| r[i] / r[0]).collect());
@@ -354,10 +402,17 @@ fn interleaved(name: &str, engines: &mut Engines, inputs: &[Input], checks: &[Ch
 
 fn engines(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let rbac_data: Value = serde_json::from_str(&std::fs::read_to_string(root.join("examples/rbac-data.json")).expect("rbac data")).expect("json");
+    let rbac_data: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("examples/rbac-data.json")).expect("rbac data"))
+            .expect("json");
     rule_set(c, "rbac", Engines::new("rbac", rbac_data, sandgate_policy_rbac::Rbac::check), rbac_inputs());
     let tenant_data = json!({ "cross_tenant_roles": ["platform-admin"] });
-    rule_set(c, "tenant", Engines::new("tenant", tenant_data, sandgate_policy_tenant::TenantIsolation::check), tenant_inputs());
+    rule_set(
+        c,
+        "tenant",
+        Engines::new("tenant", tenant_data, sandgate_policy_tenant::TenantIsolation::check),
+        tenant_inputs(),
+    );
 }
 
 criterion_group! {

@@ -10,10 +10,11 @@
 //!
 //! The request is the decision benchmark's (RBAC `POST /api/orders/7`, roles `reader, writer`,
 //! data `examples/rbac-data.json`); any policy module can be given.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "an example: a failed set-up should stop it loudly")]
 
-use sandgate_runtime::bindings::sandgate::policy::types::SnapshotVersions;
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
+use sandgate_runtime::bindings::sandgate::policy::types::SnapshotVersions;
 use sandgate_runtime::{EvalContext, Runtime, RuntimeConfig, spec as request};
 use sandgate_spec::RequestSpec;
 use std::sync::Arc;
@@ -33,7 +34,8 @@ fn main() -> anyhow::Result<()> {
         "headers": { "authorization": "Bearer x", "user-agent": "bench", "accept": "application/json" },
         "claims": { "iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": 1900000000, "roles": ["reader", "writer"] }
     }))?;
-    let versions = SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
+    let versions =
+        SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
     let check = request::from_spec(&spec, 1_767_225_600, versions);
     let context = EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None };
     anyhow::ensure!(runtime.evaluate(&module, &check, &context).fault.is_none(), "the policy faults on this request");
@@ -54,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         }
         timed += started.elapsed();
     }
-    println!("{module_path}: reused instance {:.2} µs/call", timed.as_secs_f64() * 1e6 / (n.div_ceil(1000) * 1000) as f64);
+    println!(
+        "{module_path}: reused instance {:.2} µs/call",
+        timed.as_secs_f64() * 1e6 / (n.div_ceil(1000) * 1000) as f64
+    );
     Ok(())
 }

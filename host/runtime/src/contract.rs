@@ -46,7 +46,10 @@ pub(crate) fn validate_decision(decision: Decision) -> Result<Decision, PolicyFa
             return Err(PolicyFault::MalformedDecision(format!("deny status {} is not 4xx or 5xx", d.status)));
         }
         if !is_reason_code(&d.reason) {
-            return Err(PolicyFault::MalformedDecision(format!("reason {:?} is not a code like `forbidden`", d.reason)));
+            return Err(PolicyFault::MalformedDecision(format!(
+                "reason {:?} is not a code like `forbidden`",
+                d.reason
+            )));
         }
     }
     Ok(decision)
@@ -54,15 +57,23 @@ pub(crate) fn validate_decision(decision: Decision) -> Result<Decision, PolicyFa
 
 /// An HTTP header name (RFC 9110 token), as a policy must give it.
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Headers that frame the HTTP exchange between the proxy and Sandgate (or route it): a
 /// policy that could set them could smuggle a second response onto the proxy's connection.
 fn is_framing_header(name: &str) -> bool {
-    const FRAMING: [&str; 9] =
-        ["content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "proxy-connection", "host"];
+    const FRAMING: [&str; 9] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "host",
+    ];
     FRAMING.iter().any(|f| f.eq_ignore_ascii_case(name))
 }
 

@@ -65,15 +65,23 @@ impl PolicyModule {
 /// types `evaluate` calls it with.
 pub(crate) fn check_export(pre: &InstancePre<HostState>) -> wasmtime::Result<ComponentExportIndex> {
     let component = pre.component();
-    let (_, policy) = component.get_export(None, POLICY_EXPORT).ok_or_else(|| wasmtime::format_err!("no `{POLICY_EXPORT}` export"))?;
-    let (item, check) = component.get_export(Some(&policy), "check").ok_or_else(|| wasmtime::format_err!("no `check` function in `{POLICY_EXPORT}`"))?;
-    let ComponentItem::ComponentFunc(func) = item else { return Err(wasmtime::format_err!("`check` is not a function")) };
-    wasmtime::error::Context::context(func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()), "`check` has the wrong type")?;
+    let (_, policy) = component
+        .get_export(None, POLICY_EXPORT)
+        .ok_or_else(|| wasmtime::format_err!("no `{POLICY_EXPORT}` export"))?;
+    let (item, check) = component
+        .get_export(Some(&policy), "check")
+        .ok_or_else(|| wasmtime::format_err!("no `check` function in `{POLICY_EXPORT}`"))?;
+    let ComponentItem::ComponentFunc(func) = item else {
+        return Err(wasmtime::format_err!("`check` is not a function"));
+    };
+    wasmtime::error::Context::context(
+        func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()),
+        "`check` has the wrong type",
+    )?;
     Ok(check)
 }
 
-/// Whether this process's memory may be swapped out: `/proc/swaps` (its text, if readable)
-
+/// SHA-256 of `bytes`, lowercase hex: how Sandgate names a policy module's version.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

@@ -60,7 +60,13 @@ impl PolicyData {
 
 /// Append `value` to `text` as compact JSON, indexing it and its descendants under `pointer`
 /// (while the index has room). Returns whether every node was indexed.
-fn index_node(value: &Value, pointer: &mut String, text: &mut String, index: &mut HashMap<Box<str>, Range<usize>>, max_nodes: usize) -> bool {
+fn index_node(
+    value: &Value,
+    pointer: &mut String,
+    text: &mut String,
+    index: &mut HashMap<Box<str>, Range<usize>>,
+    max_nodes: usize,
+) -> bool {
     let start = text.len();
     let mut complete = true;
     let mut child = |key: &str, child: &Value, text: &mut String, index: &mut HashMap<_, _>| {
@@ -123,9 +129,29 @@ mod tests {
             "0": "a numeric key",
         });
         let pointers = [
-            "", "/", "/roles", "/roles/reader", "/roles/reader/0", "/roles/reader/0/methods/0", "/roles/a~1b~0c",
-            "/roles/a~1b~0c/2", "/roles/a/b~c", "/text", "/nested/2/1", "/nested/1", "/nested/01", "/nested/-",
-            "/nested/+1", "/nested/3", "/0", "//", "roles", "/roles/", "/missing", "/text/0", "/roles/reader/0/methods/9",
+            "",
+            "/",
+            "/roles",
+            "/roles/reader",
+            "/roles/reader/0",
+            "/roles/reader/0/methods/0",
+            "/roles/a~1b~0c",
+            "/roles/a~1b~0c/2",
+            "/roles/a/b~c",
+            "/text",
+            "/nested/2/1",
+            "/nested/1",
+            "/nested/01",
+            "/nested/-",
+            "/nested/+1",
+            "/nested/3",
+            "/0",
+            "//",
+            "roles",
+            "/roles/",
+            "/missing",
+            "/text/0",
+            "/roles/reader/0/methods/9",
         ];
         // Fully indexed, and with room for only three nodes (the rest found by walking).
         for data in [PolicyData::new(value.clone(), 1), PolicyData::indexed(value.clone(), 1, 3)] {

@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use wasmtime::component::{Component, Linker, TypedFunc};
 use wasmtime::{
-    Config, Engine, Enabled, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
-    Trap,
+    Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap,
 };
 
 /// Limits of the runtime. The defaults suit a sidecar on a small machine.
@@ -136,8 +136,12 @@ impl Runtime {
         anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
         anyhow::ensure!(config.memory_limit >= 1 << 20, "memory_limit must be at least 1 MiB");
         let read = |path| std::fs::read_to_string(path).ok();
-        if !config.full_memory_reset && swap_possible(read("/proc/swaps").as_deref(), read("/sys/fs/cgroup/memory.swap.max").as_deref()) {
-            tracing::warn!("swap is enabled: resetting all of each policy instance's memory after every check (slower), since the written-page scan cannot see swapped-out pages");
+        if !config.full_memory_reset
+            && swap_possible(read("/proc/swaps").as_deref(), read("/sys/fs/cgroup/memory.swap.max").as_deref())
+        {
+            tracing::warn!(
+                "swap is enabled: resetting all of each policy instance's memory after every check (slower), since the written-page scan cannot see swapped-out pages"
+            );
             config.full_memory_reset = true;
         }
         let (keep_resident, scan) = match config.full_memory_reset {
@@ -235,7 +239,13 @@ impl Runtime {
             body: None,
             credential: Credential::None,
             now,
-            versions: SnapshotVersions { snapshot: 0, policy_digest: module.digest().into(), key_set: 0, revocations: 0, data: 0 },
+            versions: SnapshotVersions {
+                snapshot: 0,
+                policy_digest: module.digest().into(),
+                key_set: 0,
+                revocations: 0,
+                data: 0,
+            },
         };
         // The probe takes a pool slot like any check, waiting up to the queue timeout.
         let deadline = std::time::Instant::now() + self.config.queue_timeout;
@@ -269,7 +279,12 @@ impl Runtime {
 
     /// Evaluate one check only if an instance is free right now (shadow evaluations, which
     /// must never make a live check wait).
-    pub fn try_check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Option<Evaluation> {
+    pub fn try_check(
+        &self,
+        module: &PolicyModule,
+        request: &CheckRequest,
+        context: &EvalContext,
+    ) -> Option<Evaluation> {
         let _permit = self.permits.try_acquire().ok()?;
         Some(self.evaluate(module, request, context))
     }
@@ -284,7 +299,9 @@ impl Runtime {
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(&e, &store))
             .and_then(|instance| {
-                let func = instance.get_func(&mut store, module.check).ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
+                let func = instance
+                    .get_func(&mut store, module.check)
+                    .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
                 // SAFETY: `check_export` type-checked this export against these types when the
                 // module was loaded, and a component's types never change. (The generated
                 // bindings would check them again on every instantiation: ~0.5 µs a check.)
@@ -316,7 +333,6 @@ fn swap_possible(proc_swaps: Option<&str>, cgroup_swap_max: Option<&str>) -> boo
     let host_has_swap = proc_swaps.is_some_and(|text| text.lines().skip(1).any(|line| !line.trim().is_empty()));
     host_has_swap && cgroup_swap_max.is_none_or(|max| max.trim() != "0")
 }
-
 
 fn classify_instantiation(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFault {
     if store.data().limiter.exceeded() {

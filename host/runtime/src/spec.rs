@@ -2,13 +2,12 @@
 //! the forms fixtures and `sandgate eval` use. Shared by the CLI, the fixture runner, shadow
 //! evaluation (which compares outcomes) and the tests.
 
-use crate::bindings::sandgate::policy::types::{
-    CheckRequest, Credential, CredentialError, Decision, Header, SnapshotVersions, StandardClaims,
-    VerifiedCredential,
-};
 use crate::Evaluation;
+use crate::bindings::sandgate::policy::types::{
+    CheckRequest, Credential, CredentialError, Decision, Header, SnapshotVersions, StandardClaims, VerifiedCredential,
+};
 use sandgate_spec::{Outcome, RequestSpec};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 /// A verified credential carrying `claims`, with the standard claims typed.
 pub fn verified_credential(claims: Map<String, Value>, key_id: Option<String>, algorithm: &str) -> VerifiedCredential {

@@ -3,19 +3,22 @@
 //! in a fresh Wasm instance. Isolation is off: for comparison only.
 //!
 //! Run: `cargo run --release -p sandgate-server --features bench-internals --example native_baseline_server -- CONFIG.toml 127.0.0.1:9000`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "an example: a failed set-up should stop it loudly")]
 
+use sandgate_policy_sdk as sdk;
+use sandgate_policy_sdk::Policy;
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::bindings::sandgate::policy::types as host;
 use sandgate_server::decide::NativePolicy;
 use sandgate_server::{Config, Sidecar};
-use sandgate_policy_sdk as sdk;
-use sandgate_policy_sdk::Policy;
 use std::sync::Arc;
 
 fn to_sdk(r: &host::CheckRequest) -> sdk::Request {
     let credential = match &r.credential {
         host::Credential::None => sdk::Credential::None,
-        host::Credential::Rejected(e) => sdk::Credential::Rejected(sdk::CredentialError { reason: e.reason.clone(), message: e.message.clone() }),
+        host::Credential::Rejected(e) => {
+            sdk::Credential::Rejected(sdk::CredentialError { reason: e.reason.clone(), message: e.message.clone() })
+        }
         host::Credential::Verified(v) => sdk::Credential::Verified(sdk::VerifiedCredential {
             key_id: v.key_id.clone(),
             algorithm: v.algorithm.clone(),
@@ -55,10 +58,19 @@ fn to_sdk(r: &host::CheckRequest) -> sdk::Request {
 }
 
 fn from_sdk(d: sdk::Decision) -> host::Decision {
-    let headers = |hs: Vec<sdk::Header>| hs.into_iter().map(|h| host::Header { name: h.name, value: h.value }).collect();
+    let headers =
+        |hs: Vec<sdk::Header>| hs.into_iter().map(|h| host::Header { name: h.name, value: h.value }).collect();
     match d {
-        sdk::Decision::Allow(a) => host::Decision::Allow(host::AllowResponse { set_headers: headers(a.set_headers), remove_headers: a.remove_headers }),
-        sdk::Decision::Deny(d) => host::Decision::Deny(host::DenyResponse { status: d.status, reason: d.reason, message: d.message, headers: headers(d.headers) }),
+        sdk::Decision::Allow(a) => host::Decision::Allow(host::AllowResponse {
+            set_headers: headers(a.set_headers),
+            remove_headers: a.remove_headers,
+        }),
+        sdk::Decision::Deny(d) => host::Decision::Deny(host::DenyResponse {
+            status: d.status,
+            reason: d.reason,
+            message: d.message,
+            headers: headers(d.headers),
+        }),
     }
 }
 
@@ -77,7 +89,8 @@ fn rbac(request: &host::CheckRequest, data: &PolicyData) -> host::Decision {
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let config_path = args.next().ok_or_else(|| anyhow::anyhow!("usage: native_baseline_server CONFIG.toml [ADDRESS]"))?;
+    let config_path =
+        args.next().ok_or_else(|| anyhow::anyhow!("usage: native_baseline_server CONFIG.toml [ADDRESS]"))?;
     let mut config = Config::from_file(std::path::Path::new(&config_path))?;
     if let Some(address) = args.next() {
         config.server.listen = address;

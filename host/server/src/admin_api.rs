@@ -83,7 +83,8 @@ impl AdminApi {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         if let Some(token) = &self.token {
-            let presented = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(bearer_token);
+            let presented =
+                request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(bearer_token);
             let Some(Bearer::Token(presented)) = presented else { return unauthorized() };
             if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
                 return unauthorized();
@@ -94,7 +95,12 @@ impl AdminApi {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
-            Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": format!("cannot read the body (at most {MAX_BODY} bytes): {e}") })),
+            Err(e) => {
+                return reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({ "error": format!("cannot read the body (at most {MAX_BODY} bytes): {e}") }),
+                );
+            }
         };
         let result = match (&method, segments.as_slice()) {
             (&Method::GET, ["v1", "snapshot"]) => Ok(self.state.store.load()),
@@ -106,13 +112,19 @@ impl AdminApi {
             },
             (&Method::PUT, ["v1", "policies", id, "shadow"]) => self.state.set_shadow(id, Some(body)).await,
             (&Method::DELETE, ["v1", "policies", id, "shadow"]) => self.state.set_shadow(id, None).await,
-            (&Method::POST | &Method::DELETE, ["v1", "revocations"]) => match serde_json::from_slice::<RevocationChange>(&body) {
-                Ok(change) => Ok(self.state.change_revocations(&change, method == Method::POST)),
-                Err(e) => Err(ChangeError::BadInput(format!("expected {{\"jtis\": [..], \"subjects\": [..]}}: {e}"))),
-            },
+            (&Method::POST | &Method::DELETE, ["v1", "revocations"]) => {
+                match serde_json::from_slice::<RevocationChange>(&body) {
+                    Ok(change) => Ok(self.state.change_revocations(&change, method == Method::POST)),
+                    Err(e) => {
+                        Err(ChangeError::BadInput(format!("expected {{\"jtis\": [..], \"subjects\": [..]}}: {e}")))
+                    }
+                }
+            }
             (&Method::PUT, ["v1", "keys"]) => match serde_json::from_slice::<KeysBody>(&body) {
                 Ok(keys) => self.state.rotate_keys(&keys.issuer, &keys.jwks),
-                Err(e) => Err(ChangeError::BadInput(format!("expected {{\"issuer\": \"..\", \"jwks\": {{\"keys\": [..]}}}}: {e}"))),
+                Err(e) => Err(ChangeError::BadInput(format!(
+                    "expected {{\"issuer\": \"..\", \"jwks\": {{\"keys\": [..]}}}}: {e}"
+                ))),
             },
             (&Method::POST, ["v1", "jwks", "refresh"]) => match serde_json::from_slice::<IssuerBody>(&body) {
                 Ok(b) => self.state.refresh_jwks(&b.issuer).await,
@@ -175,7 +187,9 @@ fn error_response(method: &Method, path: &str, error: &ChangeError) -> Response<
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
     *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     response
 }
 

@@ -295,8 +295,14 @@ impl Config {
             bail!("default_policy `{id}` is not a configured policy (policies: {ids:?})");
         }
         let prefix = self.server.auth_prefix.trim_end_matches('/');
-        if !self.server.auth_prefix.starts_with('/') || prefix.is_empty() || ["/healthz", "/readyz", "/metrics"].contains(&prefix) {
-            bail!("auth_prefix `{}` must start with `/` and not be `/`, `/healthz`, `/readyz` or `/metrics`", self.server.auth_prefix);
+        if !self.server.auth_prefix.starts_with('/')
+            || prefix.is_empty()
+            || ["/healthz", "/readyz", "/metrics"].contains(&prefix)
+        {
+            bail!(
+                "auth_prefix `{}` must start with `/` and not be `/`, `/healthz`, `/readyz` or `/metrics`",
+                self.server.auth_prefix
+            );
         }
         for issuer in &self.issuers {
             if issuer.algorithms.is_empty() {

@@ -10,7 +10,9 @@ use crate::original_request::{Bearer, OriginalRequest};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Credential, CredentialError, Decision, DenyResponse};
+use sandgate_runtime::bindings::sandgate::policy::types::{
+    CheckRequest, Credential, CredentialError, Decision, DenyResponse,
+};
 use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, spec};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -28,8 +30,7 @@ pub fn unix_now() -> u64 {
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
 #[cfg(feature = "bench-internals")]
-pub type NativePolicy =
-    Arc<dyn Fn(&CheckRequest, &sandgate_runtime::PolicyData) -> Decision + Send + Sync>;
+pub type NativePolicy = Arc<dyn Fn(&CheckRequest, &sandgate_runtime::PolicyData) -> Decision + Send + Sync>;
 
 /// Decides checks against the served [`State`].
 pub struct Authorizer {
@@ -97,7 +98,12 @@ impl Authorizer {
 
         let mut snapshot = self.state.store.load();
         if original.is_ambiguous_path() {
-            let answer = Answer::host_deny(request_id, 400, "ambiguous_path", "the path has dot segments, empty segments or encoded slashes");
+            let answer = Answer::host_deny(
+                request_id,
+                400,
+                "ambiguous_path",
+                "the path has dot segments, empty segments or encoded slashes",
+            );
             self.record(&original, &answer, None, &snapshot, None, now, started);
             return answer;
         }
@@ -220,7 +226,14 @@ impl Authorizer {
 
     /// Evaluate a shadow candidate on the same request, after the answer and off its path:
     /// the candidate never affects it. Disagreements are counted and logged.
-    fn shadow_evaluate(&self, candidate: PolicyModule, policy: String, check: CheckRequest, context: EvalContext, primary: &Evaluation) {
+    fn shadow_evaluate(
+        &self,
+        candidate: PolicyModule,
+        policy: String,
+        check: CheckRequest,
+        context: EvalContext,
+        primary: &Evaluation,
+    ) {
         let primary = spec::outcome(&primary.decision);
         let state = self.state.clone();
         let log = self.log.clone();
@@ -303,7 +316,9 @@ impl Authorizer {
         if self.identity_headers.is_empty() {
             return headers;
         }
-        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else { return headers };
+        let Ok(claims) = serde_json::from_str::<serde_json::Map<String, Value>>(&verified.claims_json) else {
+            return headers;
+        };
         for (header, claim) in &self.identity_headers {
             let value = match claims.get(claim) {
                 Some(Value::String(s)) => s.clone(),
@@ -336,7 +351,12 @@ pub struct Answer {
 impl Answer {
     /// A deny the host decides without a policy (bad path, no route, bad input).
     pub fn host_deny(request_id: String, status: u16, reason: &str, message: &str) -> Self {
-        let decision = Decision::Deny(DenyResponse { status, reason: reason.into(), message: message.into(), headers: Vec::new() });
+        let decision = Decision::Deny(DenyResponse {
+            status,
+            reason: reason.into(),
+            message: message.into(),
+            headers: Vec::new(),
+        });
         let evaluation = Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
         Answer { request_id, evaluation, identity: Vec::new(), unset_identity: Vec::new() }
     }

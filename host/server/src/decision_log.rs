@@ -52,11 +52,16 @@ pub struct DecisionLog {
 
 impl DecisionLog {
     /// A log written to `sink` by its own thread, counting dropped lines in `dropped`.
-    pub fn start(sink: Box<dyn Write + Send>, capacity: usize, dropped: Counter) -> std::io::Result<(DecisionLog, LogWriter)> {
+    pub fn start(
+        sink: Box<dyn Write + Send>,
+        capacity: usize,
+        dropped: Counter,
+    ) -> std::io::Result<(DecisionLog, LogWriter)> {
         let (queue, lines) = std::sync::mpsc::sync_channel(capacity.max(1));
         let closing = Arc::new(AtomicBool::new(false));
         let flag = closing.clone();
-        let thread = std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(lines, sink, &flag))?;
+        let thread =
+            std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(lines, sink, &flag))?;
         Ok((DecisionLog { queue, dropped }, LogWriter { closing, thread: Some(thread) }))
     }
 

@@ -11,12 +11,12 @@
 
 use crate::decide::{Answer, Authorizer};
 use crate::original_request::OriginalRequest;
-use sandgate_runtime::bindings::sandgate::policy::types::{Decision, Header};
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
-    HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
+use sandgate_runtime::bindings::sandgate::policy::types::{Decision, Header};
 use std::sync::Arc;
 
 /// Total header bytes accepted in one check; more is denied with 431.
@@ -47,7 +47,10 @@ impl ExtAuthz {
 
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
-    async fn check(&self, request: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let response = match original_request(request.get_ref()) {
             Ok(original) => check_response(&self.authorizer.decide(original).await),
             Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
@@ -65,7 +68,10 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
         .and_then(|r| r.http.as_ref())
         .ok_or((400, "malformed check request: no attributes.request.http"))?;
     let size: usize = http.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-        + http.header_map.as_ref().map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len()).sum());
+        + http
+            .header_map
+            .as_ref()
+            .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len()).sum());
     if size > MAX_HEADER_BYTES {
         return Err((431, "request headers too large"));
     }
@@ -79,7 +85,11 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
     if let Some(map) = &http.header_map {
         headers.extend(map.headers.iter().filter(|h| !h.key.starts_with(':')).map(|h| Header {
             name: h.key.to_ascii_lowercase(),
-            value: if h.raw_value.is_empty() { h.value.clone() } else { String::from_utf8_lossy(&h.raw_value).into_owned() },
+            value: if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            },
         }));
     }
     headers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -114,7 +124,10 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
 }
 
 fn header(name: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
-    #[allow(deprecated, reason = "`append` is deprecated in favour of `append_action`, which is set; the field must still be named")]
+    #[allow(
+        deprecated,
+        reason = "`append` is deprecated in favour of `append_action`, which is set; the field must still be named"
+    )]
     HeaderValueOption {
         header: Some(HeaderValue { key: name.to_owned(), value: value.to_owned(), raw_value: Vec::new() }),
         append: None,
@@ -130,7 +143,10 @@ fn check_response(answer: &Answer) -> CheckResponse {
             status: Some(rpc::Status { code: code::OK, message: String::new(), details: Vec::new() }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 // Overwrite: a client must not be able to send its own `x-user`.
-                headers: headers.iter().map(|(n, v)| header(n, v, HeaderAppendAction::OverwriteIfExistsOrAdd)).collect(),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| header(n, v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                    .collect(),
                 headers_to_remove: allow.remove_headers.iter().chain(&answer.unset_identity).cloned().collect(),
                 ..Default::default()
             })),
@@ -182,12 +198,24 @@ mod tests {
 
     #[test]
     fn denies_map_to_grpc_codes_and_carry_their_http_status() {
-        for (status, grpc) in [(401, code::UNAUTHENTICATED), (503, code::UNAVAILABLE), (403, code::PERMISSION_DENIED), (400, code::PERMISSION_DENIED)] {
+        for (status, grpc) in [
+            (401, code::UNAUTHENTICATED),
+            (503, code::UNAVAILABLE),
+            (403, code::PERMISSION_DENIED),
+            (400, code::PERMISSION_DENIED),
+        ] {
             let response = check_response(&Answer::host_deny("r".into(), status, "some_reason", "no"));
             assert_eq!(code_of(&response), grpc, "{status}");
-            let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else { panic!("{status}: not a denied response") };
+            let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
+                panic!("{status}: not a denied response")
+            };
             assert_eq!(denied.status.as_ref().map(|s| s.code), Some(i32::from(status)));
-            assert!(denied.headers.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "x-sandgate-reason" && h.value == "some_reason")));
+            assert!(
+                denied.headers.iter().any(|h| h
+                    .header
+                    .as_ref()
+                    .is_some_and(|h| h.key == "x-sandgate-reason" && h.value == "some_reason"))
+            );
         }
     }
 
@@ -214,6 +242,9 @@ mod tests {
 
     #[test]
     fn a_check_without_http_attributes_is_invalid() {
-        assert_eq!(original_request(&CheckRequest::default()).err(), Some((400, "malformed check request: no attributes")));
+        assert_eq!(
+            original_request(&CheckRequest::default()).err(),
+            Some((400, "malformed check request: no attributes"))
+        );
     }
 }

@@ -44,7 +44,11 @@ impl ForwardAuth {
         }
         if path == "/readyz" {
             let ready = self.ready.load(Ordering::SeqCst) && !state.store.load().policies.is_empty();
-            return if ready { text(StatusCode::OK, "ready\n") } else { text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n") };
+            return if ready {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            };
         }
         if path == "/metrics" {
             state.metrics.pool_in_use.set(state.runtime.instances_in_use() as i64);
@@ -71,7 +75,10 @@ fn from_forward_auth<B>(request: &Request<B>, rest: &str, peer: SocketAddr, prox
     let headers: Vec<Header> = request
         .headers()
         .iter()
-        .map(|(name, value)| Header { name: name.as_str().to_owned(), value: String::from_utf8_lossy(value.as_bytes()).into_owned() })
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        })
         .collect();
     let find = |name: &str| headers.iter().find(|h| h.name == name).map(|h| h.value.as_str());
     let proxy = match proxy {
@@ -96,9 +103,11 @@ fn from_forward_auth<B>(request: &Request<B>, rest: &str, peer: SocketAddr, prox
         ProxyKind::Envoy | ProxyKind::Auto => None,
     };
     let (method, uri, host) = match original {
-        Some((method, uri)) => {
-            (find(method).unwrap_or(own_method), find(uri).map_or_else(own_uri, str::to_owned), find("x-forwarded-host").or(own_host))
-        }
+        Some((method, uri)) => (
+            find(method).unwrap_or(own_method),
+            find(uri).map_or_else(own_uri, str::to_owned),
+            find("x-forwarded-host").or(own_host),
+        ),
         None => (own_method, own_uri(), own_host),
     };
     let scheme = find("x-forwarded-proto");
@@ -170,9 +179,15 @@ mod tests {
 
     #[test]
     fn nginx_reads_the_original_method_and_uri() {
-        let r = request("/auth", &[("x-original-method", "delete"), ("x-original-uri", "/api/x?y=1"), ("x-forwarded-host", "App.Example")]);
+        let r = request(
+            "/auth",
+            &[("x-original-method", "delete"), ("x-original-uri", "/api/x?y=1"), ("x-forwarded-host", "App.Example")],
+        );
         let o = from_forward_auth(&r, "", peer(), ProxyKind::Nginx);
-        assert_eq!((o.method.as_str(), o.path.as_str(), o.query.as_deref(), o.host.as_str()), ("DELETE", "/api/x", Some("y=1"), "app.example"));
+        assert_eq!(
+            (o.method.as_str(), o.path.as_str(), o.query.as_deref(), o.host.as_str()),
+            ("DELETE", "/api/x", Some("y=1"), "app.example")
+        );
     }
 
     #[test]
@@ -187,14 +202,20 @@ mod tests {
             ],
         );
         let o = from_forward_auth(&r, "", peer(), ProxyKind::Forwarded);
-        assert_eq!((o.method.as_str(), o.path.as_str(), o.scheme.as_str(), o.peer.as_str()), ("POST", "/orders", "https", "192.0.2.7"));
+        assert_eq!(
+            (o.method.as_str(), o.path.as_str(), o.scheme.as_str(), o.peer.as_str()),
+            ("POST", "/orders", "https", "192.0.2.7")
+        );
     }
 
     #[test]
     fn envoy_uses_the_path_after_the_prefix_and_ignores_other_conventions() {
         let r = request("/auth/api/orders?x=1", &[("x-original-uri", "/public"), ("host", "app")]);
         let o = from_forward_auth(&r, "/api/orders", peer(), ProxyKind::Envoy);
-        assert_eq!((o.path.as_str(), o.query.as_deref(), o.host.as_str(), o.peer.as_str()), ("/api/orders", Some("x=1"), "app", "10.0.0.9:4000"));
+        assert_eq!(
+            (o.path.as_str(), o.query.as_deref(), o.host.as_str(), o.peer.as_str()),
+            ("/api/orders", Some("x=1"), "app", "10.0.0.9:4000")
+        );
         // A proxy named explicitly never reads another proxy's headers.
         let o = from_forward_auth(&request("/auth", &[("x-forwarded-uri", "/public")]), "", peer(), ProxyKind::Nginx);
         assert_eq!(o.path, "/");

@@ -25,7 +25,11 @@ impl Listener {
     pub fn address(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-            Listener::Unix(l) => l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display()))).unwrap_or_default(),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_default(),
         }
     }
 }
@@ -66,7 +70,9 @@ where
             }
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::ZERO;
-                let connection = builder.serve_connection(TokioIo::new(stream), make(SocketAddr::from(([0, 0, 0, 0], 0)))).into_owned();
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), make(SocketAddr::from(([0, 0, 0, 0], 0))))
+                    .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;

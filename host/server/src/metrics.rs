@@ -69,7 +69,11 @@ impl Default for Metrics {
         let shadow = Family::<ShadowLabels, Counter>::default();
         registry.register("shadow_evaluations", "Shadow evaluations by agreement with the live policy", shadow.clone());
         let decision_log_dropped = Counter::default();
-        registry.register("decision_log_dropped", "Decision-log lines dropped because the log's reader was not keeping up", decision_log_dropped.clone());
+        registry.register(
+            "decision_log_dropped",
+            "Decision-log lines dropped because the log's reader was not keeping up",
+            decision_log_dropped.clone(),
+        );
         Metrics { registry, decisions, latency, jwks_fetches, pool_in_use, queue_waits, shadow, decision_log_dropped }
     }
 }

@@ -72,7 +72,9 @@ impl OriginalRequest {
 /// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
 pub(crate) fn bearer_token(value: &str) -> Bearer<'_> {
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Bearer::Token(token.trim()),
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Bearer::Token(token.trim())
+        }
         _ => Bearer::Malformed,
     }
 }
@@ -104,7 +106,9 @@ mod tests {
 
     #[test]
     fn dot_segments_empty_segments_and_encoded_separators_are_ambiguous() {
-        for path in ["/a/../admin", "/a/./b", "//admin", "/a//b", "/a\\b", "/%2e%2e/admin", "/a%2Fb", "/a%5cb", "/%2E/x"] {
+        for path in
+            ["/a/../admin", "/a/./b", "//admin", "/a//b", "/a\\b", "/%2e%2e/admin", "/a%2Fb", "/a%5cb", "/%2E/x"]
+        {
             assert!(with_path(path).is_ambiguous_path(), "{path}");
         }
         for path in ["/", "/api/orders/7", "/a.b/c..d", "/%41"] {

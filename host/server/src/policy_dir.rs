@@ -68,7 +68,9 @@ async fn load_from_dir(state: &State, path: &Path, ext: &str) {
     };
     match result {
         Ok(()) => tracing::info!(policy = id, file = %path.display(), "loaded from the policy directory"),
-        Err(e) => tracing::warn!(policy = id, file = %path.display(), error = %e, "not loaded; the previous version keeps serving"),
+        Err(e) => {
+            tracing::warn!(policy = id, file = %path.display(), error = %e, "not loaded; the previous version keeps serving")
+        }
     }
     // A module loaded after its data file: give it the data now.
     if ext == "wasm" && state.store.load().policies.get(id).is_some_and(|p| p.data.version == 0) {

@@ -39,7 +39,8 @@ impl Sidecar {
         let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_LINES, dropped)
             .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
         let server = &config.server;
-        let authorizer = Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone());
+        let authorizer =
+            Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone());
         let http = bind_tcp(&server.listen, "").await?;
         let grpc = match &config.grpc {
             Some(grpc) => Some(bind_tcp(&grpc.listen, " (gRPC)").await?),
@@ -52,7 +53,17 @@ impl Sidecar {
             }
             None => (None, None),
         };
-        Ok(Sidecar { config, authorizer, http, grpc, admin, generated_admin_token, log_writer, tasks, stop: CancellationToken::new() })
+        Ok(Sidecar {
+            config,
+            authorizer,
+            http,
+            grpc,
+            admin,
+            generated_admin_token,
+            log_writer,
+            tasks,
+            stop: CancellationToken::new(),
+        })
     }
 
     /// Evaluate policies with `native` instead of in Wasm: the load benchmark's baseline.
@@ -118,7 +129,8 @@ impl Sidecar {
         }
         let ready = Arc::new(AtomicBool::new(false));
         let server = &config.server;
-        let forward_auth = Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, server.proxy, ready.clone()));
+        let forward_auth =
+            Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, server.proxy, ready.clone()));
         let make = move |peer| {
             let forward_auth = forward_auth.clone();
             hyper::service::service_fn(move |request| {
@@ -144,8 +156,9 @@ impl Sidecar {
 }
 
 async fn bind_tcp(address: &str, what: &str) -> Result<Listener, StartError> {
-    let listener =
-        tokio::net::TcpListener::bind(address).await.map_err(|e| StartError::Listen(format!("cannot listen on `{address}`{what}"), e))?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| StartError::Listen(format!("cannot listen on `{address}`{what}"), e))?;
     Ok(Listener::Tcp(listener))
 }
 
@@ -171,7 +184,8 @@ async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, O
     if let Some(path) = &config.unix_socket {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path).map_err(|e| StartError::Listen(format!("cannot listen on `{}`", path.display()), e))?;
+        let listener = tokio::net::UnixListener::bind(path)
+            .map_err(|e| StartError::Listen(format!("cannot listen on `{}`", path.display()), e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| StartError::Listen(format!("cannot make `{}` private", path.display()), e))?;
         return Ok((Listener::Unix(listener), configured, None));
@@ -184,7 +198,8 @@ async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, O
         Some(token) => (token, None),
         None if address.ip().is_loopback() => {
             let mut bytes = [0u8; 24];
-            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| StartError::Admin("no randomness for the admin token".into()))?;
+            aws_lc_rs::rand::fill(&mut bytes)
+                .map_err(|_| StartError::Admin("no randomness for the admin token".into()))?;
             let token = hex::encode(bytes);
             (token.clone(), Some(token))
         }
@@ -194,6 +209,8 @@ async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, O
             )));
         }
     };
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| StartError::Listen(format!("cannot listen on `{address}`"), e))?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| StartError::Listen(format!("cannot listen on `{address}`"), e))?;
     Ok((Listener::Tcp(listener), Some(token), generated))
 }

@@ -44,9 +44,8 @@ impl Route {
     fn matches(&self, host: &str, path: &str) -> bool {
         let host_ok = self.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host));
         let prefix = self.path_prefix.trim_end_matches('/');
-        let path_ok = prefix.is_empty()
-            || path == prefix
-            || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
+        let path_ok =
+            prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
         host_ok && path_ok
     }
 }
@@ -71,7 +70,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// The route and policy for a request; `None` when nothing matches and there is no default.
     pub fn route(&self, host: &str, path: &str) -> Option<(&str, &Arc<LoadedPolicy>)> {
-        let host = host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        let host =
+            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
         let id = self
             .routes
             .iter()
@@ -108,7 +108,10 @@ impl Snapshot {
 /// A policy's `verify-jwt` import verifies with the snapshot its check pinned.
 impl TokenVerifier for Snapshot {
     fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
-        self.keys.verify(token, &self.revocations).map(crate::credential::verified).map_err(|r| crate::credential::rejected(&r))
+        self.keys
+            .verify(token, &self.revocations)
+            .map(crate::credential::verified)
+            .map_err(|r| crate::credential::rejected(&r))
     }
 }
 

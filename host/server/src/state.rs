@@ -131,7 +131,8 @@ impl KeyStore for FetchedKeys {
     }
 
     fn publish_fetched(&self, issuer: &str, keys: Vec<Key>) -> u64 {
-        let published = self.store.update(|s| s.keys = Arc::new(s.keys.with_issuer(issuer, |i| i.with_fetched_keys(keys))));
+        let published =
+            self.store.update(|s| s.keys = Arc::new(s.keys.with_issuer(issuer, |i| i.with_fetched_keys(keys))));
         published.keys.version
     }
 
@@ -251,7 +252,10 @@ impl State {
 
     /// Replace policy `id`'s data document.
     pub fn put_data(&self, id: &str, value: Value) -> Result<Arc<Snapshot>, ChangeError> {
-        self.change_policy(id, |old| LoadedPolicy { data: Arc::new(PolicyData::new(value, old.data.version + 1)), ..old.clone() })
+        self.change_policy(id, |old| LoadedPolicy {
+            data: Arc::new(PolicyData::new(value, old.data.version + 1)),
+            ..old.clone()
+        })
     }
 
     /// Attach (`Some`) or detach (`None`) a shadow candidate to policy `id`.
@@ -264,7 +268,11 @@ impl State {
         self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..old.clone() })
     }
 
-    fn change_policy(&self, id: &str, change: impl FnOnce(&LoadedPolicy) -> LoadedPolicy) -> Result<Arc<Snapshot>, ChangeError> {
+    fn change_policy(
+        &self,
+        id: &str,
+        change: impl FnOnce(&LoadedPolicy) -> LoadedPolicy,
+    ) -> Result<Arc<Snapshot>, ChangeError> {
         self.store.try_update(|s| {
             let old = s.policies.get(id).ok_or_else(|| ChangeError::NotFound(format!("no policy `{id}`")))?;
             let new = change(old);
@@ -281,7 +289,9 @@ impl State {
                 return Err(ChangeError::NotFound(format!("no policy `{id}`")));
             }
             if !even_if_routed && (s.routes.iter().any(|r| r.policy == id) || s.default_policy.as_deref() == Some(id)) {
-                return Err(ChangeError::Conflict(format!("policy `{id}` is used by a route; change the routes first")));
+                return Err(ChangeError::Conflict(format!(
+                    "policy `{id}` is used by a route; change the routes first"
+                )));
             }
             s.policies.remove(id);
             Ok(())
@@ -294,10 +304,18 @@ impl State {
             let mut next = Revocations::clone(&s.revocations);
             next.version += 1;
             for jti in &change.jtis {
-                if revoke { next.jtis.insert(jti.clone()) } else { next.jtis.remove(jti) };
+                if revoke {
+                    next.jtis.insert(jti.clone())
+                } else {
+                    next.jtis.remove(jti)
+                };
             }
             for subject in &change.subjects {
-                if revoke { next.subjects.insert(subject.clone()) } else { next.subjects.remove(subject) };
+                if revoke {
+                    next.subjects.insert(subject.clone())
+                } else {
+                    next.subjects.remove(subject)
+                };
             }
             s.revocations = Arc::new(next);
         })
@@ -307,7 +325,9 @@ impl State {
     pub fn rotate_keys(&self, issuer: &str, jwks: &jsonwebtoken::jwk::JwkSet) -> Result<Arc<Snapshot>, ChangeError> {
         let keys: Vec<Key> = keys_from_jwks(jwks, false).map_err(ChangeError::Keys)?;
         if keys.is_empty() {
-            return Err(ChangeError::BadInput("the JWKS has no keys; an issuer without keys would reject every token".into()));
+            return Err(ChangeError::BadInput(
+                "the JWKS has no keys; an issuer without keys would reject every token".into(),
+            ));
         }
         self.store.try_update(|s| {
             if !s.keys.issuers.contains_key(issuer) {
@@ -322,7 +342,9 @@ impl State {
     pub async fn refresh_jwks(&self, issuer: &str) -> Result<Arc<Snapshot>, ChangeError> {
         match self.fetcher.fetch(issuer).await {
             Ok(()) => Ok(self.store.load()),
-            Err(FetchError::NoEndpoint(_)) => Err(ChangeError::NotFound(format!("issuer `{issuer}` has no JWKS endpoint"))),
+            Err(FetchError::NoEndpoint(_)) => {
+                Err(ChangeError::NotFound(format!("issuer `{issuer}` has no JWKS endpoint")))
+            }
             Err(e) => Err(ChangeError::Fetch(e)),
         }
     }

@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use wasm_encoder::reencode::{Error as ReencodeError, Reencode, ReencodeComponent};
 use wasm_encoder::{ComponentSectionId, RawSection};
 use wasmparser::{
-    CanonicalFunction, ComponentAlias, ExternalKind, FuncType, Instance, InstantiationArgKind, Operator, Parser, Payload,
-    TableType, TypeRef,
+    CanonicalFunction, ComponentAlias, ExternalKind, FuncType, Instance, InstantiationArgKind, Operator, Parser,
+    Payload, TableType, TypeRef,
 };
 
 /// The name `wit-component` gives the shim's table.
@@ -35,11 +35,14 @@ pub fn fold(component: &[u8]) -> Result<Option<Vec<u8>>> {
     let Some(shim_instance) = layout.shim_instance()? else { return Ok(None) };
     let (main_instance, main_module) = layout.main_instance(shim_instance)?;
     let new_main = layout.fold_shim_into_main(shim_instance, main_instance, main_module)?;
-    let mut fold = Fold { depth: 0, modules: 0, instances: 0, main_module, shim_instance, main_instance, new_main: &new_main };
+    let mut fold =
+        Fold { depth: 0, modules: 0, instances: 0, main_module, shim_instance, main_instance, new_main: &new_main };
     let mut out = wasm_encoder::Component::new();
     fold.parse_component(&mut out, Parser::new(0), component).map_err(|e| anyhow::anyhow!("{e}"))?;
     let folded = out.finish();
-    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all()).validate_all(&folded).context("the folded component does not validate")?;
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(&folded)
+        .context("the folded component does not validate")?;
     Ok(Some(folded))
 }
 
@@ -84,7 +87,9 @@ impl<'a> Layout<'a> {
                             }
                             // Core modules from anywhere but a module section would shift the
                             // module indices this pass counts.
-                            ComponentAlias::InstanceExport { kind: wasmparser::ComponentExternalKind::Module, .. } => {
+                            ComponentAlias::InstanceExport {
+                                kind: wasmparser::ComponentExternalKind::Module, ..
+                            } => {
                                 bail!("the component aliases a core module from an instance")
                             }
                             _ => {}
@@ -93,12 +98,18 @@ impl<'a> Layout<'a> {
                 }
                 Payload::ComponentImportSection(reader) => {
                     for import in reader {
-                        ensure!(!matches!(import?.ty, wasmparser::ComponentTypeRef::Module(_)), "the component imports a core module");
+                        ensure!(
+                            !matches!(import?.ty, wasmparser::ComponentTypeRef::Module(_)),
+                            "the component imports a core module"
+                        );
                     }
                 }
                 Payload::ComponentExportSection(reader) => {
                     for export in reader {
-                        ensure!(export?.kind != wasmparser::ComponentExternalKind::Module, "the component exports a core module");
+                        ensure!(
+                            export?.kind != wasmparser::ComponentExternalKind::Module,
+                            "the component exports a core module"
+                        );
                     }
                 }
                 Payload::ComponentCanonicalSection(reader) => {
@@ -133,14 +144,20 @@ impl<'a> Layout<'a> {
         let mut found = None;
         for (index, instance) in self.instances.iter().enumerate() {
             let Instance::Instantiate { module_index, args } = instance else { continue };
-            let from_shim = args.iter().any(|arg| self.bag_exports(arg.index).iter().any(|(_, func)| self.shim_export(*func, shim).is_some()));
+            let from_shim = args
+                .iter()
+                .any(|arg| self.bag_exports(arg.index).iter().any(|(_, func)| self.shim_export(*func, shim).is_some()));
             if from_shim {
                 ensure!(found.is_none(), "more than one module imports from the shim");
                 found = Some((index as u32, *module_index));
             }
         }
         let (instance, module) = found.context("no module imports from the shim")?;
-        let instantiations = self.instances.iter().filter(|i| matches!(i, Instance::Instantiate { module_index, .. } if *module_index == module)).count();
+        let instantiations = self
+            .instances
+            .iter()
+            .filter(|i| matches!(i, Instance::Instantiate { module_index, .. } if *module_index == module))
+            .count();
         ensure!(instantiations == 1, "the main module is instantiated {instantiations} times");
         ensure!(instance > shim, "the main module is instantiated before the shim");
         Ok((instance, module))
@@ -153,7 +170,9 @@ impl<'a> Layout<'a> {
     /// The functions a bag instance (`(core instance (export ...))`) exports, by name.
     fn bag_exports(&self, instance: u32) -> Vec<(&'a str, u32)> {
         match self.instances.get(instance as usize) {
-            Some(Instance::FromExports(exports)) => exports.iter().filter(|e| e.kind == ExternalKind::Func).map(|e| (e.name, e.index)).collect(),
+            Some(Instance::FromExports(exports)) => {
+                exports.iter().filter(|e| e.kind == ExternalKind::Func).map(|e| (e.name, e.index)).collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -168,7 +187,9 @@ impl<'a> Layout<'a> {
 
     /// The main module with the shim's functions and table moved in.
     fn fold_shim_into_main(&self, shim_instance: u32, main_instance: u32, main_module: u32) -> Result<Vec<u8>> {
-        let Instance::Instantiate { module_index: shim_module, .. } = self.instances[shim_instance as usize] else { unreachable!() };
+        let Instance::Instantiate { module_index: shim_module, .. } = self.instances[shim_instance as usize] else {
+            unreachable!()
+        };
         let Instance::Instantiate { args, .. } = &self.instances[main_instance as usize] else { unreachable!() };
         let shim = Module::read(self.module(shim_module)?)?;
         let main = Module::read(self.module(main_module)?)?;
@@ -179,17 +200,39 @@ impl<'a> Layout<'a> {
         // Each imported function of the main module becomes the shim function it was given.
         let mut trampolines = Vec::new();
         for import in &main.imports {
-            let TypeRef::Func(type_index) = import.ty else { bail!("the main module imports a non-function `{}`", import.name) };
-            let arg = args.iter().find(|a| a.name == import.module && a.kind == InstantiationArgKind::Instance).with_context(|| format!("no argument for `{}`", import.module))?;
-            let (_, func) = self.bag_exports(arg.index).into_iter().find(|(name, _)| *name == import.name).with_context(|| format!("`{}` is not provided", import.name))?;
-            let export = self.shim_export(func, shim_instance).with_context(|| format!("`{}` does not come from the shim", import.name))?;
-            let shim_func = *shim.exports.get(export).filter(|(kind, _)| *kind == ExternalKind::Func).with_context(|| format!("the shim has no function `{export}`"))?;
+            let TypeRef::Func(type_index) = import.ty else {
+                bail!("the main module imports a non-function `{}`", import.name)
+            };
+            let arg = args
+                .iter()
+                .find(|a| a.name == import.module && a.kind == InstantiationArgKind::Instance)
+                .with_context(|| format!("no argument for `{}`", import.module))?;
+            let (_, func) = self
+                .bag_exports(arg.index)
+                .into_iter()
+                .find(|(name, _)| *name == import.name)
+                .with_context(|| format!("`{}` is not provided", import.name))?;
+            let export = self
+                .shim_export(func, shim_instance)
+                .with_context(|| format!("`{}` does not come from the shim", import.name))?;
+            let shim_func = *shim
+                .exports
+                .get(export)
+                .filter(|(kind, _)| *kind == ExternalKind::Func)
+                .with_context(|| format!("the shim has no function `{export}`"))?;
             let (shim_type, slot) = shim.indirect_call(shim_func.1)?;
-            ensure!(shim.types.get(shim_type as usize) == main.types.get(type_index as usize), "`{}` has a different type in the shim", import.name);
+            ensure!(
+                shim.types.get(shim_type as usize) == main.types.get(type_index as usize),
+                "`{}` has a different type in the shim",
+                import.name
+            );
             trampolines.push((export, type_index, slot));
         }
         // Every shim export must now be found in the main module.
-        ensure!(shim.exports.len() == trampolines.len() + 1, "the shim exports functions the main module does not import");
+        ensure!(
+            shim.exports.len() == trampolines.len() + 1,
+            "the shim exports functions the main module does not import"
+        );
         for name in shim.exports.keys() {
             ensure!(!main.exports.contains_key(name), "the main module already exports `{name}`");
         }
@@ -211,7 +254,16 @@ struct Module<'a> {
 
 impl<'a> Module<'a> {
     fn read(bytes: &'a [u8]) -> Result<Self> {
-        let mut module = Module { bytes, types: Vec::new(), imports: Vec::new(), tables_imported: 0, tables: Vec::new(), exports: HashMap::new(), functions: Vec::new(), bodies: Vec::new() };
+        let mut module = Module {
+            bytes,
+            types: Vec::new(),
+            imports: Vec::new(),
+            tables_imported: 0,
+            tables: Vec::new(),
+            exports: HashMap::new(),
+            functions: Vec::new(),
+            bodies: Vec::new(),
+        };
         for payload in Parser::new(0).parse_all(bytes) {
             match payload? {
                 Payload::TypeSection(reader) => {
@@ -256,17 +308,26 @@ impl<'a> Module<'a> {
     /// `local.get 0 .. local.get n-1; i32.const slot; call_indirect (type t) (table 0)`.
     fn indirect_call(&self, func: u32) -> Result<(u32, i32)> {
         let defined = (func as usize).checked_sub(self.imports.len()).context("a shim export is an import")?;
-        let (Some(&ty), Some(body)) = (self.functions.get(defined), self.bodies.get(defined)) else { bail!("shim function {func} is not defined") };
+        let (Some(&ty), Some(body)) = (self.functions.get(defined), self.bodies.get(defined)) else {
+            bail!("shim function {func} is not defined")
+        };
         let params = self.types.get(ty as usize).context("bad shim type")?.params().len() as u32;
         let ops: Vec<Operator> = body.get_operators_reader()?.into_iter().collect::<Result<_, _>>()?;
         let locals = body.get_locals_reader()?.get_count();
         let n = params as usize;
         let shaped = locals == 0
             && ops.len() == n + 3
-            && ops[..n].iter().enumerate().all(|(i, op)| matches!(op, Operator::LocalGet { local_index } if *local_index as usize == i))
+            && ops[..n]
+                .iter()
+                .enumerate()
+                .all(|(i, op)| matches!(op, Operator::LocalGet { local_index } if *local_index as usize == i))
             && matches!(ops[n + 2], Operator::End);
         match (&ops.get(n), &ops.get(n + 1)) {
-            (Some(Operator::I32Const { value }), Some(Operator::CallIndirect { type_index, table_index: 0 })) if shaped && *type_index == ty => Ok((ty, *value)),
+            (Some(Operator::I32Const { value }), Some(Operator::CallIndirect { type_index, table_index: 0 }))
+                if shaped && *type_index == ty =>
+            {
+                Ok((ty, *value))
+            }
             _ => bail!("shim function {func} is not a plain indirect call"),
         }
     }
@@ -278,16 +339,20 @@ impl<'a> Module<'a> {
         let write_table = |out: &mut wasm_encoder::Module, existing: &[TableType]| -> Result<()> {
             let mut section = wasm_encoder::TableSection::new();
             for t in existing.iter().chain([table]) {
-                section.table(wasm_encoder::reencode::RoundtripReencoder.table_type(*t).map_err(|e| anyhow::anyhow!("{e}"))?);
+                section.table(
+                    wasm_encoder::reencode::RoundtripReencoder.table_type(*t).map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
             }
             out.section(&section);
             Ok(())
         };
         for payload in Parser::new(0).parse_all(self.bytes) {
             let payload = payload?;
-            // Section order: type, import, function, table, memory, tag, global, export, ...
+            // Section order: type (1), import (2), function (3), table (4), then memory (5), tag
+            // (13), global (6), export (7), start (8), element (9), data count (12), code (10),
+            // data (11): the table goes before the first section with an id in 5..=13.
             let id = payload.as_section().map(|(id, _)| id);
-            if !table_written && matches!(id, Some(5 | 13 | 6 | 7 | 8 | 9 | 12 | 10 | 11)) {
+            if !table_written && matches!(id, Some(5..=13)) {
                 write_table(&mut out, &self.tables)?;
                 table_written = true;
             }
@@ -311,7 +376,13 @@ impl<'a> Module<'a> {
                     let mut section = wasm_encoder::ExportSection::new();
                     for export in reader {
                         let export = export?;
-                        section.export(export.name, wasm_encoder::reencode::RoundtripReencoder.export_kind(export.kind).map_err(|e| anyhow::anyhow!("{e}"))?, export.index);
+                        section.export(
+                            export.name,
+                            wasm_encoder::reencode::RoundtripReencoder
+                                .export_kind(export.kind)
+                                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                            export.index,
+                        );
                     }
                     for (func, (name, _, _)) in trampolines.iter().enumerate() {
                         section.export(name, wasm_encoder::ExportKind::Func, func as u32);
@@ -380,7 +451,12 @@ impl ReencodeComponent for Fold<'_> {
         self.depth -= 1;
     }
 
-    fn parse_component_submodule(&mut self, component: &mut wasm_encoder::Component, _parser: Parser, module: &[u8]) -> Result<(), ReencodeError<Self::Error>> {
+    fn parse_component_submodule(
+        &mut self,
+        component: &mut wasm_encoder::Component,
+        _parser: Parser,
+        module: &[u8],
+    ) -> Result<(), ReencodeError<Self::Error>> {
         let index = self.modules;
         if self.depth == 0 {
             self.modules += 1;
@@ -390,7 +466,11 @@ impl ReencodeComponent for Fold<'_> {
         Ok(())
     }
 
-    fn parse_instance(&mut self, instances: &mut wasm_encoder::InstanceSection, instance: Instance<'_>) -> Result<(), ReencodeError<Self::Error>> {
+    fn parse_instance(
+        &mut self,
+        instances: &mut wasm_encoder::InstanceSection,
+        instance: Instance<'_>,
+    ) -> Result<(), ReencodeError<Self::Error>> {
         let index = self.instances;
         if self.depth == 0 {
             self.instances += 1;
@@ -406,10 +486,15 @@ impl ReencodeComponent for Fold<'_> {
         Ok(())
     }
 
-    fn parse_component_custom_section(&mut self, component: &mut wasm_encoder::Component, section: wasmparser::CustomSectionReader<'_>) -> Result<(), ReencodeError<Self::Error>> {
+    fn parse_component_custom_section(
+        &mut self,
+        component: &mut wasm_encoder::Component,
+        section: wasmparser::CustomSectionReader<'_>,
+    ) -> Result<(), ReencodeError<Self::Error>> {
         // Debug names of core instances would now name one index twice: leave them out.
         if section.name() != "component-name" {
-            component.section(&wasm_encoder::CustomSection { name: section.name().into(), data: section.data().into() });
+            component
+                .section(&wasm_encoder::CustomSection { name: section.name().into(), data: section.data().into() });
         }
         Ok(())
     }
@@ -462,7 +547,15 @@ mod tests {
         let engine = Engine::default();
         let component = Component::new(&engine, component).expect("component compiles");
         let mut linker = Linker::<Vec<String>>::new(&engine);
-        linker.root().instance("host").unwrap().func_wrap("log", |mut store, (m,): (String,)| Ok(store.data_mut().push(m))).unwrap();
+        linker
+            .root()
+            .instance("host")
+            .unwrap()
+            .func_wrap("log", |mut store, (m,): (String,)| {
+                store.data_mut().push(m);
+                Ok(())
+            })
+            .unwrap();
         let mut store = Store::new(&engine, Vec::new());
         let instance = linker.instantiate(&mut store, &component).expect("instantiates");
         instance.get_typed_func::<(), ()>(&mut store, "run").unwrap().call(&mut store, ()).expect("runs");
@@ -490,14 +583,20 @@ mod tests {
 
     #[test]
     fn a_component_without_a_shim_is_left_alone() {
-        let plain = wat::parse_str(r#"(component (core module $m (memory (export "memory") 1)) (core instance (instantiate $m)))"#).unwrap();
+        let plain = wat::parse_str(
+            r#"(component (core module $m (memory (export "memory") 1)) (core instance (instantiate $m)))"#,
+        )
+        .unwrap();
         assert!(fold(&plain).unwrap().is_none());
     }
 
     #[test]
     fn a_shim_of_another_shape_is_refused() {
         // A shim function doing more than forwarding: folding it would change behaviour.
-        let odd = WITH_SHIM.replace("local.get 0 local.get 1 i32.const 0 call_indirect (type 0)", "local.get 0 local.get 1 i32.const 0 call_indirect (type 0) nop");
+        let odd = WITH_SHIM.replace(
+            "local.get 0 local.get 1 i32.const 0 call_indirect (type 0)",
+            "local.get 0 local.get 1 i32.const 0 call_indirect (type 0) nop",
+        );
         let error = fold(&wat::parse_str(&odd).unwrap()).unwrap_err();
         assert!(format!("{error:#}").contains("not a plain indirect call"), "{error:#}");
     }

@@ -64,7 +64,10 @@ pub fn build_policy(crate_dir: &Path) -> anyhow::Result<(Vec<u8>, PathBuf)> {
     let wasm = stdout
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["manifest_path"].as_str() == manifest.canonicalize().ok().as_deref().and_then(Path::to_str))
+        .filter(|msg| {
+            msg["reason"] == "compiler-artifact"
+                && msg["manifest_path"].as_str() == manifest.canonicalize().ok().as_deref().and_then(Path::to_str)
+        })
         .flat_map(|msg| msg["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.extension().is_some_and(|e| e == "wasm"));

@@ -14,14 +14,16 @@ pub fn new_policy(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
-        bail!("`{name}` is not a valid policy name: use lowercase letters, digits, `-` and `_`, starting with a letter");
+        bail!(
+            "`{name}` is not a valid policy name: use lowercase letters, digits, `-` and `_`, starting with a letter"
+        );
     }
     if dir.exists() && dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("`{}` already exists and is not empty: choose another name or --path", dir.display());
     }
-    let sdk = sdk
-        .canonicalize()
-        .with_context(|| format!("the policy SDK is not at `{}`; pass --sdk PATH/TO/guest-policies/sdk", sdk.display()))?;
+    let sdk = sdk.canonicalize().with_context(|| {
+        format!("the policy SDK is not at `{}`; pass --sdk PATH/TO/guest-policies/sdk", sdk.display())
+    })?;
     let files = [
         ("Cargo.toml", cargo_toml(name, &sdk)),
         ("src/lib.rs", LIB_RS.replace("{struct}", &struct_name(name))),

@@ -22,7 +22,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let crate_dir = args.path.unwrap_or_else(|| PathBuf::from("."));
     let fixtures = args.fixtures.unwrap_or_else(|| crate_dir.join("fixtures.json"));
     let text = String::from_utf8(super::read(&fixtures, "fixture file")?).context("fixture file is not UTF-8")?;
-    let file = FixtureFile::parse(&text).with_context(|| format!("fixture file `{}` is not valid", fixtures.display()))?;
+    let file =
+        FixtureFile::parse(&text).with_context(|| format!("fixture file `{}` is not valid", fixtures.display()))?;
     let runtime = super::small_runtime()?;
     let module = match args.policy {
         Some(policy) => super::load(&runtime, &policy)?,
