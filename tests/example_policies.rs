@@ -1,6 +1,11 @@
 //! The example policies' fixture tables pass as Wasm through the real runtime, and every case
 //! gives exactly the same outcome natively as in Wasm.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
 
 use sandgate_policy_sdk::{Policy, testing};
 use sandgate_tests::{fixtures, load, runtime};

@@ -1,6 +1,11 @@
 //! Each hostile behaviour becomes a deny with its own reason code, and the runtime keeps
 //! serving: a normal policy evaluated right after, and at the same time, answers correctly.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
 
 use sandgate_runtime::{LoadError, PolicyFault, Runtime, RuntimeConfig};
 use sandgate_tests::{allowed_header, check, context, fixtures, load, policy_bytes, runtime};

@@ -2,7 +2,12 @@
 //! `thread_local` and a lazily initialised global sees 1 every time, sequentially and under
 //! concurrency. The same policy on one reused instance sees its counters grow, which shows the
 //! check below would catch a runtime that leaked state.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
 
 use sandgate_runtime::ReusedInstance;
 use sandgate_runtime::{Runtime, RuntimeConfig};

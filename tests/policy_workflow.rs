@@ -1,7 +1,12 @@
 //! A policy author's workflow end to end with the real `sandgate` binary: `new` → `cargo test`
 //! → `build` → `test` in a fresh directory, a broken fixture failing by name, and the errors a
 //! newcomer hits each saying what to do.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,6 +1,11 @@
 //! The verified-token cache never accepts a token after its `exp`, after it is revoked, or
 //! after its key has left the key set, and it stays within its bound.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a test: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

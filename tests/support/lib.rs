@@ -1,6 +1,11 @@
 //! Shared helpers for Sandgate's integration tests: the compiled policies (built on first use,
 //! so `cargo test` works on a fresh clone), check requests, and an authorizer without sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test support: a failed set-up fails the test that asked for it")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: a failed set-up fails the test that asked for it"
+)]
 
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};

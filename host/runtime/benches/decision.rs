@@ -10,7 +10,12 @@
 //!
 //! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench-internals --bench decision`
 //! (JWT verification is not included: the credential is already verified.)
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark: a failed set-up should stop it loudly"
+)]
 
 use criterion::{Criterion, criterion_group};
 use sandgate_policy_sdk::{Policy, testing};

@@ -15,7 +15,12 @@
 //! subject, with its roles as parents and its tenant as an attribute) and a resource entity (the
 //! path, and the tenant id the host parsed out of it, since Cedar cannot split strings).
 //! Building those inputs is timed, as copying the check request is.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "a benchmark: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark: a failed set-up should stop it loudly"
+)]
 
 use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, PolicySet, RestrictedExpression};
 use criterion::{Criterion, criterion_group};

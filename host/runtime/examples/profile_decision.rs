@@ -10,7 +10,12 @@
 //!
 //! The request is the decision benchmark's (RBAC `POST /api/orders/7`, roles `reader, writer`,
 //! data `examples/rbac-data.json`); any policy module can be given.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "an example: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an example: a failed set-up should stop it loudly"
+)]
 
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;

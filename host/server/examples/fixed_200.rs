@@ -1,6 +1,11 @@
 //! The load benchmark's ceiling: hyper answering every request with an empty 200, on the same
 //! server plumbing Sandgate uses. Run: `cargo run --release -p sandgate-server --example fixed_200 -- 127.0.0.1:9000`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "an example: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an example: a failed set-up should stop it loudly"
+)]
 
 use bytes::Bytes;
 use http_body_util::Full;

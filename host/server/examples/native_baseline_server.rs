@@ -3,7 +3,12 @@
 //! in a fresh Wasm instance. Isolation is off: for comparison only.
 //!
 //! Run: `cargo run --release -p sandgate-server --features bench-internals --example native_baseline_server -- CONFIG.toml 127.0.0.1:9000`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "an example: a failed set-up should stop it loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "an example: a failed set-up should stop it loudly"
+)]
 
 use sandgate_policy_sdk as sdk;
 use sandgate_policy_sdk::Policy;
