@@ -4,6 +4,7 @@ allow-all policy, the RBAC example with HS256/RS256/ES256/EdDSA tokens, and the 
 baseline (same server, same verification, RBAC logic compiled into the host).
 
 Run: scripts/bench-load.sh  (builds everything, then runs this with the test venv's Python).
+With BASELINE_SANDGATE=PATH: only this build against that build, allow-all and RBAC ES256.
 Also: the verified-token cache (on by default) against no cache, with one repeated token and
 with a stream of all-distinct tokens. Prints a Markdown table for docs/BENCHMARKS.md. Each
 case: wrk -t2 -c64 for DURATION (5) seconds after a 2 s warm-up, every server on 127.0.0.1 with
@@ -89,6 +90,7 @@ def main():
         data = f'data = "{tmp / "rbac-data.json"}"' if policy == "rbac" else ""
         path.write_text(f"""
 [server]
+proxy = "nginx"
 default_policy = "{policy}"
 token_cache_size = {10000 if cache else 0}
 [runtime]
@@ -137,6 +139,16 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
                     ("sandgate RBAC ES256", "sandgate allow-all, no token"),
                     ("sandgate RBAC ES256, no token cache", "sandgate RBAC ES256"),
                     ("RBAC ES256 all-distinct tokens, cache on", "RBAC ES256 all-distinct tokens, cache off")]
+
+    # `BASELINE_SANDGATE=PATH`: this build against another build of `sandgate` (e.g. the commit
+    # before a refactoring), same configs, same requests.
+    other = os.environ.get("BASELINE_SANDGATE")
+    if other:
+        other_build = lambda policy: [other, "serve", "--config", config(policy)]
+        cases["baseline build allow-all, no token"] = (other_build("allow-all"), request)
+        cases["baseline build RBAC ES256"] = (other_build("rbac"), es256)
+        comparisons = [("sandgate allow-all, no token", "baseline build allow-all, no token"),
+                       ("sandgate RBAC ES256", "baseline build RBAC ES256")]
 
     # `ONLY=<text>`: just the comparisons whose case name contains it.
     comparisons = [c for c in comparisons if os.environ.get("ONLY", "") in c[0]]

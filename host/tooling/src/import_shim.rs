@@ -15,6 +15,11 @@
 //! instantiated the shim. The fixup then fills the table in the policy's own instance. Function
 //! indices in the policy module do not move, so its code, element segments and names are kept
 //! byte for byte. Anything not in the exact shape `wit-component` emits is left alone.
+//!
+//! The file is longer than the house's ~400 lines on purpose: it is one pass (read the layout,
+//! check the one shape it knows, re-encode) whose checks and rewrites depend on each other, and
+//! about a sixth of it is its tests. `wit-component` is pinned in the workspace because this
+//! pass reads its output's exact shape.
 
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::HashMap;
