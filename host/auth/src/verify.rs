@@ -85,15 +85,14 @@ impl KeySets {
                 Rejection::invalid("unknown_kid", format!("no key with kid `{kid}` for this issuer"))
             });
         }
+        check_shape(token)?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&issuer.issuer]);
         validation.leeway = issuer.leeway;
         validation.validate_nbf = true;
-        if issuer.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&issuer.audiences);
-        }
+        // `aud` is checked below, stricter than the library does: it skips a missing or
+        // mistyped `aud`.
+        validation.validate_aud = false;
         let mut last = Rejection::invalid("algorithm_mismatch", format!("no key for {:?}", header.alg));
         for key in candidates {
             if key.algorithm != header.alg {
@@ -104,11 +103,102 @@ impl KeySets {
                 continue;
             }
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &validation) {
-                Ok(data) => return Ok(VerifiedToken::new(data.claims, header.kid, &format!("{:?}", header.alg))),
+                Ok(data) => {
+                    check_claims(&data.claims, &issuer.audiences)?;
+                    return Ok(VerifiedToken::new(data.claims, header.kid, &format!("{:?}", header.alg)));
+                }
                 Err(e) => last = rejection(e.kind()),
             }
         }
         Err(last)
+    }
+}
+
+/// What the JWT library does not check about a token's form: no `crit` header parameter (no
+/// extension is supported, so a critical one must be refused, RFC 7515 §4.1.11), and no claim
+/// named twice (parsers disagree on which one wins: a revoked `jti` followed by a fresh one).
+fn check_shape(token: &str) -> Result<(), Rejection> {
+    use base64::Engine;
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload)) = (parts.next(), parts.next()) else {
+        return Err(Rejection::invalid("malformed_token", "the token is not three base64url parts"));
+    };
+    let decode = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|e| Rejection::invalid("malformed_token", format!("a token part is not base64url: {e}")))
+    };
+    let header: Map<String, Value> = serde_json::from_slice(&decode(header)?)
+        .map_err(|e| Rejection::invalid("malformed_token", format!("the token header is not a JSON object: {e}")))?;
+    if header.contains_key("crit") {
+        return Err(Rejection::invalid(
+            "unsupported_critical_header",
+            "the token names critical header parameters (`crit`), and none is supported",
+        ));
+    }
+    let claims: UniqueKeys = serde_json::from_slice(&decode(payload)?)
+        .map_err(|e| Rejection::invalid("malformed_token", format!("the token claims are not a JSON object: {e}")))?;
+    match claims.duplicate {
+        Some(name) => Err(Rejection::invalid("duplicate_claim", format!("the token names claim `{name}` twice"))),
+        None => Ok(()),
+    }
+}
+
+/// A JSON object's top level, remembering the first key that appears twice.
+struct UniqueKeys {
+    duplicate: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut duplicate = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) && duplicate.is_none() {
+                        duplicate = Some(key);
+                    }
+                }
+                Ok(UniqueKeys { duplicate })
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Claims the policy and the revocation check rely on, held to their types: `aud` must name
+/// one of the issuer's audiences (when it names any) as a string or an array of strings;
+/// `sub` and `jti`, when present, must be strings.
+fn check_claims(claims: &Map<String, Value>, audiences: &[String]) -> Result<(), Rejection> {
+    for name in ["sub", "jti"] {
+        if claims.get(name).is_some_and(|v| !v.is_string()) {
+            return Err(Rejection::invalid("malformed_claim", format!("claim `{name}` is not a string")));
+        }
+    }
+    if audiences.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<&str> = match claims.get("aud") {
+        None => return Err(Rejection::invalid("missing_audience", "the token names no audience (`aud`)")),
+        Some(Value::String(aud)) => vec![aud.as_str()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items.iter().filter_map(Value::as_str).collect(),
+        Some(_) => {
+            return Err(Rejection::invalid("malformed_audience", "`aud` is not a string or an array of strings"));
+        }
+    };
+    if named.iter().any(|aud| audiences.iter().any(|a| a == aud)) {
+        Ok(())
+    } else {
+        Err(Rejection::invalid("wrong_audience", "the token is not for this audience"))
     }
 }
 
@@ -134,4 +224,128 @@ fn rejection(kind: &ErrorKind) -> Rejection {
         other => ("malformed_token", format!("{other:?}")),
     };
     Rejection::Invalid(reason, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{IssuerConfig, KeySource};
+    use crate::keys::Issuer;
+    use base64::Engine;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    const ISSUER: &str = "https://issuer.test";
+    const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes";
+
+    fn key_sets(audiences: &[&str]) -> KeySets {
+        let config = IssuerConfig {
+            issuer: ISSUER.into(),
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+            algorithms: vec!["HS256".into()],
+            leeway_secs: 0,
+            keys: vec![KeySource {
+                kid: Some("k".into()),
+                algorithm: Some("HS256".into()),
+                pem_file: None,
+                jwk_file: None,
+                jwks_file: None,
+                secret: Some(SECRET.into()),
+            }],
+            jwks_url: None,
+            discovery_url: None,
+            jwks_refresh_secs: 300,
+            jwks_min_refetch_ms: 10_000,
+        };
+        let issuer = Issuer::from_config(&config).unwrap();
+        KeySets { version: 1, issuers: HashMap::from([(ISSUER.to_owned(), Arc::new(issuer))]) }
+    }
+
+    fn later() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k".into());
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    }
+
+    /// A token signed over exactly these header and payload texts (duplicate keys and all).
+    fn raw_token(header: &str, payload: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let message = format!("{}.{}", b64(header), b64(payload));
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &EncodingKey::from_secret(SECRET.as_bytes()), Algorithm::HS256)
+                .unwrap();
+        format!("{message}.{signature}")
+    }
+
+    fn reason(keys: &KeySets, token: &str) -> &'static str {
+        match keys.verify(token, &Revocations::default()) {
+            Ok(_) => "accepted",
+            Err(rejection) => rejection.reason(),
+        }
+    }
+
+    #[test]
+    fn an_issuer_with_audiences_requires_a_string_or_string_array_aud_naming_one() {
+        let keys = key_sets(&["orders-api"]);
+        let exp = later();
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "orders-api" }))), "accepted");
+        let listed = json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": ["other", "orders-api"] });
+        assert_eq!(reason(&keys, &token(listed)), "accepted");
+        // The attacks: no `aud` at all, and an `aud` that is not a string.
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp }))), "missing_audience");
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": 12345 }))), "malformed_audience");
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": [12345] }))), "malformed_audience");
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "other" }))), "wrong_audience");
+        // Without configured audiences `aud` is not checked.
+        assert_eq!(reason(&key_sets(&[]), &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp }))), "accepted");
+    }
+
+    #[test]
+    fn duplicate_top_level_claims_are_rejected() {
+        let keys = key_sets(&[]);
+        let exp = later();
+        let header = r#"{"alg":"HS256","typ":"JWT","kid":"k"}"#;
+        let single = format!(r#"{{"iss":"{ISSUER}","sub":"a","exp":{exp},"jti":"fresh"}}"#);
+        assert_eq!(reason(&keys, &raw_token(header, &single)), "accepted");
+        // A revoked `jti` first, a fresh one second: a parser keeping the last would pass it.
+        let twice = format!(r#"{{"iss":"{ISSUER}","sub":"a","exp":{exp},"jti":"revoked","jti":"fresh"}}"#);
+        assert_eq!(reason(&keys, &raw_token(header, &twice)), "duplicate_claim");
+    }
+
+    #[test]
+    fn unknown_critical_header_parameters_are_rejected() {
+        let keys = key_sets(&[]);
+        let payload = format!(r#"{{"iss":"{ISSUER}","sub":"a","exp":{}}}"#, later());
+        let critical = r#"{"alg":"HS256","typ":"JWT","kid":"k","crit":["exp-policy"],"exp-policy":"x"}"#;
+        assert_eq!(reason(&keys, &raw_token(critical, &payload)), "unsupported_critical_header");
+    }
+
+    #[test]
+    fn non_string_jti_and_sub_are_rejected() {
+        let keys = key_sets(&[]);
+        let exp = later();
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": 7, "exp": exp }))), "malformed_claim");
+        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "jti": 7, "exp": exp }))), "malformed_claim");
+    }
+
+    #[test]
+    fn alg_none_and_algorithm_confusion_fail_before_any_signature_check() {
+        let keys = key_sets(&[]);
+        let payload = format!(r#"{{"iss":"{ISSUER}","sub":"a","exp":{}}}"#, later());
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT","kid":"k"}"#), b64(&payload));
+        assert_eq!(reason(&keys, &none), "malformed_token");
+        // RS256 named in the header of a token "signed" with the issuer's HMAC secret.
+        let confused = raw_token(r#"{"alg":"RS256","typ":"JWT","kid":"k"}"#, &payload);
+        assert_eq!(reason(&keys, &confused), "algorithm_not_allowed");
+        let mut both = key_sets(&[]);
+        let issuer = both.issuers.get_mut(ISSUER).and_then(Arc::get_mut).unwrap();
+        issuer.algorithms.push(Algorithm::RS256);
+        assert_eq!(reason(&both, &confused), "algorithm_mismatch");
+    }
 }
