@@ -126,7 +126,8 @@ def jwks_server():
 class Sandgate:
     """A running `sandgate serve`."""
 
-    def __init__(self, config_path, log_path, grpc=False):
+    def __init__(self, config_path, log_path, grpc=False, proxy=None):
+        self.proxy = proxy
         self.log_file = open(log_path, "w")
         self.log_path = log_path
         self.grpc = None
@@ -176,9 +177,16 @@ class Sandgate:
                 time.sleep(0.05)
         raise RuntimeError("sandgate never became ready")
 
-    def check(self, headers=None, path="/auth", method="GET"):
-        """Send one forward-auth check; return (status, headers, body)."""
-        request = urllib.request.Request(self.base + path, headers=headers or {}, method=method)
+    def check(self, headers=None, path="/auth", method="GET", raw=False):
+        """Send one forward-auth check; return (status, headers, body). Unless `raw`, a sidecar
+        behind nginx gets the headers nginx always sets (method GET, URI /, host, scheme) for
+        those the test does not give."""
+        headers = dict(headers or {})
+        if self.proxy == "nginx" and not raw:
+            given = {k.lower() for k in headers}
+            defaults = {"X-Original-Method": "GET", "X-Original-URI": "/", "X-Forwarded-Host": "app.test", "X-Forwarded-Proto": "http"}
+            headers.update({k: v for k, v in defaults.items() if k.lower() not in given})
+        request = urllib.request.Request(self.base + path, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
                 return r.status, dict((k.lower(), v) for k, v in r.headers.items()), r.read().decode()
@@ -186,6 +194,8 @@ class Sandgate:
             return e.code, dict((k.lower(), v) for k, v in e.headers.items()), e.read().decode()
 
     def decision_log(self):
+        # The sidecar's log writer writes what is queued every 10 ms: give it a few turns.
+        time.sleep(0.1)
         self.log_file.flush()
         with open(self.log_path) as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -251,8 +261,10 @@ def start_sandgate(tmp_path):
     def start(grpc=False, **config):
         n = len(started)
         config_path = tmp_path / f"sandgate-{n}.toml"
+        server = config.setdefault("server", {})
+        server.setdefault("proxy", "nginx")
         write_config(config_path, **config)
-        sandgate = Sandgate(config_path, tmp_path / f"decisions-{n}.log", grpc=grpc)
+        sandgate = Sandgate(config_path, tmp_path / f"decisions-{n}.log", grpc=grpc, proxy=server["proxy"])
         started.append(sandgate)
         return sandgate
 

@@ -209,7 +209,7 @@ def test_admin_without_the_token_is_401(sandgate):
 def test_non_loopback_admin_without_a_token_refuses_to_start(tmp_path, static_issuer, rbac_policy):
     from conftest import write_config
 
-    write_config(tmp_path / "c.toml", issuers=[static_issuer], policies=[rbac_policy], server={"default_policy": "rbac"}, admin={"listen": "0.0.0.0:0"})
+    write_config(tmp_path / "c.toml", issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"}, admin={"listen": "0.0.0.0:0"})
     out = subprocess.run([str(SANDGATE), "serve", "--config", str(tmp_path / "c.toml"), "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "refusing to start" in out.stderr and "without a token" in out.stderr

@@ -120,19 +120,41 @@ def test_oversized_headers_are_refused_not_a_5xx(sandgate, keys):
     assert sandgate.check(bearer(keys.token(roles=["reader"])))[0] == 200
 
 
-def test_original_request_from_every_proxy_convention(sandgate, keys):
-    token = keys.token(roles=["reader"])
-    auth = {"Authorization": f"Bearer {token}"}
+def test_original_request_from_every_proxy_convention(start_sandgate, static_issuer, rbac_policy, keys):
+    auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}"}
+    start = lambda proxy: start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": proxy, "default_policy": "rbac"})
     # Traefik / Caddy
-    assert sandgate.check({**auth, "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/a?x=1", "X-Forwarded-Host": "shop.test", "X-Forwarded-Proto": "https"})[0] == 200
-    assert sandgate.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/a"})[0] == 403
+    forwarded = start("forwarded")
+    via = lambda method, uri: {"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, "X-Forwarded-Host": "shop.test", "X-Forwarded-Proto": "https"}
+    assert forwarded.check({**auth, **via("GET", "/api/a?x=1")})[0] == 200
+    assert forwarded.check({**auth, **via("POST", "/api/a")})[0] == 403
     # nginx
-    assert sandgate.check({**auth, "X-Original-Method": "GET", "X-Original-URI": "/api/a"})[0] == 200
-    assert sandgate.check({**auth, "X-Original-Method": "DELETE", "X-Original-URI": "/api/a"})[0] == 403
+    nginx = start("nginx")
+    assert nginx.check({**auth, "X-Original-Method": "GET", "X-Original-URI": "/api/a"})[0] == 200
+    assert nginx.check({**auth, "X-Original-Method": "DELETE", "X-Original-URI": "/api/a"})[0] == 403
     # Envoy HTTP ext_authz: the original path follows the prefix, the method is the request's
-    assert sandgate.check(auth, path="/auth/api/a")[0] == 200
-    assert sandgate.check(auth, path="/auth/api/a", method="POST")[0] == 403
-    assert sandgate.check(auth, path="/auth/other")[0] == 403
+    envoy = start("envoy")
+    assert envoy.check(auth, path="/auth/api/a")[0] == 200
+    assert envoy.check(auth, path="/auth/api/a", method="POST")[0] == 403
+    assert envoy.check(auth, path="/auth/other")[0] == 403
+
+
+def test_a_missing_or_repeated_convention_header_is_a_400_never_a_default(sandgate, keys):
+    auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}"}
+    # nginx mode without X-Original-URI: the old behaviour checked `/` instead.
+    status, headers, _ = sandgate.check({**auth, "X-Original-Method": "GET", "X-Forwarded-Host": "a", "X-Forwarded-Proto": "http"}, raw=True)
+    assert (status, headers["x-sandgate-reason"]) == (400, "missing_forwarding")
+    # Two Authorization headers: which one would the upstream use?
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", sandgate.port, timeout=10)
+    connection.putrequest("GET", "/auth")
+    for name, value in [("X-Original-Method", "GET"), ("X-Original-URI", "/api/x"), ("X-Forwarded-Host", "a"), ("X-Forwarded-Proto", "http"),
+                        ("Authorization", auth["Authorization"]), ("Authorization", "Bearer other")]:
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert (response.status, response.getheader("x-sandgate-reason")) == (400, "ambiguous_authorization")
+    connection.close()
 
 
 def test_decision_log_names_the_pinned_versions(sandgate, keys):
@@ -164,9 +186,10 @@ def test_routing_by_host_and_prefix_and_unknown_is_denied(start_sandgate, static
         issuers=[static_issuer],
         policies=[rbac_policy, tenant],
         routes=[{"host": "tenants.test", "path_prefix": "/tenants", "policy": "tenant"}, {"path_prefix": "/api", "policy": "rbac"}],
+        server={"proxy": "forwarded"},
     )
     token = keys.token(tenant="acme", roles=["reader"])
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {token}", "X-Forwarded-Method": "GET", "X-Forwarded-Host": "app.test", "X-Forwarded-Proto": "https"}
     status, headers, _ = sandgate.check({**auth, "X-Forwarded-Host": "tenants.test", "X-Forwarded-Uri": "/tenants/acme/x"})
     assert (status, headers.get("x-tenant")) == (200, "acme")
     assert sandgate.check({**auth, "X-Forwarded-Host": "tenants.test", "X-Forwarded-Uri": "/tenants/globex/x"})[0] == 403
@@ -216,7 +239,8 @@ def test_the_documented_example_config_parses_and_its_policies_load(tmp_path):
         config.unlink()
 
 
-@pytest.mark.parametrize("path", ["/api/../admin/x", "/api//x", "/api/%2e%2e/admin", "/api/%2E%2E/admin", "/api%2fx", "/api%5Cx", "/./api/x"])
+@pytest.mark.parametrize("path", ["/api/../admin/x", "/api//x", "/api/%2e%2e/admin", "/api/%2E%2E/admin", "/api%2fx", "/api%5Cx", "/./api/x",
+                                  "/public/..;/admin", "/api;x=1/users", "/%252e%252e/admin", "/api/x%00.json"])
 def test_ambiguous_paths_are_denied_not_routed(sandgate, keys, path):
     status, headers, _ = sandgate.check({"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-URI": path})
     assert (status, headers["x-sandgate-reason"]) == (400, "ambiguous_path")
@@ -225,7 +249,8 @@ def test_ambiguous_paths_are_denied_not_routed(sandgate, keys, path):
 def test_the_proxy_setting_decides_which_headers_are_read(start_sandgate, static_issuer, rbac_policy, keys):
     auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}"}
     nginx = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"})
-    # nginx sets X-Original-*; an X-Forwarded-* a client added is not read.
+    # nginx sets X-Original-*; an X-Forwarded-Method/-Uri a client added is not read.
     assert nginx.check({**auth, "X-Original-Method": "POST", "X-Original-URI": "/api/x", "X-Forwarded-Method": "GET"})[0] == 403
     forwarded = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "forwarded", "default_policy": "rbac"})
-    assert forwarded.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/x", "X-Original-Method": "GET"})[0] == 403
+    assert forwarded.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/x", "X-Forwarded-Host": "a", "X-Forwarded-Proto": "http",
+                            "X-Original-Method": "GET"})[0] == 403

@@ -190,7 +190,9 @@ fn check_claims(claims: &Map<String, Value>, audiences: &[String]) -> Result<(),
     let named: Vec<&str> = match claims.get("aud") {
         None => return Err(Rejection::invalid("missing_audience", "the token names no audience (`aud`)")),
         Some(Value::String(aud)) => vec![aud.as_str()],
-        Some(Value::Array(items)) if items.iter().all(Value::is_string) => items.iter().filter_map(Value::as_str).collect(),
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            items.iter().filter_map(Value::as_str).collect()
+        }
         Some(_) => {
             return Err(Rejection::invalid("malformed_audience", "`aud` is not a string or an array of strings"));
         }
@@ -276,9 +278,12 @@ mod tests {
     fn raw_token(header: &str, payload: &str) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let message = format!("{}.{}", b64(header), b64(payload));
-        let signature =
-            jsonwebtoken::crypto::sign(message.as_bytes(), &EncodingKey::from_secret(SECRET.as_bytes()), Algorithm::HS256)
-                .unwrap();
+        let signature = jsonwebtoken::crypto::sign(
+            message.as_bytes(),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            Algorithm::HS256,
+        )
+        .unwrap();
         format!("{message}.{signature}")
     }
 
@@ -293,14 +298,26 @@ mod tests {
     fn an_issuer_with_audiences_requires_a_string_or_string_array_aud_naming_one() {
         let keys = key_sets(&["orders-api"]);
         let exp = later();
-        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "orders-api" }))), "accepted");
+        assert_eq!(
+            reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "orders-api" }))),
+            "accepted"
+        );
         let listed = json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": ["other", "orders-api"] });
         assert_eq!(reason(&keys, &token(listed)), "accepted");
         // The attacks: no `aud` at all, and an `aud` that is not a string.
         assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp }))), "missing_audience");
-        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": 12345 }))), "malformed_audience");
-        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": [12345] }))), "malformed_audience");
-        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "other" }))), "wrong_audience");
+        assert_eq!(
+            reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": 12345 }))),
+            "malformed_audience"
+        );
+        assert_eq!(
+            reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": [12345] }))),
+            "malformed_audience"
+        );
+        assert_eq!(
+            reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp, "aud": "other" }))),
+            "wrong_audience"
+        );
         // Without configured audiences `aud` is not checked.
         assert_eq!(reason(&key_sets(&[]), &token(json!({ "iss": ISSUER, "sub": "a", "exp": exp }))), "accepted");
     }
@@ -330,7 +347,10 @@ mod tests {
         let keys = key_sets(&[]);
         let exp = later();
         assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": 7, "exp": exp }))), "malformed_claim");
-        assert_eq!(reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "jti": 7, "exp": exp }))), "malformed_claim");
+        assert_eq!(
+            reason(&keys, &token(json!({ "iss": ISSUER, "sub": "a", "jti": 7, "exp": exp }))),
+            "malformed_claim"
+        );
     }
 
     #[test]

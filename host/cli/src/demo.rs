@@ -5,7 +5,7 @@ use anyhow::Context;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use sandgate_auth::{IssuerConfig, KeySource};
-use sandgate_server::config::{Config, PolicyConfig, RevocationConfig, RuntimeLimits, ServerConfig};
+use sandgate_server::config::{Config, PolicyConfig, ProxyKind, RevocationConfig, RuntimeLimits, ServerConfig};
 use std::path::{Path, PathBuf};
 
 /// The demo issuer.
@@ -43,6 +43,9 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
     let config = Config {
         server: ServerConfig {
             listen: listen.to_owned(),
+            // The demo is asked directly, the way Envoy asks: the original path follows
+            // `/auth`, with the original method.
+            proxy: Some(ProxyKind::Envoy),
             default_policy: Some("rbac".into()),
             identity_headers: [("x-auth-subject".to_owned(), "sub".to_owned())].into(),
             ..ServerConfig::default()

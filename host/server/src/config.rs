@@ -100,13 +100,13 @@ pub struct ServerConfig {
     /// Path prefix of forward-auth checks; the rest of the path is the original path when no
     /// `X-Forwarded-Uri`/`X-Original-URI` header says otherwise (Envoy HTTP ext_authz).
     pub auth_prefix: String,
-    /// Which headers carry the original request: `nginx` (`X-Original-Method`/`-URI`, host
-    /// from `X-Forwarded-Host`), `forwarded` (Caddy, Traefik: `X-Forwarded-Method`/`-Uri`/
-    /// `-Host`/`-Proto`), `envoy` (the path after `auth_prefix`, the request's own method and
-    /// host), or `auto` (X-Original if present, else X-Forwarded, else the path). Name your proxy:
-    /// a proxy passes its client's headers on, so with `auto` a client could send the
-    /// convention the proxy does not overwrite.
-    pub proxy: ProxyKind,
+    /// The proxy in front, which decides the only headers read for the original request:
+    /// `nginx` (`X-Original-Method`/`-URI`, `X-Forwarded-Host`/`-Proto`/`-For`, all set by the
+    /// nginx configuration), `forwarded` (Caddy, Traefik: `X-Forwarded-Method`/`-Uri`/`-Host`/
+    /// `-Proto`/`-For`), `envoy` (the request itself: the path after `auth_prefix`, its method
+    /// and host; `X-Forwarded-Proto`/`-For`). Required: a proxy passes its client's other
+    /// headers on, so a guessed convention would let a client choose what is checked.
+    pub proxy: Option<ProxyKind>,
     /// Policy for requests no route matches; without one they are denied (`no_route`).
     pub default_policy: Option<String>,
     /// Extra identity headers on an allow: header name → claim name (e.g.
@@ -126,12 +126,9 @@ pub struct ServerConfig {
 }
 
 /// How the proxy in front passes the original request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyKind {
-    /// Guess from the headers present (trusting the client not to add any).
-    #[default]
-    Auto,
     /// nginx `auth_request`.
     Nginx,
     /// Caddy `forward_auth`, Traefik ForwardAuth.
@@ -145,7 +142,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:8181".into(),
             auth_prefix: "/auth".into(),
-            proxy: ProxyKind::Auto,
+            proxy: None,
             default_policy: None,
             identity_headers: BTreeMap::new(),
             shutdown_grace_secs: 10,
@@ -293,6 +290,11 @@ impl Config {
             && !known(id)
         {
             bail!("default_policy `{id}` is not a configured policy (policies: {ids:?})");
+        }
+        if self.server.proxy.is_none() {
+            bail!(
+                "[server] proxy is not set: name the proxy in front (\"nginx\", \"forwarded\" for Caddy and Traefik, or \"envoy\"); it decides which headers carry the original request"
+            );
         }
         let prefix = self.server.auth_prefix.trim_end_matches('/');
         if !self.server.auth_prefix.starts_with('/')

@@ -6,7 +6,7 @@
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
-use crate::original_request::{Bearer, OriginalRequest};
+use crate::original_request::{Bearer, OriginalRequest, canonical_path};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
@@ -94,18 +94,16 @@ impl Authorizer {
             .header("x-request-id")
             .filter(|id| id.len() <= 128)
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed)));
+            .unwrap_or_else(|| self.new_request_id());
 
         let mut snapshot = self.state.store.load();
-        if original.is_ambiguous_path() {
-            let answer = Answer::host_deny(
-                request_id,
-                400,
-                "ambiguous_path",
-                "the path has dot segments, empty segments or encoded slashes",
-            );
-            self.record(&original, &answer, None, &snapshot, None, now, started);
-            return answer;
+        match canonical_path(&original.path) {
+            Ok(path) => original.path = path,
+            Err(why) => {
+                let answer = Answer::host_deny(request_id, 400, "ambiguous_path", &why.to_string());
+                self.record(&original, &answer, None, &snapshot, None, now, started);
+                return answer;
+            }
         }
         let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
             let answer = Answer::host_deny(request_id, 403, "no_route", "no route matches this request");
@@ -165,6 +163,31 @@ impl Authorizer {
         let answer = Answer { request_id, evaluation, identity, unset_identity };
         self.record(&original, &answer, Some(&policy.id), &snapshot, Some((&policy, &check)), now, started);
         answer
+    }
+
+    /// Answer a request the protocol adapter could not read (400 with `reason`), counted and
+    /// logged like any decision.
+    pub fn refuse(&self, reason: &str, message: &str) -> Answer {
+        let started = Instant::now();
+        let now = unix_now();
+        let request_id = self.new_request_id();
+        let answer = Answer::host_deny(request_id, 400, reason, message);
+        let unknown = OriginalRequest {
+            method: String::new(),
+            scheme: String::new(),
+            host: String::new(),
+            path: String::new(),
+            query: None,
+            headers: Vec::new(),
+            peer: String::new(),
+            body: None,
+        };
+        self.record(&unknown, &answer, None, &self.state.store.load(), None, now, started);
+        answer
+    }
+
+    fn new_request_id(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed))
     }
 
     async fn evaluate(&self, policy: &LoadedPolicy, check: &CheckRequest, context: &EvalContext) -> Evaluation {

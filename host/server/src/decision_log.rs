@@ -2,21 +2,25 @@
 //! needed to explain its decision (request id, route, policy digest, snapshot versions,
 //! outcome, reason, latency).
 //!
-//! A check never waits for the log. Lines go into a bounded queue that one thread writes
-//! out; when the reader stops reading (a blocking container log driver, a paused pipe) the
+//! A check never waits for the log. Lines go into a queue bounded in bytes that one thread
+//! writes out; when the reader stops reading (a blocking container log driver, a paused pipe) the
 //! queue fills and further lines are dropped and counted
 //! (`sandgate_decision_log_dropped_total`) instead of stalling checks and health probes.
 
 use prometheus_client::metrics::counter::Counter;
 use sandgate_runtime::PolicyLog;
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Lines the queue holds before new ones are dropped.
-pub const QUEUE_LINES: usize = 16_384;
+/// Bytes of unwritten lines the queue holds before new lines are dropped.
+pub const QUEUE_BYTES: usize = 4 << 20;
+/// The writer wakes this often to write what is queued; lines reach the sink this late at most
+/// (unless the reader is slow). Waking it for every line would cost every check a thread
+/// switch on a busy machine.
+const WRITE_EVERY: Duration = Duration::from_millis(10);
+/// Queued bytes at which a check wakes the writer early, so a burst does not fill the queue.
+const WAKE_AT: usize = 256 << 10;
 
 /// One line of the decision log: everything needed to explain the decision.
 #[derive(serde::Serialize)]
@@ -43,74 +47,113 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) latency_us: u64,
 }
 
-/// Where checks hand their lines: cheap to clone, never blocks.
+/// Where checks hand their lines: cheap to clone, never blocks on the sink.
 #[derive(Clone)]
 pub struct DecisionLog {
-    queue: SyncSender<Vec<u8>>,
+    shared: Arc<Shared>,
     dropped: Counter,
 }
 
+/// Lines waiting for the writer, bounded in bytes. Checks append under a short lock (a copy);
+/// the writer wakes every [`WRITE_EVERY`] (or when [`WAKE_AT`] bytes are queued) and takes
+/// everything queued at once.
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+struct Queue {
+    bytes: Vec<u8>,
+    closing: bool,
+}
+
 impl DecisionLog {
-    /// A log written to `sink` by its own thread, counting dropped lines in `dropped`.
+    /// A log written to `sink` by its own thread, holding at most `capacity` bytes of unwritten
+    /// lines and counting the lines it drops in `dropped`.
     pub fn start(
         sink: Box<dyn Write + Send>,
         capacity: usize,
         dropped: Counter,
     ) -> std::io::Result<(DecisionLog, LogWriter)> {
-        let (queue, lines) = std::sync::mpsc::sync_channel(capacity.max(1));
-        let closing = Arc::new(AtomicBool::new(false));
-        let flag = closing.clone();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { bytes: Vec::new(), closing: false }),
+            ready: Condvar::new(),
+            capacity: capacity.max(1),
+        });
+        let writer = shared.clone();
         let thread =
-            std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(lines, sink, &flag))?;
-        Ok((DecisionLog { queue, dropped }, LogWriter { closing, thread: Some(thread) }))
+            std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(&writer, sink))?;
+        Ok((DecisionLog { shared: shared.clone(), dropped }, LogWriter { shared, thread: Some(thread) }))
     }
 
     pub(crate) fn write(&self, entry: &DecisionLogEntry<'_>) {
-        self.send(serde_json::to_vec(entry));
+        self.send(|line| serde_json::to_writer(line, entry));
     }
 
     pub(crate) fn write_json(&self, value: &serde_json::Value) {
-        self.send(serde_json::to_vec(value));
+        self.send(|line| serde_json::to_writer(line, value));
     }
 
-    fn send(&self, line: serde_json::Result<Vec<u8>>) {
-        let Ok(mut line) = line else { return };
-        line.push(b'\n');
-        match self.queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+    fn send(&self, serialize: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            if serialize(line).is_err() {
+                return;
+            }
+            line.push(b'\n');
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.bytes.len() + line.len() > self.shared.capacity {
+                drop(queue);
+                self.dropped.inc();
+                return;
+            }
+            let below = queue.bytes.len() < WAKE_AT;
+            queue.bytes.extend_from_slice(line);
+            let wake = below && queue.bytes.len() >= WAKE_AT;
+            drop(queue);
+            if wake {
+                self.shared.ready.notify_one();
+            }
+        });
     }
 }
 
-fn write_lines(lines: Receiver<Vec<u8>>, mut sink: Box<dyn Write + Send>, closing: &AtomicBool) {
+fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+    let mut batch = Vec::new();
     loop {
-        match lines.recv_timeout(Duration::from_millis(100)) {
-            // A closed sink must not stop authorization: a write error drops the line.
-            Ok(line) => {
-                let _ = sink.write_all(&line);
+        {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while queue.bytes.is_empty() && !queue.closing {
+                queue = shared.ready.wait_timeout(queue, WRITE_EVERY).unwrap_or_else(|e| e.into_inner()).0;
             }
-            Err(RecvTimeoutError::Timeout) if closing.load(Ordering::Relaxed) => break,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+            if queue.bytes.is_empty() {
+                break; // closing, and everything is written
+            }
+            std::mem::swap(&mut batch, &mut queue.bytes);
         }
+        // A closed sink must not stop authorization: a write error drops the batch.
+        let _ = sink.write_all(&batch);
+        batch.clear();
     }
     let _ = sink.flush();
 }
 
 /// The log's writer thread: [`LogWriter::finish`] lets it write out what is queued.
 pub struct LogWriter {
-    closing: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LogWriter {
-    /// Stop once the queue is empty, waiting at most `grace` (a reader that never reads
+    /// Stop once the queue is written out, waiting at most `grace` (a reader that never reads
     /// again must not keep the process alive).
     pub async fn finish(mut self, grace: Duration) {
-        self.closing.store(true, Ordering::Relaxed);
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
+        self.shared.ready.notify_one();
         if let Some(thread) = self.thread.take() {
             let joined = tokio::task::spawn_blocking(move || thread.join());
             if tokio::time::timeout(grace, joined).await.is_err() {
@@ -139,14 +182,48 @@ mod tests {
         }
     }
 
+    /// A sink that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Kept {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn every_line_is_written_whole_and_in_order_before_finish_returns() {
+        let kept = Kept::default();
+        let (log, writer) = DecisionLog::start(Box::new(kept.clone()), QUEUE_BYTES, Counter::default()).unwrap();
+        for i in 0..1000 {
+            log.write_json(&serde_json::json!({ "n": i }));
+        }
+        writer.finish(Duration::from_secs(5)).await;
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        let numbers: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(numbers, (0..1000).collect::<Vec<_>>());
+    }
+
     #[test]
     fn a_stalled_reader_drops_and_counts_lines_without_blocking() {
         let dropped = Counter::default();
-        let (log, _writer) = DecisionLog::start(Box::new(Stalled), 4, dropped.clone()).unwrap();
+        // Each line is `{"line":"x"}` and a newline: 13 bytes; the queue holds four.
+        let (log, _writer) = DecisionLog::start(Box::new(Stalled), 4 * 13, dropped.clone()).unwrap();
         for _ in 0..100 {
             log.write_json(&serde_json::json!({ "line": "x" }));
         }
-        // One line is stuck in the stalled write, four wait in the queue; the rest are dropped.
-        assert!(dropped.get() >= 95, "dropped {}", dropped.get());
+        // At most one batch is stuck in the stalled write and four lines wait in the queue;
+        // every other line was dropped and counted, and no call blocked.
+        assert!(dropped.get() >= 92, "dropped {}", dropped.get());
+        assert!(dropped.get() <= 96, "dropped {}", dropped.get());
     }
 }

@@ -61,17 +61,88 @@ impl ForwardAuth {
         }
         let rest = path.strip_prefix(self.auth_prefix.as_str()).filter(|rest| rest.is_empty() || rest.starts_with('/'));
         match rest {
-            Some(rest) => {
-                let original = from_forward_auth(&request, rest, peer, self.proxy);
-                http_response(&self.authorizer.decide(original).await)
-            }
+            Some(rest) => match from_forward_auth(&request, rest, peer, self.proxy) {
+                Ok(original) => http_response(&self.authorizer.decide(original).await),
+                Err(unreadable) => http_response(&self.authorizer.refuse(unreadable.reason, &unreadable.message)),
+            },
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 }
 
-/// The original request from a forward-auth request, by the `proxy` convention.
-fn from_forward_auth<B>(request: &Request<B>, rest: &str, peer: SocketAddr, proxy: ProxyKind) -> OriginalRequest {
+/// Why a forward-auth request cannot be checked: answered 400 with this reason code, never
+/// guessed at.
+#[derive(Debug, PartialEq, Eq)]
+struct Unreadable {
+    reason: &'static str,
+    message: String,
+}
+
+/// The headers each proxy sets on its auth request, overwriting whatever its client sent:
+/// the original method, URI (path and query), host and scheme. `None` where the proxy sends the
+/// original request itself (Envoy).
+fn convention(proxy: ProxyKind) -> Option<[&'static str; 4]> {
+    match proxy {
+        ProxyKind::Nginx => Some(["x-original-method", "x-original-uri", "x-forwarded-host", "x-forwarded-proto"]),
+        ProxyKind::Forwarded => {
+            Some(["x-forwarded-method", "x-forwarded-uri", "x-forwarded-host", "x-forwarded-proto"])
+        }
+        ProxyKind::Envoy => None,
+    }
+}
+
+/// The original request from a forward-auth request, by the `proxy` convention: only the
+/// headers that proxy sets are read; one of them missing or sent twice is a 400, and so are two
+/// `Authorization` headers.
+fn from_forward_auth<B>(
+    request: &Request<B>,
+    rest: &str,
+    peer: SocketAddr,
+    proxy: ProxyKind,
+) -> Result<OriginalRequest, Unreadable> {
+    let single = |name: &'static str| -> Result<Option<&str>, Unreadable> {
+        let mut values = request.headers().get_all(name).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            let reason = if name == "authorization" { "ambiguous_authorization" } else { "ambiguous_forwarding" };
+            return Err(Unreadable { reason, message: format!("the request has more than one `{name}` header") });
+        }
+        first
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Unreadable { reason: "malformed_header", message: format!("`{name}` is not text") })
+            })
+            .transpose()
+    };
+    let required = |name: &'static str| {
+        single(name)?.ok_or_else(|| Unreadable {
+            reason: "missing_forwarding",
+            message: format!("the `{name}` header the configured proxy sets is missing"),
+        })
+    };
+    single("authorization")?;
+    let (method, uri, host, scheme) = match convention(proxy) {
+        Some([method, uri, host, scheme]) => {
+            (required(method)?.to_owned(), required(uri)?.to_owned(), required(host)?, required(scheme)?)
+        }
+        None => {
+            let path = if rest.is_empty() { "/" } else { rest };
+            let uri = match request.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            let host = single("host")?.or(request.uri().host()).unwrap_or("");
+            (request.method().as_str().to_owned(), uri, host, single("x-forwarded-proto")?.unwrap_or("http"))
+        }
+    };
+    let (path, query) = OriginalRequest::split_target(&uri);
+    // The rightmost X-Forwarded-For entry is the one the proxy itself appended; the ones
+    // before it are whatever the client sent.
+    let peer = single("x-forwarded-for")?
+        .and_then(|v| v.rsplit(',').next())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| peer.to_string());
     let headers: Vec<Header> = request
         .headers()
         .iter()
@@ -80,55 +151,16 @@ fn from_forward_auth<B>(request: &Request<B>, rest: &str, peer: SocketAddr, prox
             value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
         })
         .collect();
-    let find = |name: &str| headers.iter().find(|h| h.name == name).map(|h| h.value.as_str());
-    let proxy = match proxy {
-        ProxyKind::Auto if find("x-original-uri").is_some() => ProxyKind::Nginx,
-        ProxyKind::Auto if find("x-forwarded-uri").is_some() => ProxyKind::Forwarded,
-        ProxyKind::Auto => ProxyKind::Envoy,
-        explicit => explicit,
-    };
-    let own_uri = || {
-        let path = if rest.is_empty() { "/" } else { rest };
-        match request.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_owned(),
-        }
-    };
-    let own_method = request.method().as_str();
-    let own_host = find("host").or(request.uri().host());
-    // Which headers carry the original method and URI; Envoy sends the request itself.
-    let original = match proxy {
-        ProxyKind::Nginx => Some(("x-original-method", "x-original-uri")),
-        ProxyKind::Forwarded => Some(("x-forwarded-method", "x-forwarded-uri")),
-        ProxyKind::Envoy | ProxyKind::Auto => None,
-    };
-    let (method, uri, host) = match original {
-        Some((method, uri)) => (
-            find(method).unwrap_or(own_method),
-            find(uri).map_or_else(own_uri, str::to_owned),
-            find("x-forwarded-host").or(own_host),
-        ),
-        None => (own_method, own_uri(), own_host),
-    };
-    let scheme = find("x-forwarded-proto");
-    let (path, query) = OriginalRequest::split_target(&uri);
-    // The rightmost X-Forwarded-For entry is the one the proxy itself appended; the ones
-    // before it are whatever the client sent.
-    let peer = find("x-forwarded-for")
-        .and_then(|v| v.rsplit(',').next())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| peer.to_string());
-    OriginalRequest {
+    Ok(OriginalRequest {
         method: method.to_ascii_uppercase(),
-        scheme: scheme.unwrap_or("http").to_ascii_lowercase(),
-        host: host.unwrap_or("").to_ascii_lowercase(),
+        scheme: scheme.to_ascii_lowercase(),
+        host: host.to_ascii_lowercase(),
         path,
         query,
         headers,
         peer,
         body: None,
-    }
+    })
 }
 
 /// The forward-auth answer: 200 with identity headers, or the deny's status, headers and body.
@@ -177,17 +209,39 @@ mod tests {
         SocketAddr::from(([10, 0, 0, 9], 4000))
     }
 
+    fn nginx() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("x-original-method", "delete"),
+            ("x-original-uri", "/api/x?y=1"),
+            ("x-forwarded-host", "App.Example"),
+            ("x-forwarded-proto", "https"),
+        ]
+    }
+
     #[test]
-    fn nginx_reads_the_original_method_and_uri() {
-        let r = request(
-            "/auth",
-            &[("x-original-method", "delete"), ("x-original-uri", "/api/x?y=1"), ("x-forwarded-host", "App.Example")],
-        );
-        let o = from_forward_auth(&r, "", peer(), ProxyKind::Nginx);
+    fn nginx_reads_the_original_method_uri_host_and_scheme() {
+        let o = from_forward_auth(&request("/auth", &nginx()), "", peer(), ProxyKind::Nginx).unwrap();
         assert_eq!(
-            (o.method.as_str(), o.path.as_str(), o.query.as_deref(), o.host.as_str()),
-            ("DELETE", "/api/x", Some("y=1"), "app.example")
+            (o.method.as_str(), o.path.as_str(), o.query.as_deref(), o.host.as_str(), o.scheme.as_str()),
+            ("DELETE", "/api/x", Some("y=1"), "app.example", "https")
         );
+    }
+
+    #[test]
+    fn a_missing_or_repeated_convention_header_is_unreadable_never_a_default() {
+        for missing in ["x-original-method", "x-original-uri", "x-forwarded-host", "x-forwarded-proto"] {
+            let headers: Vec<_> = nginx().into_iter().filter(|(n, _)| *n != missing).collect();
+            let error = from_forward_auth(&request("/auth", &headers), "", peer(), ProxyKind::Nginx).err();
+            assert_eq!(error.map(|e| e.reason), Some("missing_forwarding"), "{missing}");
+        }
+        let mut twice = nginx();
+        twice.push(("x-original-uri", "/public"));
+        let error = from_forward_auth(&request("/auth", &twice), "", peer(), ProxyKind::Nginx).err();
+        assert_eq!(error.map(|e| e.reason), Some("ambiguous_forwarding"));
+        let mut two_tokens = nginx();
+        two_tokens.extend([("authorization", "Bearer a"), ("authorization", "Bearer b")]);
+        let error = from_forward_auth(&request("/auth", &two_tokens), "", peer(), ProxyKind::Nginx).err();
+        assert_eq!(error.map(|e| e.reason), Some("ambiguous_authorization"));
     }
 
     #[test]
@@ -197,11 +251,14 @@ mod tests {
             &[
                 ("x-forwarded-method", "POST"),
                 ("x-forwarded-uri", "/orders"),
+                ("x-forwarded-host", "shop"),
                 ("x-forwarded-proto", "HTTPS"),
                 ("x-forwarded-for", "6.6.6.6, 192.0.2.7"),
+                // A client's nginx-style headers are not read in this mode.
+                ("x-original-uri", "/public"),
             ],
         );
-        let o = from_forward_auth(&r, "", peer(), ProxyKind::Forwarded);
+        let o = from_forward_auth(&r, "", peer(), ProxyKind::Forwarded).unwrap();
         assert_eq!(
             (o.method.as_str(), o.path.as_str(), o.scheme.as_str(), o.peer.as_str()),
             ("POST", "/orders", "https", "192.0.2.7")
@@ -210,14 +267,14 @@ mod tests {
 
     #[test]
     fn envoy_uses_the_path_after_the_prefix_and_ignores_other_conventions() {
-        let r = request("/auth/api/orders?x=1", &[("x-original-uri", "/public"), ("host", "app")]);
-        let o = from_forward_auth(&r, "/api/orders", peer(), ProxyKind::Envoy);
+        let r = request(
+            "/auth/api/orders?x=1",
+            &[("x-original-uri", "/public"), ("x-forwarded-uri", "/public"), ("host", "app")],
+        );
+        let o = from_forward_auth(&r, "/api/orders", peer(), ProxyKind::Envoy).unwrap();
         assert_eq!(
             (o.path.as_str(), o.query.as_deref(), o.host.as_str(), o.peer.as_str()),
             ("/api/orders", Some("x=1"), "app", "10.0.0.9:4000")
         );
-        // A proxy named explicitly never reads another proxy's headers.
-        let o = from_forward_auth(&request("/auth", &[("x-forwarded-uri", "/public")]), "", peer(), ProxyKind::Nginx);
-        assert_eq!(o.path, "/");
     }
 }

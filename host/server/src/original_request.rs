@@ -46,17 +46,6 @@ impl OriginalRequest {
         (path, query)
     }
 
-    /// Whether the path could mean something else to the upstream than to the router: dot
-    /// segments, empty segments, or percent-encoded dots and slashes. Such requests are
-    /// denied rather than routed by a spelling the upstream will normalise away.
-    pub(crate) fn is_ambiguous_path(&self) -> bool {
-        let path = self.path.as_bytes();
-        self.path.contains("//")
-            || self.path.contains('\\')
-            || self.path.split('/').any(|segment| segment == "." || segment == "..")
-            || path.windows(3).any(|w| [b"%2e", b"%2f", b"%5c"].iter().any(|t| w.eq_ignore_ascii_case(*t)))
-    }
-
     /// The first value of header `name` (lowercase).
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
@@ -67,6 +56,93 @@ impl OriginalRequest {
         let Some(value) = self.header("authorization") else { return Bearer::None };
         bearer_token(value)
     }
+}
+
+/// Why a path has no canonical form: it could mean something else to the upstream (or to a
+/// server behind it) than to Sandgate's router and policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmbiguousPath {
+    /// Not starting with `/`.
+    #[error("the path does not start with `/`")]
+    NotAbsolute,
+    /// A `;` path parameter (Tomcat, Spring and Jetty strip them and resolve what is left).
+    #[error("the path has a `;` parameter")]
+    Parameter,
+    /// A control byte, a raw non-ASCII byte, or a backslash.
+    #[error("the path has a control, non-ASCII or backslash byte")]
+    Byte,
+    /// `%` not followed by two hex digits.
+    #[error("the path has a malformed percent-escape")]
+    BadEscape,
+    /// An encoded `%` (double encoding), NUL, control byte, backslash or reserved character.
+    #[error("the path percent-encodes `%`, NUL, a control byte, `\\` or a reserved character")]
+    EncodedDelimiter,
+    /// A `.` or `..` segment, possibly percent-encoded.
+    #[error("the path has a dot segment")]
+    DotSegment,
+    /// `//` anywhere.
+    #[error("the path has an empty segment")]
+    EmptySegment,
+}
+
+/// The one canonical form of a request path that Sandgate routes and evaluates on.
+///
+/// Percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §2.3, equivalent to
+/// their decoded form) are decoded and every other escape's hex digits uppercased. Anything a
+/// server behind the proxy could read differently is refused: a `;` parameter, `%25` (double
+/// encoding), `%00`, a control or raw non-ASCII byte, a backslash raw or encoded, an encoded
+/// reserved character (`%2F`, `%3F`, `%3B`, …), a `.` or `..` segment, an empty segment (`//`).
+/// A single trailing `/` is kept. Case is kept: routes match path prefixes case-insensitively,
+/// so `/ADMIN` cannot dodge the `/admin` route, and the policy sees the path as sent.
+pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
+    const RESERVED: &[u8] = b":/?#[]@!$&'()*+,;=";
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(AmbiguousPath::NotAbsolute);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b';' => return Err(AmbiguousPath::Parameter),
+            b'\\' => return Err(AmbiguousPath::Byte),
+            b if !(0x20..0x7f).contains(&b) => return Err(AmbiguousPath::Byte),
+            b'%' => {
+                let hex = |at: usize| bytes.get(at).and_then(|h| (*h as char).to_digit(16));
+                let (Some(high), Some(low)) = (hex(i + 1), hex(i + 2)) else { return Err(AmbiguousPath::BadEscape) };
+                let decoded = (high * 16 + low) as u8;
+                if decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded) {
+                    out.push(decoded as char);
+                } else if decoded == b'%'
+                    || decoded < 0x20
+                    || decoded == 0x7f
+                    || decoded == b'\\'
+                    || RESERVED.contains(&decoded)
+                {
+                    return Err(AmbiguousPath::EncodedDelimiter);
+                } else {
+                    out.push('%');
+                    out.push_str(&format!("{decoded:02X}"));
+                }
+                i += 3;
+                continue;
+            }
+            b => out.push(b as char),
+        }
+        i += 1;
+    }
+    let inner = out.strip_prefix('/').unwrap_or(&out);
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if out.len() > 1 {
+        for segment in inner.split('/') {
+            match segment {
+                "" => return Err(AmbiguousPath::EmptySegment),
+                "." | ".." => return Err(AmbiguousPath::DotSegment),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
@@ -105,14 +181,95 @@ mod tests {
     }
 
     #[test]
-    fn dot_segments_empty_segments_and_encoded_separators_are_ambiguous() {
-        for path in
-            ["/a/../admin", "/a/./b", "//admin", "/a//b", "/a\\b", "/%2e%2e/admin", "/a%2Fb", "/a%5cb", "/%2E/x"]
-        {
-            assert!(with_path(path).is_ambiguous_path(), "{path}");
+    fn every_known_bypass_spelling_is_refused() {
+        use AmbiguousPath::*;
+        let cases = [
+            ("/a/../admin", DotSegment),
+            ("/a/./b", DotSegment),
+            ("/..", DotSegment),
+            ("//admin", EmptySegment),
+            ("/a//b", EmptySegment),
+            ("/a\\b", Byte),
+            ("/%2e%2e/admin", DotSegment),
+            ("/%2E/x", DotSegment),
+            ("/.%2e/admin", DotSegment),
+            ("/a%2Fb", EncodedDelimiter),
+            ("/a%5cb", EncodedDelimiter),
+            ("/public/..;/admin", Parameter),
+            ("/admin;x=1/users", Parameter),
+            ("/%252e%252e/admin", EncodedDelimiter),
+            ("/admin%00.json", EncodedDelimiter),
+            ("/admin%3Bx", EncodedDelimiter),
+            ("/a%3Fb", EncodedDelimiter),
+            ("/a%", BadEscape),
+            ("/a%g1", BadEscape),
+            ("/caf\u{e9}", Byte),
+            ("/a\tb", Byte),
+            ("admin", NotAbsolute),
+        ];
+        for (path, why) in cases {
+            assert_eq!(canonical_path(path), Err(why), "{path:?}");
         }
-        for path in ["/", "/api/orders/7", "/a.b/c..d", "/%41"] {
-            assert!(!with_path(path).is_ambiguous_path(), "{path}");
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_the_rest_kept() {
+        assert_eq!(canonical_path("/%61dmin").as_deref(), Ok("/admin"));
+        assert_eq!(canonical_path("/%7Euser/a%2Db").as_deref(), Ok("/~user/a-b"));
+        assert_eq!(canonical_path("/a%20b/caf%c3%a9").as_deref(), Ok("/a%20b/caf%C3%A9"));
+        assert_eq!(canonical_path("/").as_deref(), Ok("/"));
+        assert_eq!(canonical_path("/api/orders/").as_deref(), Ok("/api/orders/"));
+        assert_eq!(canonical_path("/a.b/c..d/.e").as_deref(), Ok("/a.b/c..d/.e"));
+        assert_eq!(canonical_path("/ADMIN").as_deref(), Ok("/ADMIN"));
+    }
+
+    mod properties {
+        use super::super::canonical_path;
+        use proptest::prelude::*;
+
+        /// A path segment of unreserved characters that is not a dot segment.
+        fn segment() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9._~-]{1,8}".prop_filter("not a dot segment", |s| s != "." && s != "..")
+        }
+
+        /// `text` with the characters `mask` selects percent-encoded (lowercase hex).
+        fn encode_some(text: &str, mask: u64) -> String {
+            text.chars()
+                .enumerate()
+                .map(|(i, c)| if (mask >> (i % 64)) & 1 == 1 { format!("%{:02x}", c as u32) } else { c.to_string() })
+                .collect()
+        }
+
+        proptest! {
+            #[test]
+            fn canonical_forms_are_fixed_points(path in "/[ -~]{0,40}") {
+                if let Ok(canonical) = canonical_path(&path) {
+                    prop_assert_eq!(canonical_path(&canonical), Ok(canonical.clone()));
+                }
+            }
+
+            #[test]
+            fn a_canonical_form_has_nothing_to_reinterpret(path in "/[ -~]{0,40}") {
+                if let Ok(c) = canonical_path(&path) {
+                    prop_assert!(!c.contains(';') && !c.contains("//") && !c.contains('\\'));
+                    prop_assert!(!c.split('/').any(|s| s == "." || s == ".."));
+                    let upper = c.to_ascii_uppercase();
+                    for escape in ["%25", "%00", "%2F", "%2E", "%3B", "%5C", "%41"] {
+                        prop_assert!(!upper.contains(escape), "{} in {}", escape, c);
+                    }
+                }
+            }
+
+            #[test]
+            fn encoding_unreserved_characters_never_changes_the_canonical_form(
+                segments in proptest::collection::vec(segment(), 1..5),
+                mask in any::<u64>(),
+            ) {
+                let encoded: Vec<String> = segments.iter().map(|s| encode_some(s, mask)).collect();
+                let plain = format!("/{}", segments.join("/"));
+                prop_assert_eq!(canonical_path(&plain), Ok(plain.clone()));
+                prop_assert_eq!(canonical_path(&format!("/{}", encoded.join("/"))), Ok(plain));
+            }
         }
     }
 

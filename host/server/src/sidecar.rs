@@ -4,9 +4,9 @@
 //! writer; the runtime owns its epoch thread and the state its compiler thread.
 
 use crate::admin_api::AdminApi;
-use crate::config::{AdminConfig, Config};
+use crate::config::{AdminConfig, Config, ProxyKind};
 use crate::decide::Authorizer;
-use crate::decision_log::{DecisionLog, LogWriter, QUEUE_LINES};
+use crate::decision_log::{DecisionLog, LogWriter, QUEUE_BYTES};
 use crate::forward_auth::ForwardAuth;
 use crate::listener::{self, Listener};
 use crate::state::{StartError, State};
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 /// A sidecar ready to run.
 pub struct Sidecar {
     config: Config,
+    proxy: ProxyKind,
     authorizer: Authorizer,
     http: Listener,
     grpc: Option<Listener>,
@@ -33,10 +34,12 @@ pub struct Sidecar {
 impl Sidecar {
     /// Load the state `config` describes and bind its listeners; nothing is served yet.
     pub async fn build(config: Config) -> Result<Sidecar, StartError> {
+        config.check()?;
+        let proxy = config.server.proxy.ok_or_else(|| StartError::Admin("[server] proxy is not set".into()))?;
         let state = State::from_config(&config)?;
         let tasks = TaskTracker::new();
         let dropped = state.metrics.decision_log_dropped.clone();
-        let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_LINES, dropped)
+        let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_BYTES, dropped)
             .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
         let server = &config.server;
         let authorizer =
@@ -55,6 +58,7 @@ impl Sidecar {
         };
         Ok(Sidecar {
             config,
+            proxy,
             authorizer,
             http,
             grpc,
@@ -99,7 +103,7 @@ impl Sidecar {
     /// Serve until `shutdown` resolves, then stop every listener and loop, give open
     /// connections `shutdown_grace_secs` to finish, and write out the decision log.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Sidecar { config, authorizer, http, grpc, admin, log_writer, tasks, stop, .. } = self;
+        let Sidecar { config, proxy, authorizer, http, grpc, admin, log_writer, tasks, stop, .. } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let authorizer = Arc::new(authorizer);
         let state = authorizer.state().clone();
@@ -129,8 +133,7 @@ impl Sidecar {
         }
         let ready = Arc::new(AtomicBool::new(false));
         let server = &config.server;
-        let forward_auth =
-            Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, server.proxy, ready.clone()));
+        let forward_auth = Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, proxy, ready.clone()));
         let make = move |peer| {
             let forward_auth = forward_auth.clone();
             hyper::service::service_fn(move |request| {

@@ -41,11 +41,17 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether a request for `host` and (canonical) `path` takes this route. The prefix matches
+    /// on segment boundaries and ignores ASCII case, so `/ADMIN` takes the `/admin` route on an
+    /// upstream that ignores case too.
     fn matches(&self, host: &str, path: &str) -> bool {
         let host_ok = self.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host));
         let prefix = self.path_prefix.trim_end_matches('/');
-        let path_ok =
-            prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
+        let rest = path
+            .get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .and_then(|_| path.get(prefix.len()..));
+        let path_ok = prefix.is_empty() || rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
         host_ok && path_ok
     }
 }
@@ -169,6 +175,10 @@ mod tests {
         assert!(r.matches("API.example", "/api/x"));
         assert!(!r.matches("api.example", "/apix"));
         assert!(!r.matches("other.example", "/api/x"));
+        // Case cannot dodge a route.
+        assert!(r.matches("api.example", "/API/x"));
+        assert!(r.matches("api.example", "/Api"));
+        assert!(!r.matches("api.example", "/APIX"));
         let any = Route { host: None, path_prefix: "/".into(), policy: "p".into() };
         assert!(any.matches("x", "/anything"));
     }

@@ -48,6 +48,9 @@ pub enum StartError {
     /// The admin API's settings are unusable.
     #[error("{0}")]
     Admin(String),
+    /// The configuration contradicts itself.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The compiler thread could not start.
     #[error("cannot start the compiler thread")]
     Compiler(#[source] std::io::Error),

@@ -58,13 +58,9 @@ async fn serve(config: Config, demo_token: Option<String>) -> anyhow::Result<Exi
     if let Some(token) = demo_token {
         let url = format!("http://{address}{auth_prefix}");
         eprintln!("\ndemo token (alice, role reader):\n{token}\n");
-        eprintln!(
-            "allowed (200):  curl -i -H 'Authorization: Bearer {token}' -H 'X-Original-URI: /api/orders/7' {url}"
-        );
-        eprintln!(
-            "denied (403):   curl -i -H 'Authorization: Bearer {token}' -H 'X-Original-Method: DELETE' -H 'X-Original-URI: /api/orders/7' {url}"
-        );
-        eprintln!("no token (401): curl -i -H 'X-Original-URI: /api/orders/7' {url}\n");
+        eprintln!("allowed (200):  curl -i -H 'Authorization: Bearer {token}' {url}/api/orders/7");
+        eprintln!("denied (403):   curl -i -X DELETE -H 'Authorization: Bearer {token}' {url}/api/orders/7");
+        eprintln!("no token (401): curl -i {url}/api/orders/7\n");
     }
     sidecar.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
