@@ -116,6 +116,9 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
             max_instances: 2,
             timeout: Duration::from_millis(300),
             queue_timeout: Duration::from_millis(20),
+            // Both looping checks run at once (one policy may take both threads here).
+            eval_threads: 2,
+            max_threads_per_policy: 2,
             ..Default::default()
         })
         .unwrap(),
@@ -125,12 +128,12 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
         .map(|_| {
             let (runtime, hostile) = (runtime.clone(), hostile.clone());
             tokio::spawn(async move {
-                runtime.check(&hostile, &check(json!({ "path": "/loop" })), &context(Value::Null)).await
+                runtime.check(&hostile, Arc::new(check(json!({ "path": "/loop" }))), context(Value::Null)).await
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let queued = runtime.check(&hostile, &check(json!({ "path": "/" })), &context(Value::Null)).await;
+    let queued = runtime.check(&hostile, Arc::new(check(json!({ "path": "/" }))), context(Value::Null)).await;
     assert_eq!(queued.fault, Some(PolicyFault::Overloaded));
     assert!(
         matches!(queued.decision, sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503)
@@ -138,6 +141,53 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
     for task in busy {
         assert_eq!(task.await.unwrap().fault, Some(PolicyFault::Timeout));
     }
-    let after = runtime.check(&hostile, &check(json!({ "path": "/" })), &context(Value::Null)).await;
+    let after = runtime.check(&hostile, Arc::new(check(json!({ "path": "/" }))), context(Value::Null)).await;
     assert!(after.is_allow(), "the pool recovers once instances are free");
+}
+
+/// A looping policy hammered by many clients takes at most its share of the evaluation
+/// threads, and never an async worker: another policy's check is still answered, and long
+/// before the loops are done. (When policies ran on the async workers, 16 loops of 400 ms
+/// held both workers for over 3 s, and nothing else was answered meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_policy_cannot_take_every_thread_from_other_policies() {
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            max_instances: 32,
+            timeout: Duration::from_millis(400),
+            queue_timeout: Duration::from_millis(200),
+            eval_threads: 2,
+            max_threads_per_policy: 1,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let hostile = load(&runtime, "hostile");
+    let rbac = load(&runtime, "rbac");
+    let loops: Vec<_> = (0..16)
+        .map(|_| {
+            let (runtime, hostile) = (runtime.clone(), hostile.clone());
+            tokio::spawn(async move {
+                runtime.check(&hostile, Arc::new(check(json!({ "path": "/loop" }))), context(Value::Null)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let data = fixtures("rbac").data.unwrap();
+    for _ in 0..20 {
+        let (runtime, rbac, data) = (runtime.clone(), rbac.clone(), data.clone());
+        let other = tokio::spawn(async move { runtime.check(&rbac, Arc::new(reader_request()), context(data)).await });
+        // A liveness bound, not a speed measurement: the loops alone take over 3 s.
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), other).await.expect("answered while the loops run").unwrap();
+        assert!(answer.is_allow(), "a check of another policy was {:?}", answer.fault);
+    }
+    let mut faults: Vec<_> = Vec::new();
+    for task in loops {
+        faults.push(task.await.unwrap().fault);
+    }
+    // One loop at a time ran to its time limit; the rest waited past their queue timeout.
+    assert!(faults.contains(&Some(PolicyFault::Timeout)), "{faults:?}");
+    assert!(faults.contains(&Some(PolicyFault::Overloaded)), "{faults:?}");
+    assert!(faults.iter().all(|f| matches!(f, Some(PolicyFault::Timeout | PolicyFault::Overloaded))), "{faults:?}");
 }

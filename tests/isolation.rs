@@ -52,7 +52,7 @@ async fn fresh_state_on_every_concurrent_check() {
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 for _ in 0..20 {
-                    let evaluation = runtime.check(&hostile, &request, &context(serde_json::Value::Null)).await;
+                    let evaluation = runtime.check(&hostile, request.clone(), context(serde_json::Value::Null)).await;
                     seen.push(STATE_HEADERS.map(|h| allowed_header(&evaluation.decision, h)));
                     tokio::task::yield_now().await;
                 }

@@ -97,9 +97,12 @@ pub fn authorizer(config: &sandgate_server::Config) -> Arc<sandgate_server::Auth
     ))
 }
 
-/// A runtime with default limits but a small pool.
+/// A runtime with default limits but a small pool and four evaluation threads.
 pub fn runtime() -> Runtime {
-    Runtime::new(RuntimeConfig { max_instances: 32, ..Default::default() }).unwrap()
+    // Four evaluation threads, any of them for one policy: concurrency tests get concurrency
+    // whatever the machine's core count.
+    Runtime::new(RuntimeConfig { max_instances: 32, eval_threads: 4, max_threads_per_policy: 4, ..Default::default() })
+        .unwrap()
 }
 
 /// Load a compiled policy.

@@ -21,6 +21,7 @@ mod fault;
 mod host_state;
 mod policy;
 mod policy_data;
+mod pool;
 #[cfg(feature = "bench-internals")]
 mod reused;
 mod runtime;

@@ -47,6 +47,8 @@ pub struct PolicyModule {
     pub(crate) check: ComponentExportIndex,
     pub(crate) digest: Arc<str>,
     pub(crate) size: usize,
+    /// Evaluation threads this policy occupies now (its share is capped).
+    pub(crate) load: crate::pool::PolicyLoad,
 }
 
 impl PolicyModule {

@@ -20,10 +20,11 @@ use crate::bindings::{Authorizer, AuthorizerPre};
 use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{ALLOWED_IMPORTS, POLICY_EXPORT, check_export, sha256_hex};
+use crate::pool::EvalPool;
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::component::{Component, Linker, TypedFunc};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError, PoolingAllocationConfig,
@@ -44,6 +45,12 @@ pub struct RuntimeConfig {
     /// Reset every page of an instance's memory after a check, not only the pages found written
     /// (slower: see [`Runtime::new`]). Chosen automatically when the host has swap enabled.
     pub full_memory_reset: bool,
+    /// Threads policies run on (`0`: one per core). The async threads that read requests never
+    /// run a policy.
+    pub eval_threads: usize,
+    /// Threads one policy may occupy at once (`0`: all but one, at least one), so a slow or
+    /// looping policy leaves threads for the others.
+    pub max_threads_per_policy: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -54,6 +61,8 @@ impl Default for RuntimeConfig {
             memory_limit: 16 << 20,
             queue_timeout: Duration::from_secs(1),
             full_memory_reset: false,
+            eval_threads: 0,
+            max_threads_per_policy: 0,
         }
     }
 }
@@ -80,12 +89,21 @@ pub struct EvalContext {
 
 /// The policy runtime. See the module documentation for lifetimes and guarantees.
 pub struct Runtime {
-    engine: Engine,
+    core: Arc<Core>,
     linker: Linker<HostState>,
-    config: RuntimeConfig,
-    permits: Arc<tokio::sync::Semaphore>,
+    /// Dropped (its threads joined) before the ticker stops, so a running policy is still
+    /// interrupted at its deadline.
+    pool: EvalPool,
     /// Held for its `Drop`: stops and joins the ticker thread with the runtime.
     _ticker: EpochTicker,
+}
+
+/// What an evaluation needs, shared with the evaluation pool's threads.
+struct Core {
+    engine: Engine,
+    config: RuntimeConfig,
+    /// One per pool slot: bounds the checks queued or running at once.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stopped and joined when
@@ -180,19 +198,22 @@ impl Runtime {
             .map_err(anyhow::Error::from)?;
 
         let ticker = EpochTicker::start(engine.clone())?;
-
-        Ok(Runtime {
-            engine,
-            linker,
-            permits: Arc::new(tokio::sync::Semaphore::new(instances as usize)),
-            config,
-            _ticker: ticker,
-        })
+        let threads = match config.eval_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let per_policy = match config.max_threads_per_policy {
+            0 => threads.saturating_sub(1).max(1),
+            n => n,
+        };
+        let pool = EvalPool::start(threads, per_policy)?;
+        let permits = Arc::new(tokio::sync::Semaphore::new(instances as usize));
+        Ok(Runtime { core: Arc::new(Core { engine, config, permits }), linker, pool, _ticker: ticker })
     }
 
     /// Instances in use by [`Runtime::check`] right now.
     pub fn instances_in_use(&self) -> usize {
-        self.config.max_instances as usize - self.permits.available_permits()
+        self.core.config.max_instances as usize - self.core.permits.available_permits()
     }
 
     /// Compile and validate a policy component: only the contract's imports, the `policy`
@@ -204,19 +225,19 @@ impl Runtime {
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(LoadError::NotWasm),
         }
-        let component = Component::new(&self.engine, bytes).map_err(LoadError::Invalid)?;
+        let component = Component::new(&self.core.engine, bytes).map_err(LoadError::Invalid)?;
         let ty = component.component_type();
-        if let Some((name, _)) = ty.imports(&self.engine).find(|(name, _)| !ALLOWED_IMPORTS.contains(name)) {
+        if let Some((name, _)) = ty.imports(&self.core.engine).find(|(name, _)| !ALLOWED_IMPORTS.contains(name)) {
             return Err(LoadError::UnsupportedImport(name.to_owned()));
         }
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_owned()).collect();
+        let exports: Vec<String> = ty.exports(&self.core.engine).map(|(name, _)| name.to_owned()).collect();
         if !exports.iter().any(|e| e == POLICY_EXPORT) {
             return Err(LoadError::MissingExport(exports));
         }
         let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
         let check = check_export(&instance_pre).map_err(LoadError::Contract)?;
         let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
-        Ok(PolicyModule { pre, check, digest: sha256_hex(bytes).into(), size: bytes.len() })
+        Ok(PolicyModule { pre, check, digest: sha256_hex(bytes).into(), size: bytes.len(), load: Default::default() })
     }
 
     /// The path of the probe check every policy must answer, within its limits, before it is
@@ -248,9 +269,9 @@ impl Runtime {
             },
         };
         // The probe takes a pool slot like any check, waiting up to the queue timeout.
-        let deadline = std::time::Instant::now() + self.config.queue_timeout;
+        let deadline = std::time::Instant::now() + self.core.config.queue_timeout;
         let _permit = loop {
-            match self.permits.try_acquire() {
+            match self.core.permits.try_acquire() {
                 Ok(permit) => break permit,
                 Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 Err(_) => return Err(PolicyFault::Overloaded),
@@ -262,36 +283,82 @@ impl Runtime {
         }
     }
 
-    /// Evaluate one check in a fresh instance, waiting up to the queue timeout for a free
-    /// slot in the pool. Runs the (bounded) policy call on the current thread.
-    pub async fn check(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
-        if let Ok(_permit) = self.permits.try_acquire() {
-            return self.evaluate(module, request, context);
-        }
-        let permit = tokio::time::timeout(self.config.queue_timeout, self.permits.acquire()).await;
-        let mut evaluation = match permit {
-            Ok(Ok(_permit)) => self.evaluate(module, request, context),
-            _ => Evaluation::fault(PolicyFault::Overloaded, Vec::new(), 0),
+    /// Evaluate one check in a fresh instance on the evaluation pool, never on the calling
+    /// (async) thread. The check waits at most the queue timeout for a pool slot and a thread
+    /// (its policy's share of threads included); past it, it is denied as overloaded.
+    pub async fn check(&self, module: &PolicyModule, request: Arc<CheckRequest>, context: EvalContext) -> Evaluation {
+        let deadline = Instant::now() + self.core.config.queue_timeout;
+        let (permit, waited) = match self.core.permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match tokio::time::timeout_at(deadline.into(), self.core.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => (permit, true),
+                _ => return overloaded(true),
+            },
         };
-        evaluation.queued = true;
+        let mut evaluation = self.run_on_pool(module, request, context, permit, deadline).await;
+        evaluation.queued |= waited;
         evaluation
     }
 
-    /// Evaluate one check only if an instance is free right now (shadow evaluations, which
-    /// must never make a live check wait).
-    pub fn try_check(
+    /// Evaluate one check only if a pool slot is free right now (shadow evaluations, which
+    /// must never make a live check wait); `None` if none is.
+    pub async fn try_check(
         &self,
         module: &PolicyModule,
-        request: &CheckRequest,
-        context: &EvalContext,
+        request: Arc<CheckRequest>,
+        context: EvalContext,
     ) -> Option<Evaluation> {
-        let _permit = self.permits.try_acquire().ok()?;
-        Some(self.evaluate(module, request, context))
+        let permit = self.core.permits.clone().try_acquire_owned().ok()?;
+        let deadline = Instant::now() + self.core.config.queue_timeout;
+        Some(self.run_on_pool(module, request, context, permit, deadline).await)
+    }
+
+    async fn run_on_pool(
+        &self,
+        module: &PolicyModule,
+        request: Arc<CheckRequest>,
+        context: EvalContext,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: Instant,
+    ) -> Evaluation {
+        let (send, mut receive) = tokio::sync::oneshot::channel();
+        let (core, job_module) = (self.core.clone(), module.clone());
+        let ticket = self.pool.submit(&module.load, deadline, move || {
+            let evaluation = core.evaluate(&job_module, &request, &context);
+            drop(permit);
+            let _ = send.send(evaluation);
+        });
+        match tokio::time::timeout_at(deadline.into(), &mut receive).await {
+            Ok(Ok(evaluation)) => evaluation,
+            // The pool dropped the job at its deadline.
+            Ok(Err(_)) => overloaded(true),
+            // Still queued at the deadline: give up on it, unless it has just started.
+            Err(_) if ticket.abandon() => overloaded(true),
+            Err(_) => receive.await.unwrap_or_else(|_| overloaded(true)),
+        }
     }
 
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
     /// is full the check is denied as overloaded; [`Runtime::check`] queues instead.
     pub fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        self.core.evaluate(module, request, context)
+    }
+
+    #[cfg(feature = "bench-internals")]
+    pub(crate) fn new_store(&self, context: &EvalContext) -> Store<HostState> {
+        self.core.new_store(context)
+    }
+}
+
+/// A deny for a check that found no free slot or thread in time.
+fn overloaded(queued: bool) -> Evaluation {
+    let mut evaluation = Evaluation::fault(PolicyFault::Overloaded, Vec::new(), 0);
+    evaluation.queued = queued;
+    evaluation
+}
+
+impl Core {
+    fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
         let mut store = self.new_store(context);
         let result = module
             .pre
@@ -316,7 +383,7 @@ impl Runtime {
         }
     }
 
-    pub(crate) fn new_store(&self, context: &EvalContext) -> Store<HostState> {
+    fn new_store(&self, context: &EvalContext) -> Store<HostState> {
         let state = HostState::new(context.data.clone(), context.verifier.clone(), self.config.memory_limit);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);

@@ -168,6 +168,12 @@ pub struct RuntimeLimits {
     /// Reset all of an instance's memory after each check, not only the pages found written.
     /// On automatically when swap is enabled at start; set it if swap may be enabled later.
     pub full_memory_reset: bool,
+    /// Threads policies run on; 0: one per core. Health checks, metrics and reading requests
+    /// never wait behind a policy.
+    pub eval_threads: usize,
+    /// Threads one policy may occupy at once; 0: all but one (at least one), so one route's
+    /// slow policy cannot stall the others.
+    pub max_threads_per_policy: usize,
 }
 
 impl Default for RuntimeLimits {
@@ -179,6 +185,8 @@ impl Default for RuntimeLimits {
             memory_limit_mib: d.memory_limit >> 20,
             queue_timeout_ms: d.queue_timeout.as_millis() as u64,
             full_memory_reset: d.full_memory_reset,
+            eval_threads: d.eval_threads,
+            max_threads_per_policy: d.max_threads_per_policy,
         }
     }
 }
@@ -192,6 +200,8 @@ impl RuntimeLimits {
             memory_limit: self.memory_limit_mib << 20,
             queue_timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
             full_memory_reset: self.full_memory_reset,
+            eval_threads: self.eval_threads,
+            max_threads_per_policy: self.max_threads_per_policy,
         }
     }
 }

@@ -130,7 +130,7 @@ impl Authorizer {
             return answer;
         };
         let policy = policy.clone();
-        let check = CheckRequest {
+        let check = Arc::new(CheckRequest {
             request_id: request_id.clone(),
             method: original.method.clone(),
             scheme: original.scheme.clone(),
@@ -144,9 +144,9 @@ impl Authorizer {
             credential,
             now,
             versions: snapshot.versions(&policy),
-        };
+        });
         let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
-        let evaluation = self.evaluate(&policy, &check, &context).await;
+        let evaluation = self.evaluate(&policy, &check, context.clone()).await;
         if evaluation.queued {
             self.state.metrics.queue_waits.inc();
         }
@@ -190,13 +190,13 @@ impl Authorizer {
         format!("{}-{}", self.id_prefix, self.request_ids.fetch_add(1, Ordering::Relaxed))
     }
 
-    async fn evaluate(&self, policy: &LoadedPolicy, check: &CheckRequest, context: &EvalContext) -> Evaluation {
+    async fn evaluate(&self, policy: &LoadedPolicy, check: &Arc<CheckRequest>, context: EvalContext) -> Evaluation {
         #[cfg(feature = "bench-internals")]
         if let Some(native) = &self.native {
             let decision = native(check, &policy.data);
             return Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
         }
-        self.state.runtime.check(&policy.module, check, context).await
+        self.state.runtime.check(&policy.module, check.clone(), context).await
     }
 
     /// Verify a bearer token against `snapshot` at `now`, through the verified-token cache:
@@ -253,7 +253,7 @@ impl Authorizer {
         &self,
         candidate: PolicyModule,
         policy: String,
-        check: CheckRequest,
+        check: Arc<CheckRequest>,
         context: EvalContext,
         primary: &Evaluation,
     ) {
@@ -262,7 +262,7 @@ impl Authorizer {
         let log = self.log.clone();
         self.tasks.spawn(async move {
             // Only on a free instance: a shadow must never make a live check wait.
-            let Some(shadow) = state.runtime.try_check(&candidate, &check, &context) else {
+            let Some(shadow) = state.runtime.try_check(&candidate, check.clone(), context).await else {
                 state.metrics.shadow.get_or_create(&ShadowLabels { policy, result: "skipped" }).inc();
                 return;
             };

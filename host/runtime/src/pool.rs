@@ -1,0 +1,136 @@
+//! The evaluation pool: the threads every policy call runs on, so the async workers that read
+//! requests, answer health checks and serve other routes never wait behind a policy.
+//!
+//! - A fixed number of threads take jobs from one queue in arrival order, except that a job
+//!   whose policy already runs on its cap of threads waits while later jobs of other policies
+//!   go first: one route's slow or looping policy cannot take every thread.
+//! - Every job has a deadline (its check's queue timeout). A job still queued at its deadline
+//!   is answered `overloaded` (a deny) by the caller, and the thread that finds it skips it.
+//! - How many jobs may be queued or running at once is bounded by the caller (the runtime's
+//!   permits), so the queue never grows without bound.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// A job's state, shared with the caller waiting for it.
+#[derive(Clone, Default)]
+pub(crate) struct Ticket(Arc<AtomicU8>);
+
+impl Ticket {
+    /// Give up on a job that has not started: `true` if it never will, `false` if it is
+    /// already running (its result will come).
+    pub(crate) fn abandon(&self) -> bool {
+        self.0.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    fn start(&self) -> bool {
+        self.0.compare_exchange(QUEUED, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// How many threads one policy occupies now; shared by every job of that policy.
+#[derive(Clone, Default)]
+pub(crate) struct PolicyLoad(Arc<AtomicUsize>);
+
+struct Job {
+    load: PolicyLoad,
+    ticket: Ticket,
+    deadline: Instant,
+    run: Box<dyn FnOnce() + Send>,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    work: Condvar,
+    per_policy: usize,
+}
+
+/// The pool; dropping it lets the threads finish what is queued, then joins them.
+pub(crate) struct EvalPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EvalPool {
+    /// `threads` threads; one policy runs on at most `per_policy` of them at once.
+    pub(crate) fn start(threads: usize, per_policy: usize) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closing: false }),
+            work: Condvar::new(),
+            per_policy: per_policy.max(1),
+        });
+        let threads = (0..threads.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new().name(format!("sandgate-eval-{i}")).spawn(move || work(&shared))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(EvalPool { shared, threads })
+    }
+
+    /// Queue `run` for a policy with `load`; it starts no later than `deadline` or not at all.
+    pub(crate) fn submit(&self, load: &PolicyLoad, deadline: Instant, run: impl FnOnce() + Send + 'static) -> Ticket {
+        let ticket = Ticket::default();
+        let job = Job { load: load.clone(), ticket: ticket.clone(), deadline, run: Box::new(run) };
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).jobs.push_back(job);
+        self.shared.work.notify_one();
+        ticket
+    }
+}
+
+impl Drop for EvalPool {
+    fn drop(&mut self) {
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
+        self.shared.work.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn work(shared: &Shared) {
+    loop {
+        let job = {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let now = Instant::now();
+                // Jobs nobody waits for any more, or whose deadline passed, are dropped.
+                queue.jobs.retain(|job| job.deadline > now || !job.ticket.abandon());
+                queue.jobs.retain(|job| job.ticket.0.load(Ordering::Acquire) == QUEUED);
+                let next = queue.jobs.iter().position(|job| job.load.0.load(Ordering::Acquire) < shared.per_policy);
+                if let Some(job) = next.and_then(|i| queue.jobs.remove(i)) {
+                    // Counted under the lock, so two threads cannot both pass the cap.
+                    job.load.0.fetch_add(1, Ordering::AcqRel);
+                    break job;
+                }
+                if queue.closing && queue.jobs.is_empty() {
+                    return;
+                }
+                // Wake for new work, a policy's thread coming free, or the next deadline.
+                let wait = queue.jobs.iter().map(|job| job.deadline.saturating_duration_since(now)).min();
+                queue = match wait {
+                    Some(wait) => shared.work.wait_timeout(queue, wait).unwrap_or_else(|e| e.into_inner()).0,
+                    None => shared.work.wait(queue).unwrap_or_else(|e| e.into_inner()),
+                };
+            }
+        };
+        if job.ticket.start() {
+            (job.run)();
+        }
+        job.load.0.fetch_sub(1, Ordering::AcqRel);
+        // A job of this policy held back by its cap may run now.
+        shared.work.notify_one();
+    }
+}
