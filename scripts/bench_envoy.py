@@ -55,6 +55,7 @@ def main():
     grpc_port = free_port()
     (tmp / "sandgate.toml").write_text(f"""
 [server]
+proxy = "envoy"
 default_policy = "rbac"
 [grpc]
 listen = "127.0.0.1:{grpc_port}"

@@ -112,7 +112,8 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
 """)
         return str(path)
 
-    request = {"X-Original-URI": "/api/orders/7"}
+    # What nginx sets on its auth request (examples/nginx/nginx.conf).
+    request = {"X-Original-Method": "GET", "X-Original-URI": "/api/orders/7", "X-Forwarded-Host": "app.bench", "X-Forwarded-Proto": "http"}
     sandgate = lambda policy, cache=True: [str(RELEASE / "sandgate"), "serve", "--config", config(policy, cache)]
     cases = {"hyper fixed 200": ([str(RELEASE / "examples" / "fixed_200")], {}),
              "sandgate allow-all, no token": (sandgate("allow-all"), request)}
@@ -200,7 +201,8 @@ local i = 0
 function request()
   i = i + 1
   local t = tokens[(id * {n // 2} + i) % #tokens + 1]
-  return wrk.format(nil, nil, {{["Authorization"] = "Bearer " .. t, ["X-Original-URI"] = "/api/orders/7"}})
+  return wrk.format(nil, nil, {{["Authorization"] = "Bearer " .. t, ["X-Original-Method"] = "GET", ["X-Original-URI"] = "/api/orders/7",
+                                ["X-Forwarded-Host"] = "app.bench", ["X-Forwarded-Proto"] = "http"}})
 end
 """)
     return script

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import RELEASE, ROOT, free_port, start, wrk  # noqa: E402
 
 DURATION = int(os.environ.get("DURATION", "8"))
-TOKEN = "bench-admin-token"
+TOKEN = "bench-admin-token-of-at-least-32-chars"
 
 
 def main():
@@ -32,6 +32,7 @@ def main():
     config = tmp / "reload.toml"
     config.write_text(f"""
 [server]
+proxy = "nginx"
 default_policy = "live"
 [runtime]
 max_instances = 128
@@ -44,7 +45,7 @@ module = "{policies / 'versioned-v1.wasm'}"
 """)
     modules = [(policies / f"versioned-v{v}.wasm").read_bytes() for v in (1, 2)]
     proc, port = start([str(RELEASE / "sandgate"), "serve", "--config", str(config)])
-    headers = {"X-Original-URI": "/x"}
+    headers = {"X-Original-Method": "GET", "X-Original-URI": "/x", "X-Forwarded-Host": "app.bench", "X-Forwarded-Proto": "http"}
     try:
         wrk(port, headers, 2)
         steady = wrk(port, headers, DURATION)

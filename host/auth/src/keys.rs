@@ -50,6 +50,15 @@ pub enum KeyError {
     /// A JWKS with keys, none of them usable for signatures.
     #[error("the JWKS has no usable signing key")]
     NoUsableKey,
+    /// A JWK whose `alg`, `use` or `key_ops` say it is not for verifying signatures.
+    #[error("JWK {0:?} is not for verifying signatures (its `alg`, `use` or `key_ops` say otherwise)")]
+    NotForSignatures(Option<String>),
+    /// A symmetric (`oct`) key from a JWKS endpoint: anyone who can read it could sign tokens.
+    #[error("JWK {0:?} is a shared secret (`oct`); secrets are never taken from a JWKS endpoint")]
+    RemoteSecret(Option<String>),
+    /// An HMAC secret shorter than its algorithm's hash.
+    #[error("an {0:?} secret needs at least {1} bytes, this one has {2}")]
+    WeakSecret(Algorithm, usize, usize),
     /// A key of one issuer.
     #[error("issuer `{0}`")]
     Issuer(String, #[source] Box<KeyError>),
@@ -74,8 +83,37 @@ pub struct Key {
 impl Key {
     /// A key from a JWK; its algorithm is the JWK's `alg`, else `fallback`, else the one its
     /// type implies (EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA, RSA → RS256).
+    ///
+    /// Refused: a JWK declared for anything but signature verification (`use: enc`, `key_ops`
+    /// without `verify`, an encryption `alg`), a shared secret from a JWKS endpoint, and an
+    /// HMAC secret shorter than its hash.
     pub fn from_jwk(jwk: &Jwk, fallback: Option<Algorithm>, from_jwks_url: bool) -> Result<Key, KeyError> {
-        let declared = jwk.common.key_algorithm.and_then(|a| Algorithm::from_str(&a.to_string()).ok());
+        let kid = || jwk.common.key_id.clone();
+        let for_encryption = matches!(jwk.common.public_key_use, Some(jsonwebtoken::jwk::PublicKeyUse::Encryption))
+            || jwk
+                .common
+                .key_operations
+                .as_ref()
+                .is_some_and(|ops| !ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify));
+        let declared = match jwk.common.key_algorithm {
+            Some(alg) => Some(Algorithm::from_str(&alg.to_string()).map_err(|_| KeyError::NotForSignatures(kid()))?),
+            None => None,
+        };
+        if for_encryption {
+            return Err(KeyError::NotForSignatures(kid()));
+        }
+        if let AlgorithmParameters::OctetKey(secret) = &jwk.algorithm {
+            if from_jwks_url {
+                return Err(KeyError::RemoteSecret(kid()));
+            }
+            let algorithm = declared.or(fallback).ok_or_else(|| KeyError::NoAlgorithm(kid()))?;
+            let bytes = base64::Engine::decode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                secret.value.trim_end_matches('='),
+            )
+            .map_err(|_| KeyError::NotForSignatures(kid()))?;
+            check_secret(algorithm, bytes.len())?;
+        }
         let implied = match &jwk.algorithm {
             AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
                 EllipticCurve::P256 => Some(Algorithm::ES256),
@@ -120,6 +158,7 @@ impl Key {
             let Some(algorithm) = algorithm.filter(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac) else {
                 return Err(KeyError::SecretNeedsHmac);
             };
+            check_secret(algorithm, secret.len())?;
             return Ok(vec![static_key(DecodingKey::from_secret(secret.as_bytes()), algorithm)]);
         }
         if let Some(path) = &source.jwk_file {
@@ -138,14 +177,30 @@ impl Key {
     }
 }
 
-/// The usable keys of a JWKS. Keys meant only for encryption, or of unsupported types, are
-/// skipped; a set with no usable key is an error.
+/// An HMAC secret must be at least as long as its hash (RFC 7518 §3.2): 32, 48 or 64 bytes.
+fn check_secret(algorithm: Algorithm, len: usize) -> Result<(), KeyError> {
+    let min = match algorithm {
+        Algorithm::HS256 => 32,
+        Algorithm::HS384 => 48,
+        Algorithm::HS512 => 64,
+        _ => return Err(KeyError::SecretNeedsHmac),
+    };
+    if len < min { Err(KeyError::WeakSecret(algorithm, min, len)) } else { Ok(()) }
+}
+
+/// The usable keys of a JWKS. Keys not for signatures, shared secrets from an endpoint, and
+/// keys of unsupported types are skipped (and logged); a set with no usable key is an error.
 pub fn keys_from_jwks(set: &JwkSet, from_jwks_url: bool) -> Result<Vec<Key>, KeyError> {
     let keys: Vec<Key> = set
         .keys
         .iter()
-        .filter(|jwk| !matches!(jwk.common.public_key_use, Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)))
-        .filter_map(|jwk| Key::from_jwk(jwk, None, from_jwks_url).ok())
+        .filter_map(|jwk| match Key::from_jwk(jwk, None, from_jwks_url) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(kid = ?jwk.common.key_id, error = %crate::error_chain(&e), "JWK skipped");
+                None
+            }
+        })
         .collect();
     if keys.is_empty() && !set.keys.is_empty() {
         return Err(KeyError::NoUsableKey);
@@ -251,4 +306,61 @@ pub struct Revocations {
     pub jtis: HashSet<String>,
     /// Subjects whose every token is revoked.
     pub subjects: HashSet<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn set(keys: serde_json::Value) -> JwkSet {
+        serde_json::from_value(json!({ "keys": keys })).unwrap()
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+    }
+
+    #[test]
+    fn a_shared_secret_is_never_taken_from_a_jwks_endpoint() {
+        let oct = set(json!([{ "kty": "oct", "kid": "s", "alg": "HS256", "k": b64(&[7; 32]) }]));
+        assert!(matches!(keys_from_jwks(&oct, true), Err(KeyError::NoUsableKey)));
+        // From the operator (admin API, a file) it is a key like any other.
+        assert_eq!(keys_from_jwks(&oct, false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hmac_secrets_are_at_least_as_long_as_their_hash() {
+        let short = set(json!([{ "kty": "oct", "kid": "s", "alg": "HS256", "k": b64(&[7; 31]) }]));
+        assert!(keys_from_jwks(&short, false).is_err());
+        let hs512 = set(json!([{ "kty": "oct", "kid": "s", "alg": "HS512", "k": b64(&[7; 48]) }]));
+        assert!(keys_from_jwks(&hs512, false).is_err());
+        let source = |secret: &str, algorithm: &str| KeySource {
+            kid: None,
+            algorithm: Some(algorithm.into()),
+            pem_file: None,
+            jwk_file: None,
+            jwks_file: None,
+            secret: Some(secret.into()),
+        };
+        assert!(matches!(
+            Key::from_source(&source("short", "HS256")),
+            Err(KeyError::WeakSecret(Algorithm::HS256, 32, 5))
+        ));
+        assert!(Key::from_source(&source(&"x".repeat(32), "HS256")).is_ok());
+        assert!(Key::from_source(&source(&"x".repeat(32), "HS384")).is_err());
+    }
+
+    #[test]
+    fn keys_not_for_signatures_are_skipped() {
+        let secret = b64(&[7; 32]);
+        let not_for_signing = set(json!([
+            { "kty": "oct", "kid": "enc", "use": "enc", "alg": "HS256", "k": secret },
+            { "kty": "oct", "kid": "ops", "key_ops": ["encrypt"], "alg": "HS256", "k": secret },
+            { "kty": "oct", "kid": "oaep", "alg": "RSA-OAEP", "k": secret },
+        ]));
+        assert!(matches!(keys_from_jwks(&not_for_signing, false), Err(KeyError::NoUsableKey)));
+        let verify = set(json!([{ "kty": "oct", "kid": "ok", "key_ops": ["verify"], "alg": "HS256", "k": secret }]));
+        assert_eq!(keys_from_jwks(&verify, false).unwrap().len(), 1);
+    }
 }

@@ -5,6 +5,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Most clock skew an issuer may allow on `exp`/`nbf`.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -317,6 +320,13 @@ impl Config {
             );
         }
         for issuer in &self.issuers {
+            if issuer.leeway_secs > MAX_LEEWAY_SECS {
+                bail!(
+                    "issuer `{}`: leeway_secs {} is more than {MAX_LEEWAY_SECS}: an expired token would stay valid that long",
+                    issuer.issuer,
+                    issuer.leeway_secs
+                );
+            }
             if issuer.algorithms.is_empty() {
                 bail!("issuer `{}` accepts no algorithms", issuer.issuer);
             }

@@ -11,6 +11,7 @@ use crate::forward_auth::ForwardAuth;
 use crate::listener::{self, Listener};
 use crate::state::{StartError, State};
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,7 +26,7 @@ pub struct Sidecar {
     http: Listener,
     grpc: Option<Listener>,
     admin: Option<(Listener, Option<String>)>,
-    generated_admin_token: Option<String>,
+    generated_admin_token: Option<PathBuf>,
     log_writer: LogWriter,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -95,8 +96,8 @@ impl Sidecar {
         })
     }
 
-    /// The admin token made up because none was configured (loopback TCP only).
-    pub fn generated_admin_token(&self) -> Option<&str> {
+    /// Where the admin token made up because none was configured was written (a 0600 file).
+    pub fn generated_admin_token_file(&self) -> Option<&std::path::Path> {
         self.generated_admin_token.as_deref()
     }
 
@@ -165,9 +166,12 @@ async fn bind_tcp(address: &str, what: &str) -> Result<Listener, StartError> {
     Ok(Listener::Tcp(listener))
 }
 
-/// Bind the admin listener; returns it, the token calls must carry, and the token if it was
-/// made up because none was configured.
-async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, Option<String>), StartError> {
+/// Shortest admin token accepted.
+const MIN_ADMIN_TOKEN: usize = 32;
+
+/// Bind the admin listener; returns it, the token calls must carry, and where a token made up
+/// because none was configured was written (a 0600 file; never printed).
+async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, Option<PathBuf>), StartError> {
     let configured = match (&config.token, &config.token_file) {
         (Some(token), _) => Some(token.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -181,39 +185,66 @@ async fn bind_admin(config: &AdminConfig) -> Result<(Listener, Option<String>, O
         ),
         (None, None) => None,
     };
-    if configured.as_deref() == Some("") {
-        return Err(StartError::Admin("the admin token is empty".into()));
+    if let Some(token) = &configured
+        && token.len() < MIN_ADMIN_TOKEN
+    {
+        return Err(StartError::Admin(format!(
+            "the admin token has {} characters; use at least {MIN_ADMIN_TOKEN} random ones",
+            token.len()
+        )));
     }
     if let Some(path) = &config.unix_socket {
-        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
+        // Created with no permission for group or others, never briefly world-accessible.
+        let listener = with_private_umask(|| tokio::net::UnixListener::bind(path))
             .map_err(|e| StartError::Listen(format!("cannot listen on `{}`", path.display()), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| StartError::Listen(format!("cannot make `{}` private", path.display()), e))?;
         return Ok((Listener::Unix(listener), configured, None));
     }
     let address: std::net::SocketAddr = config
         .listen
         .parse()
         .map_err(|_| StartError::Admin(format!("admin listen address `{}` is not ip:port", config.listen)))?;
+    if !address.ip().is_loopback() {
+        return Err(StartError::Admin(format!(
+            "refusing to start: the admin API would listen on non-loopback `{address}`, and it has no TLS; use a loopback address or unix_socket"
+        )));
+    }
     let (token, generated) = match configured {
         Some(token) => (token, None),
-        None if address.ip().is_loopback() => {
+        None => {
             let mut bytes = [0u8; 24];
             aws_lc_rs::rand::fill(&mut bytes)
                 .map_err(|_| StartError::Admin("no randomness for the admin token".into()))?;
             let token = hex::encode(bytes);
-            (token.clone(), Some(token))
-        }
-        None => {
-            return Err(StartError::Admin(format!(
-                "refusing to start: the admin API would listen on non-loopback `{address}` without a token; set [admin] token or token_file, or use unix_socket"
-            )));
+            let path = std::env::temp_dir().join(format!("sandgate-admin-{}.token", std::process::id()));
+            write_private(&path, &token)
+                .map_err(|e| StartError::Listen(format!("cannot write the admin token to `{}`", path.display()), e))?;
+            (token, Some(path))
         }
     };
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| StartError::Listen(format!("cannot listen on `{address}`"), e))?;
     Ok((Listener::Tcp(listener), Some(token), generated))
+}
+
+/// Run `f` with the process umask at 0o177 (files it creates: owner read/write only).
+fn with_private_umask<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask only sets the process's file-creation mask; it is restored right after.
+    // Start-up runs before any other task creates files.
+    let old = unsafe { libc::umask(0o177) };
+    let result = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    result
+}
+
+/// Write `text` to a new file at `path` that only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")
 }

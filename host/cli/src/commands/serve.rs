@@ -47,8 +47,8 @@ async fn serve(config: Config, demo_token: Option<String>) -> anyhow::Result<Exi
     if let Some(address) = sidecar.admin_address() {
         eprintln!("sandgate: admin API on {address}");
     }
-    if let Some(token) = sidecar.generated_admin_token() {
-        eprintln!("sandgate: admin token (generated, none configured): {token}");
+    if let Some(path) = sidecar.generated_admin_token_file() {
+        eprintln!("sandgate: admin token (generated, none configured) written to {} (mode 0600)", path.display());
     }
     if let Some(address) = sidecar.grpc_address() {
         eprintln!("sandgate: Envoy ext_authz gRPC on {address}");
