@@ -27,6 +27,18 @@ AUDIENCE = "orders-api"
 HS_SECRET = "an-hs256-secret-of-at-least-32-bytes!!"
 
 
+def wait_port(port, proc, what):
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,13 +1,15 @@
 """Forward-auth over real sockets with tokens minted by PyJWT: every kind of bad token is a
 clear deny with its own reason, never a 5xx."""
 
+import re
 import signal
+import subprocess
 import time
 
 import jwt
 import pytest
 
-from conftest import AUDIENCE, ISSUER, POLICIES
+from conftest import AUDIENCE, ISSUER, POLICIES, free_port, wait_port
 
 
 @pytest.fixture
@@ -254,3 +256,38 @@ def test_the_proxy_setting_decides_which_headers_are_read(start_sandgate, static
     forwarded = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "forwarded", "default_policy": "rbac"})
     assert forwarded.check({**auth, "X-Forwarded-Method": "POST", "X-Forwarded-Uri": "/api/x", "X-Forwarded-Host": "a", "X-Forwarded-Proto": "http",
                             "X-Original-Method": "GET"})[0] == 403
+
+
+def test_a_log_reader_that_stops_reading_never_stalls_checks(tmp_path, static_issuer, rbac_policy, keys):
+    """stdout is a pipe nobody reads: once the pipe and the log's queue are full, lines are
+    dropped and counted, and every check and health probe is still answered."""
+    import http.client
+
+    from conftest import SANDGATE, write_config
+
+    config = tmp_path / "c.toml"
+    write_config(config, issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"})
+    port = free_port()
+    proc = subprocess.Popen([str(SANDGATE), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "sandgate")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        # ~4 KB a decision-log line: 1,600 checks write more than the pipe (64 KiB) and the
+        # log's queue (4 MiB) hold.
+        headers = {"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-Method": "GET",
+                   "X-Original-URI": "/api/" + "a" * 4000, "X-Forwarded-Host": "app.test", "X-Forwarded-Proto": "http"}
+        for _ in range(1600):
+            connection.request("GET", "/auth", headers=headers)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() == b"ok\n"
+        connection.request("GET", "/metrics")
+        metrics = connection.getresponse().read().decode()
+        dropped = re.search(r"^sandgate_decision_log_dropped_total (\d+)", metrics, re.M)
+        assert dropped and int(dropped.group(1)) > 0, metrics
+    finally:
+        proc.kill()
+        proc.wait()

