@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 ROOT = Path(__file__).resolve().parents[2]
-SANDGATE = ROOT / "target" / "release" / "sandgate"
+SANDGATE = Path(os.environ.get("SANDGATE_BINARY", ROOT / "target" / "release" / "sandgate"))  # another build: SANDGATE_BINARY=PATH
 POLICIES = ROOT / "target" / "policies"
 ISSUER = "https://issuer.test"
 AUDIENCE = "orders-api"

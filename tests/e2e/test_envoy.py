@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import POLICIES, ROOT, free_port
 from test_proxies import Backend, get, wait_port
 
 ENVOY = Path(os.environ.get("SANDGATE_ENVOY", ROOT / ".venv-envoy" / "bin" / "envoy"))
@@ -42,7 +42,8 @@ def backend():
 
 @pytest.fixture(params=["grpc", "http"])
 def envoy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
-    sandgate = start_sandgate(grpc=True, issuers=[static_issuer], policies=[rbac_policy],
+    public = {"id": "public", "module": str(POLICIES / "allow-all.wasm")}
+    sandgate = start_sandgate(grpc=True, issuers=[static_issuer], policies=[rbac_policy, public], routes=[{"path_prefix": "/public", "policy": "public"}],
                               server={"proxy": "envoy", "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
     proxy_port = free_port()
     template = EXAMPLES / ("envoy-grpc.yaml" if request.param == "grpc" else "envoy-http.yaml")
@@ -74,3 +75,20 @@ def test_sandgate_stopped_means_envoy_denies(envoy, keys):
     time.sleep(0.2)
     status, body = get(f"{base}/api/x", {"Authorization": f"Bearer {token}"})
     assert status in (403, 503) and "alice" not in body, (status, body)
+
+
+def test_the_examples_never_let_requests_through_when_sandgate_fails():
+    """`failure_mode_allow: true` would turn a timeout or an unreachable Sandgate into an allow."""
+    for example in ["envoy-grpc.yaml", "envoy-http.yaml"]:
+        text = (ROOT / "examples" / "envoy" / example).read_text()
+        assert "failure_mode_allow: false" in text, example
+        assert "failure_mode_allow: true" not in text, example
+
+
+def test_a_client_sent_identity_header_never_reaches_the_upstream_on_a_public_route(envoy):
+    """The public route's policy allows without a token, so Sandgate has no subject to give:
+    the client's own `X-Auth-Subject: admin` must still not get through."""
+    base, _ = envoy
+    status, body = get(f"{base}/public/x", {"X-Auth-Subject": "admin"})
+    assert status == 200, body
+    assert json.loads(body)["subject"] == "", body

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import ROOT, free_port, wait_port
+from conftest import POLICIES, ROOT, free_port, wait_port
 
 EXAMPLES = ROOT / "examples"
 
@@ -118,7 +118,9 @@ def backend():
 @pytest.fixture(params=["nginx", "caddy", "traefik"])
 def proxy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend):
     kind = "nginx" if request.param == "nginx" else "forwarded"
-    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": kind, "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
+    public = {"id": "public", "module": str(POLICIES / "allow-all.wasm")}
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy, public], routes=[{"path_prefix": "/public", "policy": "public"}],
+                              server={"proxy": kind, "default_policy": "rbac", "identity_headers": {"x-auth-subject": "sub"}})
     starter = {"nginx": start_nginx, "caddy": start_caddy, "traefik": start_traefik}[request.param]
     proc, port = starter(tmp_path, sandgate.port, backend.port)
     yield f"http://127.0.0.1:{port}", sandgate
@@ -192,3 +194,12 @@ def test_race_distinct_users_under_concurrency_never_see_each_others_identity(pr
     assert mismatches == []
     # One decision per request (the proxies' own readiness probes aside).
     assert len([l for l in sandgate.decision_log() if l["path"].startswith("/api/items/")]) == 20_000
+
+
+def test_a_client_sent_identity_header_never_reaches_the_upstream_on_a_public_route(proxy):
+    """The public route's policy allows without a token, so Sandgate has no subject to give:
+    the client's own `X-Auth-Subject: admin` must still not get through."""
+    base, _ = proxy
+    status, body = get(f"{base}/public/x", {"X-Auth-Subject": "admin"})
+    assert status == 200, body
+    assert json.loads(body)["subject"] == "", body

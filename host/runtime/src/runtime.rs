@@ -67,6 +67,12 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Core instances one policy component may create (wasmtime refuses a component with more at
+/// load).
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 4;
+/// Tables one policy component may have.
+const MAX_TABLES_PER_COMPONENT: u32 = 4;
+
 /// How often the epoch advances; the timeout is rounded up to whole ticks.
 /// Each tick wakes a thread on a busy machine; 5 ms keeps that cost negligible while a 100 ms
 /// budget is still enforced within 5%.
@@ -175,6 +181,10 @@ impl Runtime {
             .total_memories(instances)
             .total_tables(instances * 4)
             .max_memories_per_component(1)
+            // Per component, so one module cannot hold many pool slots' worth of instances or
+            // tables: a built policy has 2 core instances (3 unfolded) and 2 tables.
+            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
             // A policy module has its function table and, after `sandgate build` folds the import
             // shim into it (`import_shim`), the table of its host imports.
             .max_tables_per_module(2)
@@ -443,6 +453,25 @@ mod tests {
         assert!(swap_possible(Some(&format!("{header}/swapfile file 1048572 0 -2")), Some("max\n")));
         assert!(swap_possible(Some(&zram), Some("1073741824\n")));
         assert!(!swap_possible(Some(&zram), Some("0\n")));
+    }
+
+    #[test]
+    fn a_component_wanting_more_than_its_share_of_the_pool_is_refused_at_load() {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 2, ..Default::default() }).unwrap();
+        let instances = |n: usize| {
+            let body: String = (0..n).map(|_| "(core instance (instantiate $m))").collect();
+            wat::parse_str(format!("(component (core module $m) {body})")).unwrap()
+        };
+        match runtime.load(&instances(5)) {
+            Err(LoadError::Invalid(e)) => assert!(format!("{e:#}").contains("core module instances"), "{e:#}"),
+            other => panic!("five core instances: {:?}", other.err()),
+        }
+        // Within the limit the same shape gets as far as the contract check.
+        assert!(matches!(runtime.load(&instances(4)), Err(LoadError::MissingExport(_))));
+        let tables: String = (0..3).map(|i| format!("(table $t{i} 1 funcref)")).collect();
+        let many_tables =
+            wat::parse_str(format!("(component (core module $m {tables}) (core instance (instantiate $m)))")).unwrap();
+        assert!(matches!(runtime.load(&many_tables), Err(LoadError::Invalid(_))), "three tables in one module");
     }
 
     #[test]

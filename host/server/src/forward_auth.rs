@@ -163,19 +163,48 @@ fn from_forward_auth<B>(
     })
 }
 
-/// The forward-auth answer: 200 with identity headers, or the deny's status, headers and body.
+/// The HTTP status of a deny in forward-auth. Proxies read a 5xx from their auth service as
+/// "the auth service is down", and some can be told to let requests through then (Envoy's
+/// `failure_mode_allow`): so no deny is ever a 5xx here. `overloaded` is 429 (with
+/// `Retry-After`), any other 5xx a policy or the host chose is 403; the reason code says which.
+pub(crate) fn deny_status(status: u16, reason: &str) -> StatusCode {
+    match status {
+        500.. if reason == "overloaded" => StatusCode::TOO_MANY_REQUESTS,
+        500.. => StatusCode::FORBIDDEN,
+        status => StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+    }
+}
+
+/// The forward-auth answer: 200 with identity headers, or the deny's status (never a 5xx),
+/// headers and body.
 fn http_response(answer: &Answer) -> Response<Full<Bytes>> {
     let mut response = match &answer.evaluation.decision {
         Decision::Allow(_) => Response::new(Full::new(Bytes::new())),
         Decision::Deny(deny) => {
             let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", deny.message))));
-            *response.status_mut() = StatusCode::from_u16(deny.status).unwrap_or(StatusCode::FORBIDDEN);
+            *response.status_mut() = deny_status(deny.status, &deny.reason);
             put_header(&mut response, "content-type", "text/plain; charset=utf-8");
+            put_header(&mut response, "x-content-type-options", "nosniff");
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                put_header(&mut response, "retry-after", "1");
+            }
             response
         }
     };
     for (name, value) in answer.headers() {
         put_header(&mut response, name, value);
+    }
+    if let Decision::Allow(allow) = &answer.evaluation.decision {
+        // A configured identity header this allow has no value for is still sent, empty: the
+        // proxy copies it over whatever the client sent (nginx, Caddy, Traefik). Envoy removes
+        // what this header names, the policy's `remove_headers` included.
+        for name in &answer.unset_identity {
+            put_header(&mut response, name, "");
+        }
+        let remove: Vec<&str> = answer.unset_identity.iter().chain(&allow.remove_headers).map(String::as_str).collect();
+        if !remove.is_empty() {
+            put_header(&mut response, "x-envoy-auth-headers-to-remove", &remove.join(","));
+        }
     }
     response
 }
@@ -276,5 +305,36 @@ mod tests {
             (o.path.as_str(), o.query.as_deref(), o.host.as_str(), o.peer.as_str()),
             ("/api/orders", Some("x=1"), "app", "10.0.0.9:4000")
         );
+    }
+
+    #[test]
+    fn no_deny_is_answered_with_a_5xx_a_proxy_could_fail_open_on() {
+        assert_eq!(deny_status(503, "overloaded"), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(deny_status(503, "maintenance"), StatusCode::FORBIDDEN);
+        assert_eq!(deny_status(500, "policy_said_so"), StatusCode::FORBIDDEN);
+        assert_eq!(deny_status(401, "missing_credential"), StatusCode::UNAUTHORIZED);
+        assert_eq!(deny_status(404, "hidden"), StatusCode::NOT_FOUND);
+        let overloaded = http_response(&Answer::host_deny("r".into(), 503, "overloaded", "busy"));
+        assert_eq!(overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(overloaded.headers()["retry-after"], "1");
+        assert_eq!(overloaded.headers()["x-sandgate-reason"], "overloaded");
+        assert_eq!(overloaded.headers()["x-content-type-options"], "nosniff");
+    }
+
+    #[test]
+    fn an_allow_sends_unset_identity_headers_empty_and_tells_envoy_what_to_remove() {
+        use sandgate_runtime::Evaluation;
+        use sandgate_runtime::bindings::sandgate::policy::types::AllowResponse;
+        let decision =
+            Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: vec!["x-internal".into()] });
+        let answer = Answer {
+            request_id: "r".into(),
+            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false },
+            identity: Vec::new(),
+            unset_identity: vec!["x-auth-subject".into()],
+        };
+        let response = http_response(&answer);
+        assert_eq!(response.headers()["x-auth-subject"], "");
+        assert_eq!(response.headers()["x-envoy-auth-headers-to-remove"], "x-auth-subject,x-internal");
     }
 }

@@ -22,7 +22,7 @@ pub mod forward_auth;
 pub mod listener;
 pub mod metrics;
 pub mod original_request;
-mod policy_dir;
+pub mod policy_dir;
 pub mod sidecar;
 pub mod snapshot;
 pub mod state;

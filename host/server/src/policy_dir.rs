@@ -4,54 +4,89 @@
 use crate::state::{ChangeError, State};
 use bytes::Bytes;
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
+/// What identifies a file's content between scans: its size, modification time and inode,
+/// read through symlinks (a Kubernetes ConfigMap swaps its `..data` link to a new directory:
+/// the names stay, every target changes).
+type Stamp = (u64, SystemTime, u64);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?; // follows symlinks
+    Ok((meta.len(), meta.modified().unwrap_or(UNIX_EPOCH), meta.ino()))
+}
+
 /// Watch `dir`: `ID.wasm` (and `ID.json`, its data) are loaded when they appear or change,
-/// and the policy is unloaded when its module disappears (its routes then answer 403). A file is loaded once it has stayed
-/// the same size and modification time for one scan, so a half-written copy is not read.
+/// symlinks followed, and the policy is unloaded when its module disappears (its routes then
+/// answer 403). A file is loaded once it has stayed the same for one scan, so a half-written
+/// copy is not read. A scan that fails (the directory unreadable for a moment, a link
+/// mid-swap) tells nothing: nothing is unloaded on it. Every load and unload is logged.
 pub async fn watch(state: Arc<State>, dir: PathBuf, every: Duration, stop: CancellationToken) {
-    type Stamp = (u64, SystemTime);
-    {
-        let mut seen: HashMap<PathBuf, Stamp> = HashMap::new();
-        let mut loaded: HashMap<PathBuf, Stamp> = HashMap::new();
-        loop {
-            let mut present = HashSet::new();
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let Some(ext) = path.extension().and_then(|e| e.to_str()) else { continue };
-                    if ext != "wasm" && ext != "json" {
-                        continue;
-                    }
-                    let Ok(meta) = entry.metadata() else { continue };
-                    let stamp = (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
-                    present.insert(path.clone());
-                    let stable = seen.insert(path.clone(), stamp) == Some(stamp);
-                    if stable && loaded.get(&path) != Some(&stamp) {
-                        loaded.insert(path.clone(), stamp);
-                        load_from_dir(&state, &path, ext).await;
+    let mut seen: HashMap<PathBuf, Stamp> = HashMap::new();
+    let mut loaded: HashMap<PathBuf, Stamp> = HashMap::new();
+    let mut failing = false;
+    loop {
+        match scan(&dir) {
+            Ok(files) => {
+                failing = false;
+                for (path, stamp) in &files {
+                    let Some(stamp) = stamp else { continue }; // unreadable now: no information
+                    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+                    let stable = seen.insert(path.clone(), *stamp) == Some(*stamp);
+                    if stable && loaded.get(path) != Some(stamp) {
+                        loaded.insert(path.clone(), *stamp);
+                        load_from_dir(&state, path, ext).await;
                     }
                 }
-            }
-            for gone in loaded.keys().filter(|p| !present.contains(*p)).cloned().collect::<Vec<_>>() {
-                loaded.remove(&gone);
-                seen.remove(&gone);
-                if gone.extension().is_some_and(|e| e == "wasm")
-                    && let Some(id) = gone.file_stem().and_then(|s| s.to_str())
-                    && let Err(e) = state.remove_policy(id, true)
-                {
-                    tracing::warn!(policy = id, error = %e, "module removed from the policy directory");
+                for gone in loaded.keys().filter(|p| !files.contains_key(*p)).cloned().collect::<Vec<_>>() {
+                    loaded.remove(&gone);
+                    seen.remove(&gone);
+                    unload(&state, &gone);
                 }
             }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the policy directory; keeping what is loaded");
+                }
+                failing = true;
             }
         }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// The `.wasm` and `.json` files in `dir`, each with its stamp (`None`: present but unreadable
+/// right now).
+fn scan(dir: &Path) -> std::io::Result<HashMap<PathBuf, Option<Stamp>>> {
+    let mut files = HashMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if matches!(path.extension().and_then(|e| e.to_str()), Some("wasm" | "json")) {
+            let stamp = stamp(&path).ok();
+            files.insert(path, stamp);
+        }
+    }
+    Ok(files)
+}
+
+fn unload(state: &State, path: &Path) {
+    if path.extension().is_none_or(|e| e != "wasm") {
+        return;
+    }
+    let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { return };
+    match state.remove_policy(id, true) {
+        Ok(snapshot) => {
+            tracing::info!(policy = id, file = %path.display(), snapshot = snapshot.version, "unloaded: its module left the policy directory")
+        }
+        Err(e) => tracing::warn!(policy = id, error = %e, "module removed from the policy directory"),
     }
 }
 
