@@ -161,7 +161,7 @@ def test_a_missing_or_repeated_convention_header_is_a_400_never_a_default(sandga
 
 def test_decision_log_names_the_pinned_versions(sandgate, keys):
     sandgate.check({**bearer(keys.token(roles=["reader"])), "X-Request-Id": "req-42"})
-    line = next(l for l in sandgate.decision_log() if l["request_id"] == "req-42")
+    line = next(l for l in sandgate.decision_log() if l["client_request_id"] == "req-42")
     assert line["outcome"] == "allow" and line["policy"] == "rbac" and line["subject"] == "alice"
     assert len(line["policy_digest"]) == 64
     assert {"snapshot", "key_set", "revocations", "data", "latency_us", "reason"} <= line.keys()
@@ -273,11 +273,11 @@ def test_a_log_reader_that_stops_reading_never_stalls_checks(tmp_path, static_is
     try:
         wait_port(port, proc, "sandgate")
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        # ~4 KB a decision-log line: 1,600 checks write more than the pipe (64 KiB) and the
-        # log's queue (4 MiB) hold.
+        # ~2.5 KB a decision-log line (the logged path is cut at 2 KiB): 3,000 checks write more
+        # than the pipe (64 KiB) and the log's queue (4 MiB) hold.
         headers = {"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-Method": "GET",
                    "X-Original-URI": "/api/" + "a" * 4000, "X-Forwarded-Host": "app.test", "X-Forwarded-Proto": "http"}
-        for _ in range(1600):
+        for _ in range(3000):
             connection.request("GET", "/auth", headers=headers)
             response = connection.getresponse()
             response.read()

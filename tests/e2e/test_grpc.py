@@ -69,7 +69,7 @@ def test_no_token_is_unauthenticated_with_a_challenge(stub):
 def test_path_with_query_is_split(stub, sandgate, keys):
     token = keys.token(roles=["reader"])
     stub.Check(check_request(path="/api/search?q=x&page=2", headers={"authorization": f"Bearer {token}", "x-request-id": "grpc-q"}))
-    line = next(l for l in sandgate.decision_log() if l["request_id"] == "grpc-q")
+    line = next(l for l in sandgate.decision_log() if l["client_request_id"] == "grpc-q")
     assert line["path"] == "/api/search" and line["outcome"] == "allow"
 
 

@@ -111,7 +111,7 @@ def test_keys_rotating_during_checks_each_decision_matches_its_logged_key_set(st
     kids_at = {1: []}
     for n, kids in enumerate(jwks_server.served, start=1):
         kids_at[n + 1] = kids
-    log = {line["request_id"]: line for line in sandgate.decision_log()}
+    log = {line["client_request_id"]: line for line in sandgate.decision_log() if line.get("client_request_id")}
     checked = 0
     for request_id, status in sent.items():
         line = log[request_id]

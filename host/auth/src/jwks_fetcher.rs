@@ -59,12 +59,15 @@ pub enum FetchError {
     /// The body is not the JSON expected.
     #[error("`{0}` did not return {1}")]
     NotJson(String, &'static str, #[source] serde_json::Error),
+    /// The discovery document names another issuer.
+    #[error("the discovery document for `{0}` names issuer {1}")]
+    DiscoveryIssuer(String, String),
     /// The discovery document names no JWKS.
     #[error("the discovery document has no `jwks_uri`")]
     NoJwksUri,
     /// The JWKS has no usable key.
     #[error("`{0}` returned no usable keys; keeping the keys already known")]
-    Keys(String, #[source] Option<KeyError>),
+    Keys(String, #[source] KeyError),
     /// The system's root certificates could not be loaded.
     #[error("cannot load the system's root certificates for JWKS over https")]
     Roots(#[source] std::io::Error),
@@ -82,6 +85,8 @@ struct Gate {
 }
 
 struct Source {
+    /// The fetch started for an unknown `kid`, if one is running: every waiter watches it.
+    inflight: std::sync::Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
     discovery_url: Option<String>,
     min_refetch: Duration,
     refresh: Duration,
@@ -110,6 +115,7 @@ impl JwksFetcher {
             .filter(|i| i.jwks_url.is_some() || i.discovery_url.is_some())
             .map(|i| {
                 let source = Source {
+                    inflight: std::sync::Mutex::new(None),
                     discovery_url: i.discovery_url.clone(),
                     min_refetch: Duration::from_millis(i.jwks_min_refetch_ms),
                     refresh: Duration::from_secs(i.jwks_refresh_secs.max(1)),
@@ -141,18 +147,51 @@ impl JwksFetcher {
 
     /// A token from `issuer` names `kid`, which the current snapshot lacks. Fetch (once, for
     /// all waiters, at most every `jwks_min_refetch_ms`) and say whether the key is now known.
-    pub async fn resolve_unknown_kid(&self, issuer: &str, kid: &str) -> bool {
+    ///
+    /// The fetch runs in a task of its own: a waiter that gives up (its check's deadline, a
+    /// proxy closing the connection) stops waiting, never the fetch, so a slow identity
+    /// provider's rotated key still arrives for the next check. The fetch is bounded by its own
+    /// timeouts, and its outcome is logged and counted like every fetch.
+    pub async fn resolve_unknown_kid(self: &Arc<Self>, issuer: &str, kid: &str) -> bool {
         let Some(source) = self.sources.get(issuer) else { return false };
-        let mut gate = source.gate.lock().await;
-        // Whoever held the gate before us may have fetched this very key.
         if self.store.key_sets().has_kid(issuer, kid) {
             return true;
         }
+        let mut done = {
+            let mut inflight = source.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match &*inflight {
+                Some(done) => done.clone(),
+                None => {
+                    let (finished, done) = tokio::sync::watch::channel(false);
+                    *inflight = Some(done.clone());
+                    let (this, issuer, kid) = (self.clone(), issuer.to_owned(), kid.to_owned());
+                    tokio::spawn(async move {
+                        this.fetch_for_unknown_kid(&issuer, &kid).await;
+                        if let Some(source) = this.sources.get(&issuer) {
+                            source.inflight.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        }
+                        let _ = finished.send(true);
+                    });
+                    done
+                }
+            }
+        };
+        let _ = done.wait_for(|finished| *finished).await;
+        self.store.key_sets().has_kid(issuer, kid)
+    }
+
+    async fn fetch_for_unknown_kid(&self, issuer: &str, kid: &str) {
+        let Some(source) = self.sources.get(issuer) else { return };
+        let mut gate = source.gate.lock().await;
+        // Whoever held the gate before may have fetched this very key.
+        if self.store.key_sets().has_kid(issuer, kid) {
+            return;
+        }
         if gate.last_attempt.is_some_and(|t| t.elapsed() < source.min_refetch) {
-            return false;
+            tracing::debug!(issuer, "unknown kid: a fetch ran less than jwks_min_refetch_ms ago");
+            return;
         }
         let _ = self.fetch_locked(issuer, source, &mut gate).await;
-        self.store.key_sets().has_kid(issuer, kid)
     }
 
     /// Refresh every issuer periodically on `tasks` until `stop` is cancelled.
@@ -194,6 +233,10 @@ impl JwksFetcher {
                 let doc = self
                     .get_json(&format!("{}/.well-known/openid-configuration", discovery.trim_end_matches('/')))
                     .await?;
+                // OpenID Connect Discovery §4.3: the document must name the issuer asked for.
+                if doc["issuer"].as_str() != Some(issuer) {
+                    return Err(FetchError::DiscoveryIssuer(issuer.to_owned(), doc["issuer"].to_string()));
+                }
                 let url = doc["jwks_uri"].as_str().ok_or(FetchError::NoJwksUri)?.to_owned();
                 gate.url = Some(url.clone());
                 url
@@ -202,10 +245,9 @@ impl JwksFetcher {
         };
         let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(self.get_json(&url).await?)
             .map_err(|e| FetchError::NotJson(url.clone(), "a JWKS", e))?;
-        let fetched = keys_from_jwks(&set, true).map_err(|e| FetchError::Keys(url.clone(), Some(e)))?;
-        if fetched.is_empty() {
-            return Err(FetchError::Keys(url, None));
-        }
+        // An empty set is the provider saying it has no keys now: published as such. A set
+        // whose keys are all unusable is an error, and the keys already known stay.
+        let fetched = keys_from_jwks(&set, true).map_err(|e| FetchError::Keys(url.clone(), e))?;
         let key_set = self.store.publish_fetched(issuer, fetched);
         tracing::info!(issuer, key_set, "published JWKS");
         Ok(())
@@ -234,5 +276,84 @@ impl JwksFetcher {
             .map_err(|e| FetchError::Body(url.to_owned(), e.to_string()))?
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| FetchError::NotJson(url.to_owned(), "JSON", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Issuer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const ISSUER: &str = "https://issuer.test";
+    /// The EC P-256 public key of RFC 7517, Appendix A.1.
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"ec-1","alg":"ES256","use":"sig",
+        "x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"}]}"#;
+
+    struct Store(std::sync::Mutex<Arc<KeySets>>);
+
+    impl KeyStore for Store {
+        fn key_sets(&self) -> Arc<KeySets> {
+            self.0.lock().unwrap().clone()
+        }
+
+        fn publish_fetched(&self, issuer: &str, keys: Vec<Key>) -> u64 {
+            let mut current = self.0.lock().unwrap();
+            *current = Arc::new(current.with_issuer(issuer, |i| i.with_fetched_keys(keys)));
+            current.version
+        }
+
+        fn fetch_finished(&self, _: &str, _: bool) {}
+    }
+
+    /// A JWKS endpoint that answers every request after `delay`.
+    async fn slow_jwks(delay: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    tokio::time::sleep(delay).await;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{JWKS}",
+                        JWKS.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_waiter_giving_up_does_not_cancel_the_fetch() {
+        let url = slow_jwks(Duration::from_millis(300)).await;
+        let config = IssuerConfig {
+            issuer: ISSUER.into(),
+            audiences: Vec::new(),
+            algorithms: vec!["ES256".into()],
+            leeway_secs: 0,
+            keys: Vec::new(),
+            jwks_url: Some(url),
+            discovery_url: None,
+            jwks_refresh_secs: 300,
+            jwks_min_refetch_ms: 10_000,
+        };
+        let issuer = Issuer::from_config(&config).unwrap();
+        let keys = KeySets { version: 1, issuers: HashMap::from([(ISSUER.to_owned(), Arc::new(issuer))]) };
+        let store = Arc::new(Store(std::sync::Mutex::new(Arc::new(keys))));
+        let fetcher = Arc::new(JwksFetcher::new(std::slice::from_ref(&config), store.clone()).unwrap());
+        // The check waiting for the key gives up long before the provider answers.
+        let waited = tokio::time::timeout(Duration::from_millis(50), fetcher.resolve_unknown_kid(ISSUER, "ec-1")).await;
+        assert!(waited.is_err());
+        // The fetch goes on and publishes the key for the next check.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.key_sets().has_kid(ISSUER, "ec-1") {
+            assert!(Instant::now() < deadline, "the fetch was cancelled with its waiter");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(fetcher.resolve_unknown_kid(ISSUER, "ec-1").await);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     /// The issuer is known and has a JWKS endpoint, but not this key: fetching may help.
-    #[error("no key with kid `{kid}` for this issuer")]
+    #[error("no key with kid `{}` for this issuer", shown(kid))]
     UnknownKid {
         /// The token's issuer.
         issuer: String,
@@ -82,7 +82,7 @@ impl KeySets {
             return Err(if issuer.has_jwks_endpoint {
                 Rejection::UnknownKid { issuer: iss, kid }
             } else {
-                Rejection::invalid("unknown_kid", format!("no key with kid `{kid}` for this issuer"))
+                Rejection::invalid("unknown_kid", format!("no key with kid `{}` for this issuer", shown(&kid)))
             });
         }
         check_shape(token)?;
@@ -112,6 +112,16 @@ impl KeySets {
         }
         Err(last)
     }
+}
+
+/// A value from a token, safe to put in a message: at most 64 characters, anything but
+/// printable ASCII escaped.
+fn shown(value: &str) -> String {
+    let mut out: String = value.chars().take(64).flat_map(char::escape_default).collect();
+    if value.chars().count() > 64 {
+        out.push('…');
+    }
+    out
 }
 
 /// What the JWT library does not check about a token's form: no `crit` header parameter (no
@@ -367,5 +377,13 @@ mod tests {
         let issuer = both.issuers.get_mut(ISSUER).and_then(Arc::get_mut).unwrap();
         issuer.algorithms.push(Algorithm::RS256);
         assert_eq!(reason(&both, &confused), "algorithm_mismatch");
+    }
+
+    #[test]
+    fn a_kid_is_never_reflected_raw() {
+        let kid = format!("<script>{}\n", "x".repeat(100));
+        let message = Rejection::UnknownKid { issuer: ISSUER.into(), kid }.to_string();
+        assert!(!message.contains('\n') && message.len() < 120, "{message}");
+        assert!(message.contains("<script>"), "printable ASCII is kept as is: {message}");
     }
 }

@@ -117,6 +117,11 @@ pub struct ServerConfig {
     pub identity_headers: BTreeMap<String, String>,
     /// Grace period for in-flight checks on SIGTERM, in seconds.
     pub shutdown_grace_secs: u64,
+    /// How long a client may take to send a request's headers, and a keep-alive connection may
+    /// stay idle, in milliseconds, before it is closed (every listener).
+    pub header_read_timeout_ms: u64,
+    /// Connections open at once on each listener; past it, new ones wait in the backlog.
+    pub max_connections: usize,
     /// A directory watched for policy modules: `ID.wasm` (with optional data `ID.json`) is
     /// loaded as policy `ID` when it appears or changes, and unloaded when it disappears.
     pub policy_dir: Option<PathBuf>,
@@ -149,6 +154,8 @@ impl Default for ServerConfig {
             default_policy: None,
             identity_headers: BTreeMap::new(),
             shutdown_grace_secs: 10,
+            header_read_timeout_ms: 15_000,
+            max_connections: 4096,
             policy_dir: None,
             policy_dir_poll_ms: 500,
             token_cache_size: 10_000,

@@ -20,6 +20,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+/// Distinct reason codes the decision metric keeps as labels; later ones count as `other`.
+const MAX_REASON_LABELS: usize = 256;
+
+/// At most `max` bytes of `text` (cut at a character boundary), for log fields.
+fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The longest a check waits for a JWKS fetch triggered by an unknown `kid`.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 
@@ -42,6 +54,8 @@ pub struct Authorizer {
     request_ids: AtomicU64,
     id_prefix: String,
     log: DecisionLog,
+    /// Reason codes seen as metric labels so far.
+    reason_labels: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Shadow evaluations run here, so shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
     #[cfg(feature = "bench-internals")]
@@ -65,6 +79,7 @@ impl Authorizer {
             request_ids: AtomicU64::new(0),
             id_prefix: format!("{:08x}", nanos ^ std::process::id()),
             log,
+            reason_labels: Default::default(),
             tasks,
             #[cfg(feature = "bench-internals")]
             native: None,
@@ -90,11 +105,10 @@ impl Authorizer {
     pub async fn decide(self: &Arc<Self>, mut original: OriginalRequest) -> Answer {
         let started = Instant::now();
         let now = unix_now();
-        let request_id = original
-            .header("x-request-id")
-            .filter(|id| id.len() <= 128)
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.new_request_id());
+        // Sandgate's own id names the check everywhere; the client's, which anyone can send,
+        // is only logged beside it.
+        let request_id = self.new_request_id();
+        original.client_request_id = original.header("x-request-id").map(|id| bounded(id, 128).to_owned());
 
         let mut snapshot = self.state.store.load();
         match canonical_path(&original.path) {
@@ -181,6 +195,7 @@ impl Authorizer {
             headers: Vec::new(),
             peer: String::new(),
             body: None,
+            client_request_id: None,
         };
         self.record(&unknown, &answer, None, &self.state.store.load(), None, now, started);
         answer
@@ -299,7 +314,8 @@ impl Authorizer {
         let latency = started.elapsed();
         let outcome = if evaluation.is_allow() { "allow" } else { "deny" };
         let metrics = &self.state.metrics;
-        metrics.decisions.get_or_create(&DecisionLabels { outcome, reason: evaluation.reason().to_owned() }).inc();
+        let reason = self.reason_label(evaluation.reason());
+        metrics.decisions.get_or_create(&DecisionLabels { outcome, reason }).inc();
         metrics.latency.observe(latency.as_secs_f64());
         let credential = checked.map(|(_, c)| match &c.credential {
             Credential::None => "none",
@@ -309,9 +325,10 @@ impl Authorizer {
         self.log.write(&DecisionLogEntry {
             ts: now,
             request_id: &answer.request_id,
-            method: &original.method,
-            host: &original.host,
-            path: &original.path,
+            client_request_id: original.client_request_id.as_deref(),
+            method: bounded(&original.method, 32),
+            host: bounded(&original.host, 256),
+            path: bounded(&original.path, 2048),
             policy: policy_id,
             policy_digest: checked.map(|(p, _)| p.module.digest()),
             snapshot: snapshot.version,
@@ -330,6 +347,21 @@ impl Authorizer {
             policy_logs: &evaluation.logs,
             latency_us: latency.as_micros() as u64,
         });
+    }
+
+    /// The metrics label for a reason code: policies choose their own codes, so past
+    /// [`MAX_REASON_LABELS`] distinct ones, new codes are counted as `other`.
+    fn reason_label(&self, reason: &str) -> String {
+        let known = self.reason_labels.read().unwrap_or_else(|e| e.into_inner()).contains(reason);
+        if known {
+            return reason.to_owned();
+        }
+        let mut labels = self.reason_labels.write().unwrap_or_else(|e| e.into_inner());
+        if labels.len() < MAX_REASON_LABELS {
+            labels.insert(reason.to_owned());
+            return reason.to_owned();
+        }
+        "other".to_owned()
     }
 
     /// The configured identity headers for a verified credential.

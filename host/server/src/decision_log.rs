@@ -27,6 +27,9 @@ const WAKE_AT: usize = 256 << 10;
 pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) ts: u64,
     pub(crate) request_id: &'a str,
+    /// The `x-request-id` the client sent, if any (bounded), kept apart from Sandgate's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) client_request_id: Option<&'a str>,
     pub(crate) method: &'a str,
     pub(crate) host: &'a str,
     pub(crate) path: &'a str,

@@ -120,6 +120,7 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
         headers,
         peer,
         body,
+        client_request_id: None,
     })
 }
 

@@ -160,6 +160,7 @@ fn from_forward_auth<B>(
         headers,
         peer,
         body: None,
+        client_request_id: None,
     })
 }
 

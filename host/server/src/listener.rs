@@ -1,12 +1,15 @@
 //! The one accept loop every listener runs (forward-auth, gRPC, admin; TCP or a Unix socket):
-//! bounded headers, back-off on accept errors, and a graceful drain when the sidecar stops.
+//! bounded headers, a header-read timeout (which also closes idle keep-alive connections), a
+//! cap on open connections, back-off on accept errors, and a graceful drain when the sidecar
+//! stops.
 
 use hyper::body::{Body, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -34,11 +37,33 @@ impl Listener {
     }
 }
 
+/// Limits every connection of a listener is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may sit idle, before it is closed.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; past it, new ones wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { header_read_timeout: Duration::from_secs(15), max_connections: 4096 }
+    }
+}
+
 /// Serve connections from `listener` with the service `make(peer)` builds for each (Unix
 /// peers are `0.0.0.0:0`) until `stop` is cancelled; then stop accepting and give open
 /// connections `grace` to finish.
-pub async fn serve<F, S, B>(name: &'static str, listener: Listener, make: F, stop: CancellationToken, grace: Duration)
-where
+pub async fn serve<F, S, B>(
+    name: &'static str,
+    listener: Listener,
+    make: F,
+    limits: Limits,
+    stop: CancellationToken,
+    grace: Duration,
+) where
     F: Fn(SocketAddr) -> S,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -50,10 +75,19 @@ where
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     // Bounded headers: an oversized request is answered 431 by hyper, never buffered.
-    builder.http1().max_buf_size(64 << 10);
-    builder.http2().max_header_list_size(64 << 10);
+    builder.http1().max_buf_size(64 << 10).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().max_header_list_size(64 << 10).timer(TokioTimer::new());
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut backoff = Duration::ZERO;
     loop {
+        // A free connection slot first: at the cap, new connections wait in the backlog.
+        let slot = tokio::select! {
+            () = stop.cancelled() => break,
+            slot = open.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = accept(&listener) => accepted,
@@ -66,6 +100,7 @@ where
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
+                    drop(slot);
                 });
             }
             Ok(Accepted::Unix(stream)) => {
@@ -106,5 +141,66 @@ async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     match listener {
         Listener::Tcp(l) => l.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
         Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A listener answering 200 to everything, with `limits`; returns its address.
+    async fn answering(limits: Limits) -> (SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let make = |_| {
+            hyper::service::service_fn(|_| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                    b"ok",
+                ))))
+            })
+        };
+        tokio::spawn(serve("test", Listener::Tcp(listener), make, limits, stop.clone(), Duration::from_secs(1)));
+        (address, stop)
+    }
+
+    /// Read until the peer closes or answers; `None` if neither happens within `wait` (a
+    /// liveness bound, not a measurement).
+    async fn read_some(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 1024];
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            Ok(Err(_)) => Some(Vec::new()),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_headers_never_finish_is_closed() {
+        let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
+        let (address, stop) = answering(limits).await;
+        let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        // Before this limit existed the connection stayed open, waiting, for good.
+        let answer = read_some(&mut slow, Duration::from_secs(5)).await.expect("closed by the server");
+        assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "a partial request was served");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_until_one_closes() {
+        let limits = Limits { max_connections: 1, ..Limits::default() };
+        let (address, stop) = answering(limits).await;
+        let mut first = tokio::net::TcpStream::connect(address).await.unwrap();
+        first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        assert!(read_some(&mut first, Duration::from_secs(5)).await.is_some_and(|a| a.starts_with(b"HTTP/1.1 200")));
+        let mut second = tokio::net::TcpStream::connect(address).await.unwrap();
+        second.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        assert!(read_some(&mut second, Duration::from_millis(300)).await.is_none(), "served past the cap");
+        drop(first);
+        let answer = read_some(&mut second, Duration::from_secs(5)).await.expect("served once a slot was free");
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        stop.cancel();
     }
 }

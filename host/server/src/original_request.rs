@@ -22,6 +22,9 @@ pub struct OriginalRequest {
     pub peer: String,
     /// Body, if the proxy sent one (already capped).
     pub body: Option<Vec<u8>>,
+    /// The client's `x-request-id`, bounded; set by [`Authorizer::decide`](crate::Authorizer::decide)
+    /// and only logged.
+    pub client_request_id: Option<String>,
 }
 
 /// What the `Authorization` header holds.
@@ -169,6 +172,7 @@ mod tests {
             headers: Vec::new(),
             peer: String::new(),
             body: None,
+            client_request_id: None,
         }
     }
 

@@ -106,6 +106,10 @@ impl Sidecar {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let Sidecar { config, proxy, authorizer, http, grpc, admin, log_writer, tasks, stop, .. } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let limits = listener::Limits {
+            header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+            max_connections: config.server.max_connections,
+        };
         let authorizer = Arc::new(authorizer);
         let state = authorizer.state().clone();
         if let Some((listener, token)) = admin {
@@ -117,12 +121,12 @@ impl Sidecar {
                     async move { Ok::<_, Infallible>(api.handle(request).await) }
                 })
             };
-            tasks.spawn(listener::serve("admin", listener, make, stop.clone(), grace));
+            tasks.spawn(listener::serve("admin", listener, make, limits, stop.clone(), grace));
         }
         if let Some(listener) = grpc {
             let routes = crate::ext_authz::routes(authorizer.clone()).await;
             let make = move |_| hyper_util::service::TowerToHyperService::new(routes.clone());
-            tasks.spawn(listener::serve("grpc", listener, make, stop.clone(), grace));
+            tasks.spawn(listener::serve("grpc", listener, make, limits, stop.clone(), grace));
         }
         if let Err(e) = state.fetcher.fetch_all().await {
             tracing::warn!(error = %sandgate_auth::error_chain(&e), "initial JWKS fetch failed; will retry on demand");
@@ -142,7 +146,7 @@ impl Sidecar {
                 async move { Ok::<_, Infallible>(forward_auth.handle(request, peer).await) }
             })
         };
-        tasks.spawn(listener::serve("forward-auth", http, make, stop.clone(), grace));
+        tasks.spawn(listener::serve("forward-auth", http, make, limits, stop.clone(), grace));
         ready.store(true, Ordering::SeqCst);
         tracing::info!("sandgate ready");
 
