@@ -42,6 +42,7 @@ fn toml_config() -> Config {
         discovery_url: None,
         jwks_refresh_secs: 300,
         jwks_min_refetch_ms: 10_000,
+        jwks_max_stale_secs: None,
     }];
     config
 }

@@ -180,9 +180,10 @@ class Sandgate:
 
     def wait_ready(self):
         deadline = time.time() + 10
+        ops = next((re.search(r"(http://[0-9.:]+)", l).group(1) for l in self.stderr_lines if "/healthz, /readyz and /metrics on" in l), self.base)
         while time.time() < deadline:
             try:
-                with urllib.request.urlopen(self.base + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(ops + "/readyz", timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:

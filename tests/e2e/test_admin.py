@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import POLICIES, SANDGATE, free_port
+from conftest import ISSUER, POLICIES, SANDGATE, free_port
 
 TOKEN = "admin-test-token-0123456789-abcdefghij"
 
@@ -245,3 +245,16 @@ def test_policy_directory_is_watched(start_sandgate, static_issuer, tmp_path):
     (policy_dir / "live.wasm").unlink()
     wait_for(lambda: version_of(sandgate)[0] == 403, "the policy to unload")
     assert sandgate.check({"X-Original-URI": "/live/x"})[1]["x-sandgate-reason"] == "no_route"
+
+
+def test_an_operator_can_block_a_key_id_at_once(sandgate, keys):
+    token = keys.token("RS256", roles=["reader"])
+    auth = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/x"}
+    assert sandgate.check(auth)[0] == 200
+    status, snap = admin(sandgate, "POST", "/v1/keys/blocked", {"issuer": ISSUER, "kid": "rsa-1"})
+    assert status == 200 and "rsa-1" in next(i for i in snap["issuers"] if i["issuer"] == ISSUER)["blocked_kids"]
+    status, headers, _ = sandgate.check(auth)
+    assert (status, headers["x-sandgate-reason"]) == (401, "kid_blocked")
+    assert admin(sandgate, "DELETE", "/v1/keys/blocked", {"issuer": ISSUER, "kid": "rsa-1"})[0] == 200
+    assert sandgate.check(auth)[0] == 200
+    assert admin(sandgate, "POST", "/v1/keys/blocked", {"issuer": "https://nobody.test", "kid": "x"})[0] == 404

@@ -291,3 +291,17 @@ def test_a_log_reader_that_stops_reading_never_stalls_checks(tmp_path, static_is
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_health_and_metrics_can_have_a_listener_of_their_own(start_sandgate, static_issuer, rbac_policy):
+    """With `ops_listen`, a check whose path is `/healthz` (an Envoy HTTP config without a
+    `path_prefix`) is never answered 200 by the health endpoint."""
+    import urllib.request
+
+    ops_port = free_port()
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy],
+                              server={"proxy": "envoy", "default_policy": "rbac", "ops_listen": f"127.0.0.1:{ops_port}"})
+    for path in ["/healthz", "/readyz", "/metrics"]:
+        assert sandgate.check(path=path)[0] == 404, path
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}{path}", timeout=5) as r:
+            assert r.status == 200, path

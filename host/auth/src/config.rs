@@ -30,6 +30,11 @@ pub struct IssuerConfig {
     /// Periodic JWKS refresh, in seconds.
     #[serde(default = "default_refresh")]
     pub jwks_refresh_secs: u64,
+    /// How long keys fetched from the JWKS endpoint stay trusted after the last successful
+    /// fetch, in seconds; past it tokens signed with them are refused (`jwks_stale`) until a
+    /// fetch succeeds. Absent: they stay trusted until replaced.
+    #[serde(default)]
+    pub jwks_max_stale_secs: Option<u64>,
     /// Minimum time between fetches triggered by unknown `kid`s, in milliseconds.
     #[serde(default = "default_min_refetch")]
     pub jwks_min_refetch_ms: u64,

@@ -340,6 +340,7 @@ mod tests {
             discovery_url: None,
             jwks_refresh_secs: 300,
             jwks_min_refetch_ms: 10_000,
+            jwks_max_stale_secs: None,
         };
         let issuer = Issuer::from_config(&config).unwrap();
         let keys = KeySets { version: 1, issuers: HashMap::from([(ISSUER.to_owned(), Arc::new(issuer))]) };

@@ -219,6 +219,13 @@ pub struct Issuer {
     pub keys: Vec<Arc<Key>>,
     /// Whether an unknown `kid` may be looked up at a JWKS endpoint.
     pub has_jwks_endpoint: bool,
+    /// Key ids an operator blocked: tokens naming them are refused, whatever the key sets hold.
+    pub blocked_kids: std::collections::BTreeSet<String>,
+    /// When keys were last fetched from the JWKS endpoint (Unix seconds).
+    pub fetched_at: Option<u64>,
+    /// How long fetched keys are trusted after the last successful fetch; `None`: until
+    /// replaced.
+    pub(crate) max_stale: Option<u64>,
 }
 
 impl Issuer {
@@ -241,6 +248,9 @@ impl Issuer {
             leeway: config.leeway_secs,
             keys,
             has_jwks_endpoint: config.jwks_url.is_some() || config.discovery_url.is_some(),
+            blocked_kids: Default::default(),
+            fetched_at: None,
+            max_stale: config.jwks_max_stale_secs,
         })
     }
 
@@ -259,14 +269,38 @@ impl Issuer {
             leeway: self.leeway,
             keys: Vec::new(),
             has_jwks_endpoint: self.has_jwks_endpoint,
+            blocked_kids: self.blocked_kids.clone(),
+            fetched_at: self.fetched_at,
+            max_stale: self.max_stale,
         }
     }
 
-    /// The same issuer with its JWKS-endpoint keys replaced by `fetched`.
+    /// The same issuer with `kid` blocked (`true`) or unblocked.
+    pub fn with_blocked_kid(&self, kid: &str, blocked: bool) -> Issuer {
+        let mut issuer = Issuer { keys: self.keys.clone(), ..self.clone_rules() };
+        if blocked {
+            issuer.blocked_kids.insert(kid.to_owned());
+        } else {
+            issuer.blocked_kids.remove(kid);
+        }
+        issuer
+    }
+
+    /// The same issuer with its JWKS-endpoint keys replaced by `fetched`, fetched now.
     pub fn with_fetched_keys(&self, fetched: Vec<Key>) -> Issuer {
         let mut keys: Vec<Arc<Key>> = self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect();
         keys.extend(fetched.into_iter().map(Arc::new));
-        Issuer { keys, ..self.clone_rules() }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Issuer { keys, fetched_at: Some(now), ..self.clone_rules() }
+    }
+
+    /// Whether keys fetched from the JWKS endpoint may still be used at `now`: not when the last
+    /// successful fetch is older than `jwks_max_stale_secs`.
+    pub(crate) fn fetched_keys_fresh(&self, now: u64) -> bool {
+        match (self.max_stale, self.fetched_at) {
+            (Some(max), Some(at)) => now.saturating_sub(at) <= max,
+            _ => true,
+        }
     }
 }
 

@@ -73,10 +73,22 @@ impl KeySets {
                 format!("{:?} is not allowed for this issuer", header.alg),
             ));
         }
+        if let Some(kid) = header.kid.as_deref().filter(|kid| issuer.blocked_kids.contains(*kid)) {
+            return Err(Rejection::invalid("kid_blocked", format!("key `{}` is blocked by the operator", shown(kid))));
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let fresh = issuer.fetched_keys_fresh(now);
         let candidates: Vec<&Arc<Key>> = match &header.kid {
             Some(kid) => issuer.keys.iter().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect(),
             None => issuer.keys.iter().filter(|k| k.algorithm == header.alg).collect(),
         };
+        if !fresh && !candidates.is_empty() && candidates.iter().all(|k| k.from_jwks_url) {
+            return Err(Rejection::invalid(
+                "jwks_stale",
+                "the issuer's keys could not be refreshed within jwks_max_stale_secs",
+            ));
+        }
+        let candidates: Vec<&Arc<Key>> = candidates.into_iter().filter(|k| fresh || !k.from_jwks_url).collect();
         if candidates.is_empty() {
             let kid = header.kid.clone().unwrap_or_default();
             return Err(if issuer.has_jwks_endpoint {
@@ -269,6 +281,7 @@ mod tests {
             discovery_url: None,
             jwks_refresh_secs: 300,
             jwks_min_refetch_ms: 10_000,
+            jwks_max_stale_secs: None,
         };
         let issuer = Issuer::from_config(&config).unwrap();
         KeySets { version: 1, issuers: HashMap::from([(ISSUER.to_owned(), Arc::new(issuer))]) }
@@ -385,5 +398,39 @@ mod tests {
         let message = Rejection::UnknownKid { issuer: ISSUER.into(), kid }.to_string();
         assert!(!message.contains('\n') && message.len() < 120, "{message}");
         assert!(message.contains("<script>"), "printable ASCII is kept as is: {message}");
+    }
+
+    #[test]
+    fn a_blocked_kid_is_refused_and_unblocked_accepted_again() {
+        let mut keys = key_sets(&[]);
+        let t = token(json!({ "iss": ISSUER, "sub": "a", "exp": later() }));
+        let issuer = keys.issuers[ISSUER].with_blocked_kid("k", true);
+        keys.issuers.insert(ISSUER.into(), Arc::new(issuer));
+        assert_eq!(reason(&keys, &t), "kid_blocked");
+        let issuer = keys.issuers[ISSUER].with_blocked_kid("k", false);
+        keys.issuers.insert(ISSUER.into(), Arc::new(issuer));
+        assert_eq!(reason(&keys, &t), "accepted");
+    }
+
+    #[test]
+    fn fetched_keys_are_refused_once_older_than_jwks_max_stale_secs() {
+        let mut keys = key_sets(&[]);
+        let fetched = Key {
+            kid: Some("k".into()),
+            algorithm: Algorithm::HS256,
+            decoding: jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+            from_jwks_url: true,
+        };
+        let mut issuer = keys.issuers[ISSUER].with_fetched_keys(vec![fetched]);
+        issuer.keys.retain(|k| k.from_jwks_url); // only the fetched key
+        issuer.max_stale = Some(60);
+        keys.issuers.insert(ISSUER.into(), Arc::new(issuer));
+        let t = token(json!({ "iss": ISSUER, "sub": "a", "exp": later() }));
+        assert_eq!(reason(&keys, &t), "accepted");
+        // The endpoint has failed since: the last successful fetch is long past.
+        let mut stale = keys.issuers[ISSUER].with_blocked_kid("none", false);
+        stale.fetched_at = Some(1_000);
+        keys.issuers.insert(ISSUER.into(), Arc::new(stale));
+        assert_eq!(reason(&keys, &t), "jwks_stale");
     }
 }

@@ -68,6 +68,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
             discovery_url: None,
             jwks_refresh_secs: 300,
             jwks_min_refetch_ms: 10_000,
+            jwks_max_stale_secs: None,
         }],
         policies: vec![PolicyConfig { id: "rbac".into(), module: policy, data: Some(data_path) }],
         routes: Vec::new(),

@@ -14,6 +14,7 @@
 //! | `POST /v1/revocations`, `DELETE /v1/revocations` (`{"jtis": [], "subjects": []}`) | revoke, un-revoke |
 //! | `PUT /v1/keys` (`{"issuer": "…", "jwks": {"keys": […]}}`) | replace an issuer's static keys |
 //! | `POST /v1/jwks/refresh` (`{"issuer": "…"}`) | fetch an issuer's JWKS now |
+//! | `POST /v1/keys/blocked`, `DELETE /v1/keys/blocked` (`{"issuer": "…", "kid": "…"}`) | refuse tokens naming a key, or stop refusing them |
 //!
 //! Answers: `200` with `{"snapshot": N, …}`; `400`/`422` with `{"error": "…"}` for bad input
 //! (the old state keeps serving); `401` without the token; `404`/`409` as usual; `502` when a
@@ -60,6 +61,8 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
         "issuers": s.keys.issuers.values().map(|i| json!({
             "issuer": i.issuer,
             "kids": i.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>(),
+            "blocked_kids": i.blocked_kids,
+            "fetched_at": i.fetched_at,
         })).collect::<Vec<_>>(),
     })
 }
@@ -126,6 +129,14 @@ impl AdminApi {
                     "expected {{\"issuer\": \"..\", \"jwks\": {{\"keys\": [..]}}}}: {e}"
                 ))),
             },
+            (&Method::POST | &Method::DELETE, ["v1", "keys", "blocked"]) => {
+                match serde_json::from_slice::<KidBody>(&body) {
+                    Ok(b) => self.state.block_kid(&b.issuer, &b.kid, method == Method::POST),
+                    Err(e) => {
+                        Err(ChangeError::BadInput(format!("expected {{\"issuer\": \"..\", \"kid\": \"..\"}}: {e}")))
+                    }
+                }
+            }
             (&Method::POST, ["v1", "jwks", "refresh"]) => match serde_json::from_slice::<IssuerBody>(&body) {
                 Ok(b) => self.state.refresh_jwks(&b.issuer).await,
                 Err(e) => Err(ChangeError::BadInput(format!("expected {{\"issuer\": \"..\"}}: {e}"))),
@@ -144,6 +155,13 @@ impl AdminApi {
 struct KeysBody {
     issuer: String,
     jwks: jsonwebtoken::jwk::JwkSet,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KidBody {
+    issuer: String,
+    kid: String,
 }
 
 #[derive(serde::Deserialize)]

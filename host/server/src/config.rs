@@ -100,6 +100,9 @@ impl Default for AdminConfig {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: String,
+    /// A separate address for `/healthz`, `/readyz` and `/metrics`; when set they are no longer
+    /// answered on `listen`, so no check can be answered by a health endpoint.
+    pub ops_listen: Option<String>,
     /// Path prefix of forward-auth checks; the rest of the path is the original path when no
     /// `X-Forwarded-Uri`/`X-Original-URI` header says otherwise (Envoy HTTP ext_authz).
     pub auth_prefix: String,
@@ -149,6 +152,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8181".into(),
+            ops_listen: None,
             auth_prefix: "/auth".into(),
             proxy: None,
             default_policy: None,
@@ -347,5 +351,36 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(text: &str) -> Result<(), String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_proxy_must_be_named() {
+        let error = checked("[server]\n").unwrap_err();
+        assert!(error.contains("[server] proxy is not set"), "{error}");
+        assert!(checked("[server]\nproxy = \"auto\"\n").unwrap_err().contains("unknown variant `auto`"));
+        for proxy in ["nginx", "forwarded", "envoy"] {
+            assert_eq!(checked(&format!("[server]\nproxy = \"{proxy}\"\n")), Ok(()));
+        }
+    }
+
+    #[test]
+    fn leeway_is_capped() {
+        let issuer = |leeway: u64| {
+            format!(
+                "[server]\nproxy = \"envoy\"\n[[issuers]]\nissuer = \"i\"\nalgorithms = [\"HS256\"]\njwks_url = \"https://i/jwks\"\nleeway_secs = {leeway}\n"
+            )
+        };
+        assert_eq!(checked(&issuer(MAX_LEEWAY_SECS)), Ok(()));
+        assert!(checked(&issuer(MAX_LEEWAY_SECS + 1)).unwrap_err().contains("leeway_secs"));
     }
 }

@@ -26,37 +26,67 @@ pub struct ForwardAuth {
     auth_prefix: String,
     proxy: ProxyKind,
     ready: Arc<AtomicBool>,
+    /// Whether `/healthz`, `/readyz` and `/metrics` are answered here (no `ops_listen`).
+    serve_ops: bool,
 }
 
 impl ForwardAuth {
     /// Checks under `auth_prefix`, original requests read by the `proxy` convention; `/readyz`
     /// answers 200 once `ready` is set and a policy is loaded.
     pub fn new(authorizer: Arc<Authorizer>, auth_prefix: &str, proxy: ProxyKind, ready: Arc<AtomicBool>) -> Self {
-        ForwardAuth { authorizer, auth_prefix: auth_prefix.trim_end_matches('/').to_owned(), proxy, ready }
+        ForwardAuth {
+            authorizer,
+            auth_prefix: auth_prefix.trim_end_matches('/').to_owned(),
+            proxy,
+            ready,
+            serve_ops: true,
+        }
+    }
+
+    /// The same service with `/healthz`, `/readyz` and `/metrics` answered only by
+    /// [`ForwardAuth::handle_ops`] on a listener of their own: then no check, however a proxy
+    /// builds its path, can be answered by a health endpoint.
+    pub fn without_ops(mut self) -> Self {
+        self.serve_ops = false;
+        self
+    }
+
+    /// Answer `/healthz`, `/readyz` and `/metrics`; anything else is 404.
+    pub fn handle_ops<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+        self.ops(request.uri().path()).unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"))
+    }
+
+    fn ops(&self, path: &str) -> Option<Response<Full<Bytes>>> {
+        let state = self.authorizer.state();
+        match path {
+            "/healthz" => Some(text(StatusCode::OK, "ok\n")),
+            "/readyz" => {
+                let ready = self.ready.load(Ordering::SeqCst) && !state.store.load().policies.is_empty();
+                Some(if ready {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                })
+            }
+            "/metrics" => {
+                state.metrics.pool_in_use.set(state.runtime.instances_in_use() as i64);
+                let mut response = text(StatusCode::OK, &state.metrics.encode());
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                Some(response)
+            }
+            _ => None,
+        }
     }
 
     /// Answer one HTTP request.
     pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let path = request.uri().path();
-        let state = self.authorizer.state();
-        if path == "/healthz" {
-            return text(StatusCode::OK, "ok\n");
-        }
-        if path == "/readyz" {
-            let ready = self.ready.load(Ordering::SeqCst) && !state.store.load().policies.is_empty();
-            return if ready {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            };
-        }
-        if path == "/metrics" {
-            state.metrics.pool_in_use.set(state.runtime.instances_in_use() as i64);
-            let mut response = text(StatusCode::OK, &state.metrics.encode());
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
+        if self.serve_ops
+            && let Some(response) = self.ops(path)
+        {
             return response;
         }
         let rest = path.strip_prefix(self.auth_prefix.as_str()).filter(|rest| rest.is_empty() || rest.starts_with('/'));

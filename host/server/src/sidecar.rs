@@ -24,6 +24,7 @@ pub struct Sidecar {
     proxy: ProxyKind,
     authorizer: Authorizer,
     http: Listener,
+    ops: Option<Listener>,
     grpc: Option<Listener>,
     admin: Option<(Listener, Option<String>)>,
     generated_admin_token: Option<PathBuf>,
@@ -46,6 +47,10 @@ impl Sidecar {
         let authorizer =
             Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone());
         let http = bind_tcp(&server.listen, "").await?;
+        let ops = match &server.ops_listen {
+            Some(address) => Some(bind_tcp(address, " (health and metrics)").await?),
+            None => None,
+        };
         let grpc = match &config.grpc {
             Some(grpc) => Some(bind_tcp(&grpc.listen, " (gRPC)").await?),
             None => None,
@@ -62,6 +67,7 @@ impl Sidecar {
             proxy,
             authorizer,
             http,
+            ops,
             grpc,
             admin,
             generated_admin_token,
@@ -81,6 +87,12 @@ impl Sidecar {
     /// Where forward-auth checks are answered.
     pub fn http_address(&self) -> String {
         self.http.address()
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are answered when they have a listener of
+    /// their own.
+    pub fn ops_address(&self) -> Option<String> {
+        self.ops.as_ref().map(Listener::address)
     }
 
     /// Where Envoy ext_authz gRPC is answered, if configured.
@@ -104,7 +116,7 @@ impl Sidecar {
     /// Serve until `shutdown` resolves, then stop every listener and loop, give open
     /// connections `shutdown_grace_secs` to finish, and write out the decision log.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Sidecar { config, proxy, authorizer, http, grpc, admin, log_writer, tasks, stop, .. } = self;
+        let Sidecar { config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, .. } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let limits = listener::Limits {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
@@ -138,7 +150,20 @@ impl Sidecar {
         }
         let ready = Arc::new(AtomicBool::new(false));
         let server = &config.server;
-        let forward_auth = Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, proxy, ready.clone()));
+        let mut forward_auth = ForwardAuth::new(authorizer.clone(), &server.auth_prefix, proxy, ready.clone());
+        if let Some(listener) = ops {
+            forward_auth = forward_auth.without_ops();
+            let ops_service = Arc::new(ForwardAuth::new(authorizer.clone(), &server.auth_prefix, proxy, ready.clone()));
+            let make = move |_| {
+                let ops_service = ops_service.clone();
+                hyper::service::service_fn(move |request| {
+                    let ops_service = ops_service.clone();
+                    async move { Ok::<_, Infallible>(ops_service.handle_ops(&request)) }
+                })
+            };
+            tasks.spawn(listener::serve("ops", listener, make, limits, stop.clone(), grace));
+        }
+        let forward_auth = Arc::new(forward_auth);
         let make = move |peer| {
             let forward_auth = forward_auth.clone();
             hyper::service::service_fn(move |request| {

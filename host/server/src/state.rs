@@ -341,6 +341,18 @@ impl State {
         })
     }
 
+    /// Block (`true`) or unblock `kid` of `issuer`: tokens naming a blocked key are refused
+    /// (`kid_blocked`) from the next check on, whatever the key sets hold.
+    pub fn block_kid(&self, issuer: &str, kid: &str, blocked: bool) -> Result<Arc<Snapshot>, ChangeError> {
+        self.store.try_update(|s| {
+            if !s.keys.issuers.contains_key(issuer) {
+                return Err(ChangeError::NotFound(format!("no issuer `{issuer}`")));
+            }
+            s.keys = Arc::new(s.keys.with_issuer(issuer, |current| current.with_blocked_kid(kid, blocked)));
+            Ok(())
+        })
+    }
+
     /// Fetch `issuer`'s JWKS now; returns the live snapshot.
     pub async fn refresh_jwks(&self, issuer: &str) -> Result<Arc<Snapshot>, ChangeError> {
         match self.fetcher.fetch(issuer).await {

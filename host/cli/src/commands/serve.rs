@@ -53,6 +53,9 @@ async fn serve(config: Config, demo_token: Option<String>) -> anyhow::Result<Exi
     if let Some(address) = sidecar.grpc_address() {
         eprintln!("sandgate: Envoy ext_authz gRPC on {address}");
     }
+    if let Some(address) = sidecar.ops_address() {
+        eprintln!("sandgate: /healthz, /readyz and /metrics on http://{address}");
+    }
     let address = sidecar.http_address();
     eprintln!("sandgate: listening on http://{address} (checks at {auth_prefix}, /healthz, /readyz, /metrics)");
     if let Some(token) = demo_token {
