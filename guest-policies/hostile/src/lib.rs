@@ -48,6 +48,7 @@ pub fn bump_state() -> [u64; 4] {
 }
 
 #[inline(never)]
+#[allow(unconditional_recursion, reason = "runaway recursion is the point: it must overflow the stack")]
 fn recurse(depth: u64) -> u64 {
     std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
 }

@@ -1,0 +1,89 @@
+//! The protocol adapters driven without a socket: a request value in, a response value out.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed set-up should stop it loudly"
+)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use sandgate_server::{AdminApi, Config, ForwardAuth, ProxyKind};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+const ADMIN_TOKEN: &str = "an-admin-token-of-at-least-32-characters";
+
+fn config() -> Config {
+    let module = sandgate_tests::workspace().join("target/policies/allow-all.wasm");
+    sandgate_tests::policy_bytes("allow-all"); // built if missing
+    let text = format!(
+        "[server]\nproxy = \"nginx\"\ndefault_policy = \"open\"\n[server.identity_headers]\n\"x-auth-subject\" = \"sub\"\n[[policies]]\nid = \"open\"\nmodule = \"{}\"\n",
+        module.display()
+    );
+    let path = std::env::temp_dir().join(format!("sandgate-handlers-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    Config::from_file(&path).unwrap()
+}
+
+fn peer() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1234))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_answers_a_request_value() {
+    let authorizer = sandgate_tests::authorizer(&config());
+    let service = ForwardAuth::new(authorizer, "/auth", ProxyKind::Nginx, Arc::new(AtomicBool::new(true)));
+    let check = |uri: &str| {
+        Request::builder()
+            .uri("/auth")
+            .header("x-original-method", "GET")
+            .header("x-original-uri", uri)
+            .header("x-forwarded-host", "app")
+            .header("x-forwarded-proto", "https")
+            .header("x-auth-subject", "admin")
+            .body(())
+            .unwrap()
+    };
+    let allowed = service.handle(check("/x"), peer()).await;
+    assert_eq!(allowed.status(), StatusCode::OK);
+    // No token: the configured identity header is sent empty, over the client's `admin`.
+    assert_eq!(allowed.headers()["x-auth-subject"], "");
+    let ambiguous = service.handle(check("/public/..;/admin"), peer()).await;
+    assert_eq!(
+        (ambiguous.status(), &ambiguous.headers()["x-sandgate-reason"]),
+        (StatusCode::BAD_REQUEST, &"ambiguous_path".parse().unwrap())
+    );
+    let health = service.handle(Request::builder().uri("/healthz").body(()).unwrap(), peer()).await;
+    assert_eq!(health.status(), StatusCode::OK);
+    let unknown = service.handle(Request::builder().uri("/elsewhere").body(()).unwrap(), peer()).await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_a_request_value() {
+    let authorizer = sandgate_tests::authorizer(&config());
+    let api = AdminApi::new(authorizer.state().clone(), Some(ADMIN_TOKEN.into()));
+    let call = |method: &str, path: &str, token: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let snapshot = api.handle(call("GET", "/v1/snapshot", ADMIN_TOKEN, "")).await;
+    assert_eq!(snapshot.status(), StatusCode::OK);
+    let body: serde_json::Value =
+        serde_json::from_slice(&snapshot.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["policies"][0]["id"], "open");
+    assert_eq!(api.handle(call("GET", "/v1/snapshot", "wrong", "")).await.status(), StatusCode::UNAUTHORIZED);
+    let bad = api.handle(call("PUT", "/v1/policies/open/data", ADMIN_TOKEN, "{not json")).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let missing = api.handle(call("DELETE", "/v1/policies/nothing", ADMIN_TOKEN, "")).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let routed = api.handle(call("DELETE", "/v1/policies/open", ADMIN_TOKEN, "")).await;
+    assert_eq!(routed.status(), StatusCode::CONFLICT, "the default policy cannot be unloaded");
+}
