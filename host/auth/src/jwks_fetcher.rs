@@ -73,6 +73,15 @@ pub enum FetchError {
     Roots(#[source] std::io::Error),
 }
 
+/// Clears an issuer's in-flight marker when dropped.
+struct ClearInflight<'a>(&'a JwksFetcher, &'a str);
+
+impl Drop for ClearInflight<'_> {
+    fn drop(&mut self) {
+        self.0.clear_inflight(self.1);
+    }
+}
+
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -166,10 +175,10 @@ impl JwksFetcher {
                     *inflight = Some(done.clone());
                     let (this, issuer, kid) = (self.clone(), issuer.to_owned(), kid.to_owned());
                     tokio::spawn(async move {
+                        // Cleared however the task ends (a panic, the runtime shutting down), so
+                        // a later unknown kid can start a fetch again.
+                        let _clear = ClearInflight(&this, &issuer);
                         this.fetch_for_unknown_kid(&issuer, &kid).await;
-                        if let Some(source) = this.sources.get(&issuer) {
-                            source.inflight.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        }
                         let _ = finished.send(true);
                     });
                     done
@@ -178,6 +187,12 @@ impl JwksFetcher {
         };
         let _ = done.wait_for(|finished| *finished).await;
         self.store.key_sets().has_kid(issuer, kid)
+    }
+
+    fn clear_inflight(&self, issuer: &str) {
+        if let Some(source) = self.sources.get(issuer) {
+            source.inflight.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 
     async fn fetch_for_unknown_kid(&self, issuer: &str, kid: &str) {

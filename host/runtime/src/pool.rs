@@ -25,7 +25,7 @@ pub(crate) struct Ticket(Arc<AtomicU8>);
 
 impl Ticket {
     /// Give up on a job that has not started: `true` if it never will, `false` if it is
-    /// already running (its result will come).
+    /// already running or done (its result will come, or has).
     pub(crate) fn abandon(&self) -> bool {
         self.0.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
@@ -127,7 +127,12 @@ fn work(shared: &Shared) {
             }
         };
         if job.ticket.start() {
-            (job.run)();
+            // A panic (a host bug; guest faults are traps, not panics) must not take the thread
+            // or the policy's share with it: the caller's answer channel is dropped, which it
+            // answers as a deny.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.run)).is_err() {
+                tracing::error!("a policy evaluation panicked; answered as a deny");
+            }
         }
         job.load.0.fetch_sub(1, Ordering::AcqRel);
         // A job of this policy held back by its cap may run now.

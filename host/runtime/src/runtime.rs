@@ -208,14 +208,23 @@ impl Runtime {
             .map_err(anyhow::Error::from)?;
 
         let ticker = EpochTicker::start(engine.clone())?;
+        // At least two threads, so a policy capped at "all but one" still leaves one to the
+        // others on a one-core machine (the OS shares the core between them).
         let threads = match config.eval_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
             n => n,
         };
         let per_policy = match config.max_threads_per_policy {
             0 => threads.saturating_sub(1).max(1),
             n => n,
         };
+        if per_policy >= threads && threads > 1 {
+            tracing::warn!(
+                threads,
+                per_policy,
+                "max_threads_per_policy lets one policy take every evaluation thread: a slow policy can stall the others"
+            );
+        }
         let pool = EvalPool::start(threads, per_policy)?;
         let permits = Arc::new(tokio::sync::Semaphore::new(instances as usize));
         Ok(Runtime { core: Arc::new(Core { engine, config, permits }), linker, pool, _ticker: ticker })
@@ -334,18 +343,21 @@ impl Runtime {
         let (send, mut receive) = tokio::sync::oneshot::channel();
         let (core, job_module) = (self.core.clone(), module.clone());
         let ticket = self.pool.submit(&module.load, deadline, move || {
-            let evaluation = core.evaluate(&job_module, &request, &context);
-            drop(permit);
-            let _ = send.send(evaluation);
+            let _ = send.send(core.evaluate(&job_module, &request, &context));
         });
-        match tokio::time::timeout_at(deadline.into(), &mut receive).await {
+        // If this future is dropped (the client went away), a job not started yet never runs.
+        let abandon_on_drop = AbandonOnDrop(ticket);
+        let evaluation = match tokio::time::timeout_at(deadline.into(), &mut receive).await {
             Ok(Ok(evaluation)) => evaluation,
-            // The pool dropped the job at its deadline.
+            // The pool dropped the job at its deadline (or the job panicked).
             Ok(Err(_)) => overloaded(true),
             // Still queued at the deadline: give up on it, unless it has just started.
-            Err(_) if ticket.abandon() => overloaded(true),
+            Err(_) if abandon_on_drop.0.abandon() => overloaded(true),
             Err(_) => receive.await.unwrap_or_else(|_| overloaded(true)),
-        }
+        };
+        // The pool slot is held until the evaluation is over or will never start.
+        drop(permit);
+        evaluation
     }
 
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
@@ -357,6 +369,15 @@ impl Runtime {
     #[cfg(feature = "bench-internals")]
     pub(crate) fn new_store(&self, context: &EvalContext) -> Store<HostState> {
         self.core.new_store(context)
+    }
+}
+
+/// Gives up on a queued job when the check waiting for it goes away.
+struct AbandonOnDrop(crate::pool::Ticket);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 

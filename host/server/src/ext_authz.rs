@@ -93,6 +93,10 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
         }));
     }
     headers.sort_by(|a, b| a.name.cmp(&b.name));
+    // Two `Authorization` headers: the upstream might use the one not checked.
+    if headers.iter().filter(|h| h.name == "authorization").count() > 1 {
+        return Err((400, "the request has more than one `authorization` header"));
+    }
     let (path, query) = OriginalRequest::split_target(&http.path);
     let body = if !http.raw_body.is_empty() {
         Some(http.raw_body.iter().take(MAX_BODY_BYTES).copied().collect())
@@ -247,5 +251,25 @@ mod tests {
             original_request(&CheckRequest::default()).err(),
             Some((400, "malformed check request: no attributes"))
         );
+    }
+
+    #[test]
+    fn two_authorization_headers_are_invalid() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue as EnvoyHeader};
+        use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+        let header =
+            |value: &str| EnvoyHeader { key: "authorization".into(), value: value.into(), raw_value: Vec::new() };
+        let http = attribute_context::HttpRequest {
+            path: "/x".into(),
+            header_map: Some(HeaderMap { headers: vec![header("Bearer a"), header("Bearer b")] }),
+            ..Default::default()
+        };
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request { http: Some(http), ..Default::default() }),
+                ..Default::default()
+            }),
+        };
+        assert_eq!(original_request(&request).err().map(|e| e.0), Some(400));
     }
 }

@@ -79,7 +79,10 @@ pub async fn serve<F, S, B>(
     builder.http2().max_header_list_size(64 << 10).timer(TokioTimer::new());
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut backoff = Duration::ZERO;
+    // Every open connection, so those still open when the grace period ends can be dropped.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         // A free connection slot first: at the cap, new connections wait in the backlog.
         let slot = tokio::select! {
             () = stop.cancelled() => break,
@@ -98,7 +101,7 @@ pub async fn serve<F, S, B>(
                 let _ = stream.set_nodelay(true);
                 let connection = builder.serve_connection(TokioIo::new(stream), make(peer)).into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let _ = connection.await;
                     drop(slot);
                 });
@@ -109,8 +112,9 @@ pub async fn serve<F, S, B>(
                     .serve_connection(TokioIo::new(stream), make(SocketAddr::from(([0, 0, 0, 0], 0))))
                     .into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let _ = connection.await;
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -130,6 +134,7 @@ pub async fn serve<F, S, B>(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(listener = name, "grace period over; dropping the remaining connections");
     }
+    connections.shutdown().await;
 }
 
 enum Accepted {

@@ -71,8 +71,9 @@ pub enum AmbiguousPath {
     /// A `;` path parameter (Tomcat, Spring and Jetty strip them and resolve what is left).
     #[error("the path has a `;` parameter")]
     Parameter,
-    /// A control byte, a raw non-ASCII byte, or a backslash.
-    #[error("the path has a control, non-ASCII or backslash byte")]
+    /// A control byte, a raw non-ASCII byte, a backslash, or another byte a path may not hold
+    /// unencoded (a space, `#`, `"<>[]^`{|}`).
+    #[error("the path has a byte a path may not hold unencoded")]
     Byte,
     /// `%` not followed by two hex digits.
     #[error("the path has a malformed percent-escape")]
@@ -110,6 +111,11 @@ pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
             b';' => return Err(AmbiguousPath::Parameter),
             b'\\' => return Err(AmbiguousPath::Byte),
             b if !(0x20..0x7f).contains(&b) => return Err(AmbiguousPath::Byte),
+            // Not allowed raw in a path (RFC 3986 pchar): a space, `#` (a server cuts the
+            // fragment off: `/admin#/x` is `/admin`), `"<>[]^`{|}`.
+            b' ' | b'#' | b'"' | b'<' | b'>' | b'[' | b']' | b'^' | b'`' | b'{' | b'|' | b'}' => {
+                return Err(AmbiguousPath::Byte);
+            }
             b'%' => {
                 let hex = |at: usize| bytes.get(at).and_then(|h| (*h as char).to_digit(16));
                 let (Some(high), Some(low)) = (hex(i + 1), hex(i + 2)) else { return Err(AmbiguousPath::BadEscape) };
@@ -209,6 +215,9 @@ mod tests {
             ("/a%g1", BadEscape),
             ("/caf\u{e9}", Byte),
             ("/a\tb", Byte),
+            ("/admin#/x", Byte),
+            ("/a b", Byte),
+            ("/a{b}", Byte),
             ("admin", NotAbsolute),
         ];
         for (path, why) in cases {
@@ -256,6 +265,7 @@ mod tests {
             fn a_canonical_form_has_nothing_to_reinterpret(path in "/[ -~]{0,40}") {
                 if let Ok(c) = canonical_path(&path) {
                     prop_assert!(!c.contains(';') && !c.contains("//") && !c.contains('\\'));
+                    prop_assert!(!c.contains('#') && !c.contains(' '));
                     prop_assert!(!c.split('/').any(|s| s == "." || s == ".."));
                     let upper = c.to_ascii_uppercase();
                     for escape in ["%25", "%00", "%2F", "%2E", "%3B", "%5C", "%41"] {

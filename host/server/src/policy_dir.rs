@@ -38,9 +38,8 @@ pub async fn watch(state: Arc<State>, dir: PathBuf, every: Duration, stop: Cance
                     let Some(stamp) = stamp else { continue }; // unreadable now: no information
                     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
                     let stable = seen.insert(path.clone(), *stamp) == Some(*stamp);
-                    if stable && loaded.get(path) != Some(stamp) {
+                    if stable && loaded.get(path) != Some(stamp) && load_from_dir(&state, path, ext).await {
                         loaded.insert(path.clone(), *stamp);
-                        load_from_dir(&state, path, ext).await;
                     }
                 }
                 for gone in loaded.keys().filter(|p| !files.contains_key(*p)).cloned().collect::<Vec<_>>() {
@@ -90,8 +89,11 @@ fn unload(state: &State, path: &Path) {
     }
 }
 
-async fn load_from_dir(state: &State, path: &Path, ext: &str) {
-    let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { return };
+/// Load one file; `false` when the failure may pass (a read error, no free instance for the
+/// probe, the host failing), so the next scan tries again. A module or document that is
+/// refused for what it is waits until the file changes.
+async fn load_from_dir(state: &State, path: &Path, ext: &str) -> bool {
+    let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { return true };
     let result = match (ext, std::fs::read(path)) {
         ("wasm", Ok(bytes)) => state.put_policy(id, Bytes::from(bytes)).await.map(|_| ()),
         ("json", Ok(bytes)) if state.store.load().policies.contains_key(id) => match serde_json::from_slice(&bytes) {
@@ -99,12 +101,19 @@ async fn load_from_dir(state: &State, path: &Path, ext: &str) {
             Err(e) => Err(ChangeError::BadInput(format!("not JSON: {e}"))),
         },
         (_, Ok(_)) => Ok(()), // data for a module not loaded yet: loaded with it
-        (_, Err(e)) => Err(ChangeError::BadInput(format!("cannot read: {e}"))),
+        (_, Err(e)) => {
+            tracing::warn!(policy = id, file = %path.display(), error = %e, "cannot read; will retry");
+            return false;
+        }
     };
-    match result {
+    let transient = matches!(
+        &result,
+        Err(ChangeError::Probe(sandgate_runtime::PolicyFault::Overloaded) | ChangeError::Internal(_))
+    );
+    match &result {
         Ok(()) => tracing::info!(policy = id, file = %path.display(), "loaded from the policy directory"),
         Err(e) => {
-            tracing::warn!(policy = id, file = %path.display(), error = %e, "not loaded; the previous version keeps serving")
+            tracing::warn!(policy = id, file = %path.display(), error = %e, retry = transient, "not loaded; the previous version keeps serving")
         }
     }
     // A module loaded after its data file: give it the data now.
@@ -116,4 +125,5 @@ async fn load_from_dir(state: &State, path: &Path, ext: &str) {
             let _ = state.put_data(id, value);
         }
     }
+    !transient
 }

@@ -78,6 +78,8 @@ impl Snapshot {
     pub fn route(&self, host: &str, path: &str) -> Option<(&str, &Arc<LoadedPolicy>)> {
         let host =
             host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        // `api.example.` is `api.example` (a fully qualified name): nginx strips the dot, others do not.
+        let host = host.strip_suffix('.').unwrap_or(host);
         let id = self
             .routes
             .iter()
