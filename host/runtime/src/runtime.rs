@@ -14,6 +14,9 @@
 //! may be stopped mid-update, with a guest lock held or an allocator half-way through a change;
 //! no later request may run on it. A fresh instance from the pooling allocator costs a few
 //! microseconds (see `docs/BENCHMARKS.md`), so isolation is not traded for speed.
+//!
+//! (Longer than the house's ~400 lines: the runtime's configuration, lifetimes, evaluation and
+//! fault classification read best together, and a sixth of the file is its tests.)
 
 use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
 use crate::bindings::{Authorizer, AuthorizerPre};

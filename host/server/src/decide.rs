@@ -3,6 +3,7 @@
 //! forward-auth and Envoy ext_authz both turn their request into an [`OriginalRequest`] and
 //! answer the [`Answer`] this returns in their own protocol.
 
+pub use crate::answer::Answer;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
@@ -10,9 +11,7 @@ use crate::original_request::{Bearer, OriginalRequest, canonical_path};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
-use sandgate_runtime::bindings::sandgate::policy::types::{
-    CheckRequest, Credential, CredentialError, Decision, DenyResponse,
-};
+use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Credential, CredentialError};
 use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, spec};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -42,7 +41,14 @@ pub fn unix_now() -> u64 {
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
 #[cfg(feature = "bench-internals")]
-pub type NativePolicy = Arc<dyn Fn(&CheckRequest, &sandgate_runtime::PolicyData) -> Decision + Send + Sync>;
+pub type NativePolicy = Arc<
+    dyn Fn(
+            &CheckRequest,
+            &sandgate_runtime::PolicyData,
+        ) -> sandgate_runtime::bindings::sandgate::policy::types::Decision
+        + Send
+        + Sync,
+>;
 
 /// Decides checks against the served [`State`].
 pub struct Authorizer {
@@ -386,63 +392,6 @@ impl Authorizer {
                 headers.push((header.clone(), value));
             }
         }
-        headers
-    }
-}
-
-/// A decision, ready to be answered in any protocol.
-pub struct Answer {
-    /// The check's id (the caller's `x-request-id`, or one made up).
-    pub request_id: String,
-    /// The decision and how it was reached.
-    pub evaluation: Evaluation,
-    /// Configured identity headers to add to an allow.
-    pub identity: Vec<(String, String)>,
-    /// Configured identity headers this allow has no value for: a proxy that can remove
-    /// upstream headers (Envoy) removes them, so a client cannot supply its own.
-    pub unset_identity: Vec<String>,
-}
-
-impl Answer {
-    /// A deny the host decides without a policy (bad path, no route, bad input).
-    pub fn host_deny(request_id: String, status: u16, reason: &str, message: &str) -> Self {
-        let decision = Decision::Deny(DenyResponse {
-            status,
-            reason: reason.into(),
-            message: message.into(),
-            headers: Vec::new(),
-        });
-        let evaluation = Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
-        Answer { request_id, evaluation, identity: Vec::new(), unset_identity: Vec::new() }
-    }
-
-    /// The HTTP status this decision answers: 200 for an allow.
-    pub fn status(&self) -> u16 {
-        match &self.evaluation.decision {
-            Decision::Allow(_) => 200,
-            Decision::Deny(d) => d.status,
-        }
-    }
-
-    /// Headers of the answer: for an allow, the upstream headers (the policy's, then the
-    /// identity headers); for a deny, the response headers, with `www-authenticate` on a 401
-    /// and `x-sandgate-reason`. Always `x-sandgate-request-id`.
-    pub fn headers(&self) -> Vec<(&str, &str)> {
-        let mut headers: Vec<(&str, &str)> = Vec::new();
-        match &self.evaluation.decision {
-            Decision::Allow(allow) => {
-                headers.extend(allow.set_headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
-                headers.extend(self.identity.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-            }
-            Decision::Deny(deny) => {
-                headers.extend(deny.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())));
-                if deny.status == 401 && !deny.headers.iter().any(|h| h.name.eq_ignore_ascii_case("www-authenticate")) {
-                    headers.push(("www-authenticate", "Bearer"));
-                }
-                headers.push(("x-sandgate-reason", &deny.reason));
-            }
-        }
-        headers.push(("x-sandgate-request-id", &self.request_id));
         headers
     }
 }

@@ -12,6 +12,7 @@
 //!   body type, so tests call them without a socket.
 
 pub mod admin_api;
+mod answer;
 mod compiler;
 pub mod config;
 mod credential;
