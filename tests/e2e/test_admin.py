@@ -258,3 +258,35 @@ def test_an_operator_can_block_a_key_id_at_once(sandgate, keys):
     assert admin(sandgate, "DELETE", "/v1/keys/blocked", {"issuer": ISSUER, "kid": "rsa-1"})[0] == 200
     assert sandgate.check(auth)[0] == 200
     assert admin(sandgate, "POST", "/v1/keys/blocked", {"issuer": "https://nobody.test", "kid": "x"})[0] == 404
+
+
+def test_a_short_admin_token_refuses_to_start(tmp_path, static_issuer, rbac_policy):
+    from conftest import write_config
+
+    write_config(tmp_path / "c.toml", issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"},
+                 admin={"listen": "127.0.0.1:0", "token": "short-token"})
+    out = subprocess.run([str(SANDGATE), "serve", "--config", str(tmp_path / "c.toml"), "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "at least 32" in out.stderr, out.stderr
+
+
+def test_a_generated_admin_token_goes_to_a_private_file_never_to_the_log(start_sandgate, static_issuer, rbac_policy):
+    import re
+    import stat
+
+    port = free_port()
+    sandgate = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"default_policy": "rbac"}, admin={"listen": f"127.0.0.1:{port}"})
+    line = next(l for l in sandgate.stderr_lines if "admin token" in l)
+    path = re.search(r"written to (\S+)", line).group(1)
+    token = open(path).read().strip()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert len(token) >= 32 and token not in "".join(sandgate.stderr_lines)
+    sandgate.admin = f"http://127.0.0.1:{port}"
+    assert admin(sandgate, "GET", "/v1/snapshot", token=token)[0] == 200
+
+
+def test_the_admin_unix_socket_is_private(start_sandgate, static_issuer, rbac_policy, tmp_path):
+    import stat
+
+    socket_path = tmp_path / "admin.sock"
+    start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"default_policy": "rbac"}, admin={"unix_socket": str(socket_path)})
+    assert stat.S_IMODE(os.stat(socket_path).st_mode) & 0o077 == 0
