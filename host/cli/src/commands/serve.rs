@@ -60,6 +60,9 @@ async fn serve(config: Config, demo_token: Option<String>) -> anyhow::Result<Exi
     eprintln!("sandgate: listening on http://{address} (checks at {auth_prefix}, /healthz, /readyz, /metrics)");
     if let Some(token) = demo_token {
         let url = format!("http://{address}{auth_prefix}");
+        eprintln!(
+            "\ndemo: [server] proxy = \"envoy\": the original path follows {auth_prefix}, with the original method"
+        );
         eprintln!("\ndemo token (alice, role reader):\n{token}\n");
         eprintln!("allowed (200):  curl -i -H 'Authorization: Bearer {token}' {url}/api/orders/7");
         eprintln!("denied (403):   curl -i -X DELETE -H 'Authorization: Bearer {token}' {url}/api/orders/7");
