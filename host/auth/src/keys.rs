@@ -290,8 +290,7 @@ impl Issuer {
     pub fn with_fetched_keys(&self, fetched: Vec<Key>) -> Issuer {
         let mut keys: Vec<Arc<Key>> = self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect();
         keys.extend(fetched.into_iter().map(Arc::new));
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Issuer { keys, fetched_at: Some(now), ..self.clone_rules() }
+        Issuer { keys, fetched_at: Some(crate::unix_now()), ..self.clone_rules() }
     }
 
     /// Whether keys fetched from the JWKS endpoint may still be used at `now`: not when the last

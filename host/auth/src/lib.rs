@@ -24,6 +24,11 @@ pub use keys::{Issuer, Key, KeyError, KeySets, Revocations, keys_from_jwks, pars
 pub use token_cache::TokenCache;
 pub use verify::{Rejection, check_revocation};
 
+/// The time now, Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// An error with its sources, `: `-separated, for log lines.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -41,11 +41,6 @@ impl Rejection {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct IssuerOnly {
-    iss: Option<String>,
-}
-
 impl KeySets {
     /// Verify `token`: shape, issuer, algorithm, key, signature, `exp`/`nbf`, audience, then
     /// revocation. Never panics on any input.
@@ -60,12 +55,10 @@ impl KeySets {
     pub fn verify_signature(&self, token: &str) -> Result<VerifiedToken, Rejection> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Rejection::invalid("malformed_token", format!("cannot read the token header: {e}")))?;
-        // The issuer decides which keys and rules apply; it is read before the signature is
-        // checked, and checked again by the validation below.
-        let iss = jsonwebtoken::dangerous::insecure_decode_claims::<IssuerOnly>(token)
-            .map_err(|e| Rejection::invalid("malformed_token", format!("cannot read the token claims: {e}")))?
-            .iss
-            .ok_or_else(|| Rejection::invalid("missing_issuer", "the token has no `iss`"))?;
+        // The issuer decides which keys and rules apply; it is read (in the same pass that
+        // refuses `crit` and repeated claims) before the signature is checked, and checked
+        // again by the validation below.
+        let iss = check_shape(token)?.ok_or_else(|| Rejection::invalid("missing_issuer", "the token has no `iss`"))?;
         let issuer = self
             .issuers
             .get(&iss)
@@ -79,8 +72,7 @@ impl KeySets {
         if let Some(kid) = header.kid.as_deref().filter(|kid| issuer.blocked_kids.contains(*kid)) {
             return Err(Rejection::invalid("kid_blocked", format!("key `{}` is blocked by the operator", shown(kid))));
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let fresh = issuer.fetched_keys_fresh(now);
+        let fresh = issuer.fetched_keys_fresh(crate::unix_now());
         let candidates: Vec<&Arc<Key>> = match &header.kid {
             Some(kid) => issuer.keys.iter().filter(|k| k.kid.as_deref() == Some(kid.as_str())).collect(),
             None => issuer.keys.iter().filter(|k| k.algorithm == header.alg).collect(),
@@ -100,7 +92,6 @@ impl KeySets {
                 Rejection::invalid("unknown_kid", format!("no key with kid `{}` for this issuer", shown(&kid)))
             });
         }
-        check_shape(token)?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&issuer.issuer]);
         validation.leeway = issuer.leeway;
@@ -142,7 +133,8 @@ fn shown(value: &str) -> String {
 /// What the JWT library does not check about a token's form: no `crit` header parameter (no
 /// extension is supported, so a critical one must be refused, RFC 7515 §4.1.11), and no claim
 /// named twice (parsers disagree on which one wins: a revoked `jti` followed by a fresh one).
-fn check_shape(token: &str) -> Result<(), Rejection> {
+/// Returns the unverified `iss`, read in the same pass.
+fn check_shape(token: &str) -> Result<Option<String>, Rejection> {
     use base64::Engine;
     let mut parts = token.split('.');
     let (Some(header), Some(payload)) = (parts.next(), parts.next()) else {
@@ -162,16 +154,18 @@ fn check_shape(token: &str) -> Result<(), Rejection> {
         ));
     }
     let claims: UniqueKeys = serde_json::from_slice(&decode(payload)?)
-        .map_err(|e| Rejection::invalid("malformed_token", format!("the token claims are not a JSON object: {e}")))?;
+        .map_err(|e| Rejection::invalid("malformed_token", format!("cannot read the token claims: {e}")))?;
     match claims.duplicate {
         Some(name) => Err(Rejection::invalid("duplicate_claim", format!("the token names claim `{name}` twice"))),
-        None => Ok(()),
+        None => Ok(claims.iss),
     }
 }
 
-/// A JSON object's top level, remembering the first key that appears twice.
+/// A JSON object's top level: the first key that appears twice, and `iss` (which must be a
+/// string).
 struct UniqueKeys {
     duplicate: Option<String>,
+    iss: Option<String>,
 }
 
 impl<'de> serde::Deserialize<'de> for UniqueKeys {
@@ -186,14 +180,18 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
                 let mut seen = std::collections::HashSet::new();
-                let mut duplicate = None;
+                let (mut duplicate, mut iss) = (None, None);
                 while let Some(key) = map.next_key::<String>()? {
-                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if key == "iss" {
+                        iss = Some(map.next_value::<String>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
                     if !seen.insert(key.clone()) && duplicate.is_none() {
                         duplicate = Some(key);
                     }
                 }
-                Ok(UniqueKeys { duplicate })
+                Ok(UniqueKeys { duplicate, iss })
             }
         }
         deserializer.deserialize_map(Visitor)

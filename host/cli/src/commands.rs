@@ -8,7 +8,7 @@ pub mod serve;
 pub mod test;
 
 use anyhow::Context;
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, SnapshotVersions};
+use sandgate_runtime::bindings::sandgate::policy::types::CheckRequest;
 use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, RuntimeConfig};
 use sandgate_spec::RequestSpec;
 use std::path::Path;
@@ -50,13 +50,7 @@ fn prepare(
     };
     let runtime = small_runtime()?;
     let module = load(&runtime, policy)?;
-    let versions = SnapshotVersions {
-        snapshot: 0,
-        policy_digest: module.digest().to_owned(),
-        key_set: 0,
-        revocations: 0,
-        data: 1,
-    };
+    let versions = sandgate_runtime::spec::standalone_versions(module.digest());
     let check = sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions);
     let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
     Ok((runtime, module, check, context))

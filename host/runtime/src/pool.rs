@@ -106,9 +106,13 @@ fn work(shared: &Shared) {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 let now = Instant::now();
-                // Jobs nobody waits for any more, or whose deadline passed, are dropped.
-                queue.jobs.retain(|job| job.deadline > now || !job.ticket.abandon());
-                queue.jobs.retain(|job| job.ticket.0.load(Ordering::Acquire) == QUEUED);
+                // Jobs whose deadline passed, or that nobody waits for any more, are dropped.
+                queue.jobs.retain(|job| {
+                    if job.deadline <= now {
+                        job.ticket.abandon();
+                    }
+                    job.ticket.0.load(Ordering::Acquire) == QUEUED
+                });
                 let next = queue.jobs.iter().position(|job| job.load.0.load(Ordering::Acquire) < shared.per_policy);
                 if let Some(job) = next.and_then(|i| queue.jobs.remove(i)) {
                     // Counted under the lock, so two threads cannot both pass the cap.

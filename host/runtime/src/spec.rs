@@ -29,6 +29,12 @@ pub fn verified_credential(claims: Map<String, Value>, key_id: Option<String>, a
     }
 }
 
+/// The versions a check outside the sidecar (the CLI, a fixture run) reports: no snapshot, no
+/// key sets, the module's digest, the first version of its data.
+pub fn standalone_versions(policy_digest: &str) -> SnapshotVersions {
+    SnapshotVersions { snapshot: 0, policy_digest: policy_digest.to_owned(), key_set: 0, revocations: 0, data: 1 }
+}
+
 /// Build a check request from its JSON form. `now` is used when the spec pins none.
 pub fn from_spec(spec: &RequestSpec, now: u64, versions: SnapshotVersions) -> CheckRequest {
     let credential = match (&spec.claims, &spec.credential_error) {

@@ -35,9 +35,7 @@ fn bounded(text: &str, max: usize) -> &str {
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 
 /// The time now, Unix seconds. A check reads it once, in [`Authorizer::decide`].
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub use sandgate_auth::unix_now;
 
 /// Policy logic compiled into the host: for the load benchmark's native baseline only.
 #[cfg(feature = "bench-internals")]
@@ -192,18 +190,7 @@ impl Authorizer {
         let now = unix_now();
         let request_id = self.new_request_id();
         let answer = Answer::host_deny(request_id, 400, reason, message);
-        let unknown = OriginalRequest {
-            method: String::new(),
-            scheme: String::new(),
-            host: String::new(),
-            path: String::new(),
-            query: None,
-            headers: Vec::new(),
-            peer: String::new(),
-            body: None,
-            client_request_id: None,
-        };
-        self.record(&unknown, &answer, None, &self.state.store.load(), None, now, started);
+        self.record(&OriginalRequest::default(), &answer, None, &self.state.store.load(), None, now, started);
         answer
     }
 

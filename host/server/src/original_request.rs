@@ -5,6 +5,7 @@
 use sandgate_runtime::bindings::sandgate::policy::types::Header;
 
 /// The request the proxy asks about.
+#[derive(Default)]
 pub struct OriginalRequest {
     /// Method, uppercase.
     pub method: String,
@@ -174,11 +175,7 @@ mod tests {
             scheme: "http".into(),
             host: "app".into(),
             path: path.into(),
-            query: None,
-            headers: Vec::new(),
-            peer: String::new(),
-            body: None,
-            client_request_id: None,
+            ..Default::default()
         }
     }
 

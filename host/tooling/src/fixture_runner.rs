@@ -1,7 +1,6 @@
 //! Running a fixture file's cases against a compiled policy through the real runtime: the
 //! same cases the SDK's native runner uses, so native and Wasm results can be compared.
 
-use sandgate_runtime::bindings::sandgate::policy::types::SnapshotVersions;
 use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, spec};
 use sandgate_spec::{FixtureFile, Outcome};
 use std::sync::Arc;
@@ -29,14 +28,7 @@ pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u6
                 Some(value) => Arc::new(PolicyData::new(value.clone(), 1)),
                 None => file_data.clone(),
             };
-            let versions = SnapshotVersions {
-                snapshot: 0,
-                policy_digest: module.digest().to_owned(),
-                key_set: 0,
-                revocations: 0,
-                data: 1,
-            };
-            let check = spec::from_spec(&case.request, now, versions);
+            let check = spec::from_spec(&case.request, now, spec::standalone_versions(module.digest()));
             let evaluation = runtime.evaluate(module, &check, &EvalContext { data, verifier: None });
             let got = spec::outcome(&evaluation.decision);
             CaseResult { name: case.name.clone(), verdict: case.expect.check(&got), got }
