@@ -54,7 +54,7 @@ async fn a_swapped_symlink_reloads_and_a_failed_scan_unloads_nothing() {
     std::os::unix::fs::symlink("..data/live.wasm", dir.join("live.wasm")).unwrap();
 
     let config = config(&dir);
-    let state = State::from_config(&config).unwrap();
+    let state = State::from_config(&config).await.unwrap();
     let stop = CancellationToken::new();
     let watcher = tokio::spawn(sandgate_server::policy_dir::watch(
         state.clone(),

@@ -84,7 +84,13 @@ pub fn sandgate_binary() -> PathBuf {
 
 /// An authorizer for `config` without listeners, its decision log discarded.
 pub fn authorizer(config: &sandgate_server::Config) -> Arc<sandgate_server::Authorizer> {
-    let state = sandgate_server::State::from_config(config).unwrap();
+    // Callable from plain tests and from inside a multi-threaded tokio test.
+    let load = sandgate_server::State::from_config(config);
+    let state = match tokio::runtime::Handle::try_current() {
+        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(load)),
+        Err(_) => tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(load),
+    }
+    .unwrap();
     let counter = state.metrics.decision_log_dropped.clone();
     let (log, _writer) = sandgate_server::DecisionLog::start(Box::new(std::io::sink()), 1024, counter).unwrap();
     let server = &config.server;

@@ -4,6 +4,9 @@ pub mod bench;
 pub mod build;
 pub mod eval;
 pub mod new;
+pub mod pull;
+pub mod push;
+mod registry;
 pub mod serve;
 pub mod test;
 

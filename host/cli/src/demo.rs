@@ -5,7 +5,9 @@ use anyhow::Context;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use sandgate_auth::{IssuerConfig, KeySource};
-use sandgate_server::config::{Config, PolicyConfig, ProxyKind, RevocationConfig, RuntimeLimits, ServerConfig};
+use sandgate_server::config::{
+    Config, ModuleSource, PolicyConfig, ProxyKind, RevocationConfig, RuntimeLimits, ServerConfig,
+};
 use std::path::{Path, PathBuf};
 
 /// The demo issuer.
@@ -70,11 +72,12 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
             jwks_min_refetch_ms: 10_000,
             jwks_max_stale_secs: None,
         }],
-        policies: vec![PolicyConfig { id: "rbac".into(), module: policy, data: Some(data_path) }],
+        policies: vec![PolicyConfig { id: "rbac".into(), module: ModuleSource::File(policy), data: Some(data_path) }],
         routes: Vec::new(),
         revocations: RevocationConfig::default(),
         admin: None,
         grpc: None,
+        registry: Default::default(),
     };
     Ok((config, token))
 }

@@ -40,6 +40,10 @@ enum Command {
     Test(commands::test::Args),
     /// Measure per-decision latency of a policy on one request (fresh instance each time).
     Bench(commands::bench::Args),
+    /// Push a policy component to an OCI registry (CNCF Wasm layout); print the manifest digest.
+    Push(commands::push::Args),
+    /// Pull a policy module from an OCI registry, verified by digest; print the manifest digest.
+    Pull(commands::pull::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
         Command::New(args) => commands::new::run(args),
         Command::Test(args) => commands::test::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Push(args) => commands::push::run(args),
+        Command::Pull(args) => commands::pull::run(args),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");

@@ -6,10 +6,10 @@
 //! | call | does |
 //! |---|---|
 //! | `GET /v1/snapshot` | versions, policies with digests and load times |
-//! | `PUT /v1/policies/{id}` (body: `.wasm`) | load or replace a policy module |
+//! | `PUT /v1/policies/{id}` (body: `.wasm`, or `{"module": "oci://…"}`) | load or replace a policy module; a tag is resolved at the registry now and pinned |
 //! | `DELETE /v1/policies/{id}` | unload a policy no route uses |
 //! | `PUT /v1/policies/{id}/data` (body: JSON) | replace its data document |
-//! | `PUT /v1/policies/{id}/shadow` (body: `.wasm`) | attach a candidate to shadow-evaluate |
+//! | `PUT /v1/policies/{id}/shadow` (body: `.wasm`, or `{"module": "oci://…"}`) | attach a candidate to shadow-evaluate |
 //! | `DELETE /v1/policies/{id}/shadow` | detach it |
 //! | `POST /v1/revocations`, `DELETE /v1/revocations` (`{"jtis": [], "subjects": []}`) | revoke, un-revoke |
 //! | `PUT /v1/keys` (`{"issuer": "…", "jwks": {"keys": […]}}`) | replace an issuer's static keys |
@@ -18,12 +18,14 @@
 //!
 //! Answers: `200` with `{"snapshot": N, …}`; `400`/`422` with `{"error": "…"}` for bad input
 //! (the old state keeps serving); `401` without the token; `404`/`409` as usual; `502` when a
-//! JWKS endpoint fails; `500` (logged, the body says nothing more) when the host itself fails.
+//! JWKS endpoint or a registry fails (unreachable, refused credentials, a blob that does not
+//! match its digest), `404` for an unknown tag, `422` for an artifact that is not a module; `500` (logged, the body says nothing more) when the host itself fails.
 //! [`AdminApi::handle`] takes any request body type, so tests call it without a socket.
 
 use crate::original_request::{Bearer, bearer_token};
 use crate::snapshot::Snapshot;
 use crate::state::{ChangeError, RevocationChange, State};
+use sandgate_registry::RegistryError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
@@ -49,6 +51,8 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
                 "loaded_at": unix(p.loaded_at),
                 "data_version": p.data.version,
                 "shadow_digest": p.shadow.as_ref().map(|m| m.digest()),
+                "source": p.source.as_ref().map(|s| &s.pinned),
+                "requested": p.source.as_ref().map(|s| &s.requested),
             })
         })
         .collect();
@@ -107,13 +111,21 @@ impl AdminApi {
         };
         let result = match (&method, segments.as_slice()) {
             (&Method::GET, ["v1", "snapshot"]) => Ok(self.state.store.load()),
-            (&Method::PUT, ["v1", "policies", id]) => self.state.put_policy(id, body).await,
+            (&Method::PUT, ["v1", "policies", id]) => match module_body(body) {
+                Ok(ModuleBody::Bytes(bytes)) => self.state.put_policy(id, bytes).await,
+                Ok(ModuleBody::Oci(reference)) => self.state.put_policy_from(id, &reference).await,
+                Err(e) => Err(e),
+            },
             (&Method::DELETE, ["v1", "policies", id]) => self.state.remove_policy(id, false),
             (&Method::PUT, ["v1", "policies", id, "data"]) => match serde_json::from_slice(&body) {
                 Ok(value) => self.state.put_data(id, value),
                 Err(e) => Err(ChangeError::BadInput(format!("the data document is not JSON: {e}"))),
             },
-            (&Method::PUT, ["v1", "policies", id, "shadow"]) => self.state.set_shadow(id, Some(body)).await,
+            (&Method::PUT, ["v1", "policies", id, "shadow"]) => match module_body(body) {
+                Ok(ModuleBody::Bytes(bytes)) => self.state.set_shadow(id, Some(bytes)).await,
+                Ok(ModuleBody::Oci(reference)) => self.state.set_shadow_from(id, &reference).await,
+                Err(e) => Err(e),
+            },
             (&Method::DELETE, ["v1", "policies", id, "shadow"]) => self.state.set_shadow(id, None).await,
             (&Method::POST | &Method::DELETE, ["v1", "revocations"]) => {
                 match serde_json::from_slice::<RevocationChange>(&body) {
@@ -148,6 +160,31 @@ impl AdminApi {
             Err(error) => error_response(&method, &path, &error),
         }
     }
+}
+
+enum ModuleBody {
+    Bytes(Bytes),
+    Oci(sandgate_registry::ModuleRef),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModuleRefBody {
+    module: String,
+}
+
+/// A module upload: a Wasm binary (it starts with `\0asm`), or `{"module": "oci://…"}`.
+fn module_body(body: Bytes) -> Result<ModuleBody, ChangeError> {
+    if body.starts_with(b"\0asm") {
+        return Ok(ModuleBody::Bytes(body));
+    }
+    let expected = "expected a Wasm component or {\"module\": \"oci://HOST/REPO:TAG\"} (or `@sha256:…`)";
+    let named: ModuleRefBody =
+        serde_json::from_slice(&body).map_err(|e| ChangeError::BadInput(format!("{expected}: {e}")))?;
+    if !sandgate_registry::ModuleRef::is_oci(&named.module) {
+        return Err(ChangeError::BadInput(format!("{expected}; the admin API does not read files")));
+    }
+    named.module.parse().map(ModuleBody::Oci).map_err(|e| ChangeError::BadInput(e.to_string()))
 }
 
 #[derive(serde::Deserialize)]
@@ -187,6 +224,12 @@ fn error_response(method: &Method, path: &str, error: &ChangeError) -> Response<
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
         ChangeError::Conflict(_) => StatusCode::CONFLICT,
         ChangeError::Fetch(_) => StatusCode::BAD_GATEWAY,
+        ChangeError::Pull(e) => match e {
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::NotWasm { .. } | RegistryError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            RegistryError::NotCached(_) | RegistryError::NoTag(_) => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_GATEWAY,
+        },
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let chain = sandgate_auth::error_chain(error);

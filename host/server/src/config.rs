@@ -50,6 +50,79 @@ pub struct Config {
     /// Envoy ext_authz over gRPC; absent: none.
     #[serde(default)]
     pub grpc: Option<GrpcConfig>,
+    /// OCI registries that `oci://` modules are pulled from, and the module cache.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// How `oci://` modules are pulled and cached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The content-addressed module cache; a sidecar restarted while its registry is down
+    /// starts from it. Default: `$XDG_CACHE_HOME/sandgate/oci` (or `~/.cache/sandgate/oci`).
+    pub cache_dir: Option<PathBuf>,
+    /// Never contact a registry: serve only cached modules (a tag by the digest it last
+    /// resolved to). `sandgate serve --offline` sets it.
+    pub offline: bool,
+    /// Largest module layer pulled, in MiB.
+    pub max_module_mib: u64,
+    /// Registries (`host:port`) reached over plain HTTP (no TLS: anyone on the path can read
+    /// and change what is pulled; the digest check still refuses a changed module, but a tag
+    /// can be moved).
+    pub plain_http: Vec<String>,
+    /// Reach loopback registries (`localhost`, `127.0.0.0/8`, `[::1]`) over plain HTTP unless
+    /// they are listed in `tls`.
+    pub loopback_plain_http: bool,
+    /// Registries reached over TLS even though they are loopback.
+    pub tls: Vec<String>,
+    /// Extra trusted root certificates (PEM) for registries signed by a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Connect and read timeout, in seconds.
+    pub timeout_secs: u64,
+    /// Credentials per registry; anonymous for the others.
+    pub credentials: Vec<RegistryCredentials>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            cache_dir: None,
+            offline: false,
+            max_module_mib: 32,
+            plain_http: Vec::new(),
+            loopback_plain_http: true,
+            tls: Vec::new(),
+            ca_file: None,
+            timeout_secs: 30,
+            credentials: Vec::new(),
+        }
+    }
+}
+
+/// Credentials for one registry: `username` with `password` or `password_file` (basic
+/// authentication, also offered to the registry's token service when it answers with a bearer
+/// challenge), or a `token` / `token_file` presented as a bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    /// The registry, `host[:port]` as in the references.
+    pub registry: String,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A file holding the password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A bearer token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the bearer token (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The Envoy ext_authz gRPC listener.
@@ -220,14 +293,44 @@ impl RuntimeLimits {
     }
 }
 
+/// Where a module comes from: a file, or an OCI artifact (`oci://HOST/REPO:TAG` or
+/// `oci://HOST/REPO@sha256:…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A compiled component on disk.
+    File(PathBuf),
+    /// An artifact in an OCI registry.
+    Oci(sandgate_registry::ModuleRef),
+}
+
+impl<'de> Deserialize<'de> for ModuleSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if sandgate_registry::ModuleRef::is_oci(&text) {
+            text.parse().map(ModuleSource::Oci).map_err(serde::de::Error::custom)
+        } else {
+            Ok(ModuleSource::File(PathBuf::from(text)))
+        }
+    }
+}
+
+impl std::fmt::Display for ModuleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSource::File(path) => write!(f, "{}", path.display()),
+            ModuleSource::Oci(reference) => write!(f, "{reference}"),
+        }
+    }
+}
+
 /// One policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// The id routes refer to.
     pub id: String,
-    /// The compiled component.
-    pub module: PathBuf,
+    /// The compiled component: a file path, or `oci://HOST/REPO:TAG` / `oci://HOST/REPO@sha256:…`.
+    pub module: ModuleSource,
     /// Its data document (JSON).
     #[serde(default)]
     pub data: Option<PathBuf>,
@@ -283,8 +386,16 @@ impl Config {
             admin.unix_socket.as_mut().map(resolve);
             admin.token_file.as_mut().map(resolve);
         }
+        self.registry.cache_dir.as_mut().map(resolve);
+        self.registry.ca_file.as_mut().map(resolve);
+        for credentials in &mut self.registry.credentials {
+            credentials.password_file.as_mut().map(resolve);
+            credentials.token_file.as_mut().map(resolve);
+        }
         for policy in &mut self.policies {
-            resolve(&mut policy.module);
+            if let ModuleSource::File(path) = &mut policy.module {
+                resolve(path);
+            }
             policy.data.as_mut().map(resolve);
         }
         for key in self.issuers.iter_mut().flat_map(|i| i.keys.iter_mut()) {
@@ -330,6 +441,20 @@ impl Config {
                 self.server.auth_prefix
             );
         }
+        for c in &self.registry.credentials {
+            let password = usize::from(c.password.is_some()) + usize::from(c.password_file.is_some());
+            let token = usize::from(c.token.is_some()) + usize::from(c.token_file.is_some());
+            match (c.username.is_some(), password, token) {
+                (true, 1, 0) | (false, 0, 1) => {}
+                _ => bail!(
+                    "[[registry.credentials]] `{}`: give `username` with one of `password` / `password_file`, or one of `token` / `token_file`",
+                    c.registry
+                ),
+            }
+        }
+        if self.registry.max_module_mib == 0 || self.registry.timeout_secs == 0 {
+            bail!("[registry] max_module_mib and timeout_secs must be at least 1");
+        }
         for issuer in &self.issuers {
             if issuer.leeway_secs > MAX_LEEWAY_SECS {
                 bail!(
@@ -370,6 +495,30 @@ mod tests {
         assert!(checked("[server]\nproxy = \"auto\"\n").unwrap_err().contains("unknown variant `auto`"));
         for proxy in ["nginx", "forwarded", "envoy"] {
             assert_eq!(checked(&format!("[server]\nproxy = \"{proxy}\"\n")), Ok(()));
+        }
+    }
+
+    #[test]
+    fn modules_are_files_or_oci_references() {
+        let config: Config = toml::from_str(
+            "[[policies]]\nid = \"a\"\nmodule = \"a.wasm\"\n[[policies]]\nid = \"b\"\nmodule = \"oci://localhost:5000/b:v1\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.policies[0].module, ModuleSource::File("a.wasm".into()));
+        assert!(matches!(&config.policies[1].module, ModuleSource::Oci(r) if r.tag() == Some("v1")));
+        let error = toml::from_str::<Config>("[[policies]]\nid = \"a\"\nmodule = \"oci://localhost:5000/b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no tag or digest"), "{error}");
+    }
+
+    #[test]
+    fn registry_credentials_are_one_kind() {
+        let base = "[server]\nproxy = \"envoy\"\n[[registry.credentials]]\nregistry = \"r.example\"\n";
+        assert_eq!(checked(&format!("{base}username = \"u\"\npassword = \"p\"\n")), Ok(()));
+        assert_eq!(checked(&format!("{base}token = \"t\"\n")), Ok(()));
+        for bad in ["username = \"u\"\n", "password = \"p\"\n", "username = \"u\"\npassword = \"p\"\ntoken = \"t\"\n", ""] {
+            assert!(checked(&format!("{base}{bad}")).unwrap_err().contains("registry.credentials"), "{bad}");
         }
     }
 

@@ -324,6 +324,7 @@ impl Authorizer {
             path: bounded(&original.path, 2048),
             policy: policy_id,
             policy_digest: checked.map(|(p, _)| p.module.digest()),
+            policy_source: checked.and_then(|(p, _)| p.source.as_deref()).map(|s| s.pinned.as_str()),
             snapshot: snapshot.version,
             key_set: snapshot.keys.version,
             revocations: snapshot.revocations.version,

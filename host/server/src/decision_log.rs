@@ -35,6 +35,9 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) path: &'a str,
     pub(crate) policy: Option<&'a str>,
     pub(crate) policy_digest: Option<&'a str>,
+    /// The OCI artifact the policy was pulled from, pinned by its manifest digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) policy_source: Option<&'a str>,
     pub(crate) snapshot: u64,
     pub(crate) key_set: u64,
     pub(crate) revocations: u64,

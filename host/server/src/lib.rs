@@ -29,11 +29,11 @@ pub mod snapshot;
 pub mod state;
 
 pub use admin_api::AdminApi;
-pub use config::{Config, ConfigError, ProxyKind};
+pub use config::{Config, ConfigError, ModuleSource, ProxyKind};
 pub use decide::{Answer, Authorizer, unix_now};
 pub use decision_log::DecisionLog;
 pub use forward_auth::ForwardAuth;
 pub use original_request::OriginalRequest;
 pub use sidecar::Sidecar;
-pub use snapshot::{LoadedPolicy, Snapshot, SnapshotStore};
+pub use snapshot::{LoadedPolicy, OciSource, Snapshot, SnapshotStore};
 pub use state::{ChangeError, RevocationChange, StartError, State};

@@ -38,7 +38,7 @@ impl Sidecar {
     pub async fn build(config: Config) -> Result<Sidecar, StartError> {
         config.check()?;
         let proxy = config.server.proxy.ok_or_else(|| StartError::Admin("[server] proxy is not set".into()))?;
-        let state = State::from_config(&config)?;
+        let state = State::from_config(&config).await?;
         let tasks = TaskTracker::new();
         let dropped = state.metrics.decision_log_dropped.clone();
         let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_BYTES, dropped)

@@ -27,6 +27,17 @@ pub struct LoadedPolicy {
     /// A candidate version evaluated beside this one on every check, never affecting the
     /// answer (shadow evaluation).
     pub shadow: Option<PolicyModule>,
+    /// The OCI artifact the module was pulled from; `None` for a file or an upload.
+    pub source: Option<Arc<OciSource>>,
+}
+
+/// Where an OCI-pulled module came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciSource {
+    /// The reference as configured or asked for (perhaps a tag).
+    pub requested: String,
+    /// The reference pinned to the manifest digest it resolved to: `oci://HOST/REPO@sha256:…`.
+    pub pinned: String,
 }
 
 /// A routing rule.

@@ -9,11 +9,12 @@
 //! document leaves the old version serving.
 
 use crate::compiler::Compiler;
-use crate::config::Config;
+use crate::config::{Config, ModuleSource, RegistryConfig};
 use crate::metrics::{FetchLabels, Metrics};
-use crate::snapshot::{LoadedPolicy, Route, Snapshot, SnapshotStore};
+use crate::snapshot::{LoadedPolicy, OciSource, Route, Snapshot, SnapshotStore};
 use bytes::Bytes;
 use sandgate_auth::{FetchError, Issuer, JwksFetcher, Key, KeyError, KeySets, KeyStore, Revocations, keys_from_jwks};
+use sandgate_registry::{Credentials, ModuleRef, Pulled, Registry, RegistryError, RegistrySettings, TagFallback};
 use sandgate_runtime::{LoadError, PolicyData, PolicyFault, PolicyModule, Runtime, sha256_hex};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,8 +32,14 @@ pub enum StartError {
     #[error("policy `{}`: cannot read `{}`", .0, .1.display())]
     Read(String, PathBuf, #[source] std::io::Error),
     /// A configured module does not load.
-    #[error("policy `{}` (`{}`)", .0, .1.display())]
-    Module(String, PathBuf, #[source] LoadError),
+    #[error("policy `{0}` (`{1}`)")]
+    Module(String, String, #[source] LoadError),
+    /// A configured OCI module cannot be pulled.
+    #[error("policy `{0}`")]
+    Pull(String, #[source] RegistryError),
+    /// The registry settings are unusable (a CA or credentials file).
+    #[error("[registry]: {0}")]
+    Registry(String, #[source] Box<dyn std::error::Error + Send + Sync>),
     /// A configured data document is not JSON.
     #[error("policy `{}`: data `{}` is not JSON", .0, .1.display())]
     Data(String, PathBuf, #[source] serde_json::Error),
@@ -68,6 +75,9 @@ pub enum ChangeError {
     /// The module's digest is not on the configured allow-list.
     #[error("module digest `{0}` is not in the allowed_digests list")]
     DigestNotAllowed(String),
+    /// An `oci://` module could not be pulled.
+    #[error("the module could not be pulled")]
+    Pull(#[source] RegistryError),
     /// A policy id that is not 1 to 64 of `[A-Za-z0-9._-]`.
     #[error("`{0}` is not a policy id: use 1 to 64 of [A-Za-z0-9._-]")]
     BadId(String),
@@ -113,7 +123,10 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// JWKS fetching.
     pub fetcher: Arc<JwksFetcher>,
-    /// Digests the admin API and policy directory may load; empty: any.
+    /// Pulls `oci://` modules, through the module cache.
+    pub registry: Arc<Registry>,
+    /// Digests (hex, without `sha256:`) the admin API and policy directory may load: a module's
+    /// own, or the manifest digest of the OCI artifact it came in; empty: any.
     allowed_digests: HashSet<String>,
     recent_modules: RecentModules,
     /// Serialises module uploads from compile to publish, so a quick upload (a cached
@@ -146,14 +159,32 @@ impl KeyStore for FetchedKeys {
 }
 
 impl State {
-    /// Load policies and static keys from `config` (compiling modules). JWKS endpoints are
-    /// fetched later, when the sidecar starts.
-    pub fn from_config(config: &Config) -> Result<Arc<State>, StartError> {
+    /// Load policies and static keys from `config` (pulling `oci://` modules, compiling every
+    /// module). JWKS endpoints are fetched later, when the sidecar starts. A configured OCI tag
+    /// whose registry is unreachable is served by the digest it last resolved to, from the
+    /// module cache.
+    pub async fn from_config(config: &Config) -> Result<Arc<State>, StartError> {
         let runtime = Arc::new(Runtime::new(config.runtime.runtime_config()).map_err(StartError::Runtime)?);
+        let registry = Arc::new(registry_from_config(&config.registry)?);
         let mut policies = HashMap::new();
         for p in &config.policies {
-            let bytes = std::fs::read(&p.module).map_err(|e| StartError::Read(p.id.clone(), p.module.clone(), e))?;
-            let module = runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.clone(), e))?;
+            let (bytes, source) = match &p.module {
+                ModuleSource::File(path) => {
+                    let bytes = std::fs::read(path).map_err(|e| StartError::Read(p.id.clone(), path.clone(), e))?;
+                    (bytes, None)
+                }
+                ModuleSource::Oci(reference) => {
+                    let pulled = registry
+                        .pull(reference, TagFallback::WhenUnreachable)
+                        .await
+                        .map_err(|e| StartError::Pull(p.id.clone(), e))?;
+                    tracing::info!(policy = %p.id, reference = %reference, pinned = %pulled.pinned(), origin = ?pulled.origin, "pulled");
+                    let source = oci_source(&pulled);
+                    (pulled.module.to_vec(), Some(source))
+                }
+            };
+            let module =
+                runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.to_string(), e))?;
             let value = match &p.data {
                 Some(path) => {
                     let bytes = std::fs::read(path).map_err(|e| StartError::Read(p.id.clone(), path.clone(), e))?;
@@ -167,6 +198,7 @@ impl State {
                 data: Arc::new(PolicyData::new(value, 1)),
                 loaded_at: SystemTime::now(),
                 shadow: None,
+                source,
             };
             policies.insert(p.id.clone(), Arc::new(loaded));
         }
@@ -204,7 +236,13 @@ impl State {
             runtime,
             metrics,
             fetcher,
-            allowed_digests: config.admin.iter().flat_map(|a| a.allowed_digests.iter().cloned()).collect(),
+            registry,
+            allowed_digests: config
+                .admin
+                .iter()
+                .flat_map(|a| a.allowed_digests.iter())
+                .map(|d| d.strip_prefix("sha256:").unwrap_or(d).to_ascii_lowercase())
+                .collect(),
             recent_modules: RecentModules::default(),
             module_writes: tokio::sync::Mutex::new(()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
@@ -212,11 +250,19 @@ impl State {
     }
 
     /// Compile, validate and probe `bytes` on the compiler thread, unless a module with the
-    /// same digest was compiled recently (a rollback is then instant).
-    async fn compile(&self, bytes: Bytes) -> Result<PolicyModule, ChangeError> {
+    /// same digest was compiled recently (a rollback is then instant). On an allow-list, the
+    /// module's own digest or `manifest` (the digest of the OCI artifact it came in) must be.
+    async fn compile(&self, bytes: Bytes, manifest: Option<&str>) -> Result<PolicyModule, ChangeError> {
         let digest = sha256_hex(&bytes);
-        if !self.allowed_digests.is_empty() && !self.allowed_digests.contains(&digest) {
-            return Err(ChangeError::DigestNotAllowed(digest));
+        let manifest = manifest.map(|m| m.strip_prefix("sha256:").unwrap_or(m));
+        if !self.allowed_digests.is_empty()
+            && !self.allowed_digests.contains(&digest)
+            && !manifest.is_some_and(|m| self.allowed_digests.contains(m))
+        {
+            return Err(ChangeError::DigestNotAllowed(match manifest {
+                Some(m) => format!("sha256:{m}"),
+                None => digest,
+            }));
         }
         if let Some(module) = self.recent_modules.get(&digest) {
             return Ok(module);
@@ -242,15 +288,36 @@ impl State {
     pub async fn put_policy(&self, id: &str, bytes: Bytes) -> Result<Arc<Snapshot>, ChangeError> {
         check_id(id)?;
         let _writes = self.module_writes.lock().await;
-        let module = self.compile(bytes).await?;
-        Ok(self.store.update(|s| {
+        let module = self.compile(bytes, None).await?;
+        Ok(self.publish_policy(id, module, None))
+    }
+
+    /// Load or replace policy `id` with the OCI artifact `reference`: a tag is resolved now, at
+    /// the registry (never from the cache: the operator asks for the tag as it is), and pinned.
+    /// Nothing changes unless the whole module is pulled, verified, compiled and probed.
+    pub async fn put_policy_from(&self, id: &str, reference: &ModuleRef) -> Result<Arc<Snapshot>, ChangeError> {
+        check_id(id)?;
+        let _writes = self.module_writes.lock().await;
+        let pulled = self.pull(reference).await?;
+        let module = self.compile(pulled.module.clone(), Some(&pulled.manifest_digest)).await?;
+        Ok(self.publish_policy(id, module, Some(oci_source(&pulled))))
+    }
+
+    async fn pull(&self, reference: &ModuleRef) -> Result<Pulled, ChangeError> {
+        let pulled = self.registry.pull(reference, TagFallback::Never).await.map_err(ChangeError::Pull)?;
+        tracing::info!(reference = %reference, pinned = %pulled.pinned(), origin = ?pulled.origin, "pulled");
+        Ok(pulled)
+    }
+
+    fn publish_policy(&self, id: &str, module: PolicyModule, source: Option<Arc<OciSource>>) -> Arc<Snapshot> {
+        self.store.update(|s| {
             let (data, shadow) = match s.policies.get(id) {
                 Some(old) => (old.data.clone(), old.shadow.clone()),
                 None => (Arc::new(PolicyData::default()), None),
             };
-            let loaded = LoadedPolicy { id: id.to_owned(), module, data, loaded_at: SystemTime::now(), shadow };
+            let loaded = LoadedPolicy { id: id.to_owned(), module, data, loaded_at: SystemTime::now(), shadow, source };
             s.policies.insert(id.to_owned(), Arc::new(loaded));
-        }))
+        })
     }
 
     /// Replace policy `id`'s data document.
@@ -265,9 +332,17 @@ impl State {
     pub async fn set_shadow(&self, id: &str, bytes: Option<Bytes>) -> Result<Arc<Snapshot>, ChangeError> {
         let _writes = self.module_writes.lock().await;
         let candidate = match bytes {
-            Some(bytes) => Some(self.compile(bytes).await?),
+            Some(bytes) => Some(self.compile(bytes, None).await?),
             None => None,
         };
+        self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..old.clone() })
+    }
+
+    /// Attach the OCI artifact `reference` as policy `id`'s shadow candidate.
+    pub async fn set_shadow_from(&self, id: &str, reference: &ModuleRef) -> Result<Arc<Snapshot>, ChangeError> {
+        let _writes = self.module_writes.lock().await;
+        let pulled = self.pull(reference).await?;
+        let candidate = Some(self.compile(pulled.module.clone(), Some(&pulled.manifest_digest)).await?);
         self.change_policy(id, |old| LoadedPolicy { shadow: candidate, ..old.clone() })
     }
 
@@ -386,6 +461,75 @@ impl RecentModules {
         }
         recent.push_back((digest, module));
     }
+}
+
+fn oci_source(pulled: &Pulled) -> Arc<OciSource> {
+    Arc::new(OciSource { requested: pulled.reference.to_string(), pinned: pulled.pinned().to_string() })
+}
+
+/// The registry client `config` describes (CA and credential files read now).
+pub fn registry_from_config(config: &RegistryConfig) -> Result<Registry, StartError> {
+    Registry::new(registry_settings(config)?)
+        .map_err(|e| StartError::Registry("the registry client cannot be built".into(), Box::new(e)))
+}
+
+/// The registry settings `config` describes (CA and credential files read now).
+pub fn registry_settings(config: &RegistryConfig) -> Result<RegistrySettings, StartError> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| StartError::Registry(format!("cannot read the {what} `{}`", path.display()), Box::new(e)))
+    };
+    let first_line = |path: &PathBuf, what: &str| -> Result<String, StartError> {
+        let text = read(path, what)?;
+        Ok(String::from_utf8_lossy(&text).lines().next().unwrap_or_default().trim().to_owned())
+    };
+    let mut credentials = HashMap::new();
+    for c in &config.credentials {
+        let secret = |inline: &Option<String>, file: &Option<PathBuf>, what| match (inline, file) {
+            (Some(value), _) => Ok(Some(value.clone())),
+            (None, Some(path)) => first_line(path, what).map(Some),
+            (None, None) => Ok(None),
+        };
+        let entry = match (&c.username, secret(&c.password, &c.password_file, "password file")?) {
+            (Some(username), Some(password)) => Credentials::Basic { username: username.clone(), password },
+            _ => match secret(&c.token, &c.token_file, "token file")? {
+                Some(token) => Credentials::Bearer(token),
+                None => {
+                    return Err(StartError::Config(crate::ConfigError::Invalid(format!(
+                        "[[registry.credentials]] `{}` has no usable credentials",
+                        c.registry
+                    ))));
+                }
+            },
+        };
+        credentials.insert(c.registry.clone(), entry);
+    }
+    let cache_dir = config.cache_dir.clone().or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(base.join("sandgate").join("oci"))
+    });
+    let settings = RegistrySettings {
+        cache_dir,
+        offline: config.offline,
+        max_module_bytes: config.max_module_mib << 20,
+        plain_http: config.plain_http.clone(),
+        loopback_plain_http: config.loopback_plain_http,
+        tls: config.tls.clone(),
+        ca_pem: match &config.ca_file {
+            Some(path) => vec![read(path, "CA file")?],
+            None => Vec::new(),
+        },
+        credentials,
+        timeout: std::time::Duration::from_secs(config.timeout_secs),
+    };
+    for host in &settings.plain_http {
+        if !sandgate_registry::is_loopback_host(host) {
+            tracing::warn!(registry = %host, "modules are pulled from this registry over plain HTTP");
+        }
+    }
+    Ok(settings)
 }
 
 fn check_id(id: &str) -> Result<(), ChangeError> {

@@ -15,6 +15,9 @@ pub struct Args {
     /// gRPC (Envoy ext_authz) listen address, overriding the configuration's.
     #[arg(long)]
     grpc_listen: Option<String>,
+    /// Never contact an OCI registry: `oci://` modules come from the module cache only.
+    #[arg(long)]
+    offline: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -33,6 +36,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     if let Some(listen) = args.listen {
         config.server.listen = listen;
+    }
+    if args.offline {
+        config.registry.offline = true;
     }
     if let Some(listen) = args.grpc_listen {
         config.grpc.get_or_insert_with(Default::default).listen = listen;

@@ -1,0 +1,80 @@
+//! What `sandgate push` and `sandgate pull` share: how to reach the registry.
+
+use anyhow::Context;
+use sandgate_registry::{Credentials, ModuleRef, Registry, RegistrySettings};
+use std::io::BufRead;
+use std::path::PathBuf;
+
+/// Registry connection flags.
+#[derive(clap::Args)]
+pub struct RegistryArgs {
+    /// Take the `[registry]` settings (credentials, CA, plain-HTTP hosts, cache) from a
+    /// sidecar configuration file; the flags below add to them.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// User name for the registry (the password from `--password-stdin` or
+    /// `SANDGATE_REGISTRY_PASSWORD`).
+    #[arg(long)]
+    username: Option<String>,
+    /// Read the password from the first line of standard input.
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
+    /// Extra trusted root certificates (PEM) for a registry with a private CA.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Speak plain HTTP to this registry (loopback registries use it unless `--tls`).
+    #[arg(long)]
+    plain_http: bool,
+    /// Speak TLS even to a loopback registry.
+    #[arg(long, conflicts_with = "plain_http")]
+    tls: bool,
+}
+
+impl RegistryArgs {
+    /// A registry client for `reference`'s registry.
+    pub fn registry(&self, reference: &ModuleRef, cache_dir: Option<PathBuf>) -> anyhow::Result<Registry> {
+        let settings = match &self.config {
+            Some(path) => sandgate_server::state::registry_settings(&sandgate_server::Config::from_file(path)?.registry)?,
+            None => RegistrySettings::default(),
+        };
+        self.extend(settings, reference, cache_dir)
+    }
+
+    fn extend(
+        &self,
+        mut settings: RegistrySettings,
+        reference: &ModuleRef,
+        cache_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Registry> {
+        let host = reference.registry().to_owned();
+        if let Some(username) = &self.username {
+            let password = if self.password_stdin {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            } else {
+                std::env::var("SANDGATE_REGISTRY_PASSWORD")
+                    .context("--username needs --password-stdin or SANDGATE_REGISTRY_PASSWORD")?
+            };
+            settings.credentials.insert(host.clone(), Credentials::Basic { username: username.clone(), password });
+        }
+        if let Some(path) = &self.ca_file {
+            settings.ca_pem.push(std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?);
+        }
+        if self.plain_http {
+            settings.plain_http.push(host.clone());
+        }
+        if self.tls {
+            settings.tls.push(host);
+        }
+        if cache_dir.is_some() {
+            settings.cache_dir = cache_dir;
+        }
+        Ok(Registry::new(settings)?)
+    }
+}
+
+/// Parse an `oci://` reference argument.
+pub fn parse_reference(text: &str) -> anyhow::Result<ModuleRef> {
+    Ok(text.parse::<ModuleRef>()?)
+}
