@@ -228,9 +228,9 @@ def toml_value(value):
     return json.dumps(value)  # JSON strings, numbers, arrays and booleans are valid TOML
 
 
-def write_config(path, *, issuers, policies, routes=(), server=None, revocations=None, runtime=None, admin=None):
+def write_config(path, *, issuers, policies, routes=(), server=None, revocations=None, runtime=None, admin=None, registry=None, extra_toml=""):
     lines = []
-    for section, values in (("server", server), ("runtime", runtime), ("revocations", revocations), ("admin", admin)):
+    for section, values in (("server", server), ("runtime", runtime), ("revocations", revocations), ("admin", admin), ("registry", registry)):
         if values:
             lines.append(f"[{section}]")
             for k, v in values.items():
@@ -255,7 +255,7 @@ def write_config(path, *, issuers, policies, routes=(), server=None, revocations
     for route in routes:
         lines.append("[[routes]]")
         lines.extend(f"{k} = {toml_value(v)}" for k, v in route.items())
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
 
 
 RBAC_DATA = {
