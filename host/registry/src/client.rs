@@ -319,20 +319,20 @@ impl Registry {
     /// Every [`RegistryError`] but `NoTag` and `Setup`.
     pub async fn pull(&self, reference: &ModuleRef, fallback: TagFallback) -> Result<Pulled, RegistryError> {
         if let Some(digest) = reference.digest() {
-            if let Some(pulled) = self.from_cache(reference, digest, Origin::Cache) {
+            if let Some(pulled) = self.cached(reference, digest, Origin::Cache) {
                 return Ok(pulled);
             }
             if self.settings.offline {
                 return Err(RegistryError::NotCached(reference.to_string()));
             }
-            return self.from_registry(reference).await;
+            return self.fetch(reference).await;
         }
         if self.settings.offline {
-            return self.from_cached_tag(reference, Origin::Cache);
+            return self.cached_tag(reference, Origin::Cache);
         }
-        match self.from_registry(reference).await {
+        match self.fetch(reference).await {
             Err(e) if e.is_unreachable() && fallback == TagFallback::WhenUnreachable => {
-                match self.from_cached_tag(reference, Origin::CachedTag) {
+                match self.cached_tag(reference, Origin::CachedTag) {
                     Ok(pulled) => {
                         tracing::warn!(
                             reference = %reference,
@@ -350,7 +350,7 @@ impl Registry {
         }
     }
 
-    fn from_cached_tag(&self, reference: &ModuleRef, origin: Origin) -> Result<Pulled, RegistryError> {
+    fn cached_tag(&self, reference: &ModuleRef, origin: Origin) -> Result<Pulled, RegistryError> {
         let not_cached = || RegistryError::NotCached(reference.to_string());
         let cache = self.cache.as_ref().ok_or_else(not_cached)?;
         let digest = match cache.read_tag(&reference.to_string()) {
@@ -360,12 +360,12 @@ impl Registry {
                 return Err(not_cached());
             }
         };
-        self.from_cache(reference, &digest, origin).ok_or_else(not_cached)
+        self.cached(reference, &digest, origin).ok_or_else(not_cached)
     }
 
     /// The module pinned by manifest `digest`, if the cache holds the manifest and its layer,
     /// both still matching their digests. A cache that cannot be read is a miss.
-    fn from_cache(&self, reference: &ModuleRef, digest: &str, origin: Origin) -> Option<Pulled> {
+    fn cached(&self, reference: &ModuleRef, digest: &str, origin: Origin) -> Option<Pulled> {
         let cache = self.cache.as_ref()?;
         let read = |digest: &str, limit| match cache.read_blob(digest, limit) {
             Ok(blob) => blob,
@@ -389,7 +389,7 @@ impl Registry {
         })
     }
 
-    async fn from_registry(&self, reference: &ModuleRef) -> Result<Pulled, RegistryError> {
+    async fn fetch(&self, reference: &ModuleRef) -> Result<Pulled, RegistryError> {
         let client = self.client(reference);
         let oci = reference.to_oci();
         let accepted = [OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST];
@@ -416,11 +416,13 @@ impl Registry {
         };
         let mut out = CappedBuffer { bytes: Vec::new(), limit: self.settings.max_module_bytes };
         client.pull_blob(&oci, &descriptor, &mut out).await.map_err(|e| match e {
-            OciDistributionError::IoError(io) if io.kind() == std::io::ErrorKind::FileTooLarge => RegistryError::TooLarge {
-                reference: reference.to_string(),
-                size: out.bytes.len() as u64,
-                limit: self.settings.max_module_bytes,
-            },
+            OciDistributionError::IoError(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
+                RegistryError::TooLarge {
+                    reference: reference.to_string(),
+                    size: out.bytes.len() as u64,
+                    limit: self.settings.max_module_bytes,
+                }
+            }
             e => self.classify(reference, "module layer", e),
         })?;
         let module = out.bytes;
@@ -483,7 +485,11 @@ impl Registry {
         }
         let limit = self.settings.max_module_bytes;
         if layer.size < 0 || layer.size as u64 > limit {
-            return Err(RegistryError::TooLarge { reference: reference.to_string(), size: layer.size.max(0) as u64, limit });
+            return Err(RegistryError::TooLarge {
+                reference: reference.to_string(),
+                size: layer.size.max(0) as u64,
+                limit,
+            });
         }
         Ok(Descriptor { media_type: layer.media_type.clone(), digest: layer.digest.clone(), size: layer.size })
     }
@@ -592,7 +598,10 @@ impl tokio::io::AsyncWrite for &mut CappedBuffer {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if (this.bytes.len() + buf.len()) as u64 > this.limit {
-            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "over the module size limit")));
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "over the module size limit",
+            )));
         }
         this.bytes.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
@@ -604,5 +613,83 @@ impl tokio::io::AsyncWrite for &mut CappedBuffer {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(limit: u64) -> Registry {
+        Registry::new(RegistrySettings { max_module_bytes: limit, ..RegistrySettings::default() }).unwrap()
+    }
+
+    fn manifest(config_type: &str, layers: &[(&str, i64)]) -> Vec<u8> {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": { "mediaType": config_type, "digest": digest, "size": 2 },
+            "layers": layers.iter().map(|(t, size)| serde_json::json!({ "mediaType": t, "digest": digest, "size": size })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    fn reason(registry: &Registry, manifest: &[u8]) -> String {
+        let r: ModuleRef = "oci://localhost:5000/p:v1".parse().unwrap();
+        registry.module_layer(&r, manifest).map(|l| l.media_type).unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn one_wasm_layer_in_either_layout_and_nothing_else() {
+        let r = registry(1000);
+        assert_eq!(reason(&r, &manifest(WASM_CONFIG_V0, &[(WASM_LAYER, 10)])), WASM_LAYER);
+        assert_eq!(reason(&r, &manifest(WASM_CONFIG_V1, &[(WASM_LAYER_LEGACY, 10)])), WASM_LAYER_LEGACY);
+        // A container image.
+        let image =
+            manifest("application/vnd.oci.image.config.v1+json", &[("application/vnd.oci.image.layer.v1.tar", 10)]);
+        assert!(reason(&r, &image).contains("its config media type is `application/vnd.oci.image.config.v1+json`"));
+        // No Wasm layer, two Wasm layers.
+        assert!(reason(&r, &manifest(WASM_CONFIG_V0, &[("text/plain", 10)])).contains("exactly one layer"));
+        assert!(
+            reason(&r, &manifest(WASM_CONFIG_V0, &[(WASM_LAYER, 10), (WASM_LAYER, 10)])).contains("exactly one layer")
+        );
+        // Over the limit (or a negative size) before a byte is downloaded.
+        assert!(reason(&r, &manifest(WASM_CONFIG_V0, &[(WASM_LAYER, 1001)])).contains("over the 1000-byte limit"));
+        assert!(reason(&r, &manifest(WASM_CONFIG_V0, &[(WASM_LAYER, -1)])).contains("over the 1000-byte limit"));
+        // An index is never resolved to some platform's entry.
+        let index = br#"{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}"#;
+        assert!(reason(&r, index).contains("image index"));
+        assert!(reason(&r, b"<html>").contains("the manifest is not valid"));
+    }
+
+    #[test]
+    fn a_download_past_the_limit_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let mut buffer = CappedBuffer { bytes: Vec::new(), limit: 8 };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut writer = &mut buffer;
+            writer.write_all(b"12345678").await.unwrap();
+            let error = writer.write_all(b"9").await.unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::FileTooLarge);
+        });
+        assert_eq!(buffer.bytes, b"12345678");
+    }
+
+    #[test]
+    fn plain_http_only_where_configured() {
+        let r = Registry::new(RegistrySettings {
+            plain_http: vec!["registry.internal:5000".into()],
+            tls: vec!["localhost:5443".into()],
+            ..RegistrySettings::default()
+        })
+        .unwrap();
+        assert!(r.uses_plain_http("registry.internal:5000"));
+        assert!(!r.uses_plain_http("registry.example"));
+        assert!(r.uses_plain_http("127.0.0.1:5000"));
+        assert!(!r.uses_plain_http("localhost:5443"));
+        let strict =
+            Registry::new(RegistrySettings { loopback_plain_http: false, ..RegistrySettings::default() }).unwrap();
+        assert!(!strict.uses_plain_http("127.0.0.1:5000"));
     }
 }

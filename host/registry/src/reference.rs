@@ -93,8 +93,7 @@ pub fn is_loopback_host(registry: &str) -> bool {
         Some(rest) => rest.split(']').next().unwrap_or(rest),
         None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
     };
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl FromStr for ModuleRef {
@@ -240,7 +239,10 @@ mod tests {
             assert_eq!(parsed.to_string(), text);
         }
         let r: ModuleRef = "oci://localhost:5000/team/rbac:v1".parse().unwrap();
-        assert_eq!((r.registry(), r.repository(), r.tag(), r.digest()), ("localhost:5000", "team/rbac", Some("v1"), None));
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag(), r.digest()),
+            ("localhost:5000", "team/rbac", Some("v1"), None)
+        );
         assert_eq!(r.pinned(D).to_string(), format!("oci://localhost:5000/team/rbac@{D}"));
         assert!(r.is_loopback());
         assert!(!"oci://registry.example/r:v".parse::<ModuleRef>().unwrap().is_loopback());

@@ -25,11 +25,11 @@
 use crate::original_request::{Bearer, bearer_token};
 use crate::snapshot::Snapshot;
 use crate::state::{ChangeError, RevocationChange, State};
-use sandgate_registry::RegistryError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use hyper::{Method, Request, Response, StatusCode};
+use sandgate_registry::RegistryError;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -517,7 +517,9 @@ mod tests {
         let base = "[server]\nproxy = \"envoy\"\n[[registry.credentials]]\nregistry = \"r.example\"\n";
         assert_eq!(checked(&format!("{base}username = \"u\"\npassword = \"p\"\n")), Ok(()));
         assert_eq!(checked(&format!("{base}token = \"t\"\n")), Ok(()));
-        for bad in ["username = \"u\"\n", "password = \"p\"\n", "username = \"u\"\npassword = \"p\"\ntoken = \"t\"\n", ""] {
+        for bad in
+            ["username = \"u\"\n", "password = \"p\"\n", "username = \"u\"\npassword = \"p\"\ntoken = \"t\"\n", ""]
+        {
             assert!(checked(&format!("{base}{bad}")).unwrap_err().contains("registry.credentials"), "{bad}");
         }
     }

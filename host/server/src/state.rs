@@ -183,8 +183,7 @@ impl State {
                     (pulled.module.to_vec(), Some(source))
                 }
             };
-            let module =
-                runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.to_string(), e))?;
+            let module = runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.to_string(), e))?;
             let value = match &p.data {
                 Some(path) => {
                     let bytes = std::fs::read(path).map_err(|e| StartError::Read(p.id.clone(), path.clone(), e))?;

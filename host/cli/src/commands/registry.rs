@@ -34,7 +34,9 @@ impl RegistryArgs {
     /// A registry client for `reference`'s registry.
     pub fn registry(&self, reference: &ModuleRef, cache_dir: Option<PathBuf>) -> anyhow::Result<Registry> {
         let settings = match &self.config {
-            Some(path) => sandgate_server::state::registry_settings(&sandgate_server::Config::from_file(path)?.registry)?,
+            Some(path) => {
+                sandgate_server::state::registry_settings(&sandgate_server::Config::from_file(path)?.registry)?
+            }
             None => RegistrySettings::default(),
         };
         self.extend(settings, reference, cache_dir)
