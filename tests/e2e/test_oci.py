@@ -147,13 +147,16 @@ class Registry:
         assert status == 201, body
         return {"digest": digest(data), "size": len(data)}
 
-    def push_artifact(self, repository, tag, layer, config_type, layer_type):
-        config = json.dumps({"architecture": "wasm", "os": "wasip1"}).encode()
+    def push_artifact(self, repository, tag, layer, config_type, layer_type, config=None, annotations=None):
+        config = config or json.dumps({"architecture": "wasm", "os": "wasip1"}).encode()
+        layer_descriptor = {"mediaType": layer_type, **self.push_blob(repository, layer)}
+        if annotations:
+            layer_descriptor["annotations"] = annotations
         manifest = json.dumps({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": config_type, **self.push_blob(repository, config)},
-            "layers": [{"mediaType": layer_type, **self.push_blob(repository, layer)}],
+            "layers": [layer_descriptor],
         }).encode()
         status, _, body = self._request("PUT", f"/v2/{repository}/manifests/{tag}", manifest, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
         assert status == 201, body
@@ -496,3 +499,77 @@ def test_the_bearer_token_flow(tmp_path):
     finally:
         registry.stop()
         service.stop()
+
+
+def cosign_sign(registry, repository, signed_digest, key, attach_to=None):
+    """A signature in cosign's `.sig` tag layout (what `cosign sign --key` pushes): a simple
+    signing payload naming `signed_digest`, its ECDSA P-256 signature in the layer's
+    `dev.cosignproject.cosign/signature` annotation, at tag `sha256-<hex>.sig` of `attach_to`
+    (default: the signed digest itself)."""
+    payload = json.dumps({
+        "critical": {
+            "identity": {"docker-reference": f"{registry.host}/{repository}"},
+            "image": {"docker-manifest-digest": signed_digest},
+            "type": "cosign container image signature",
+        },
+        "optional": None,
+    }).encode()
+    signature = base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
+    config = json.dumps({"architecture": "", "config": {}, "created": "0001-01-01T00:00:00Z", "history": [{"created": "0001-01-01T00:00:00Z"}], "os": "", "rootfs": {"type": "layers", "diff_ids": [digest(payload)]}}).encode()
+    tag = (attach_to or signed_digest).replace("sha256:", "sha256-") + ".sig"
+    registry.push_artifact(repository, tag, payload, "application/vnd.oci.image.config.v1+json", "application/vnd.dev.cosign.simplesigning.v1+json", config=config, annotations={"dev.cosignproject.cosign/signature": signature})
+
+
+def public_pem(path, key):
+    path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def test_cosign_signatures_by_a_configured_key(tmp_path, registry):
+    trusted, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    trusted_pem = public_pem(tmp_path / "cosign.pub", trusted)
+    signed = push(registry.ref("sandgate/live", "signed"), "versioned-v1")
+    cosign_sign(registry, "sandgate/live", signed, trusted)
+    by_other = push(registry.ref("sandgate/live", "other"), "tenant")
+    cosign_sign(registry, "sandgate/live", by_other, other)
+    unsigned = push(registry.ref("sandgate/live", "unsigned"), "allow-all")
+    # A replay: the trusted key's signature of `signed` hung on the unsigned artifact.
+    cosign_sign(registry, "sandgate/live", signed, trusted, attach_to=unsigned)
+
+    cache = tmp_path / "cache"
+    port = free_port()
+    config = sidecar_config(tmp_path, registry.ref("sandgate/live", "signed"), cache_dir=cache, admin_port=port, registry={"cosign_public_keys": [str(trusted_pem)]})
+    s = start(tmp_path, "cosign", config)
+    try:
+        assert version(s) == (200, "1")
+        for tag, message in [("other", "none by a configured key"), ("unsigned", "no signature of this manifest digest")]:
+            status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", tag)})
+            assert status == 422 and "has no valid cosign signature" in body["error"] and message in body["error"], (tag, body)
+            assert version(s) == (200, "1")
+        fresh = push(registry.ref("sandgate/live", "fresh"), "versioned-v2")
+        status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "fresh")})
+        assert status == 422 and "no signature of this manifest digest" in body["error"], body
+        cosign_sign(registry, "sandgate/live", fresh, trusted)
+        status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "fresh")})
+        assert status == 200, body
+        assert version(s) == (200, "2")
+    finally:
+        s.stop()
+
+    # `sandgate pull --cosign-key` checks the same way.
+    out = subprocess.run([str(SANDGATE), "pull", registry.ref("sandgate/live", "other"), "--out", str(tmp_path / "o.wasm"), "--cosign-key", str(trusted_pem)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "none by a configured key" in out.stderr, out.stderr
+    # Seed a second cache without checking signatures, then stop the registry: a sidecar that
+    # requires signatures does not trust what it cannot tell was signed; the first cache,
+    # filled by a sidecar that checked, still starts one.
+    unchecked = tmp_path / "unchecked-cache"
+    out = subprocess.run([str(SANDGATE), "pull", registry.ref("sandgate/live", "unsigned"), "--out", str(tmp_path / "u.wasm"), "--cache-dir", str(unchecked)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    registry.stop()
+    with pytest.raises(RuntimeError, match="unreachable"):
+        start(tmp_path, "cosign-unchecked", sidecar_config(tmp_path, registry.ref("sandgate/live", digest_=unsigned), cache_dir=unchecked, registry={"cosign_public_keys": [str(trusted_pem)]}))
+    s = start(tmp_path, "cosign-cached", sidecar_config(tmp_path, registry.ref("sandgate/live", digest_=signed), cache_dir=cache, registry={"cosign_public_keys": [str(trusted_pem)]}))
+    try:
+        assert version(s) == (200, "1")
+    finally:
+        s.stop()

@@ -4,6 +4,8 @@
 //! CACHE_DIR/blobs/sha256/<hex>   manifests and module layers, named by their own digest
 //! CACHE_DIR/tags/<hex>.json      {"reference": "oci://…:TAG", "digest": "sha256:…"}: the digest a
 //!                                tag last resolved to (file named by the SHA-256 of the reference)
+//! CACHE_DIR/signed/<hex>         the fingerprints (SHA-256 of the PEM) of the cosign keys whose
+//!                                signature over manifest <hex> was verified, one per line
 //! ```
 //!
 //! Every file is written to a temporary name, flushed and renamed, so a crash never leaves a
@@ -95,6 +97,34 @@ impl Cache {
         let entry = TagEntry { reference: reference.to_owned(), digest: digest.to_owned() };
         let text = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         write_atomically(&self.tag_path(reference), &text)
+    }
+}
+
+impl Cache {
+    fn signed_path(&self, digest: &str) -> Option<PathBuf> {
+        crate::reference::valid_digest(digest)
+            .then(|| self.dir.join("signed").join(digest.trim_start_matches("sha256:")))
+    }
+
+    /// The fingerprints of the keys whose signature over manifest `digest` was verified.
+    pub fn signed_by(&self, digest: &str) -> std::io::Result<Vec<String>> {
+        let Some(path) = self.signed_path(digest) else { return Ok(Vec::new()) };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Remember that the key with `fingerprint` signed manifest `digest`.
+    pub fn write_signed_by(&self, digest: &str, fingerprint: &str) -> std::io::Result<()> {
+        let Some(path) = self.signed_path(digest) else { return Ok(()) };
+        let mut known = self.signed_by(digest)?;
+        if !known.iter().any(|k| k == fingerprint) {
+            known.push(fingerprint.to_owned());
+            write_atomically(&path, (known.join("\n") + "\n").as_bytes())?;
+        }
+        Ok(())
     }
 }
 

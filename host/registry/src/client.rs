@@ -82,6 +82,9 @@ pub struct RegistrySettings {
     pub credentials: HashMap<String, Credentials>,
     /// Connect timeout, and the longest wait for any read.
     pub timeout: Duration,
+    /// Cosign public keys (PEM); when any is set, a module is pulled only if one of them signed
+    /// its manifest digest (cosign's `.sig` tag layout).
+    pub cosign_keys: Vec<Vec<u8>>,
 }
 
 impl Default for RegistrySettings {
@@ -96,6 +99,7 @@ impl Default for RegistrySettings {
             ca_pem: Vec::new(),
             credentials: HashMap::new(),
             timeout: Duration::from_secs(30),
+            cosign_keys: Vec::new(),
         }
     }
 }
@@ -151,8 +155,16 @@ pub enum RegistryError {
     /// Any other failure of the registry protocol.
     #[error("`{0}`: the registry call failed")]
     Registry(String, #[source] OciDistributionError),
-    /// A configured CA certificate cannot be used.
-    #[error("the registry CA certificate is not usable: {0}")]
+    /// Signatures are required and none by a configured key covers the manifest.
+    #[error("`{reference}` has no valid cosign signature by a configured key: {reason}")]
+    Unsigned {
+        /// The reference pulled.
+        reference: String,
+        /// What was found instead.
+        reason: String,
+    },
+    /// A configured CA certificate or cosign key cannot be used.
+    #[error("the registry settings are not usable: {0}")]
     Setup(String),
 }
 
@@ -225,6 +237,8 @@ pub struct Registry {
     http: oci_client::Client,
     settings: RegistrySettings,
     cache: Option<Cache>,
+    /// The configured cosign keys, with the fingerprint each is remembered by in the cache.
+    cosign_keys: Vec<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -260,6 +274,12 @@ impl Registry {
     /// # Errors
     /// [`RegistryError::Setup`] when a CA certificate is not PEM.
     pub fn new(settings: RegistrySettings) -> Result<Self, RegistryError> {
+        let mut cosign_keys = Vec::new();
+        for pem in &settings.cosign_keys {
+            sigstore::cosign::verification_constraint::PublicKeyVerifier::try_from(pem)
+                .map_err(|e| RegistryError::Setup(format!("a cosign public key is not usable: {e}")))?;
+            cosign_keys.push((sha256_digest(pem), pem.clone()));
+        }
         let mut roots = Vec::new();
         for pem in &settings.ca_pem {
             if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
@@ -281,6 +301,7 @@ impl Registry {
             https: oci_client::Client::new(config(ClientProtocol::Https)),
             http: oci_client::Client::new(config(ClientProtocol::Http)),
             cache: settings.cache_dir.clone().map(Cache::new),
+            cosign_keys,
             settings,
         })
     }
@@ -375,6 +396,13 @@ impl Registry {
             }
         };
         let manifest = read(digest, MAX_MANIFEST)?;
+        if !self.cosign_keys.is_empty() {
+            // Only a module a configured key was seen to sign is served without asking.
+            let signed_by = cache.signed_by(digest).unwrap_or_default();
+            if !self.cosign_keys.iter().any(|(fingerprint, _)| signed_by.contains(fingerprint)) {
+                return None;
+            }
+        }
         let layer = self.module_layer(reference, &manifest).ok()?;
         let module = read(&layer.digest, self.settings.max_module_bytes)?;
         if module.len() as u64 != layer.size as u64 {
@@ -408,6 +436,7 @@ impl Registry {
             });
         }
         let layer = self.module_layer(reference, &manifest)?;
+        let signed_by = self.verify_signature(reference, &actual).await?;
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
             digest: layer.digest.clone(),
@@ -438,12 +467,17 @@ impl Registry {
         if let Some(cache) = &self.cache {
             // The layer before the manifest: a manifest in the cache always has its layer. A
             // cache that cannot be written costs a later start its fallback, not this pull.
-            let written = cache.write_blob(&module).and_then(|_| cache.write_blob(&manifest)).and_then(|_| {
-                match reference.digest() {
+            let written = cache
+                .write_blob(&module)
+                .and_then(|_| match &signed_by {
+                    Some(fingerprint) => cache.write_signed_by(&actual, fingerprint),
+                    None => Ok(()),
+                })
+                .and_then(|_| cache.write_blob(&manifest))
+                .and_then(|_| match reference.digest() {
                     None => cache.write_tag(&reference.to_string(), &actual),
                     Some(_) => Ok(()),
-                }
-            });
+                });
             if let Err(e) = written {
                 tracing::warn!(cache = %cache.dir().display(), error = %e, "cannot write to the module cache");
             }
@@ -455,6 +489,77 @@ impl Registry {
             module: Bytes::from(module),
             origin: Origin::Registry,
         })
+    }
+
+    /// With cosign keys configured: the fingerprint of a key whose signature (cosign's `.sig`
+    /// tag for `manifest_digest`) verifies over a payload naming exactly `manifest_digest`.
+    /// Without keys: `None`, nothing checked.
+    async fn verify_signature(
+        &self,
+        reference: &ModuleRef,
+        manifest_digest: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        use sigstore::cosign::verification_constraint::{PublicKeyVerifier, VerificationConstraint};
+        use sigstore::cosign::{ClientBuilder, CosignCapabilities};
+        if self.cosign_keys.is_empty() {
+            return Ok(None);
+        }
+        let unsigned = |reason: String| RegistryError::Unsigned { reference: reference.to_string(), reason };
+        let protocol = if self.uses_plain_http(reference.registry()) {
+            sigstore::registry::ClientProtocol::Http
+        } else {
+            sigstore::registry::ClientProtocol::Https
+        };
+        let config = sigstore::registry::ClientConfig {
+            protocol,
+            extra_root_certificates: self
+                .settings
+                .ca_pem
+                .iter()
+                .map(|pem| sigstore::registry::Certificate {
+                    encoding: sigstore::registry::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut client = ClientBuilder::default()
+            .with_oci_client_config(config)
+            .build()
+            .map_err(|e| RegistryError::Setup(format!("the signature client cannot be built: {e}")))?;
+        let auth = match self.settings.credentials.get(reference.registry()) {
+            Some(Credentials::Basic { username, password }) => {
+                sigstore::registry::Auth::Basic(username.clone(), password.clone())
+            }
+            Some(Credentials::Bearer(token)) => sigstore::registry::Auth::Bearer(token.clone()),
+            None => sigstore::registry::Auth::Anonymous,
+        };
+        let pinned = sigstore::registry::OciReference::with_digest(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            manifest_digest.to_owned(),
+        );
+        let layers = client
+            .trusted_signature_layers(&auth, &pinned)
+            .await
+            .map_err(|e| unsigned(format!("its signatures cannot be read: {e}")))?;
+        if layers.is_empty() {
+            return Err(unsigned(format!(
+                "no signature of this manifest digest (looked for the tag `sha256-{}.sig`)",
+                manifest_digest.trim_start_matches("sha256:")
+            )));
+        }
+        for (fingerprint, pem) in &self.cosign_keys {
+            let verifier: Box<dyn VerificationConstraint> = match PublicKeyVerifier::try_from(pem) {
+                Ok(verifier) => Box::new(verifier),
+                Err(e) => return Err(RegistryError::Setup(format!("a cosign public key is not usable: {e}"))),
+            };
+            let constraints = [verifier];
+            if sigstore::cosign::verify_constraints(&layers, constraints.iter()).is_ok() {
+                return Ok(Some(fingerprint.clone()));
+            }
+        }
+        Err(unsigned(format!("{} signature(s), none by a configured key", layers.len())))
     }
 
     /// The one Wasm module layer of `manifest`, checked against the size limit.

@@ -19,7 +19,8 @@
 //! Answers: `200` with `{"snapshot": N, …}`; `400`/`422` with `{"error": "…"}` for bad input
 //! (the old state keeps serving); `401` without the token; `404`/`409` as usual; `502` when a
 //! JWKS endpoint or a registry fails (unreachable, refused credentials, a blob that does not
-//! match its digest), `404` for an unknown tag, `422` for an artifact that is not a module; `500` (logged, the body says nothing more) when the host itself fails.
+//! match its digest), `404` for an unknown tag, `422` for an artifact that is not a module or
+//! lacks a required signature; `500` (logged, the body says nothing more) when the host itself fails.
 //! [`AdminApi::handle`] takes any request body type, so tests call it without a socket.
 
 use crate::original_request::{Bearer, bearer_token};
@@ -226,7 +227,9 @@ fn error_response(method: &Method, path: &str, error: &ChangeError) -> Response<
         ChangeError::Fetch(_) => StatusCode::BAD_GATEWAY,
         ChangeError::Pull(e) => match e {
             RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-            RegistryError::NotWasm { .. } | RegistryError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            RegistryError::NotWasm { .. } | RegistryError::TooLarge { .. } | RegistryError::Unsigned { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             RegistryError::NotCached(_) | RegistryError::NoTag(_) => StatusCode::CONFLICT,
             _ => StatusCode::BAD_GATEWAY,
         },

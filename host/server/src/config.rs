@@ -82,6 +82,10 @@ pub struct RegistryConfig {
     pub timeout_secs: u64,
     /// Credentials per registry; anonymous for the others.
     pub credentials: Vec<RegistryCredentials>,
+    /// Cosign public keys (PEM files). When set, an `oci://` module is loaded only if one of
+    /// them signed its manifest digest (`cosign sign --key`); a cached module only if such a
+    /// signature was verified when it was pulled.
+    pub cosign_public_keys: Vec<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -96,6 +100,7 @@ impl Default for RegistryConfig {
             ca_file: None,
             timeout_secs: 30,
             credentials: Vec::new(),
+            cosign_public_keys: Vec::new(),
         }
     }
 }
@@ -388,6 +393,7 @@ impl Config {
         }
         self.registry.cache_dir.as_mut().map(resolve);
         self.registry.ca_file.as_mut().map(resolve);
+        self.registry.cosign_public_keys.iter_mut().for_each(resolve);
         for credentials in &mut self.registry.credentials {
             credentials.password_file.as_mut().map(resolve);
             credentials.token_file.as_mut().map(resolve);

@@ -522,6 +522,11 @@ pub fn registry_settings(config: &RegistryConfig) -> Result<RegistrySettings, St
         },
         credentials,
         timeout: std::time::Duration::from_secs(config.timeout_secs),
+        cosign_keys: config
+            .cosign_public_keys
+            .iter()
+            .map(|path| read(path, "cosign public key"))
+            .collect::<Result<_, _>>()?,
     };
     for host in &settings.plain_http {
         if !sandgate_registry::is_loopback_host(host) {

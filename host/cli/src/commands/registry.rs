@@ -28,6 +28,9 @@ pub struct RegistryArgs {
     /// Speak TLS even to a loopback registry.
     #[arg(long, conflicts_with = "plain_http")]
     tls: bool,
+    /// Require a cosign signature by this public key (PEM) over the manifest digest (pull).
+    #[arg(long)]
+    cosign_key: Vec<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -62,6 +65,11 @@ impl RegistryArgs {
         }
         if let Some(path) = &self.ca_file {
             settings.ca_pem.push(std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?);
+        }
+        for path in &self.cosign_key {
+            settings
+                .cosign_keys
+                .push(std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?);
         }
         if self.plain_http {
             settings.plain_http.push(host.clone());
