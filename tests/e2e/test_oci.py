@@ -387,6 +387,23 @@ def test_the_allow_list_takes_oci_digests(tmp_path, registry):
         assert snapshot_policy(s)["source"] == registry.ref("sandgate/live", digest_=allowed)
     finally:
         s.stop()
+    # A tag in the configuration is held to the list too: it may have moved since.
+    config = sidecar_config(tmp_path, registry.ref("sandgate/live", "v2"), cache_dir=tmp_path / "cache", admin_port=free_port(), allowed=[allowed])
+    with pytest.raises(RuntimeError, match="is not in the allowed_digests list"):
+        start(tmp_path, "allow-list-start", config)
+
+
+def test_modules_come_only_from_allowed_registries(tmp_path, registry):
+    push(registry.ref("sandgate/live", "v1"), "versioned-v2")
+    port = free_port()
+    config = sidecar_config(tmp_path, str(POLICIES / "versioned-v1.wasm"), cache_dir=tmp_path / "cache", admin_port=port, registry={"allowed_registries": ["registry.example"]})
+    s = start(tmp_path, "allowed-registries", config)
+    try:
+        status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "v1")})
+        assert status == 409 and "not in [registry] allowed_registries" in body["error"], body
+        assert version(s) == (200, "1")
+    finally:
+        s.stop()
 
 
 def test_htpasswd_behind_tls_with_a_private_ca(tmp_path):
@@ -501,14 +518,14 @@ def test_the_bearer_token_flow(tmp_path):
         service.stop()
 
 
-def cosign_sign(registry, repository, signed_digest, key, attach_to=None):
+def cosign_sign(registry, repository, signed_digest, key, attach_to=None, identity=None):
     """A signature in cosign's `.sig` tag layout (what `cosign sign --key` pushes): a simple
     signing payload naming `signed_digest`, its ECDSA P-256 signature in the layer's
     `dev.cosignproject.cosign/signature` annotation, at tag `sha256-<hex>.sig` of `attach_to`
     (default: the signed digest itself)."""
     payload = json.dumps({
         "critical": {
-            "identity": {"docker-reference": f"{registry.host}/{repository}"},
+            "identity": {"docker-reference": identity or f"{registry.host}/{repository}"},
             "image": {"docker-manifest-digest": signed_digest},
             "type": "cosign container image signature",
         },
@@ -549,6 +566,10 @@ def test_cosign_signatures_by_a_configured_key(tmp_path, registry):
         fresh = push(registry.ref("sandgate/live", "fresh"), "versioned-v2")
         status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "fresh")})
         assert status == 422 and "no signature of this manifest digest" in body["error"], body
+        # Signed by the trusted key, but for another repository: not a signature of this one.
+        cosign_sign(registry, "sandgate/live", fresh, trusted, identity=f"{registry.host}/elsewhere/module")
+        status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "fresh")})
+        assert status == 422 and "no signature of this manifest digest in this repository" in body["error"], body
         cosign_sign(registry, "sandgate/live", fresh, trusted)
         status, body = admin(s, "PUT", "/v1/policies/live", {"module": registry.ref("sandgate/live", "fresh")})
         assert status == 200, body

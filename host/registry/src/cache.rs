@@ -4,16 +4,19 @@
 //! CACHE_DIR/blobs/sha256/<hex>   manifests and module layers, named by their own digest
 //! CACHE_DIR/tags/<hex>.json      {"reference": "oci://…:TAG", "digest": "sha256:…"}: the digest a
 //!                                tag last resolved to (file named by the SHA-256 of the reference)
-//! CACHE_DIR/signed/<hex>         the fingerprints (SHA-256 of the PEM) of the cosign keys whose
-//!                                signature over manifest <hex> was verified, one per line
+//! CACHE_DIR/signed/<hex>.json    the cosign signatures (payload and signature) verified for
+//!                                manifest <hex> when it was pulled; verified again when read
 //! ```
 //!
-//! Every file is written to a temporary name, flushed and renamed, so a crash never leaves a
-//! half-written entry under its final name; and every blob is hashed again when it is read, so
-//! a corrupted or tampered file is a miss (and is removed), never a wrong module.
+//! The directory is created private (0700). Every file is written to a fresh temporary name
+//! (never an existing file or link), flushed and renamed, so a crash never leaves a
+//! half-written entry under its final name; every read opens a regular file without following
+//! a link and reads at most the caller's limit; and every blob is hashed again when it is read,
+//! so a corrupted or tampered file is a miss (and is removed), never a wrong module.
 
 use sha2::{Digest, Sha256};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A content-addressed cache directory.
@@ -52,17 +55,7 @@ impl Cache {
     /// `digest`. A corrupted file is removed and reported as a miss.
     pub fn read_blob(&self, digest: &str, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
         let Some(path) = self.blob_path(digest) else { return Ok(None) };
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() > limit => return Ok(None),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let Some(bytes) = read_file(&path, limit)? else { return Ok(None) };
         if sha256_digest(&bytes) != digest {
             tracing::warn!(path = %path.display(), digest, "a cached blob does not match its digest; removing it");
             let _ = std::fs::remove_file(&path);
@@ -83,11 +76,7 @@ impl Cache {
 
     /// The digest `reference` (a tag reference) last resolved to.
     pub fn read_tag(&self, reference: &str) -> std::io::Result<Option<String>> {
-        let text = match std::fs::read(self.tag_path(reference)) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let Some(text) = read_file(&self.tag_path(reference), 64 << 10)? else { return Ok(None) };
         let entry: Option<TagEntry> = serde_json::from_slice(&text).ok();
         Ok(entry.filter(|e| e.reference == reference && crate::reference::valid_digest(&e.digest)).map(|e| e.digest))
     }
@@ -100,32 +89,60 @@ impl Cache {
     }
 }
 
+/// A cosign signature as it was verified: the simple-signing payload and its base64 signature.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignatureProof {
+    /// The payload bytes, base64.
+    pub payload: String,
+    /// The signature over them, base64 (as in cosign's annotation).
+    pub signature: String,
+}
+
 impl Cache {
     fn signed_path(&self, digest: &str) -> Option<PathBuf> {
         crate::reference::valid_digest(digest)
-            .then(|| self.dir.join("signed").join(digest.trim_start_matches("sha256:")))
+            .then(|| self.dir.join("signed").join(format!("{}.json", digest.trim_start_matches("sha256:"))))
     }
 
-    /// The fingerprints of the keys whose signature over manifest `digest` was verified.
-    pub fn signed_by(&self, digest: &str) -> std::io::Result<Vec<String>> {
+    /// The signatures verified for manifest `digest` when it was pulled (to be verified again).
+    pub fn signatures(&self, digest: &str) -> std::io::Result<Vec<SignatureProof>> {
         let Some(path) = self.signed_path(digest) else { return Ok(Vec::new()) };
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        let Some(text) = read_file(&path, 1 << 20)? else { return Ok(Vec::new()) };
+        Ok(serde_json::from_slice(&text).unwrap_or_default())
     }
 
-    /// Remember that the key with `fingerprint` signed manifest `digest`.
-    pub fn write_signed_by(&self, digest: &str, fingerprint: &str) -> std::io::Result<()> {
+    /// Remember `proof`, a signature verified for manifest `digest`.
+    pub fn write_signature(&self, digest: &str, proof: &SignatureProof) -> std::io::Result<()> {
         let Some(path) = self.signed_path(digest) else { return Ok(()) };
-        let mut known = self.signed_by(digest)?;
-        if !known.iter().any(|k| k == fingerprint) {
-            known.push(fingerprint.to_owned());
-            write_atomically(&path, (known.join("\n") + "\n").as_bytes())?;
+        let mut known = self.signatures(digest)?;
+        if !known.contains(proof) {
+            known.push(proof.clone());
+            write_atomically(&path, &serde_json::to_vec(&known).map_err(std::io::Error::other)?)?;
         }
         Ok(())
     }
+}
+
+/// At most `limit` bytes of the regular file at `path` (`None` if it is missing, larger, or not
+/// a regular file). The last component is not followed if it is a link.
+fn read_file(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // ELOOP: a link where a file should be.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > limit {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Ok(None);
+    }
+    Ok(Some(bytes))
 }
 
 /// `sha256:` and the hex SHA-256 of `bytes`.
@@ -135,14 +152,19 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().ok_or_else(|| std::io::Error::other("a cache path has no parent"))?;
-    std::fs::create_dir_all(dir)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
     // Unique per process and write, so concurrent writers of one entry never share a file.
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temporary = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let written = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)
@@ -173,6 +195,23 @@ mod tests {
         assert!(!path.exists());
         // Not a digest: never a path.
         assert_eq!(cache.read_blob("sha256:../../etc/passwd", 1 << 20).unwrap(), None);
+        // A link planted under a blob's name is not followed, nor a non-file read.
+        let other = cache.write_blob(b"other").unwrap();
+        let other_path = dir.path().join("blobs/sha256").join(other.trim_start_matches("sha256:"));
+        std::fs::remove_file(&other_path).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &other_path).unwrap();
+        assert_eq!(cache.read_blob(&other, 1 << 20).unwrap(), None);
+    }
+
+    #[test]
+    fn the_cache_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("oci"));
+        let digest = cache.write_blob(b"x").unwrap();
+        let blob = dir.path().join("oci/blobs/sha256").join(digest.trim_start_matches("sha256:"));
+        assert_eq!(std::fs::metadata(dir.path().join("oci")).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(blob).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! before and while it downloads. Only verified bytes enter the cache, so nothing half-pulled
 //! is ever loaded.
 
-use crate::cache::{Cache, sha256_digest};
+use crate::cache::{Cache, SignatureProof, sha256_digest};
 use crate::reference::ModuleRef;
+use base64::Engine;
 use bytes::Bytes;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -82,6 +83,10 @@ pub struct RegistrySettings {
     pub credentials: HashMap<String, Credentials>,
     /// Connect timeout, and the longest wait for any read.
     pub timeout: Duration,
+    /// The longest a whole pull (manifest, signatures, layer) may take.
+    pub pull_deadline: Duration,
+    /// Registries (`host:port`) modules may come from; empty: any.
+    pub allowed_registries: Vec<String>,
     /// Cosign public keys (PEM); when any is set, a module is pulled only if one of them signed
     /// its manifest digest (cosign's `.sig` tag layout).
     pub cosign_keys: Vec<Vec<u8>>,
@@ -99,6 +104,8 @@ impl Default for RegistrySettings {
             ca_pem: Vec::new(),
             credentials: HashMap::new(),
             timeout: Duration::from_secs(30),
+            pull_deadline: Duration::from_secs(120),
+            allowed_registries: Vec::new(),
             cosign_keys: Vec::new(),
         }
     }
@@ -155,6 +162,12 @@ pub enum RegistryError {
     /// Any other failure of the registry protocol.
     #[error("`{0}`: the registry call failed")]
     Registry(String, #[source] OciDistributionError),
+    /// The registry is not one the settings allow modules from.
+    #[error("modules are not pulled from `{0}`: it is not in [registry] allowed_registries")]
+    NotAllowed(String),
+    /// A pull took longer than its deadline (a registry that answers too slowly).
+    #[error("the registry `{0}` did not deliver within {1:?}")]
+    Deadline(String, Duration),
     /// Signatures are required and none by a configured key covers the manifest.
     #[error("`{reference}` has no valid cosign signature by a configured key: {reason}")]
     Unsigned {
@@ -172,7 +185,7 @@ impl RegistryError {
     /// Whether the failure is the registry being unreachable (not a refusal or bad content):
     /// the case where a tag may fall back to the digest it last resolved to.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, RegistryError::Unreachable(..))
+        matches!(self, RegistryError::Unreachable(..) | RegistryError::Deadline(..))
     }
 }
 
@@ -237,8 +250,8 @@ pub struct Registry {
     http: oci_client::Client,
     settings: RegistrySettings,
     cache: Option<Cache>,
-    /// The configured cosign keys, with the fingerprint each is remembered by in the cache.
-    cosign_keys: Vec<(String, Vec<u8>)>,
+    /// The configured cosign keys.
+    cosign_keys: Vec<sigstore::crypto::CosignVerificationKey>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -276,9 +289,9 @@ impl Registry {
     pub fn new(settings: RegistrySettings) -> Result<Self, RegistryError> {
         let mut cosign_keys = Vec::new();
         for pem in &settings.cosign_keys {
-            sigstore::cosign::verification_constraint::PublicKeyVerifier::try_from(pem)
+            let key = sigstore::crypto::CosignVerificationKey::try_from_pem(pem)
                 .map_err(|e| RegistryError::Setup(format!("a cosign public key is not usable: {e}")))?;
-            cosign_keys.push((sha256_digest(pem), pem.clone()));
+            cosign_keys.push(key);
         }
         let mut roots = Vec::new();
         for pem in &settings.ca_pem {
@@ -339,6 +352,10 @@ impl Registry {
     /// # Errors
     /// Every [`RegistryError`] but `NoTag` and `Setup`.
     pub async fn pull(&self, reference: &ModuleRef, fallback: TagFallback) -> Result<Pulled, RegistryError> {
+        let allowed = &self.settings.allowed_registries;
+        if !allowed.is_empty() && !allowed.iter().any(|r| r.eq_ignore_ascii_case(reference.registry())) {
+            return Err(RegistryError::NotAllowed(reference.registry().to_owned()));
+        }
         if let Some(digest) = reference.digest() {
             if let Some(pulled) = self.cached(reference, digest, Origin::Cache) {
                 return Ok(pulled);
@@ -346,12 +363,12 @@ impl Registry {
             if self.settings.offline {
                 return Err(RegistryError::NotCached(reference.to_string()));
             }
-            return self.fetch(reference).await;
+            return self.fetch_within_deadline(reference).await;
         }
         if self.settings.offline {
             return self.cached_tag(reference, Origin::Cache);
         }
-        match self.fetch(reference).await {
+        match self.fetch_within_deadline(reference).await {
             Err(e) if e.is_unreachable() && fallback == TagFallback::WhenUnreachable => {
                 match self.cached_tag(reference, Origin::CachedTag) {
                     Ok(pulled) => {
@@ -369,6 +386,13 @@ impl Registry {
             }
             other => other,
         }
+    }
+
+    async fn fetch_within_deadline(&self, reference: &ModuleRef) -> Result<Pulled, RegistryError> {
+        let deadline = self.settings.pull_deadline;
+        tokio::time::timeout(deadline, self.fetch(reference))
+            .await
+            .unwrap_or_else(|_| Err(RegistryError::Deadline(reference.registry().to_owned(), deadline)))
     }
 
     fn cached_tag(&self, reference: &ModuleRef, origin: Origin) -> Result<Pulled, RegistryError> {
@@ -397,9 +421,9 @@ impl Registry {
         };
         let manifest = read(digest, MAX_MANIFEST)?;
         if !self.cosign_keys.is_empty() {
-            // Only a module a configured key was seen to sign is served without asking.
-            let signed_by = cache.signed_by(digest).unwrap_or_default();
-            if !self.cosign_keys.iter().any(|(fingerprint, _)| signed_by.contains(fingerprint)) {
+            // Only a module whose stored signature verifies now, with the keys configured now.
+            let proofs = cache.signatures(digest).unwrap_or_default();
+            if !proofs.iter().any(|p| self.proof_accepted(reference, digest, p)) {
                 return None;
             }
         }
@@ -436,14 +460,15 @@ impl Registry {
             });
         }
         let layer = self.module_layer(reference, &manifest)?;
-        let signed_by = self.verify_signature(reference, &actual).await?;
+        let signature = self.verify_signature(reference, &actual).await?;
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
             digest: layer.digest.clone(),
             size: layer.size,
             ..OciDescriptor::default()
         };
-        let mut out = CappedBuffer { bytes: Vec::new(), limit: self.settings.max_module_bytes };
+        // No more than the manifest announced (checked against the limit already).
+        let mut out = CappedBuffer { bytes: Vec::new(), limit: layer.size as u64 };
         client.pull_blob(&oci, &descriptor, &mut out).await.map_err(|e| match e {
             OciDistributionError::IoError(io) if io.kind() == std::io::ErrorKind::FileTooLarge => {
                 RegistryError::TooLarge {
@@ -469,8 +494,8 @@ impl Registry {
             // cache that cannot be written costs a later start its fallback, not this pull.
             let written = cache
                 .write_blob(&module)
-                .and_then(|_| match &signed_by {
-                    Some(fingerprint) => cache.write_signed_by(&actual, fingerprint),
+                .and_then(|_| match &signature {
+                    Some(proof) => cache.write_signature(&actual, proof),
                     None => Ok(()),
                 })
                 .and_then(|_| cache.write_blob(&manifest))
@@ -491,15 +516,14 @@ impl Registry {
         })
     }
 
-    /// With cosign keys configured: the fingerprint of a key whose signature (cosign's `.sig`
-    /// tag for `manifest_digest`) verifies over a payload naming exactly `manifest_digest`.
-    /// Without keys: `None`, nothing checked.
+    /// With cosign keys configured: a signature (cosign's `.sig` tag for `manifest_digest`) by
+    /// one of them over a payload naming exactly `manifest_digest` and this repository. Without
+    /// keys: `None`, nothing checked.
     async fn verify_signature(
         &self,
         reference: &ModuleRef,
         manifest_digest: &str,
-    ) -> Result<Option<String>, RegistryError> {
-        use sigstore::cosign::verification_constraint::{PublicKeyVerifier, VerificationConstraint};
+    ) -> Result<Option<SignatureProof>, RegistryError> {
         use sigstore::cosign::{ClientBuilder, CosignCapabilities};
         if self.cosign_keys.is_empty() {
             return Ok(None);
@@ -543,23 +567,38 @@ impl Registry {
             .trusted_signature_layers(&auth, &pinned)
             .await
             .map_err(|e| unsigned(format!("its signatures cannot be read: {e}")))?;
-        if layers.is_empty() {
+        let proofs: Vec<SignatureProof> = layers
+            .iter()
+            .filter_map(|layer| {
+                Some(SignatureProof {
+                    payload: base64::engine::general_purpose::STANDARD.encode(&layer.raw_data),
+                    signature: layer.signature.clone()?,
+                })
+            })
+            .collect();
+        if let Some(proof) = proofs.iter().find(|p| self.proof_accepted(reference, manifest_digest, p)) {
+            return Ok(Some(proof.clone()));
+        }
+        let about_this: usize = proofs.iter().filter(|p| names(reference, manifest_digest, p)).count();
+        if about_this == 0 {
             return Err(unsigned(format!(
-                "no signature of this manifest digest (looked for the tag `sha256-{}.sig`)",
+                "no signature of this manifest digest in this repository (looked for the tag `sha256-{}.sig`)",
                 manifest_digest.trim_start_matches("sha256:")
             )));
         }
-        for (fingerprint, pem) in &self.cosign_keys {
-            let verifier: Box<dyn VerificationConstraint> = match PublicKeyVerifier::try_from(pem) {
-                Ok(verifier) => Box::new(verifier),
-                Err(e) => return Err(RegistryError::Setup(format!("a cosign public key is not usable: {e}"))),
-            };
-            let constraints = [verifier];
-            if sigstore::cosign::verify_constraints(&layers, constraints.iter()).is_ok() {
-                return Ok(Some(fingerprint.clone()));
-            }
-        }
-        Err(unsigned(format!("{} signature(s), none by a configured key", layers.len())))
+        Err(unsigned(format!("{about_this} signature(s), none by a configured key")))
+    }
+
+    /// Whether `proof` is a signature by a configured key over a payload naming exactly
+    /// `manifest_digest` in `reference`'s repository. The payload is read here, not trusted
+    /// from whoever parsed it before: the same check for a fresh pull and a cached module.
+    fn proof_accepted(&self, reference: &ModuleRef, manifest_digest: &str, proof: &SignatureProof) -> bool {
+        let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&proof.payload) else { return false };
+        names(reference, manifest_digest, proof)
+            && self.cosign_keys.iter().any(|key| {
+                key.verify_signature(sigstore::crypto::Signature::Base64Encoded(proof.signature.as_bytes()), &payload)
+                    .is_ok()
+            })
     }
 
     /// The one Wasm module layer of `manifest`, checked against the size limit.
@@ -608,7 +647,9 @@ impl Registry {
             OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound(reference.to_string()),
             OciDistributionError::RegistryError { ref envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-                if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                if codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+                    RegistryError::Unreachable(registry, error)
+                } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                     RegistryError::Unauthorized(registry)
                 } else if codes.iter().any(|c| {
                     matches!(
@@ -678,6 +719,19 @@ impl Registry {
         client.push_manifest_raw(&oci, manifest, content_type).await.map_err(fail("manifest"))?;
         Ok(Pushed { pinned: target.pinned(&manifest_digest), manifest_digest, layer_digest })
     }
+}
+
+/// Whether the simple-signing payload of `proof` names exactly `manifest_digest`, in
+/// `reference`'s repository (cosign's `critical.identity.docker-reference`): a signature of
+/// another artifact, or of this one pushed elsewhere, does not count.
+fn names(reference: &ModuleRef, manifest_digest: &str, proof: &SignatureProof) -> bool {
+    let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&proof.payload) else { return false };
+    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&payload) else { return false };
+    let critical = &payload["critical"];
+    let repository = format!("{}/{}", reference.registry(), reference.repository());
+    critical["image"]["docker-manifest-digest"].as_str() == Some(manifest_digest)
+        && critical["identity"]["docker-reference"].as_str().is_some_and(|r| r.eq_ignore_ascii_case(&repository))
+        && critical["type"].as_str() == Some("cosign container image signature")
 }
 
 /// An error and its causes, `: `-joined.

@@ -107,6 +107,12 @@ impl FromStr for ModuleRef {
         if !valid_registry(registry) {
             return Err(bad("the registry host is not a host name or address with an optional port"));
         }
+        if !names_a_host(registry) {
+            return Err(bad(
+                "the first component must name the registry host (with a `.`, a port, `localhost` or an address): `oci://HOST/REPOSITORY:TAG`",
+            ));
+        }
+        let registry = registry.to_ascii_lowercase();
         let (name, digest) = match path.split_once('@') {
             Some((name, digest)) => (name, Some(digest)),
             None => (path, None),
@@ -136,7 +142,7 @@ impl FromStr for ModuleRef {
             return Err(bad("it names no tag or digest: add `:TAG` or `@sha256:DIGEST` (no implicit `latest`)"));
         }
         Ok(ModuleRef {
-            registry: registry.to_owned(),
+            registry,
             repository: repository.to_owned(),
             tag: tag.map(str::to_owned),
             digest: digest.map(str::to_owned),
@@ -189,6 +195,15 @@ fn valid_registry(registry: &str) -> bool {
     };
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     host_ok && port_ok
+}
+
+/// Whether `registry` can only be a host (`registry.example`, `name:5000`, `localhost`, an
+/// address), not the first component of a repository path (`oci://library/rbac` is refused
+/// rather than sent to a host named `library`).
+fn names_a_host(registry: &str) -> bool {
+    registry.contains(['.', ':', '['])
+        || registry.eq_ignore_ascii_case("localhost")
+        || registry.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn valid_repository(repository: &str) -> bool {
@@ -248,6 +263,9 @@ mod tests {
         assert!(!"oci://registry.example/r:v".parse::<ModuleRef>().unwrap().is_loopback());
         assert!("oci://[::1]:5000/r:v".parse::<ModuleRef>().unwrap().is_loopback());
         assert!("oci://127.0.0.2/r:v".parse::<ModuleRef>().unwrap().is_loopback());
+        // One spelling of a host, whatever case it was written in.
+        assert_eq!("oci://Registry.Example/r:v".parse::<ModuleRef>().unwrap().registry(), "registry.example");
+        assert_eq!("oci://localhost/r:v".parse::<ModuleRef>().unwrap().registry(), "localhost");
     }
 
     #[test]
@@ -264,6 +282,7 @@ mod tests {
             ("oci://reg istry/rbac:v1", "registry host"),
             ("oci://registry.example:port/rbac:v1", "registry host"),
             ("oci:///rbac:v1", "registry host"),
+            ("oci://library/rbac:v1", "must name the registry host"),
         ] {
             let error = text.parse::<ModuleRef>().unwrap_err().to_string();
             assert!(error.contains(why), "{text}: {error}");

@@ -230,7 +230,10 @@ fn error_response(method: &Method, path: &str, error: &ChangeError) -> Response<
             RegistryError::NotWasm { .. } | RegistryError::TooLarge { .. } | RegistryError::Unsigned { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            RegistryError::NotCached(_) | RegistryError::NoTag(_) => StatusCode::CONFLICT,
+            RegistryError::NotCached(_) | RegistryError::NoTag(_) | RegistryError::NotAllowed(_) => {
+                StatusCode::CONFLICT
+            }
+            RegistryError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_GATEWAY,
         },
         ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -259,4 +262,27 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_body_is_wasm_or_an_oci_reference_never_a_path() {
+        assert!(matches!(module_body(Bytes::from_static(b"\0asm\x0d\0\x01\0")), Ok(ModuleBody::Bytes(_))));
+        let oci = module_body(Bytes::from_static(br#"{"module": "oci://localhost:5000/p@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#));
+        assert!(matches!(oci, Ok(ModuleBody::Oci(r)) if r.digest().is_some()));
+        for (body, why) in [
+            (&br#"{"module": "/etc/passwd"}"#[..], "does not read files"),
+            (br#"{"module": "oci://localhost:5000/p"}"#, "no tag or digest"),
+            (br#"{"module": "oci://localhost:5000/p:v1", "extra": 1}"#, "unknown field"),
+            (b"#!/bin/sh", "expected a Wasm component"),
+        ] {
+            let Err(ChangeError::BadInput(message)) = module_body(Bytes::copy_from_slice(body)) else {
+                panic!("accepted {body:?}")
+            };
+            assert!(message.contains(why), "{message}");
+        }
+    }
 }

@@ -80,6 +80,11 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
     /// Connect and read timeout, in seconds.
     pub timeout_secs: u64,
+    /// The longest one pull (manifest, signatures, module) may take, in seconds.
+    pub pull_deadline_secs: u64,
+    /// Registries (`host:port`) modules may be pulled from, also through the admin API;
+    /// empty: any.
+    pub allowed_registries: Vec<String>,
     /// Credentials per registry; anonymous for the others.
     pub credentials: Vec<RegistryCredentials>,
     /// Cosign public keys (PEM files). When set, an `oci://` module is loaded only if one of
@@ -99,6 +104,8 @@ impl Default for RegistryConfig {
             tls: Vec::new(),
             ca_file: None,
             timeout_secs: 30,
+            pull_deadline_secs: 120,
+            allowed_registries: Vec::new(),
             credentials: Vec::new(),
             cosign_public_keys: Vec::new(),
         }
@@ -108,7 +115,7 @@ impl Default for RegistryConfig {
 /// Credentials for one registry: `username` with `password` or `password_file` (basic
 /// authentication, also offered to the registry's token service when it answers with a bearer
 /// challenge), or a `token` / `token_file` presented as a bearer token.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
     /// The registry, `host[:port]` as in the references.
@@ -298,6 +305,20 @@ impl RuntimeLimits {
     }
 }
 
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |set: bool| if set { "***" } else { "-" };
+        f.debug_struct("RegistryCredentials")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &secret(self.password.is_some()))
+            .field("password_file", &self.password_file)
+            .field("token", &secret(self.token.is_some()))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
 /// Where a module comes from: a file, or an OCI artifact (`oci://HOST/REPO:TAG` or
 /// `oci://HOST/REPO@sha256:…`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,8 +479,9 @@ impl Config {
                 ),
             }
         }
-        if self.registry.max_module_mib == 0 || self.registry.timeout_secs == 0 {
-            bail!("[registry] max_module_mib and timeout_secs must be at least 1");
+        let r = &self.registry;
+        if !(1..=1024).contains(&r.max_module_mib) || r.timeout_secs == 0 || r.pull_deadline_secs == 0 {
+            bail!("[registry] max_module_mib must be 1 to 1024, timeout_secs and pull_deadline_secs at least 1");
         }
         for issuer in &self.issuers {
             if issuer.leeway_secs > MAX_LEEWAY_SECS {

@@ -34,6 +34,9 @@ pub enum StartError {
     /// A configured module does not load.
     #[error("policy `{0}` (`{1}`)")]
     Module(String, String, #[source] LoadError),
+    /// A configured OCI tag resolved to a digest the allow-list does not have.
+    #[error("policy `{0}`: `{1}` is not in the allowed_digests list")]
+    DigestNotAllowed(String, String),
     /// A configured OCI module cannot be pulled.
     #[error("policy `{0}`")]
     Pull(String, #[source] RegistryError),
@@ -166,6 +169,12 @@ impl State {
     pub async fn from_config(config: &Config) -> Result<Arc<State>, StartError> {
         let runtime = Arc::new(Runtime::new(config.runtime.runtime_config()).map_err(StartError::Runtime)?);
         let registry = Arc::new(registry_from_config(&config.registry)?);
+        let allowed_digests: HashSet<String> = config
+            .admin
+            .iter()
+            .flat_map(|a| a.allowed_digests.iter())
+            .map(|d| d.strip_prefix("sha256:").unwrap_or(d).to_ascii_lowercase())
+            .collect();
         let mut policies = HashMap::new();
         for p in &config.policies {
             let (bytes, source) = match &p.module {
@@ -179,6 +188,11 @@ impl State {
                         .await
                         .map_err(|e| StartError::Pull(p.id.clone(), e))?;
                     tracing::info!(policy = %p.id, reference = %reference, pinned = %pulled.pinned(), origin = ?pulled.origin, "pulled");
+                    // A tag can move: with an allow-list, what it resolves to must be on it,
+                    // at start as on a hot-load.
+                    if !digest_allowed(&allowed_digests, &pulled.layer_digest, Some(&pulled.manifest_digest)) {
+                        return Err(StartError::DigestNotAllowed(p.id.clone(), pulled.pinned().to_string()));
+                    }
                     let source = oci_source(&pulled);
                     (pulled.module.to_vec(), Some(source))
                 }
@@ -236,12 +250,7 @@ impl State {
             metrics,
             fetcher,
             registry,
-            allowed_digests: config
-                .admin
-                .iter()
-                .flat_map(|a| a.allowed_digests.iter())
-                .map(|d| d.strip_prefix("sha256:").unwrap_or(d).to_ascii_lowercase())
-                .collect(),
+            allowed_digests,
             recent_modules: RecentModules::default(),
             module_writes: tokio::sync::Mutex::new(()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
@@ -253,15 +262,8 @@ impl State {
     /// module's own digest or `manifest` (the digest of the OCI artifact it came in) must be.
     async fn compile(&self, bytes: Bytes, manifest: Option<&str>) -> Result<PolicyModule, ChangeError> {
         let digest = sha256_hex(&bytes);
-        let manifest = manifest.map(|m| m.strip_prefix("sha256:").unwrap_or(m));
-        if !self.allowed_digests.is_empty()
-            && !self.allowed_digests.contains(&digest)
-            && !manifest.is_some_and(|m| self.allowed_digests.contains(m))
-        {
-            return Err(ChangeError::DigestNotAllowed(match manifest {
-                Some(m) => format!("sha256:{m}"),
-                None => digest,
-            }));
+        if !digest_allowed(&self.allowed_digests, &digest, manifest) {
+            return Err(ChangeError::DigestNotAllowed(manifest.map_or_else(|| digest.clone(), str::to_owned)));
         }
         if let Some(module) = self.recent_modules.get(&digest) {
             return Ok(module);
@@ -292,7 +294,8 @@ impl State {
     }
 
     /// Load or replace policy `id` with the OCI artifact `reference`: a tag is resolved now, at
-    /// the registry (never from the cache: the operator asks for the tag as it is), and pinned.
+    /// the registry (never from the cache, unless the sidecar is offline: the operator asks
+    /// for the tag as it is), and pinned.
     /// Nothing changes unless the whole module is pulled, verified, compiled and probed.
     pub async fn put_policy_from(&self, id: &str, reference: &ModuleRef) -> Result<Arc<Snapshot>, ChangeError> {
         check_id(id)?;
@@ -462,6 +465,13 @@ impl RecentModules {
     }
 }
 
+/// Whether a module (its own digest, and the manifest digest of the artifact it came in) is on
+/// the allow-list (hex digests, no `sha256:`); an empty list allows everything.
+fn digest_allowed(allowed: &HashSet<String>, module: &str, manifest: Option<&str>) -> bool {
+    let hex = |d: &str| d.strip_prefix("sha256:").unwrap_or(d).to_owned();
+    allowed.is_empty() || allowed.contains(&hex(module)) || manifest.is_some_and(|m| allowed.contains(&hex(m)))
+}
+
 fn oci_source(pulled: &Pulled) -> Arc<OciSource> {
     Arc::new(OciSource { requested: pulled.reference.to_string(), pinned: pulled.pinned().to_string() })
 }
@@ -522,6 +532,8 @@ pub fn registry_settings(config: &RegistryConfig) -> Result<RegistrySettings, St
         },
         credentials,
         timeout: std::time::Duration::from_secs(config.timeout_secs),
+        pull_deadline: std::time::Duration::from_secs(config.pull_deadline_secs),
+        allowed_registries: config.allowed_registries.iter().map(|r| r.to_ascii_lowercase()).collect(),
         cosign_keys: config
             .cosign_public_keys
             .iter()

@@ -25,7 +25,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let registry = args.registry.registry(&reference, args.cache_dir)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let pulled = runtime.block_on(registry.pull(&reference, TagFallback::Never))?;
-    let partial = args.out.with_extension("partial");
+    let mut partial = args.out.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     std::fs::write(&partial, &pulled.module)
         .and_then(|()| std::fs::rename(&partial, &args.out))
         .with_context(|| format!("cannot write `{}`", args.out.display()))?;
