@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod eval;
+pub mod fleet;
 pub mod new;
 pub mod pull;
 pub mod push;

@@ -78,6 +78,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         admin: None,
         grpc: None,
         registry: Default::default(),
+        fleet: None,
     };
     Ok((config, token))
 }

@@ -44,6 +44,8 @@ enum Command {
     Push(commands::push::Args),
     /// Pull a policy module from an OCI registry, verified by digest; print the manifest digest.
     Pull(commands::pull::Args),
+    /// Change a fleet's desired state in NATS JetStream, or read its sidecars' status.
+    Fleet(commands::fleet::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Push(args) => commands::push::run(args),
         Command::Pull(args) => commands::pull::run(args),
+        Command::Fleet(args) => commands::fleet::run(args),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");

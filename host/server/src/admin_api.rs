@@ -60,6 +60,7 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
     policies.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     json!({
         "snapshot": s.version,
+        "fleet_revision": s.fleet_revision,
         "key_set": s.keys.version,
         "revocations": s.revocations.version,
         "policies": policies,
@@ -110,6 +111,19 @@ impl AdminApi {
                 );
             }
         };
+        let fleet_owned = matches!(
+            (&method, segments.as_slice()),
+            (&Method::PUT | &Method::DELETE, ["v1", "policies", _])
+                | (&Method::PUT, ["v1", "policies", _, "data"])
+                | (&Method::POST | &Method::DELETE, ["v1", "revocations"])
+        );
+        if fleet_owned && let Some(fleet) = &self.state.fleet {
+            let error = ChangeError::Conflict(format!(
+                "policies, data and revocations are owned by the fleet `{}`: change them with `sandgate fleet`",
+                fleet.name
+            ));
+            return error_response(&method, &path, &error);
+        }
         let result = match (&method, segments.as_slice()) {
             (&Method::GET, ["v1", "snapshot"]) => Ok(self.state.store.load()),
             (&Method::PUT, ["v1", "policies", id]) => match module_body(body) {

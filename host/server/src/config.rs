@@ -53,6 +53,138 @@ pub struct Config {
     /// OCI registries that `oci://` modules are pulled from, and the module cache.
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Membership of a fleet sharing desired state through NATS JetStream; absent: this
+    /// sidecar stands alone.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// What a sidecar does with checks once it has been out of touch with NATS for longer than
+/// `max_staleness_secs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenStale {
+    /// Answer them 503 `stale_state` (fail closed: a revocation may have been missed).
+    #[default]
+    Deny,
+    /// Decide them on the last state applied (availability first); readiness is false either way.
+    Serve,
+}
+
+/// A fleet's NATS connection and this sidecar's place in it.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// NATS server URL(s), comma-separated: `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The fleet's name (`[A-Za-z0-9_-]`, 1 to 64): its buckets are `sandgate_<name>` and
+    /// `sandgate_<name>_status`.
+    pub name: String,
+    /// This sidecar's id in the status bucket; default: the host name.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// NATS user (with `password` or `password_file`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// NATS password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A file holding the NATS password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A NATS token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the NATS token (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`).
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// Require TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// A CA (PEM) for the NATS servers' certificates; implies `tls`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Where the last applied state is kept, to start from while NATS is down; default
+    /// `$XDG_CACHE_HOME/sandgate/fleet` (or `~/.cache/sandgate/fleet`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Out of touch with NATS for longer than this (seconds), the sidecar is not ready and
+    /// `when_stale` applies.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness_secs: u64,
+    /// `deny` (default) or `serve`.
+    #[serde(default)]
+    pub when_stale: WhenStale,
+    /// How often the status is written, in milliseconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+}
+
+fn default_max_staleness() -> u64 {
+    30
+}
+
+fn default_heartbeat() -> u64 {
+    1000
+}
+
+impl std::fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("node_id", &self.node_id)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("max_staleness_secs", &self.max_staleness_secs)
+            .field("when_stale", &self.when_stale)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetConfig {
+    /// The file the last applied state is cached in.
+    pub fn cache_file(&self) -> PathBuf {
+        let dir = self.cache_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join("sandgate")
+                .join("fleet")
+        });
+        dir.join(format!("{}.json", self.name))
+    }
+
+    /// A connection-only configuration (the CLI's).
+    pub fn client(url: &str, name: &str) -> Self {
+        FleetConfig {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            node_id: None,
+            user: None,
+            password: None,
+            password_file: None,
+            token: None,
+            token_file: None,
+            nkey_seed_file: None,
+            tls: false,
+            ca_file: None,
+            cache_dir: None,
+            max_staleness_secs: default_max_staleness(),
+            when_stale: WhenStale::Deny,
+            heartbeat_ms: default_heartbeat(),
+        }
+    }
+}
+
+/// Whether `name` can name a fleet (and its buckets).
+pub fn valid_fleet_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// How `oci://` modules are pulled and cached.
@@ -415,6 +547,20 @@ impl Config {
         self.registry.cache_dir.as_mut().map(resolve);
         self.registry.ca_file.as_mut().map(resolve);
         self.registry.cosign_public_keys.iter_mut().for_each(resolve);
+        if let Some(fleet) = &mut self.fleet {
+            for p in [
+                &mut fleet.password_file,
+                &mut fleet.token_file,
+                &mut fleet.nkey_seed_file,
+                &mut fleet.ca_file,
+                &mut fleet.cache_dir,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(p);
+            }
+        }
         for credentials in &mut self.registry.credentials {
             credentials.password_file.as_mut().map(resolve);
             credentials.token_file.as_mut().map(resolve);
@@ -442,7 +588,25 @@ impl Config {
         let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
         // With a policy directory, routes may name policies it will provide; until one is
         // loaded its route answers 403 `no_route`.
-        let known = |id: &str| ids.contains(&id) || self.server.policy_dir.is_some();
+        let known = |id: &str| ids.contains(&id) || self.server.policy_dir.is_some() || self.fleet.is_some();
+        if let Some(fleet) = &self.fleet {
+            if !valid_fleet_name(&fleet.name) {
+                bail!("[fleet] name `{}` must be 1 to 64 of [A-Za-z0-9_-]", fleet.name);
+            }
+            if let Some(node) = &fleet.node_id
+                && !valid_fleet_name(node)
+            {
+                bail!("[fleet] node_id `{node}` must be 1 to 64 of [A-Za-z0-9_-]");
+            }
+            if !self.policies.is_empty() || self.server.policy_dir.is_some() {
+                bail!(
+                    "[fleet] is set: policies come from the fleet (`sandgate fleet put-policy`), not from [[policies]] or policy_dir"
+                );
+            }
+            if fleet.max_staleness_secs == 0 {
+                bail!("[fleet] max_staleness_secs must be at least 1");
+            }
+        }
         for route in &self.routes {
             if !known(&route.policy) {
                 bail!("route to unknown policy `{}` (policies: {ids:?})", route.policy);

@@ -115,6 +115,12 @@ impl Authorizer {
         original.client_request_id = original.header("x-request-id").map(|id| bounded(id, 128).to_owned());
 
         let mut snapshot = self.state.store.load();
+        // Fail closed on a state that may have missed revocations.
+        if self.state.fleet.as_ref().is_some_and(|f| f.deny_checks()) {
+            let answer = Answer::host_deny(request_id, 503, "stale_state", "the sidecar has lost touch with its fleet");
+            self.record(&original, &answer, None, &snapshot, None, now, started);
+            return answer;
+        }
         match canonical_path(&original.path) {
             Ok(path) => original.path = path,
             Err(why) => {
@@ -328,6 +334,7 @@ impl Authorizer {
             snapshot: snapshot.version,
             key_set: snapshot.keys.version,
             revocations: snapshot.revocations.version,
+            fleet_revision: snapshot.fleet_revision,
             data: checked.map(|(p, _)| p.data.version),
             credential,
             subject: checked.and_then(|(_, c)| match &c.credential {

@@ -41,6 +41,9 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) snapshot: u64,
     pub(crate) key_set: u64,
     pub(crate) revocations: u64,
+    /// In a fleet: the bucket revision the snapshot is exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fleet_revision: Option<u64>,
     pub(crate) data: Option<u64>,
     /// `none`, `verified`, or the reason the credential was rejected.
     pub(crate) credential: Option<&'a str>,

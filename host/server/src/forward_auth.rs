@@ -61,7 +61,9 @@ impl ForwardAuth {
         match path {
             "/healthz" => Some(text(StatusCode::OK, "ok\n")),
             "/readyz" => {
-                let ready = self.ready.load(Ordering::SeqCst) && !state.store.load().policies.is_empty();
+                // In a fleet: not while out of touch, nor before any state was applied.
+                let fleet_ok = state.fleet.as_ref().is_none_or(|f| !f.is_stale() && (f.is_synced() || f.applied() > 0));
+                let ready = self.ready.load(Ordering::SeqCst) && fleet_ok && !state.store.load().policies.is_empty();
                 Some(if ready {
                     text(StatusCode::OK, "ready\n")
                 } else {
@@ -70,6 +72,10 @@ impl ForwardAuth {
             }
             "/metrics" => {
                 state.metrics.pool_in_use.set(state.runtime.instances_in_use() as i64);
+                if let Some(fleet) = &state.fleet {
+                    state.metrics.fleet_staleness.set(fleet.staleness().as_secs_f64());
+                    state.metrics.fleet_revision.set(state.store.load().fleet_revision.unwrap_or(0) as i64);
+                }
                 let mut response = text(StatusCode::OK, &state.metrics.encode());
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,

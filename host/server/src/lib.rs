@@ -19,6 +19,7 @@ mod credential;
 pub mod decide;
 pub mod decision_log;
 pub mod ext_authz;
+pub mod fleet;
 pub mod forward_auth;
 pub mod listener;
 pub mod metrics;

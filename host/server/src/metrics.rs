@@ -51,6 +51,10 @@ pub struct Metrics {
     pub shadow: Family<ShadowLabels, Counter>,
     /// Decision-log lines dropped because the log's reader was not keeping up.
     pub decision_log_dropped: Counter,
+    /// In a fleet: seconds since NATS last answered (set at scrape time).
+    pub fleet_staleness: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// In a fleet: the bucket revision applied (set at scrape time).
+    pub fleet_revision: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,7 +78,26 @@ impl Default for Metrics {
             "Decision-log lines dropped because the log's reader was not keeping up",
             decision_log_dropped.clone(),
         );
-        Metrics { registry, decisions, latency, jwks_fetches, pool_in_use, queue_waits, shadow, decision_log_dropped }
+        let fleet_staleness = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "fleet_staleness_seconds",
+            "Seconds since the fleet's NATS last answered",
+            fleet_staleness.clone(),
+        );
+        let fleet_revision = Gauge::default();
+        registry.register("fleet_revision", "The fleet bucket revision applied", fleet_revision.clone());
+        Metrics {
+            registry,
+            decisions,
+            latency,
+            jwks_fetches,
+            pool_in_use,
+            queue_waits,
+            shadow,
+            decision_log_dropped,
+            fleet_staleness,
+            fleet_revision,
+        }
     }
 }
 

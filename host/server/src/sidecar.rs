@@ -31,6 +31,8 @@ pub struct Sidecar {
     log_writer: LogWriter,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// In a fleet: the state applied at start (from the local cache), to watch on from.
+    fleet_start: Option<crate::fleet::desired::DesiredState>,
 }
 
 impl Sidecar {
@@ -39,6 +41,18 @@ impl Sidecar {
         config.check()?;
         let proxy = config.server.proxy.ok_or_else(|| StartError::Admin("[server] proxy is not set".into()))?;
         let state = State::from_config(&config).await?;
+        // A fleet member starts from the state it last applied, so it serves while NATS is down.
+        let fleet_start = match (&config.fleet, &state.fleet) {
+            (Some(fleet), Some(health)) => {
+                let desired = crate::fleet::load_cached(&fleet.cache_file());
+                crate::fleet::apply_initial(&state, health, &desired).await;
+                if desired.revision > 0 {
+                    tracing::info!(fleet = %fleet.name, revision = desired.revision, "started from the cached fleet state");
+                }
+                Some(desired)
+            }
+            _ => None,
+        };
         let tasks = TaskTracker::new();
         let dropped = state.metrics.decision_log_dropped.clone();
         let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_BYTES, dropped)
@@ -74,6 +88,7 @@ impl Sidecar {
             log_writer,
             tasks,
             stop: CancellationToken::new(),
+            fleet_start,
         })
     }
 
@@ -116,7 +131,8 @@ impl Sidecar {
     /// Serve until `shutdown` resolves, then stop every listener and loop, give open
     /// connections `shutdown_grace_secs` to finish, and write out the decision log.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Sidecar { config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, .. } = self;
+        let Sidecar { config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, fleet_start, .. } =
+            self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let limits = listener::Limits {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
@@ -144,6 +160,9 @@ impl Sidecar {
             tracing::warn!(error = %sandgate_auth::error_chain(&e), "initial JWKS fetch failed; will retry on demand");
         }
         state.fetcher.spawn_refresh(&tasks, &stop);
+        if let (Some(fleet), Some(desired)) = (&config.fleet, fleet_start) {
+            tasks.spawn(crate::fleet::run(state.clone(), fleet.clone(), fleet.cache_file(), desired, stop.clone()));
+        }
         if let Some(dir) = &config.server.policy_dir {
             let every = Duration::from_millis(config.server.policy_dir_poll_ms.max(10));
             tasks.spawn(crate::policy_dir::watch(state.clone(), dir.clone(), every, stop.clone()));

@@ -82,6 +82,8 @@ pub struct Snapshot {
     pub keys: Arc<KeySets>,
     /// Revocations.
     pub revocations: Arc<Revocations>,
+    /// In a fleet: the bucket revision this snapshot is exactly.
+    pub fleet_revision: Option<u64>,
 }
 
 impl Snapshot {
@@ -120,6 +122,7 @@ impl Snapshot {
             default_policy: self.default_policy.clone(),
             keys: self.keys.clone(),
             revocations: self.revocations.clone(),
+            fleet_revision: self.fleet_revision,
         }
     }
 }

@@ -134,8 +134,10 @@ pub struct State {
     recent_modules: RecentModules,
     /// Serialises module uploads from compile to publish, so a quick upload (a cached
     /// rollback) cannot be overtaken by a slower one that started before it.
-    module_writes: tokio::sync::Mutex<()>,
+    pub(crate) module_writes: tokio::sync::Mutex<()>,
     compiler: Compiler,
+    /// In a fleet: what this sidecar applied and how long it has been out of touch.
+    pub fleet: Option<Arc<crate::fleet::FleetHealth>>,
 }
 
 /// The snapshot store as the JWKS fetcher's [`KeyStore`], counting fetches.
@@ -239,6 +241,7 @@ impl State {
                 jtis: config.revocations.jtis.iter().cloned().collect(),
                 subjects: config.revocations.subjects.iter().cloned().collect(),
             }),
+            fleet_revision: config.fleet.as_ref().map(|_| 0),
         };
         let store = Arc::new(SnapshotStore::new(snapshot));
         let metrics = Arc::new(Metrics::default());
@@ -254,13 +257,14 @@ impl State {
             recent_modules: RecentModules::default(),
             module_writes: tokio::sync::Mutex::new(()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
+            fleet: config.fleet.as_ref().map(|f| Arc::new(crate::fleet::FleetHealth::new(f))),
         }))
     }
 
     /// Compile, validate and probe `bytes` on the compiler thread, unless a module with the
     /// same digest was compiled recently (a rollback is then instant). On an allow-list, the
     /// module's own digest or `manifest` (the digest of the OCI artifact it came in) must be.
-    async fn compile(&self, bytes: Bytes, manifest: Option<&str>) -> Result<PolicyModule, ChangeError> {
+    pub(crate) async fn compile(&self, bytes: Bytes, manifest: Option<&str>) -> Result<PolicyModule, ChangeError> {
         let digest = sha256_hex(&bytes);
         if !digest_allowed(&self.allowed_digests, &digest, manifest) {
             return Err(ChangeError::DigestNotAllowed(manifest.map_or_else(|| digest.clone(), str::to_owned)));
@@ -470,6 +474,10 @@ impl RecentModules {
 fn digest_allowed(allowed: &HashSet<String>, module: &str, manifest: Option<&str>) -> bool {
     let hex = |d: &str| d.strip_prefix("sha256:").unwrap_or(d).to_owned();
     allowed.is_empty() || allowed.contains(&hex(module)) || manifest.is_some_and(|m| allowed.contains(&hex(m)))
+}
+
+pub(crate) fn oci_source_of(pulled: &Pulled) -> Arc<OciSource> {
+    oci_source(pulled)
 }
 
 fn oci_source(pulled: &Pulled) -> Arc<OciSource> {

@@ -1,0 +1,383 @@
+//! `sandgate fleet --url URL --name NAME <command>`: write the fleet's desired state in NATS
+//! JetStream and read its sidecars' status. Every write takes `--wait[=SECS]`: it returns once
+//! every live sidecar has applied the write's revision (fleet-wide read-your-writes), names
+//! the sidecars that lag or failed to apply it, and exits 1 if any did.
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use sandgate_registry::{ModuleRef, TagFallback};
+use sandgate_server::config::{FleetConfig, valid_fleet_name};
+use sandgate_server::fleet::desired::{Key, PolicyItem, RevocationItem};
+use sandgate_server::fleet::status::{NodeStatus, status_store};
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// The fleet's name.
+    #[arg(long)]
+    name: String,
+    /// NATS user (the password from `--password-stdin` or `SANDGATE_NATS_PASSWORD`).
+    #[arg(long)]
+    user: Option<String>,
+    /// Read the NATS password from the first line of standard input.
+    #[arg(long, requires = "user")]
+    password_stdin: bool,
+    /// A file holding a NATS token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// A file holding an nkey seed.
+    #[arg(long)]
+    nkey_seed_file: Option<PathBuf>,
+    /// A CA (PEM) for the NATS servers (implies TLS).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run `MODULE` (`oci://…`) as policy `ID` on every sidecar. A tag is resolved here and
+    /// the module checked (pulled, verified, compiled, probed), so the fleet gets one digest.
+    PutPolicy {
+        id: String,
+        module: String,
+        /// Write the reference as given, without pulling or checking it.
+        #[arg(long)]
+        no_verify: bool,
+        #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
+        registry: super::registry::RegistryArgs,
+    },
+    /// Stop running policy `ID` (its routes then answer 403 `no_route`).
+    RemovePolicy {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Replace policy `ID`'s data document with `FILE` (JSON).
+    PutData {
+        id: String,
+        file: PathBuf,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Revoke a token id or every token of a subject.
+    Revoke {
+        #[command(flatten)]
+        target: Target,
+        /// When the revocation may lapse (the tokens have expired by then): Unix seconds, or
+        /// from now as `90s`, `15m`, `12h`, `7d`. Default: until `unrevoke`.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Remove a revocation.
+    Unrevoke {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Every sidecar's applied revision, errors and heartbeat.
+    Status,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// A token id (`jti`).
+    #[arg(long)]
+    jti: Option<String>,
+    /// A subject (`sub`): all its tokens.
+    #[arg(long)]
+    subject: Option<String>,
+}
+
+impl Target {
+    fn key(&self) -> Key {
+        match (&self.jti, &self.subject) {
+            (Some(jti), _) => Key::RevokedJti(jti.clone()),
+            (None, Some(subject)) => Key::RevokedSubject(subject.clone()),
+            (None, None) => Key::RevokedJti(String::new()),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Wait {
+    /// Return only when every live sidecar has applied this write (default timeout 30 s).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "30", require_equals = true)]
+    wait: Option<String>,
+}
+
+impl Wait {
+    fn timeout(&self) -> anyhow::Result<Option<Duration>> {
+        self.wait.as_deref().map(parse_duration).transpose()
+    }
+}
+
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let (number, unit) = text.find(|c: char| !c.is_ascii_digit()).map_or((text, ""), |i| text.split_at(i));
+    let n: u64 = number.parse().with_context(|| format!("`{text}` is not a duration (e.g. 30, 30s, 500ms, 5m)"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        _ => bail!("`{text}` is not a duration (e.g. 30, 30s, 500ms, 5m)"),
+    })
+}
+
+fn parse_until(text: &str) -> anyhow::Result<u64> {
+    if text.bytes().all(|b| b.is_ascii_digit()) && text.len() >= 9 {
+        return Ok(text.parse()?);
+    }
+    Ok(sandgate_server::unix_now() + parse_duration(text)?.as_secs())
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if !valid_fleet_name(&args.name) {
+        bail!("`{}` is not a fleet name: 1 to 64 of [A-Za-z0-9_-]", args.name);
+    }
+    let mut config = FleetConfig::client(&args.url, &args.name);
+    if let Some(user) = &args.user {
+        config.user = Some(user.clone());
+        config.password = Some(if args.password_stdin {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        } else {
+            std::env::var("SANDGATE_NATS_PASSWORD")
+                .context("--user needs --password-stdin or SANDGATE_NATS_PASSWORD")?
+        });
+    }
+    config.token_file = args.token_file.clone();
+    config.nkey_seed_file = args.nkey_seed_file.clone();
+    config.ca_file = args.ca_file.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(execute(config, args.command))
+}
+
+async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCode> {
+    let client = sandgate_server::fleet::connect(&config, true).await?;
+    let js = async_nats::jetstream::new(client);
+    if let Command::Status = command {
+        return status(&js, &config.name).await;
+    }
+    let kv = desired_store(&js, &config.name).await?;
+    let written = Instant::now();
+    let (key, revision, wait) = match command {
+        Command::Status => return status(&js, &config.name).await,
+        Command::PutPolicy { id, module, no_verify, wait, registry } => {
+            let module = if no_verify { module } else { checked_module(&module, &registry).await? };
+            let value = serde_json::to_vec(&PolicyItem { module: module.clone() })?;
+            let key = Key::Policy(id).encode();
+            let revision = kv.put(&key, value.into()).await.context("the write failed")?;
+            eprintln!("{key} = {module} at revision {revision}");
+            (key, revision, wait)
+        }
+        Command::PutData { id, file, wait } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read `{}`", file.display()))?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .with_context(|| format!("`{}` is not JSON", file.display()))?;
+            let key = Key::Data(id).encode();
+            let revision = kv.put(&key, bytes.into()).await.context("the write failed")?;
+            eprintln!("{key} at revision {revision}");
+            (key, revision, wait)
+        }
+        Command::Revoke { target, until, wait } => {
+            let until = until.as_deref().map(parse_until).transpose()?;
+            let key = target.key().encode();
+            let revision = kv
+                .put(&key, serde_json::to_vec(&RevocationItem { until })?.into())
+                .await
+                .context("the write failed")?;
+            eprintln!("revoked ({key}) at revision {revision}");
+            (key, revision, wait)
+        }
+        Command::RemovePolicy { id, wait } => delete(&kv, Key::Policy(id).encode(), wait).await?,
+        Command::Unrevoke { target, wait } => delete(&kv, target.key().encode(), wait).await?,
+    };
+    println!("{revision}");
+    match wait.timeout()? {
+        Some(timeout) => wait_for(&js, &config.name, &key, revision, timeout, written).await,
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn delete(kv: &async_nats::jetstream::kv::Store, key: String, wait: Wait) -> anyhow::Result<(String, u64, Wait)> {
+    kv.delete(&key).await.context("the delete failed")?;
+    // The delete's own revision is not returned; the bucket's last one is at least it.
+    let revision = kv.status().await.context("cannot read the bucket")?.info.state.last_sequence;
+    eprintln!("removed {key} (bucket at revision {revision})");
+    Ok((key, revision, wait))
+}
+
+/// Resolve `module` to its digest and check that the sidecars will load it.
+async fn checked_module(module: &str, registry: &super::registry::RegistryArgs) -> anyhow::Result<String> {
+    let reference: ModuleRef = module.parse()?;
+    let pulled = registry.registry(&reference, None)?.pull(&reference, TagFallback::Never).await?;
+    super::small_runtime()?
+        .load(&pulled.module)
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("`{module}` is not a loadable policy component"))?;
+    Ok(pulled.pinned().to_string())
+}
+
+async fn desired_store(
+    js: &async_nats::jetstream::Context,
+    fleet: &str,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    let name = sandgate_server::fleet::bucket(fleet);
+    Ok(sandgate_server::fleet::open_or_create_bucket(
+        js,
+        &name,
+        16,
+        Duration::ZERO,
+        async_nats::jetstream::stream::StorageType::File,
+    )
+    .await?)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Watch the status bucket until every live sidecar reports `revision` (or later).
+async fn wait_for(
+    js: &async_nats::jetstream::Context,
+    fleet: &str,
+    key: &str,
+    revision: u64,
+    timeout: Duration,
+    began: Instant,
+) -> anyhow::Result<ExitCode> {
+    let store =
+        status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e)).context("cannot open the status bucket")?;
+    let mut updates = store.watch_all().await.context("cannot watch the status bucket")?;
+    let deadline = Instant::now() + timeout;
+    // Every status there is now (the watch, started first, brings every later change).
+    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
+    let mut keys = store.keys().await.context("cannot list the status bucket")?;
+    while let Some(key) = keys.next().await {
+        let key = key.context("cannot list the status bucket")?;
+        if let Some(status) = store.get(&key).await.ok().flatten().and_then(|v| serde_json::from_slice(&v).ok()) {
+            nodes.insert(key, status);
+        }
+    }
+    let mut first = true;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let next = if first {
+            first = false;
+            Err(())
+        } else {
+            tokio::time::timeout(remaining, updates.next()).await.map_err(|_| ())
+        };
+        match next {
+            Ok(Some(Ok(entry))) => match serde_json::from_slice::<NodeStatus>(&entry.value) {
+                Ok(status) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                    let newer = nodes.get(&entry.key).is_none_or(|old| old.heartbeat_ms <= status.heartbeat_ms);
+                    if newer {
+                        nodes.insert(entry.key.clone(), status);
+                    }
+                }
+                _ => {
+                    nodes.remove(&entry.key);
+                }
+            },
+            Ok(Some(Err(e))) => bail!("the status watch failed: {e}"),
+            Ok(None) => bail!("the status watch ended"),
+            Err(()) => {} // the first look, or nothing more in time
+        }
+        let now = now_ms();
+        let live: Vec<&NodeStatus> = nodes.values().filter(|s| s.is_live(now)).collect();
+        let behind: Vec<&&NodeStatus> = live.iter().filter(|s| s.applied_revision < revision).collect();
+        if behind.is_empty() {
+            let failed: Vec<(&str, &str)> = live
+                .iter()
+                .flat_map(|s| {
+                    s.errors
+                        .iter()
+                        .filter(|e| e.key == key && e.revision == revision)
+                        .map(|e| (s.node.as_str(), e.error.as_str()))
+                })
+                .collect();
+            let took = began.elapsed();
+            if live.is_empty() {
+                eprintln!("no live sidecar in fleet `{fleet}`: nothing to wait for");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for (node, error) in &failed {
+                eprintln!("{node}: not applied: {error}");
+            }
+            if !failed.is_empty() {
+                eprintln!("{} of {} live sidecars refused revision {revision}", failed.len(), live.len());
+                return Ok(ExitCode::from(1));
+            }
+            eprintln!(
+                "applied by all {} live sidecars {:.1} ms after the write began",
+                live.len(),
+                took.as_secs_f64() * 1000.0
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() >= deadline {
+            for s in &behind {
+                eprintln!(
+                    "{}: at revision {} (wants {revision}){}",
+                    s.node,
+                    s.applied_revision,
+                    if s.stale { ", stale" } else { "" }
+                );
+            }
+            eprintln!(
+                "{} of {} live sidecars had not applied revision {revision} after {timeout:?}",
+                behind.len(),
+                live.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+}
+
+async fn status(js: &async_nats::jetstream::Context, fleet: &str) -> anyhow::Result<ExitCode> {
+    let revision = match js.get_key_value(sandgate_server::fleet::bucket(fleet)).await {
+        Ok(kv) => kv.status().await.map(|s| s.info.state.last_sequence).unwrap_or(0),
+        Err(_) => 0,
+    };
+    let store = status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e))?;
+    let mut keys = store.keys().await.context("cannot list the status bucket")?;
+    let now = now_ms();
+    println!("fleet `{fleet}` at revision {revision}");
+    println!("{:<24} {:>9} {:>6} {:>6} {:>8}  errors", "node", "applied", "synced", "stale", "age ms");
+    while let Some(key) = keys.next().await {
+        let key = key.context("cannot list the status bucket")?;
+        let Some(value) = store.get(&key).await.context("cannot read a status")? else { continue };
+        let Ok(s) = serde_json::from_slice::<NodeStatus>(&value) else { continue };
+        let age = now.saturating_sub(s.heartbeat_ms);
+        let errors: Vec<String> = s.errors.iter().map(|e| format!("{}@{}: {}", e.key, e.revision, e.error)).collect();
+        println!(
+            "{:<24} {:>9} {:>6} {:>6} {:>8}  {}{}",
+            s.node,
+            s.applied_revision,
+            s.synced,
+            s.stale,
+            age,
+            errors.join("; "),
+            if s.is_live(now) { "" } else { " (not live)" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,389 @@
+//! A fleet of sidecars sharing desired state through NATS JetStream.
+//!
+//! Desired state (which module each policy runs, data documents, revocations) lives in one KV
+//! bucket per fleet, `sandgate_<fleet>`, one key per item ([`desired`]); the bucket's revision
+//! is the fleet's version. Each sidecar:
+//!
+//! 1. at start applies the state it last applied, from its local cache file, so it starts
+//!    while NATS is down (modules come from the module cache);
+//! 2. watches the bucket from the revision after that one and applies changes in revision
+//!    order: every batch of changes the watch has delivered is applied as one new snapshot that
+//!    is exactly the bucket's content at the batch's last revision ([`apply`]), so no check ever
+//!    decides on a mix of two revisions, and every decision-log line names its revision;
+//! 3. reports node id, applied revision, loaded modules, errors and a heartbeat in the status
+//!    bucket `sandgate_<fleet>_status` ([`status`]), which `sandgate fleet … --wait` watches to
+//!    return once every live sidecar has applied a write;
+//! 4. counts how long it has been out of touch with NATS: past `max_staleness_secs` it is not
+//!    ready, and (by default) answers checks 503 `stale_state`.
+//!
+//! A module that fails to pull, compile or probe, or a data document that is not JSON, keeps
+//! the previous version of that item serving and is reported in the status; the revision is
+//! still applied (every other item of it is live).
+
+pub mod apply;
+pub mod desired;
+pub mod status;
+
+use crate::config::FleetConfig;
+use crate::state::State;
+use desired::{DesiredState, Key};
+use futures_util::StreamExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use apply::ItemError;
+
+/// The bucket holding fleet `name`'s desired state.
+pub fn bucket(name: &str) -> String {
+    format!("sandgate_{name}")
+}
+
+/// The bucket holding fleet `name`'s sidecar statuses.
+pub fn status_bucket(name: &str) -> String {
+    format!("sandgate_{name}_status")
+}
+
+/// How long a status entry lives without a heartbeat; `--wait` counts a sidecar as live while
+/// its entry is younger than three heartbeats.
+pub const STATUS_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// What a sidecar knows of its place in the fleet: what it applied, and how long it has been
+/// out of touch.
+pub struct FleetHealth {
+    /// The fleet's name.
+    pub name: String,
+    /// This sidecar's node id.
+    pub node_id: String,
+    /// How often the status is written.
+    pub heartbeat_every: Duration,
+    max_staleness: Duration,
+    deny_when_stale: bool,
+    last_contact_ms: AtomicU64,
+    synced: AtomicBool,
+    applied: AtomicU64,
+    errors: Mutex<Vec<ItemError>>,
+}
+
+impl FleetHealth {
+    /// Health for `config`, counting staleness from now.
+    pub fn new(config: &FleetConfig) -> Self {
+        FleetHealth {
+            name: config.name.clone(),
+            node_id: config.node_id.clone().unwrap_or_else(hostname),
+            heartbeat_every: Duration::from_millis(config.heartbeat_ms.max(100)),
+            max_staleness: Duration::from_secs(config.max_staleness_secs),
+            deny_when_stale: config.when_stale == crate::config::WhenStale::Deny,
+            last_contact_ms: AtomicU64::new(unix_ms()),
+            synced: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// NATS answered just now.
+    pub fn contact(&self) {
+        self.last_contact_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Time since NATS last answered.
+    pub fn staleness(&self) -> Duration {
+        Duration::from_millis(unix_ms().saturating_sub(self.last_contact_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Out of touch for longer than `max_staleness_secs`.
+    pub fn is_stale(&self) -> bool {
+        self.staleness() > self.max_staleness
+    }
+
+    /// Whether checks are to be denied now (stale, and configured to deny then).
+    pub fn deny_checks(&self) -> bool {
+        self.deny_when_stale && self.is_stale()
+    }
+
+    /// Whether the sidecar has caught up with the bucket since it started.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The revision last applied.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// The items of the last applied revision that could not be applied.
+    pub fn errors(&self) -> Vec<ItemError> {
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn applied_now(&self, revision: u64, errors: Vec<ItemError>) {
+        self.applied.store(revision, Ordering::Relaxed);
+        *self.errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
+    }
+}
+
+/// This machine's host name, as a KV key (`[A-Za-z0-9_-]`, others replaced by `-`).
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "sidecar".into());
+    sanitize(name.trim())
+}
+
+/// `text` with every byte outside `[A-Za-z0-9_-]` replaced by `-`.
+pub fn sanitize(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why NATS could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// A credentials or CA file.
+    #[error("[fleet]: cannot read `{}`", .0.display())]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The client could not be set up.
+    #[error("[fleet]: {0}")]
+    Setup(String),
+    /// NATS or JetStream failed.
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// A NATS client for `config`. It connects in the background and reconnects by itself; this
+/// returns at once, so a sidecar starts while NATS is down.
+pub async fn connect(config: &FleetConfig, wait: bool) -> Result<async_nats::Client, FleetError> {
+    let first_line = |path: &PathBuf| -> Result<String, FleetError> {
+        let text = std::fs::read_to_string(path).map_err(|e| FleetError::Read(path.clone(), e))?;
+        Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+    };
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("sandgate/{}", config.node_id.as_deref().unwrap_or("cli")))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connection_timeout(Duration::from_secs(5));
+    if !wait {
+        options = options.retry_on_initial_connect();
+    }
+    if let Some(user) = &config.user {
+        let password = match (&config.password, &config.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(path)) => first_line(path)?,
+            (None, None) => String::new(),
+        };
+        options = options.user_and_password(user.clone(), password);
+    }
+    let token = match (&config.token, &config.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(first_line(path)?),
+        (None, None) => None,
+    };
+    if let Some(token) = token {
+        options = options.token(token);
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        options = options.nkey(first_line(path)?);
+    }
+    if let Some(path) = &config.ca_file {
+        options = options.add_root_certificates(path.clone()).require_tls(true);
+    } else if config.tls {
+        options = options.require_tls(true);
+    }
+    options
+        .connect(config.url.as_str())
+        .await
+        .map_err(|e| FleetError::Nats(format!("cannot connect to `{}`: {e}", config.url)))
+}
+
+/// Open the KV bucket `name`, creating it (with `history` values per key, entries living
+/// `max_age`, zero: forever) if it does not exist. The bucket's stream is created here with the
+/// KV conventions rather than by `create_key_value`, which needs a NATS server newer than
+/// 2.10 for its account query; the bucket is the same.
+pub async fn open_or_create_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    history: i64,
+    max_age: Duration,
+    storage: async_nats::jetstream::stream::StorageType,
+) -> Result<async_nats::jetstream::kv::Store, FleetError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: history,
+        max_age,
+        storage,
+        num_replicas: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    };
+    if let Err(e) = js.get_or_create_stream(config).await {
+        return Err(FleetError::Nats(format!("cannot create the bucket `{name}`: {e}")));
+    }
+    js.get_key_value(name).await.map_err(|e| FleetError::Nats(format!("cannot open the bucket `{name}`: {e}")))
+}
+
+/// The state this sidecar last applied, from `path` (empty when there is none yet).
+pub fn load_cached(path: &std::path::Path) -> DesiredState {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "the fleet cache is not readable; starting empty");
+            DesiredState::default()
+        }),
+        Err(_) => DesiredState::default(),
+    }
+}
+
+fn save_cached(path: &std::path::Path, desired: &DesiredState) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, serde_json::to_vec(desired).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&partial, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the fleet cache");
+    }
+}
+
+/// Apply `desired` now (at start, before anything is served) and record it.
+pub async fn apply_initial(state: &State, health: &FleetHealth, desired: &DesiredState) {
+    let errors = state.apply_desired(desired, crate::decide::unix_now()).await;
+    report_errors(&errors);
+    health.applied_now(desired.revision, errors);
+}
+
+fn report_errors(errors: &[ItemError]) {
+    for e in errors {
+        tracing::warn!(key = %e.key, revision = e.revision, error = %e.error, "fleet item not applied; the previous version keeps serving");
+    }
+}
+
+/// Watch the fleet's bucket and apply every change, until `stop`; reconnects and resumes from
+/// the last applied revision on any failure. Also publishes this sidecar's status.
+pub async fn run(
+    state: Arc<State>,
+    config: FleetConfig,
+    cache_file: PathBuf,
+    mut desired: DesiredState,
+    stop: CancellationToken,
+) {
+    let Some(health) = state.fleet.clone() else { return };
+    let client = match connect(&config, false).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %sandgate_auth::error_chain(&e), "the fleet client cannot start; serving the cached state");
+            return;
+        }
+    };
+    let heartbeat =
+        tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
+    let mut failing = false;
+    loop {
+        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop).await;
+        if stop.is_cancelled() {
+            break;
+        }
+        if let Err(e) = result {
+            if !failing {
+                tracing::warn!(error = %e, revision = desired.revision, "fleet watch interrupted; resuming from the last applied revision");
+            }
+            failing = true;
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    let _ = heartbeat.await;
+}
+
+async fn watch(
+    state: &State,
+    health: &FleetHealth,
+    client: &async_nats::Client,
+    cache_file: &std::path::Path,
+    desired: &mut DesiredState,
+    stop: &CancellationToken,
+) -> Result<(), FleetError> {
+    let nats = |e: &dyn std::fmt::Display| FleetError::Nats(e.to_string());
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js.get_key_value(bucket(&health.name)).await.map_err(|e| nats(&e))?;
+    let mut updates = kv.watch_all_from_revision(desired.revision + 1).await.map_err(|e| nats(&e))?;
+    let last = kv.status().await.map_err(|e| nats(&e))?.info.state.last_sequence;
+    health.contact();
+    if last <= desired.revision {
+        health.synced.store(true, Ordering::Relaxed);
+    }
+    let mut batched = 0usize;
+    let mut next_expiry = next_expiry(desired, crate::decide::unix_now());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                // A revocation that expired is dropped from the snapshot (same revision).
+                let now = crate::decide::unix_now();
+                if next_expiry.is_some_and(|t| t <= now) {
+                    let errors = state.apply_desired(desired, now).await;
+                    health.applied_now(desired.revision, errors);
+                    next_expiry = self::next_expiry(desired, now);
+                }
+            }
+            entry = updates.next() => {
+                let entry = match entry {
+                    None => return Err(FleetError::Nats("the watch ended".into())),
+                    Some(Err(e)) => return Err(nats(&e)),
+                    Some(Ok(entry)) => entry,
+                };
+                health.contact();
+                if entry.revision <= desired.revision {
+                    continue;
+                }
+                match entry.operation {
+                    async_nats::jetstream::kv::Operation::Put => desired.put(entry.key.clone(), &entry.value, entry.revision),
+                    _ => desired.delete(&entry.key, entry.revision),
+                }
+                batched += 1;
+                // Apply once the watch has delivered everything pending (or every 256 changes
+                // of a long backlog): one snapshot per batch, exactly the bucket at its revision.
+                if entry.delta == 0 || batched >= 256 {
+                    let now = crate::decide::unix_now();
+                    let errors = state.apply_desired(desired, now).await;
+                    report_errors(&errors);
+                    health.applied_now(desired.revision, errors);
+                    if entry.delta == 0 {
+                        health.synced.store(true, Ordering::Relaxed);
+                    }
+                    save_cached(cache_file, desired);
+                    next_expiry = self::next_expiry(desired, now);
+                    status::publish(state, client).await;
+                    batched = 0;
+                }
+            }
+        }
+    }
+}
+
+/// The earliest `until` of a revocation still in force at `now`.
+fn next_expiry(desired: &DesiredState, now: u64) -> Option<u64> {
+    desired
+        .items
+        .iter()
+        .filter(|(key, _)| matches!(Key::parse(key), Some(Key::RevokedJti(_) | Key::RevokedSubject(_))))
+        .filter_map(|(_, (value, _))| serde_json::from_str::<desired::RevocationItem>(value).ok()?.until)
+        .filter(|until| *until > now)
+        .min()
+}

@@ -1,0 +1,108 @@
+//! Each sidecar's status in the bucket `sandgate_<fleet>_status`, key = node id: what it has
+//! applied and what failed, with a heartbeat. `sandgate fleet status` lists them;
+//! `sandgate fleet … --wait` watches them until every live sidecar has applied a write.
+
+use crate::state::State;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// One sidecar's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its node id.
+    pub node: String,
+    /// The bucket revision its snapshot is at.
+    pub applied_revision: u64,
+    /// Whether it has caught up with the bucket since it started.
+    pub synced: bool,
+    /// Whether it is past `max_staleness_secs` without NATS.
+    pub stale: bool,
+    /// Policies and the module each runs (pinned reference, or digest for a local module).
+    pub policies: BTreeMap<String, String>,
+    /// Items of the applied revision that could not be applied.
+    pub errors: Vec<super::ItemError>,
+    /// When this was written, Unix milliseconds.
+    pub heartbeat_ms: u64,
+    /// How often it writes, milliseconds.
+    pub heartbeat_every_ms: u64,
+}
+
+impl NodeStatus {
+    /// Whether the sidecar is alive at `now_ms`: it wrote within three of its heartbeats.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.heartbeat_ms) <= 3 * self.heartbeat_every_ms.max(100) + 1000
+    }
+}
+
+fn current(state: &State) -> Option<NodeStatus> {
+    let health = state.fleet.as_ref()?;
+    let snapshot = state.store.load();
+    Some(NodeStatus {
+        node: health.node_id.clone(),
+        applied_revision: snapshot.fleet_revision.unwrap_or(0),
+        synced: health.is_synced(),
+        stale: health.is_stale(),
+        policies: snapshot
+            .policies
+            .values()
+            .map(|p| {
+                let module = p.source.as_ref().map_or_else(|| p.module.digest().to_owned(), |s| s.pinned.clone());
+                (p.id.clone(), module)
+            })
+            .collect(),
+        errors: health.errors(),
+        heartbeat_ms: super::unix_ms(),
+        heartbeat_every_ms: health.heartbeat_every.as_millis() as u64,
+    })
+}
+
+/// Open (or create) the status bucket.
+pub async fn status_store(
+    js: &async_nats::jetstream::Context,
+    fleet: &str,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let name = super::status_bucket(fleet);
+    super::open_or_create_bucket(
+        js,
+        &name,
+        1,
+        super::STATUS_MAX_AGE,
+        async_nats::jetstream::stream::StorageType::Memory,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Write this sidecar's status now; `true` when NATS took it.
+pub async fn publish(state: &State, client: &async_nats::Client) -> bool {
+    let (Some(health), Some(status)) = (state.fleet.as_ref(), current(state)) else { return false };
+    let js = async_nats::jetstream::new(client.clone());
+    let Ok(store) = status_store(&js, &health.name).await else { return false };
+    let Ok(value) = serde_json::to_vec(&status) else { return false };
+    store.put(&status.node, value.into()).await.is_ok()
+}
+
+/// Write the status every `every` until `stop`; each write NATS takes counts as contact.
+pub async fn heartbeat(
+    state: std::sync::Arc<State>,
+    client: async_nats::Client,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let published = tokio::time::timeout(every.max(Duration::from_secs(2)), publish(&state, &client)).await;
+        if published == Ok(true)
+            && let Some(health) = &state.fleet
+        {
+            health.contact();
+        }
+    }
+}
