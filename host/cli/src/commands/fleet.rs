@@ -211,7 +211,13 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
     };
     println!("{revision}");
     match wait.timeout()? {
-        Some(timeout) => wait_for(&js, &config.name, &key, revision, timeout, written).await,
+        // Bounded as a whole, whatever NATS does.
+        Some(timeout) => tokio::time::timeout(
+            timeout + Duration::from_secs(5),
+            wait_for(&js, &config.name, &key, revision, timeout, written),
+        )
+        .await
+        .unwrap_or_else(|_| bail!("no answer from NATS within {timeout:?}")),
         None => Ok(ExitCode::SUCCESS),
     }
 }
@@ -268,14 +274,7 @@ async fn wait_for(
     let mut updates = store.watch_all().await.context("cannot watch the status bucket")?;
     let deadline = Instant::now() + timeout;
     // Every status there is now (the watch, started first, brings every later change).
-    let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
-    let mut keys = store.keys().await.context("cannot list the status bucket")?;
-    while let Some(key) = keys.next().await {
-        let key = key.context("cannot list the status bucket")?;
-        if let Some(status) = store.get(&key).await.ok().flatten().and_then(|v| serde_json::from_slice(&v).ok()) {
-            nodes.insert(key, status);
-        }
-    }
+    let mut nodes = read_statuses(js, fleet, &store).await?;
     let mut first = true;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -352,20 +351,40 @@ async fn wait_for(
     }
 }
 
+/// Every sidecar's status now. The keys come from the stream's subjects (a bounded answer;
+/// a key listing would chase the heartbeats that keep arriving), each read by a direct get.
+async fn read_statuses(
+    js: &async_nats::jetstream::Context,
+    fleet: &str,
+    store: &async_nats::jetstream::kv::Store,
+) -> anyhow::Result<BTreeMap<String, NodeStatus>> {
+    let bucket = sandgate_server::fleet::status_bucket(fleet);
+    let prefix = format!("$KV.{bucket}.");
+    let stream = js.get_stream(format!("KV_{bucket}")).await.context("cannot open the status bucket")?;
+    let mut subjects =
+        stream.info_with_subjects(format!("{prefix}>")).await.context("cannot list the status bucket")?;
+    let mut nodes = BTreeMap::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.context("cannot list the status bucket")?;
+        let Some(key) = subject.strip_prefix(&prefix) else { continue };
+        if let Some(status) = store.get(key).await.ok().flatten().and_then(|v| serde_json::from_slice(&v).ok()) {
+            nodes.insert(key.to_owned(), status);
+        }
+    }
+    Ok(nodes)
+}
+
 async fn status(js: &async_nats::jetstream::Context, fleet: &str) -> anyhow::Result<ExitCode> {
     let revision = match js.get_key_value(sandgate_server::fleet::bucket(fleet)).await {
         Ok(kv) => kv.status().await.map(|s| s.info.state.last_sequence).unwrap_or(0),
         Err(_) => 0,
     };
     let store = status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e))?;
-    let mut keys = store.keys().await.context("cannot list the status bucket")?;
+    let nodes = read_statuses(js, fleet, &store).await?;
     let now = now_ms();
     println!("fleet `{fleet}` at revision {revision}");
     println!("{:<24} {:>9} {:>6} {:>6} {:>8}  errors", "node", "applied", "synced", "stale", "age ms");
-    while let Some(key) = keys.next().await {
-        let key = key.context("cannot list the status bucket")?;
-        let Some(value) = store.get(&key).await.context("cannot read a status")? else { continue };
-        let Ok(s) = serde_json::from_slice::<NodeStatus>(&value) else { continue };
+    for s in nodes.values() {
         let age = now.saturating_sub(s.heartbeat_ms);
         let errors: Vec<String> = s.errors.iter().map(|e| format!("{}@{}: {}", e.key, e.revision, e.error)).collect();
         println!(

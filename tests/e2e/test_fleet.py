@@ -1,0 +1,312 @@
+"""A fleet of sidecars on NATS JetStream (Debian's `nats-server`, started here on a loopback
+port with a temporary store) and the distribution registry: fleet-wide read-your-writes with
+`sandgate fleet … --wait`, roll-outs, revocations, a module that fails, a malformed document,
+NATS going away (start from the local cache, staleness, catching up), and local writes
+refused."""
+
+import concurrent.futures
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ISSUER, POLICIES, RBAC_DATA, SANDGATE, Sandgate, free_port, wait_port, write_config
+from test_admin import TOKEN, admin
+from test_oci import Registry, push
+
+NATS = shutil.which("nats-server") or "/usr/bin/nats-server"
+SECRET = "an-hs256-secret-of-at-least-32-bytes!!"
+
+
+class Nats:
+    """`nats-server -js` on a free loopback port, its store in a temporary directory that
+    survives a restart."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.log = open(self.directory / "nats.log", "a")
+        self.proc = subprocess.Popen([NATS, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory / "js")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, "nats-server")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    n = Nats(tmp_path)
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    r = Registry(tmp_path / "registry")
+    yield r
+    r.stop()
+
+
+def fleet(nats, *args, check=True):
+    out = subprocess.run([str(SANDGATE), "fleet", "--url", nats.url, "--name", "prod", *args], capture_output=True, text=True, timeout=90)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def token(jti, sub="alice"):
+    import jwt
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "sub": sub, "jti": jti, "iat": now, "exp": now + 600, "roles": ["reader"]}, SECRET, algorithm="HS256", headers={"kid": "k"})
+
+
+class Fleet:
+    """N sidecars in fleet `prod`, each with its own caches and decision log."""
+
+    def __init__(self, tmp_path, nats, n, max_staleness=30, admin=False):
+        self.tmp_path, self.nats, self.max_staleness, self.admin = tmp_path, nats, max_staleness, admin
+        self.sidecars = [self.start(i) for i in range(n)]
+
+    def start(self, i):
+        d = self.tmp_path / f"node-{i}"
+        d.mkdir(exist_ok=True)
+        extra = (
+            f'[fleet]\nurl = "{self.nats.url}"\nname = "prod"\nnode_id = "node-{i}"\ncache_dir = "{d / "fleet"}"\n'
+            f"max_staleness_secs = {self.max_staleness}\nheartbeat_ms = 200\n"
+        )
+        config = {
+            "issuers": [{"issuer": ISSUER, "algorithms": ["HS256"], "keys": [{"kid": "k", "algorithm": "HS256", "secret": SECRET}]}],
+            "policies": [],
+            "server": {"proxy": "nginx", "default_policy": "rbac"},
+            "routes": [{"path_prefix": "/live", "policy": "live"}],
+            "registry": {"cache_dir": str(d / "oci")},
+            "extra_toml": extra,
+        }
+        if self.admin:
+            config["admin"] = {"listen": f"127.0.0.1:{free_port()}", "token": TOKEN}
+        path = d / "sandgate.toml"
+        write_config(path, **config)
+        s = Sandgate.__new__(Sandgate)
+        # Not ready until the fleet's state is applied: start without waiting for /readyz.
+        s.wait_ready = lambda: None
+        Sandgate.__init__(s, path, d / f"decisions-{time.time_ns()}.log", proxy="nginx")
+        if self.admin:
+            s.admin = f"http://{config['admin']['listen']}"
+        return s
+
+    def restart(self, i):
+        self.sidecars[i].stop()
+        self.sidecars[i] = self.start(i)
+
+    def stop(self):
+        for s in self.sidecars:
+            s.stop()
+
+
+def answer(sidecar, jti="probe", sub="alice"):
+    """The RBAC policy's answer for a reader's token: (status, reason)."""
+    status, headers, _ = sidecar.check({"Authorization": f"Bearer {token(jti, sub)}", "X-Original-URI": "/api/x"})
+    return status, headers.get("x-sandgate-reason")
+
+
+def version(sidecar):
+    """The `live` policy's answer: (status, version)."""
+    status, headers, _ = sidecar.check({"X-Original-URI": "/live/x"})
+    return status, headers.get("x-policy-version")
+
+
+def deploy_rbac(tmp_path, nats, registry):
+    push(registry.ref("sandgate/rbac", "v1"), "rbac")
+    data = tmp_path / "rbac-data.json"
+    data.write_text(json.dumps(RBAC_DATA))
+    fleet(nats, "put-data", "rbac", str(data))
+    fleet(nats, "put-policy", "rbac", registry.ref("sandgate/rbac", "v1"), "--wait")
+
+
+def ready(sidecar):
+    try:
+        with urllib.request.urlopen(sidecar.base + "/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_writes_with_wait_are_read_your_writes_across_the_fleet(tmp_path, nats, registry):
+    v1 = registry.ref("sandgate/live", "v1")
+    push(v1, "versioned-v1")
+    push(registry.ref("sandgate/live", "v2"), "versioned-v2")
+    f = Fleet(tmp_path, nats, 3)
+    try:
+        assert not any(ready(s) for s in f.sidecars), "ready before the fleet's state was applied"
+        deploy_rbac(tmp_path, nats, registry)
+        out = fleet(nats, "put-policy", "live", v1, "--wait=30")
+        revision = int(out.stdout.strip())
+        assert "applied by all 3 live sidecars" in out.stderr, out.stderr
+        assert all(version(s) == (200, "1") for s in f.sidecars)
+        assert all(answer(s) == (200, None) for s in f.sidecars)
+        assert all(ready(s) for s in f.sidecars)
+        line = f.sidecars[0].decision_log()[-1]
+        assert line["fleet_revision"] == revision, line
+        assert line["policy_source"].startswith(f"oci://{registry.host}/sandgate/rbac@sha256:"), line
+
+        # Revocations, each with --wait, then every sidecar probed with the revoked token.
+        for i in range(200):
+            out = fleet(nats, "revoke", "--jti", f"jti-{i}", "--wait=30")
+            assert "applied by all 3 live sidecars" in out.stderr, out.stderr
+            allowed = [s.port for s in f.sidecars if answer(s, jti=f"jti-{i}")[0] == 200]
+            assert allowed == [], f"revocation {i} allowed on {allowed}"
+        # A subject, with an expiry in the past: no longer in force; un-revoking works.
+        fleet(nats, "revoke", "--subject", "mallory", "--wait")
+        assert {answer(s, sub="mallory") for s in f.sidecars} == {(401, "token_revoked")}
+        fleet(nats, "unrevoke", "--subject", "mallory", "--wait")
+        assert {answer(s, sub="mallory")[0] for s in f.sidecars} == {200}
+        fleet(nats, "revoke", "--subject", "mallory", f"--until={int(time.time()) - 3600:d}", "--wait")
+        assert {answer(s, sub="mallory")[0] for s in f.sidecars} == {200}
+        # One in force for two more seconds only.
+        fleet(nats, "revoke", "--subject", "mallory", "--until=2s", "--wait")
+        assert {answer(s, sub="mallory")[0] for s in f.sidecars} == {401}
+        assert wait_until(lambda: {answer(s, sub="mallory")[0] for s in f.sidecars} == {200}, timeout=10)
+
+        # A roll-out under load: no failed request, and after --wait only v2 answers.
+        stop = False
+
+        def load(s):
+            seen = []
+            while not stop:
+                seen.append(version(s))
+            return seen
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            loads = [pool.submit(load, s) for s in f.sidecars for _ in range(2)]
+            time.sleep(0.3)
+            fleet(nats, "put-policy", "live", registry.ref("sandgate/live", "v2"), "--wait")
+            after = [version(s) for s in f.sidecars]
+            stop = True
+            seen = [a for l in loads for a in l.result()]
+        assert after == [(200, "2")] * 3
+        assert len(seen) > 100 and {a for a in seen} <= {(200, "1"), (200, "2")}, set(seen)
+
+        out = fleet(nats, "status")
+        assert out.stdout.count("node-") == 3, out.stdout
+    finally:
+        f.stop()
+
+
+def test_a_bad_item_keeps_the_old_version_and_is_reported(tmp_path, nats, registry):
+    push(registry.ref("sandgate/live", "v1"), "versioned-v1")
+    f = Fleet(tmp_path, nats, 2)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        fleet(nats, "put-policy", "live", registry.ref("sandgate/live", "v1"), "--wait")
+        # A module that is not in the registry, and one that is not a policy (fails to load).
+        bad = registry.push_artifact("sandgate/bad", "v1", b"\0asm\x01\0\0\0", "application/vnd.wasm.config.v0+json", "application/wasm")
+        for module, why in [(registry.ref("sandgate/live", "gone"), "is not in the registry"), (registry.ref("sandgate/bad", digest_=bad), "rejected")]:
+            out = fleet(nats, "put-policy", "live", module, "--no-verify", "--wait", check=False)
+            assert out.returncode == 1 and "2 of 2 live sidecars refused" in out.stderr and why in out.stderr, out.stderr
+            assert [version(s) for s in f.sidecars] == [(200, "1")] * 2
+        out = fleet(nats, "status")
+        assert "policy.live@" in out.stdout and "rejected" in out.stdout, out.stdout
+        # `put-policy` without --no-verify checks the module before the fleet sees it.
+        out = fleet(nats, "put-policy", "live", registry.ref("sandgate/bad", digest_=bad), check=False)
+        assert out.returncode == 2 and "not a loadable policy component" in out.stderr, out.stderr
+        # A malformed data document (written past the CLI, which checks JSON): reported, and
+        # the policy keeps serving.
+        revision = kv_put_raw(nats, "sandgate_prod", "data.rbac", b"{not json")
+        assert wait_until(lambda: all(fleet_status(nats, n)["applied_revision"] >= revision for n in ("node-0", "node-1")))
+        for n in ("node-0", "node-1"):
+            errors = fleet_status(nats, n)["errors"]
+            assert any(e["key"] == "data.rbac" and "not JSON" in e["error"] for e in errors), errors
+        # RBAC still has its roles: the previous document serves.
+        assert [answer(s) for s in f.sidecars] == [(200, None)] * 2
+    finally:
+        f.stop()
+
+
+def nats_request(nats, subject, body=b""):
+    """One request over the NATS protocol (independent of Sandgate's client); the reply's body."""
+    import socket
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=5) as s:
+        f = s.makefile("rb")
+        f.readline()  # INFO
+        s.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nSUB _INBOX.test 1\r\n')
+        s.sendall(f"PUB {subject} _INBOX.test {len(body)}\r\n".encode() + body + b"\r\n")
+        while True:
+            line = f.readline()
+            if line.startswith((b"MSG", b"HMSG")):
+                parts = line.split()
+                data = f.read(int(parts[-1]) + 2)[:-2]
+                if line.startswith(b"HMSG"):
+                    data = data[int(parts[-2]):]
+                return data
+            if line.startswith(b"PING"):
+                s.sendall(b"PONG\r\n")
+
+
+def kv_put_raw(nats, bucket, key, value):
+    """A KV put as any NATS client makes it: a JetStream publish to `$KV.<bucket>.<key>`."""
+    return json.loads(nats_request(nats, f"$KV.{bucket}.{key}", value))["seq"]
+
+
+def fleet_status(nats, node):
+    reply = json.loads(nats_request(nats, "$JS.API.DIRECT.GET.KV_sandgate_prod_status", json.dumps({"last_by_subj": f"$KV.sandgate_prod_status.{node}"}).encode()))
+    return reply
+
+
+def test_nats_down_start_from_cache_go_stale_and_catch_up(tmp_path, nats, registry):
+    push(registry.ref("sandgate/live", "v1"), "versioned-v1")
+    f = Fleet(tmp_path, nats, 2, max_staleness=2, admin=True)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        fleet(nats, "put-policy", "live", registry.ref("sandgate/live", "v1"), "--wait")
+        fleet(nats, "revoke", "--jti", "before", "--wait")
+        # A sidecar in a fleet refuses local writes of what the fleet owns.
+        status, body = admin(f.sidecars[0], "PUT", "/v1/policies/live", (POLICIES / "versioned-v2.wasm").read_bytes())
+        assert status == 409 and "owned by the fleet `prod`" in body["error"], body
+        status, body = admin(f.sidecars[0], "POST", "/v1/revocations", {"jtis": ["x"]})
+        assert status == 409, body
+
+        nats.stop()
+        registry.stop()
+        # Restarted while NATS and the registry are down: it starts from its caches.
+        f.restart(1)
+        assert version(f.sidecars[1]) == (200, "1")
+        assert answer(f.sidecars[1]) == (200, None)
+        assert answer(f.sidecars[1], jti="before") == (401, "token_revoked")
+        # Past max_staleness: not ready, and checks are denied (fail closed), 503 stale_state
+        # turned into a 403 for the proxy.
+        assert wait_until(lambda: not ready(f.sidecars[0]) and not ready(f.sidecars[1]), timeout=10)
+        for s in f.sidecars:
+            assert answer(s) == (403, "stale_state")
+        metrics = urllib.request.urlopen(f.sidecars[0].base + "/metrics", timeout=2).read().decode()
+        assert "sandgate_fleet_staleness_seconds" in metrics
+
+        # NATS back: both catch up, including what was written after they lost it.
+        nats.start()
+        fleet(nats, "revoke", "--jti", "after", "--wait=20")
+        for s in f.sidecars:
+            assert wait_until(lambda: ready(s), timeout=10)
+            assert version(s) == (200, "1")
+            assert answer(s, jti="after") == (401, "token_revoked")
+            assert answer(s, jti="before") == (401, "token_revoked")
+    finally:
+        f.stop()
