@@ -23,7 +23,11 @@ fn config() -> Config {
         "[server]\nproxy = \"nginx\"\ndefault_policy = \"open\"\n[server.identity_headers]\n\"x-auth-subject\" = \"sub\"\n[[policies]]\nid = \"open\"\nmodule = \"{}\"\n",
         module.display()
     );
-    let path = std::env::temp_dir().join(format!("sandgate-handlers-{}.toml", std::process::id()));
+    // One file per call: the tests run in parallel, and a file rewritten while another test
+    // reads it reads as empty.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("sandgate-handlers-{}-{n}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
     Config::from_file(&path).unwrap()
 }

@@ -65,6 +65,8 @@ pub struct FleetHealth {
     synced: AtomicBool,
     applied: AtomicU64,
     errors: Mutex<Vec<ItemError>>,
+    /// The status bucket, opened on first use; held while a status is written.
+    status_store: tokio::sync::Mutex<Option<async_nats::jetstream::kv::Store>>,
 }
 
 impl FleetHealth {
@@ -80,6 +82,7 @@ impl FleetHealth {
             synced: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             errors: Mutex::new(Vec::new()),
+            status_store: tokio::sync::Mutex::new(None),
         }
     }
 

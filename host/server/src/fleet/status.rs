@@ -75,13 +75,19 @@ pub async fn status_store(
     .map_err(|e| e.to_string())
 }
 
-/// Write this sidecar's status now; `true` when NATS took it.
+/// Write this sidecar's status now; `true` when NATS took it. Writes are serialised and each
+/// reads the state under the lock, so the last write is always the newest state (a heartbeat
+/// started before an apply can never land after the apply's own write).
 pub async fn publish(state: &State, client: &async_nats::Client) -> bool {
-    let (Some(health), Some(status)) = (state.fleet.as_ref(), current(state)) else { return false };
-    let js = async_nats::jetstream::new(client.clone());
-    let Ok(store) = status_store(&js, &health.name).await else { return false };
+    let Some(health) = state.fleet.as_ref() else { return false };
+    let mut store = health.status_store.lock().await;
+    if store.is_none() {
+        let js = async_nats::jetstream::new(client.clone());
+        *store = status_store(&js, &health.name).await.ok();
+    }
+    let (Some(kv), Some(status)) = (store.as_ref(), current(state)) else { return false };
     let Ok(value) = serde_json::to_vec(&status) else { return false };
-    store.put(&status.node, value.into()).await.is_ok()
+    kv.put(&status.node, value.into()).await.is_ok()
 }
 
 /// Write the status every `every` until `stop`; each write NATS takes counts as contact.
