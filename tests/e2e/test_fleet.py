@@ -4,6 +4,7 @@ port with a temporary store) and the distribution registry: fleet-wide read-your
 NATS going away (start from the local cache, staleness, catching up), and local writes
 refused."""
 
+import base64
 import concurrent.futures
 import json
 import shutil
@@ -238,6 +239,12 @@ def test_a_bad_item_keeps_the_old_version_and_is_reported(tmp_path, nats, regist
             assert any(e["key"] == "data.rbac" and "not JSON" in e["error"] for e in errors), errors
         # RBAC still has its roles: the previous document serves.
         assert [answer(s) for s in f.sidecars] == [(200, None)] * 2
+        # A revocation whose value cannot be read still revokes (fail closed), and is reported.
+        key = "revoke.jti." + base64.urlsafe_b64encode(b"garbled").decode().rstrip("=")
+        revision = kv_put_raw(nats, "sandgate_prod", key, b"not a revocation")
+        assert wait_until(lambda: all(fleet_status(nats, n)["applied_revision"] >= revision for n in ("node-0", "node-1")))
+        assert [answer(s, jti="garbled") for s in f.sidecars] == [(401, "token_revoked")] * 2
+        assert all(any(e["key"] == key for e in fleet_status(nats, n)["errors"]) for n in ("node-0", "node-1"))
     finally:
         f.stop()
 
