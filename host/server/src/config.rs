@@ -603,6 +603,11 @@ impl Config {
                     "[fleet] is set: policies come from the fleet (`sandgate fleet put-policy`), not from [[policies]] or policy_dir"
                 );
             }
+            if !self.revocations.jtis.is_empty() || !self.revocations.subjects.is_empty() {
+                bail!(
+                    "[fleet] is set: revocations come from the fleet (`sandgate fleet revoke`), not from [revocations]"
+                );
+            }
             if fleet.max_staleness_secs == 0 {
                 bail!("[fleet] max_staleness_secs must be at least 1");
             }

@@ -206,8 +206,8 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
             eprintln!("revoked ({key}) at revision {revision}");
             (key, revision, wait)
         }
-        Command::RemovePolicy { id, wait } => delete(&kv, Key::Policy(id).encode(), wait).await?,
-        Command::Unrevoke { target, wait } => delete(&kv, target.key().encode(), wait).await?,
+        Command::RemovePolicy { id, wait } => delete(&js, &config.name, &kv, Key::Policy(id).encode(), wait).await?,
+        Command::Unrevoke { target, wait } => delete(&js, &config.name, &kv, target.key().encode(), wait).await?,
     };
     println!("{revision}");
     match wait.timeout()? {
@@ -222,10 +222,16 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
     }
 }
 
-async fn delete(kv: &async_nats::jetstream::kv::Store, key: String, wait: Wait) -> anyhow::Result<(String, u64, Wait)> {
+async fn delete(
+    js: &async_nats::jetstream::Context,
+    fleet: &str,
+    kv: &async_nats::jetstream::kv::Store,
+    key: String,
+    wait: Wait,
+) -> anyhow::Result<(String, u64, Wait)> {
     kv.delete(&key).await.context("the delete failed")?;
-    // The delete's own revision is not returned; the bucket's last one is at least it.
-    let revision = kv.status().await.context("cannot read the bucket")?.info.state.last_sequence;
+    // The delete's own revision is not returned; the bucket's last one, asked now, is at least it.
+    let revision = sandgate_server::fleet::last_revision(js, fleet).await.context("cannot read the bucket")?;
     eprintln!("removed {key} (bucket at revision {revision})");
     Ok((key, revision, wait))
 }
@@ -303,6 +309,15 @@ async fn wait_for(
         let now = now_ms();
         let live: Vec<&NodeStatus> = nodes.values().filter(|s| s.is_live(now)).collect();
         let behind: Vec<&&NodeStatus> = live.iter().filter(|s| s.applied_revision < revision).collect();
+        if live.is_empty() {
+            // Nothing confirmed the write yet: a sidecar may be reconnecting; at the deadline,
+            // a wrong fleet name or every sidecar away.
+            if Instant::now() >= deadline {
+                eprintln!("no live sidecar in fleet `{fleet}` confirmed revision {revision} within {timeout:?}");
+                return Ok(ExitCode::from(1));
+            }
+            continue;
+        }
         if behind.is_empty() {
             let failed: Vec<(&str, &str)> = live
                 .iter()
@@ -314,10 +329,6 @@ async fn wait_for(
                 })
                 .collect();
             let took = began.elapsed();
-            if live.is_empty() {
-                eprintln!("no live sidecar in fleet `{fleet}`: nothing to wait for");
-                return Ok(ExitCode::SUCCESS);
-            }
             for (node, error) in &failed {
                 eprintln!("{node}: not applied: {error}");
             }
@@ -375,10 +386,7 @@ async fn read_statuses(
 }
 
 async fn status(js: &async_nats::jetstream::Context, fleet: &str) -> anyhow::Result<ExitCode> {
-    let revision = match js.get_key_value(sandgate_server::fleet::bucket(fleet)).await {
-        Ok(kv) => kv.status().await.map(|s| s.info.state.last_sequence).unwrap_or(0),
-        Err(_) => 0,
-    };
+    let revision = sandgate_server::fleet::last_revision(js, fleet).await.unwrap_or(0);
     let store = status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e))?;
     let nodes = read_statuses(js, fleet, &store).await?;
     let now = now_ms();

@@ -39,7 +39,7 @@ impl State {
         for (key, (value, revision)) in &desired.items {
             let fail = |error: String| ItemError { key: key.clone(), revision: *revision, error };
             match Key::parse(key) {
-                Some(Key::Policy(id)) => match self.fleet_module(&current, &id, value).await {
+                Some(Key::Policy(id)) => match self.fleet_module(&current, &id, key, *revision, value).await {
                     Ok(module) => {
                         modules.insert(id, module);
                     }
@@ -91,6 +91,9 @@ impl State {
                         errors.push(fail(error));
                     }
                 },
+                Some(Key::Unreadable(_)) => {
+                    errors.push(fail("the revoked id is not base64url: nothing was revoked by this key".into()));
+                }
                 None => {}
             }
         }
@@ -134,6 +137,8 @@ impl State {
         &self,
         current: &crate::Snapshot,
         id: &str,
+        key: &str,
+        revision: u64,
         value: &str,
     ) -> Result<(PolicyModule, Option<Arc<OciSource>>), String> {
         let item: PolicyItem =
@@ -143,7 +148,20 @@ impl State {
         {
             return Ok((old.module.clone(), old.source.clone()));
         }
-        let reference: ModuleRef = item.module.parse().map_err(|e: sandgate_registry::BadReference| e.to_string())?;
+        // An item that failed is not pulled again for every later batch (a revocation must not
+        // wait out a registry's timeouts each time): it is tried again when it is written again.
+        if let Some(error) = self.fleet.as_ref().and_then(|f| f.failed_item(key, revision)) {
+            return Err(error);
+        }
+        let result = self.pull_and_compile(&item.module).await;
+        if let (Err(error), Some(fleet)) = (&result, &self.fleet) {
+            fleet.remember_failure(key, revision, error);
+        }
+        result
+    }
+
+    async fn pull_and_compile(&self, module: &str) -> Result<(PolicyModule, Option<Arc<OciSource>>), String> {
+        let reference: ModuleRef = module.parse().map_err(|e: sandgate_registry::BadReference| e.to_string())?;
         let pulled = self
             .registry
             .pull(&reference, TagFallback::WhenUnreachable)

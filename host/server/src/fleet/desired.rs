@@ -42,6 +42,8 @@ pub enum Key {
     RevokedJti(String),
     /// `revoke.sub.<subject>` (decoded).
     RevokedSubject(String),
+    /// A `revoke.…` key whose id cannot be decoded: reported, never silently ignored.
+    Unreadable(String),
 }
 
 impl Key {
@@ -53,13 +55,20 @@ impl Key {
             Key::Data(id) => format!("data.{id}"),
             Key::RevokedJti(jti) => format!("revoke.jti.{}", b64(jti)),
             Key::RevokedSubject(sub) => format!("revoke.sub.{}", b64(sub)),
+            Key::Unreadable(key) => key.clone(),
         }
     }
 
     /// Parse a KV key; `None` for keys this version does not know (kept, ignored).
     pub fn parse(key: &str) -> Option<Key> {
+        // Unpadded base64url as written here; padded base64url as other clients may write it.
         let decode = |s: &str| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok().and_then(|b| String::from_utf8(b).ok())
+            let engine = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            engine
+                .decode(s)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(s))
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
         };
         if let Some(id) = key.strip_prefix("policy.") {
             return Some(Key::Policy(id.to_owned()));
@@ -68,10 +77,13 @@ impl Key {
             return Some(Key::Data(id.to_owned()));
         }
         if let Some(jti) = key.strip_prefix("revoke.jti.") {
-            return decode(jti).map(Key::RevokedJti);
+            return Some(decode(jti).map_or_else(|| Key::Unreadable(key.to_owned()), Key::RevokedJti));
         }
         if let Some(sub) = key.strip_prefix("revoke.sub.") {
-            return decode(sub).map(Key::RevokedSubject);
+            return Some(decode(sub).map_or_else(|| Key::Unreadable(key.to_owned()), Key::RevokedSubject));
+        }
+        if key.starts_with("revoke.") {
+            return Some(Key::Unreadable(key.to_owned()));
         }
         None
     }
@@ -117,6 +129,8 @@ mod tests {
             assert_eq!(Key::parse(&encoded), Some(key));
         }
         assert_eq!(Key::parse("routes.0"), None);
-        assert_eq!(Key::parse("revoke.jti.!!"), None);
+        assert_eq!(Key::parse("revoke.jti.!!"), Some(Key::Unreadable("revoke.jti.!!".into())));
+        assert_eq!(Key::parse("revoke.jti.YWJj"), Some(Key::RevokedJti("abc".into())));
+        assert_eq!(Key::parse("revoke.jti.YWI="), Some(Key::RevokedJti("ab".into())));
     }
 }

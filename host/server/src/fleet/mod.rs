@@ -61,10 +61,15 @@ pub struct FleetHealth {
     pub heartbeat_every: Duration,
     max_staleness: Duration,
     deny_when_stale: bool,
-    last_contact_ms: AtomicU64,
+    /// When the watch last showed this sidecar current with the bucket (or delivered a change).
+    last_contact: Mutex<std::time::Instant>,
     synced: AtomicBool,
+    /// Whether the bucket's watch is established now.
+    watching: AtomicBool,
     applied: AtomicU64,
     errors: Mutex<Vec<ItemError>>,
+    /// Items that could not be applied, by key: (revision, error).
+    failed: Mutex<std::collections::HashMap<String, (u64, String)>>,
     /// The status bucket, opened on first use; held while a status is written.
     status_store: tokio::sync::Mutex<Option<async_nats::jetstream::kv::Store>>,
 }
@@ -78,22 +83,26 @@ impl FleetHealth {
             heartbeat_every: Duration::from_millis(config.heartbeat_ms.max(100)),
             max_staleness: Duration::from_secs(config.max_staleness_secs),
             deny_when_stale: config.when_stale == crate::config::WhenStale::Deny,
-            last_contact_ms: AtomicU64::new(unix_ms()),
+            last_contact: Mutex::new(std::time::Instant::now()),
             synced: AtomicBool::new(false),
+            watching: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             errors: Mutex::new(Vec::new()),
+            failed: Mutex::new(std::collections::HashMap::new()),
             status_store: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// NATS answered just now.
+    /// The watch showed this sidecar current with the bucket just now. Only the watch
+    /// counts: a sidecar that can write its status but not follow the bucket is not fresh.
     pub fn contact(&self) {
-        self.last_contact_ms.store(unix_ms(), Ordering::Relaxed);
+        *self.last_contact.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     }
 
-    /// Time since NATS last answered.
+    /// Time since the watch last showed this sidecar current (monotonic: a clock step changes
+    /// nothing).
     pub fn staleness(&self) -> Duration {
-        Duration::from_millis(unix_ms().saturating_sub(self.last_contact_ms.load(Ordering::Relaxed)))
+        self.last_contact.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
     }
 
     /// Out of touch for longer than `max_staleness_secs`.
@@ -116,14 +125,27 @@ impl FleetHealth {
         self.applied.load(Ordering::Relaxed)
     }
 
-    /// The items of the last applied revision that could not be applied.
-    pub fn errors(&self) -> Vec<ItemError> {
-        self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The error of item `key` as written at `revision`, if it failed before.
+    pub(crate) fn failed_item(&self, key: &str, revision: u64) -> Option<String> {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get(key).filter(|(r, _)| *r == revision).map(|(_, e)| e.clone())
+    }
+
+    pub(crate) fn remember_failure(&self, key: &str, revision: u64, error: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.insert(key.to_owned(), (revision, error.to_owned()));
+    }
+
+    /// The revision applied, with the errors of that same revision (read together).
+    pub fn applied_with_errors(&self) -> (u64, Vec<ItemError>) {
+        let errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        (self.applied.load(Ordering::Relaxed), errors.clone())
     }
 
     fn applied_now(&self, revision: u64, errors: Vec<ItemError>) {
+        let mut held = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *held = errors;
         self.applied.store(revision, Ordering::Relaxed);
-        *self.errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
     }
 }
 
@@ -238,7 +260,12 @@ pub async fn open_or_create_bucket(
 
 /// The state this sidecar last applied, from `path` (empty when there is none yet).
 pub fn load_cached(path: &std::path::Path) -> DesiredState {
-    match std::fs::read(path) {
+    use std::io::Read;
+    let read = std::fs::File::open(path).and_then(|file| {
+        let mut bytes = Vec::new();
+        file.take(256 << 20).read_to_end(&mut bytes).map(|_| bytes)
+    });
+    match read {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "the fleet cache is not readable; starting empty");
             DesiredState::default()
@@ -248,13 +275,29 @@ pub fn load_cached(path: &std::path::Path) -> DesiredState {
 }
 
 fn save_cached(path: &std::path::Path, desired: &DesiredState) {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
+        let partial = dir.join(format!(".fleet.{}.{n}.partial", std::process::id()));
+        let written = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&partial)?;
+            file.write_all(&serde_json::to_vec(desired).map_err(std::io::Error::other)?)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
         }
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, serde_json::to_vec(desired).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&partial, path)
+        written
     };
     if let Err(e) = write() {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the fleet cache");
@@ -295,7 +338,9 @@ pub async fn run(
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
     loop {
-        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop).await;
+        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop, &mut failing).await;
+        health.watching.store(false, Ordering::Relaxed);
+        health.synced.store(false, Ordering::Relaxed);
         if stop.is_cancelled() {
             break;
         }
@@ -320,23 +365,52 @@ async fn watch(
     cache_file: &std::path::Path,
     desired: &mut DesiredState,
     stop: &CancellationToken,
+    failing: &mut bool,
 ) -> Result<(), FleetError> {
     let nats = |e: &dyn std::fmt::Display| FleetError::Nats(e.to_string());
     let js = async_nats::jetstream::new(client.clone());
     let kv = js.get_key_value(bucket(&health.name)).await.map_err(|e| nats(&e))?;
-    let mut updates = kv.watch_all_from_revision(desired.revision + 1).await.map_err(|e| nats(&e))?;
-    let last = kv.status().await.map_err(|e| nats(&e))?.info.state.last_sequence;
-    health.contact();
+    let last =
+        last_revision(&js, &health.name).await.ok_or_else(|| FleetError::Nats("cannot read the bucket".into()))?;
+    if last < desired.revision {
+        // The bucket is younger than what this sidecar applied (deleted and recreated, new
+        // NATS storage): its revisions mean something else now. Start over from it.
+        tracing::warn!(cached = desired.revision, bucket = last, "the fleet bucket was reset; reading it whole");
+        *desired = DesiredState::default();
+    }
+    // From a revision: every change since, in order. From nothing: the current value of
+    // every key (not the history).
+    let mut updates = if desired.revision == 0 {
+        kv.watch_with_history(">").await
+    } else {
+        kv.watch_all_from_revision(desired.revision + 1).await
+    }
+    .map_err(|e| nats(&e))?;
+    health.watching.store(true, Ordering::Relaxed);
+    if *failing {
+        tracing::info!(revision = desired.revision, "fleet watch resumed");
+        *failing = false;
+    }
     if last <= desired.revision {
+        health.contact();
         health.synced.store(true, Ordering::Relaxed);
     }
-    let mut batched = 0usize;
+    // Reading the current value of every key: they come in key order, not revision order.
+    let mut initial = desired.revision == 0;
     let mut next_expiry = next_expiry(desired, crate::decide::unix_now());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {
+                // Fresh only while NATS answers that the bucket has nothing this sidecar has not
+                // applied (asked now: `Store::status` would answer from a cache).
+                let last = tokio::time::timeout(Duration::from_secs(1), last_revision(&js, &health.name)).await;
+                if let Ok(Some(last)) = last
+                    && last <= desired.revision
+                {
+                    health.contact();
+                }
                 // A revocation that expired is dropped from the snapshot (same revision).
                 let now = crate::decide::unix_now();
                 if next_expiry.is_some_and(|t| t <= now) {
@@ -351,33 +425,36 @@ async fn watch(
                     Some(Err(e)) => return Err(nats(&e)),
                     Some(Ok(entry)) => entry,
                 };
-                health.contact();
-                if entry.revision <= desired.revision {
-                    continue;
+                if initial || entry.revision > desired.revision {
+                    match entry.operation {
+                        async_nats::jetstream::kv::Operation::Put => desired.put(entry.key.clone(), &entry.value, entry.revision),
+                        _ => desired.delete(&entry.key, entry.revision),
+                    }
                 }
-                match entry.operation {
-                    async_nats::jetstream::kv::Operation::Put => desired.put(entry.key.clone(), &entry.value, entry.revision),
-                    _ => desired.delete(&entry.key, entry.revision),
-                }
-                batched += 1;
-                // Apply once the watch has delivered everything pending (or every 256 changes
-                // of a long backlog): one snapshot per batch, exactly the bucket at its revision.
-                if entry.delta == 0 || batched >= 256 {
+                // Apply once the watch has delivered everything pending: the snapshot is then
+                // exactly the bucket at `desired.revision` (an earlier cut could hold a key at a
+                // value whose successors were already pruned from the history).
+                if entry.delta == 0 {
+                    initial = false;
                     let now = crate::decide::unix_now();
                     let errors = state.apply_desired(desired, now).await;
                     report_errors(&errors);
                     health.applied_now(desired.revision, errors);
-                    if entry.delta == 0 {
-                        health.synced.store(true, Ordering::Relaxed);
-                    }
+                    health.contact();
+                    health.synced.store(true, Ordering::Relaxed);
                     save_cached(cache_file, desired);
                     next_expiry = self::next_expiry(desired, now);
                     status::publish(state, client).await;
-                    batched = 0;
                 }
             }
         }
     }
+}
+
+/// The fleet bucket's last revision, asked of NATS now (`None` if it does not answer).
+pub async fn last_revision(js: &async_nats::jetstream::Context, fleet: &str) -> Option<u64> {
+    let mut stream = js.get_stream(format!("KV_{}", bucket(fleet))).await.ok()?;
+    stream.info().await.ok().map(|info| info.state.last_sequence)
 }
 
 /// The earliest `until` of a revocation still in force at `now`.

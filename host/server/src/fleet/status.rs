@@ -39,9 +39,12 @@ impl NodeStatus {
 fn current(state: &State) -> Option<NodeStatus> {
     let health = state.fleet.as_ref()?;
     let snapshot = state.store.load();
+    // The revision with its own errors (the snapshot may already be one batch ahead: then
+    // this says less than is true, never more).
+    let (applied_revision, errors) = health.applied_with_errors();
     Some(NodeStatus {
         node: health.node_id.clone(),
-        applied_revision: snapshot.fleet_revision.unwrap_or(0),
+        applied_revision,
         synced: health.is_synced(),
         stale: health.is_stale(),
         policies: snapshot
@@ -52,7 +55,7 @@ fn current(state: &State) -> Option<NodeStatus> {
                 (p.id.clone(), module)
             })
             .collect(),
-        errors: health.errors(),
+        errors,
         heartbeat_ms: super::unix_ms(),
         heartbeat_every_ms: health.heartbeat_every.as_millis() as u64,
     })
@@ -87,10 +90,15 @@ pub async fn publish(state: &State, client: &async_nats::Client) -> bool {
     }
     let (Some(kv), Some(status)) = (store.as_ref(), current(state)) else { return false };
     let Ok(value) = serde_json::to_vec(&status) else { return false };
-    kv.put(&status.node, value.into()).await.is_ok()
+    let taken = kv.put(&status.node, value.into()).await.is_ok();
+    if !taken {
+        // Opened again next time: the bucket may have gone with a NATS restart.
+        *store = None;
+    }
+    taken
 }
 
-/// Write the status every `every` until `stop`; each write NATS takes counts as contact.
+/// Write the status every `every` until `stop`.
 pub async fn heartbeat(
     state: std::sync::Arc<State>,
     client: async_nats::Client,
@@ -104,11 +112,6 @@ pub async fn heartbeat(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let published = tokio::time::timeout(every.max(Duration::from_secs(2)), publish(&state, &client)).await;
-        if published == Ok(true)
-            && let Some(health) = &state.fleet
-        {
-            health.contact();
-        }
+        let _ = tokio::time::timeout(every.max(Duration::from_secs(2)), publish(&state, &client)).await;
     }
 }
