@@ -188,12 +188,13 @@ struct ModuleRefBody {
     module: String,
 }
 
-/// A module upload: a Wasm binary (it starts with `\0asm`), or `{"module": "oci://…"}`.
+/// A module upload: `{"module": "oci://…"}` (a JSON object), or else the module itself (which
+/// the runtime then validates, saying what is wrong with it).
 fn module_body(body: Bytes) -> Result<ModuleBody, ChangeError> {
-    if body.starts_with(b"\0asm") {
+    if !body.trim_ascii_start().starts_with(b"{") {
         return Ok(ModuleBody::Bytes(body));
     }
-    let expected = "expected a Wasm component or {\"module\": \"oci://HOST/REPO:TAG\"} (or `@sha256:…`)";
+    let expected = "expected {\"module\": \"oci://HOST/REPO:TAG\"} (or `@sha256:…`), or a Wasm component";
     let named: ModuleRefBody =
         serde_json::from_slice(&body).map_err(|e| ChangeError::BadInput(format!("{expected}: {e}")))?;
     if !sandgate_registry::ModuleRef::is_oci(&named.module) {
@@ -285,13 +286,15 @@ mod tests {
     #[test]
     fn a_module_body_is_wasm_or_an_oci_reference_never_a_path() {
         assert!(matches!(module_body(Bytes::from_static(b"\0asm\x0d\0\x01\0")), Ok(ModuleBody::Bytes(_))));
+        // Anything else that is not a JSON object goes to the runtime, which says what it is not.
+        assert!(matches!(module_body(Bytes::from_static(b"#!/bin/sh")), Ok(ModuleBody::Bytes(_))));
         let oci = module_body(Bytes::from_static(br#"{"module": "oci://localhost:5000/p@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#));
         assert!(matches!(oci, Ok(ModuleBody::Oci(r)) if r.digest().is_some()));
         for (body, why) in [
             (&br#"{"module": "/etc/passwd"}"#[..], "does not read files"),
             (br#"{"module": "oci://localhost:5000/p"}"#, "no tag or digest"),
             (br#"{"module": "oci://localhost:5000/p:v1", "extra": 1}"#, "unknown field"),
-            (b"#!/bin/sh", "expected a Wasm component"),
+            (b" {not json", "expected {\"module\""),
         ] {
             let Err(ChangeError::BadInput(message)) = module_body(Bytes::copy_from_slice(body)) else {
                 panic!("accepted {body:?}")
