@@ -6,15 +6,17 @@
 //!
 //! 1. at start applies the state it last applied, from its local cache file, so it starts
 //!    while NATS is down (modules come from the module cache);
-//! 2. watches the bucket from the revision after that one and applies changes in revision
-//!    order: every batch of changes the watch has delivered is applied as one new snapshot that
-//!    is exactly the bucket's content at the batch's last revision ([`apply`]), so no check ever
-//!    decides on a mix of two revisions, and every decision-log line names its revision;
+//! 2. watches the bucket from the revision after that one (with nothing cached: the last value
+//!    of every key) and, each time the watch has delivered everything pending, applies the
+//!    result as one new snapshot that is exactly the bucket's content at its last revision
+//!    ([`apply`]), so no check ever decides on a mix of two revisions, and every decision-log
+//!    line names its revision;
 //! 3. reports node id, applied revision, loaded modules, errors and a heartbeat in the status
 //!    bucket `sandgate_<fleet>_status` ([`status`]), which `sandgate fleet … --wait` watches to
 //!    return once every live sidecar has applied a write;
-//! 4. counts how long it has been out of touch with NATS: past `max_staleness_secs` it is not
-//!    ready, and (by default) answers checks 503 `stale_state`.
+//! 4. counts how long since NATS last showed it current (nothing in the bucket it has not
+//!    applied): past `max_staleness_secs` it is not ready, and (by default) answers checks 503
+//!    `stale_state`.
 //!
 //! A module that fails to pull, compile or probe, or a data document that is not JSON, keeps
 //! the previous version of that item serving and is reported in the status; the revision is
