@@ -579,7 +579,8 @@ impl Registry {
         if let Some(proof) = proofs.iter().find(|p| self.proof_accepted(reference, manifest_digest, p)) {
             return Ok(Some(proof.clone()));
         }
-        let about_this: usize = proofs.iter().filter(|p| names(reference, manifest_digest, p)).count();
+        let about_this =
+            layers.iter().filter(|l| l.signature.is_some() && names(reference, manifest_digest, &l.raw_data)).count();
         if about_this == 0 {
             return Err(unsigned(format!(
                 "no signature of this manifest digest in this repository (looked for the tag `sha256-{}.sig`)",
@@ -594,7 +595,7 @@ impl Registry {
     /// from whoever parsed it before: the same check for a fresh pull and a cached module.
     fn proof_accepted(&self, reference: &ModuleRef, manifest_digest: &str, proof: &SignatureProof) -> bool {
         let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&proof.payload) else { return false };
-        names(reference, manifest_digest, proof)
+        names(reference, manifest_digest, &payload)
             && self.cosign_keys.iter().any(|key| {
                 key.verify_signature(sigstore::crypto::Signature::Base64Encoded(proof.signature.as_bytes()), &payload)
                     .is_ok()
@@ -721,12 +722,11 @@ impl Registry {
     }
 }
 
-/// Whether the simple-signing payload of `proof` names exactly `manifest_digest`, in
-/// `reference`'s repository (cosign's `critical.identity.docker-reference`): a signature of
-/// another artifact, or of this one pushed elsewhere, does not count.
-fn names(reference: &ModuleRef, manifest_digest: &str, proof: &SignatureProof) -> bool {
-    let Ok(payload) = base64::engine::general_purpose::STANDARD.decode(&proof.payload) else { return false };
-    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&payload) else { return false };
+/// Whether a simple-signing `payload` names exactly `manifest_digest`, in `reference`'s
+/// repository (cosign's `critical.identity.docker-reference`): a signature of another
+/// artifact, or of this one pushed elsewhere, does not count.
+fn names(reference: &ModuleRef, manifest_digest: &str, payload: &[u8]) -> bool {
+    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(payload) else { return false };
     let critical = &payload["critical"];
     let repository = format!("{}/{}", reference.registry(), reference.repository());
     critical["image"]["docker-manifest-digest"].as_str() == Some(manifest_digest)

@@ -11,7 +11,7 @@ mod cache;
 mod client;
 mod reference;
 
-pub use cache::{Cache, sha256_digest};
+pub use cache::{Cache, sha256_digest, write_atomically};
 pub use client::{
     Credentials, Origin, Pulled, Pushed, Registry, RegistryError, RegistrySettings, TagFallback, WASM_CONFIG_V0,
     WASM_CONFIG_V1, WASM_LAYER, WASM_LAYER_LEGACY,

@@ -149,14 +149,10 @@ impl std::fmt::Debug for FleetConfig {
 impl FleetConfig {
     /// The file the last applied state is cached in.
     pub fn cache_file(&self) -> PathBuf {
-        let dir = self.cache_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("."))
-                .join("sandgate")
-                .join("fleet")
-        });
+        let dir = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| cache_home().unwrap_or_else(|| PathBuf::from(".")).join("sandgate").join("fleet"));
         dir.join(format!("{}.json", self.name))
     }
 
@@ -180,6 +176,13 @@ impl FleetConfig {
             heartbeat_ms: default_heartbeat(),
         }
     }
+}
+
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `$HOME/.cache`.
+pub fn cache_home() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
 }
 
 /// Whether `name` can name a fleet (and its buckets).

@@ -476,11 +476,7 @@ fn digest_allowed(allowed: &HashSet<String>, module: &str, manifest: Option<&str
     allowed.is_empty() || allowed.contains(&hex(module)) || manifest.is_some_and(|m| allowed.contains(&hex(m)))
 }
 
-pub(crate) fn oci_source_of(pulled: &Pulled) -> Arc<OciSource> {
-    oci_source(pulled)
-}
-
-fn oci_source(pulled: &Pulled) -> Arc<OciSource> {
+pub(crate) fn oci_source(pulled: &Pulled) -> Arc<OciSource> {
     Arc::new(OciSource { requested: pulled.reference.to_string(), pinned: pulled.pinned().to_string() })
 }
 
@@ -521,12 +517,8 @@ pub fn registry_settings(config: &RegistryConfig) -> Result<RegistrySettings, St
         };
         credentials.insert(c.registry.clone(), entry);
     }
-    let cache_dir = config.cache_dir.clone().or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-        Some(base.join("sandgate").join("oci"))
-    });
+    let cache_dir =
+        config.cache_dir.clone().or_else(|| crate::config::cache_home().map(|base| base.join("sandgate").join("oci")));
     let settings = RegistrySettings {
         cache_dir,
         offline: config.offline,

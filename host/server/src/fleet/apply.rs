@@ -171,7 +171,7 @@ impl State {
             .compile(pulled.module.clone(), Some(&pulled.manifest_digest))
             .await
             .map_err(|e| sandgate_auth::error_chain(&e))?;
-        Ok((module, Some(super::super::state::oci_source_of(&pulled))))
+        Ok((module, Some(crate::state::oci_source(&pulled))))
     }
 }
 

@@ -277,31 +277,10 @@ pub fn load_cached(path: &std::path::Path) -> DesiredState {
 }
 
 fn save_cached(path: &std::path::Path, desired: &DesiredState) {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let write = || -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(std::path::Path::new("."));
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        static WRITES: AtomicU64 = AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, Ordering::Relaxed);
-        let partial = dir.join(format!(".fleet.{}.{n}.partial", std::process::id()));
-        let written = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&partial)?;
-            file.write_all(&serde_json::to_vec(desired).map_err(std::io::Error::other)?)?;
-            file.sync_all()?;
-            std::fs::rename(&partial, path)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&partial);
-        }
-        written
-    };
-    if let Err(e) = write() {
+    let written = serde_json::to_vec(desired)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| sandgate_registry::write_atomically(path, &bytes));
+    if let Err(e) = written {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the fleet cache");
     }
 }
