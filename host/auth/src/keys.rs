@@ -256,9 +256,19 @@ impl Issuer {
 
     /// The same issuer with its static keys replaced by `keys` (JWKS-endpoint keys stay).
     pub fn with_static_keys(&self, keys: Vec<Key>) -> Issuer {
+        self.with_shared_static_keys(keys.into_iter().map(Arc::new).collect())
+    }
+
+    /// [`Issuer::with_static_keys`] for keys already shared with another key set.
+    pub fn with_shared_static_keys(&self, keys: Vec<Arc<Key>>) -> Issuer {
         let mut all: Vec<Arc<Key>> = self.keys.iter().filter(|k| k.from_jwks_url).cloned().collect();
-        all.extend(keys.into_iter().map(Arc::new));
+        all.extend(keys);
         Issuer { keys: all, ..self.clone_rules() }
+    }
+
+    /// Its static keys (those not from the JWKS endpoint).
+    pub fn static_keys(&self) -> Vec<Arc<Key>> {
+        self.keys.iter().filter(|k| !k.from_jwks_url).cloned().collect()
     }
 
     fn clone_rules(&self) -> Issuer {

@@ -319,6 +319,11 @@ impl Registry {
         })
     }
 
+    /// The settings it was made with.
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.settings
+    }
+
     /// The cache, if one is configured.
     pub fn cache(&self) -> Option<&Cache> {
         self.cache.as_ref()

@@ -115,11 +115,13 @@ impl AdminApi {
             (&method, segments.as_slice()),
             (&Method::PUT | &Method::DELETE, ["v1", "policies", _])
                 | (&Method::PUT, ["v1", "policies", _, "data"])
+                | (&Method::PUT | &Method::DELETE, ["v1", "policies", _, "shadow"])
                 | (&Method::POST | &Method::DELETE, ["v1", "revocations"])
+                | (&Method::PUT, ["v1", "keys"])
         );
         if fleet_owned && let Some(fleet) = &self.state.fleet {
             let error = ChangeError::Conflict(format!(
-                "policies, data and revocations are owned by the fleet `{}`: change them with `sandgate fleet`",
+                "policies, data, shadows, revocations and keys are owned by the fleet `{}`: change them with `sandgate fleet`",
                 fleet.name
             ));
             return error_response(&method, &path, &error);

@@ -121,6 +121,14 @@ pub struct FleetConfig {
     /// How often the status is written, in milliseconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// How many servers of a NATS cluster keep the status bucket when this sidecar is the
+    /// first to open it (the desired-state bucket is created by `sandgate fleet --replicas`).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 fn default_max_staleness() -> u64 {
@@ -174,6 +182,7 @@ impl FleetConfig {
             max_staleness_secs: default_max_staleness(),
             when_stale: WhenStale::Deny,
             heartbeat_ms: default_heartbeat(),
+            replicas: default_replicas(),
         }
     }
 }
@@ -610,6 +619,9 @@ impl Config {
                 bail!(
                     "[fleet] is set: revocations come from the fleet (`sandgate fleet revoke`), not from [revocations]"
                 );
+            }
+            if !(1..=5).contains(&fleet.replicas) {
+                bail!("[fleet] replicas must be 1 to 5 (JetStream's limit)");
             }
             if fleet.max_staleness_secs == 0 {
                 bail!("[fleet] max_staleness_secs must be at least 1");

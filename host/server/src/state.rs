@@ -230,10 +230,15 @@ impl State {
                 policy: r.policy.clone(),
             })
             .collect();
+        let routes: Arc<[Route]> = routes.into();
+        let fleet = config
+            .fleet
+            .as_ref()
+            .map(|f| Arc::new(crate::fleet::FleetHealth::new(f, routes.clone(), issuers.clone())));
         let snapshot = Snapshot {
             version: 1,
             policies,
-            routes: routes.into(),
+            routes,
             default_policy: config.server.default_policy.clone(),
             keys: Arc::new(KeySets { version: 1, issuers }),
             revocations: Arc::new(Revocations {
@@ -257,7 +262,7 @@ impl State {
             recent_modules: RecentModules::default(),
             module_writes: tokio::sync::Mutex::new(()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
-            fleet: config.fleet.as_ref().map(|f| Arc::new(crate::fleet::FleetHealth::new(f))),
+            fleet,
         }))
     }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use sandgate_registry::{ModuleRef, TagFallback};
 use sandgate_server::config::{FleetConfig, valid_fleet_name};
-use sandgate_server::fleet::desired::{Key, PolicyItem, RevocationItem};
+use sandgate_server::fleet::desired::{FLEET_OBJECT, IssuerItem, Key, PolicyItem, RevocationItem, RouteItem};
 use sandgate_server::fleet::status::{NodeStatus, status_store};
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -38,16 +38,22 @@ pub struct Args {
     /// A CA (PEM) for the NATS servers (implies TLS).
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// How many servers of a NATS cluster keep the fleet's buckets, when this command is the
+    /// first to create them (1 to 5).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: u8,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::Subcommand)]
 enum Command {
-    /// Run `MODULE` (`oci://…`) as policy `ID` on every sidecar. A tag is resolved here and
-    /// the module checked (pulled, verified, compiled, probed), so the fleet gets one digest.
+    /// Run `MODULE` as policy `ID` on every sidecar: `oci://…` (a tag is resolved here, so the
+    /// fleet gets one digest), or a `.wasm` file, uploaded into the fleet's object store. The
+    /// module is checked (compiled, probed) first.
     PutPolicy {
         id: String,
+        /// `oci://HOST/REPO:TAG`, `oci://HOST/REPO@sha256:…`, or a file.
         module: String,
         /// Write the reference as given, without pulling or checking it.
         #[arg(long)]
@@ -85,6 +91,77 @@ enum Command {
     Unrevoke {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Evaluate `MODULE` (as for `put-policy`) beside policy `ID` on every check without
+    /// affecting the answer; `--remove` stops it.
+    Shadow {
+        id: String,
+        /// `oci://…` or a `.wasm` file.
+        #[arg(required_unless_present = "remove")]
+        module: Option<String>,
+        /// Stop shadowing.
+        #[arg(long, conflicts_with = "module")]
+        remove: bool,
+        #[command(flatten)]
+        wait: Wait,
+        #[command(flatten)]
+        registry: super::registry::RegistryArgs,
+    },
+    /// Send requests for `--host`/`--path-prefix` to `--policy` (fleet routes come before a
+    /// sidecar's own, most specific first); `--remove` drops route `NAME`.
+    Route {
+        /// The route's name (`[A-Za-z0-9_-]`).
+        name: String,
+        /// The policy id requests on this route are decided by.
+        #[arg(long, required_unless_present = "remove")]
+        policy: Option<String>,
+        /// Path prefix, matched on segment boundaries.
+        #[arg(long, default_value = "/")]
+        path_prefix: String,
+        /// Host (without port); default: any.
+        #[arg(long)]
+        host: Option<String>,
+        /// Remove the route.
+        #[arg(long, conflicts_with_all = ["policy", "host"])]
+        remove: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Trust tokens of issuer `ISS` (its exact `iss`) on every sidecar, verified with the
+    /// public keys of `--jwks FILE`; `--remove` stops trusting it.
+    Issuer {
+        iss: String,
+        /// Accepted audience (repeatable; at least one).
+        #[arg(long = "audience", required_unless_present = "remove")]
+        audiences: Vec<String>,
+        /// Accepted algorithm (repeatable), e.g. RS256, ES256, EdDSA.
+        #[arg(long = "algorithm", required_unless_present = "remove")]
+        algorithms: Vec<String>,
+        /// Its public keys (a JWKS file).
+        #[arg(long, required_unless_present = "remove")]
+        jwks: Option<PathBuf>,
+        /// Clock leeway for `exp`/`nbf`, in seconds.
+        #[arg(long, default_value_t = 30)]
+        leeway_secs: u64,
+        /// Stop trusting the issuer.
+        #[arg(long, conflicts_with_all = ["audiences", "algorithms", "jwks"])]
+        remove: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Replace the static keys of issuer `ISS` (configured on the sidecars or from the fleet)
+    /// with the public keys of `JWKS` (a file): a rotation; `--remove` returns to the keys it
+    /// had before.
+    Keys {
+        iss: String,
+        /// A JWKS file with the issuer's public keys.
+        #[arg(required_unless_present = "remove")]
+        jwks: Option<PathBuf>,
+        /// Return to the keys the issuer had before.
+        #[arg(long, conflicts_with = "jwks")]
+        remove: bool,
         #[command(flatten)]
         wait: Wait,
     },
@@ -165,6 +242,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.token_file = args.token_file.clone();
     config.nkey_seed_file = args.nkey_seed_file.clone();
     config.ca_file = args.ca_file.clone();
+    config.replicas = usize::from(args.replicas);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(execute(config, args.command))
 }
@@ -173,20 +251,69 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
     let client = sandgate_server::fleet::connect(&config, true).await?;
     let js = async_nats::jetstream::new(client);
     if let Command::Status = command {
-        return status(&js, &config.name).await;
+        return status(&js, &config.name, config.replicas).await;
     }
-    let kv = desired_store(&js, &config.name).await?;
+    let kv = desired_store(&js, &config.name, config.replicas).await?;
+    // The status bucket too, so that it has the replicas asked for here.
+    status_store(&js, &config.name, config.replicas).await.map_err(|e| anyhow::anyhow!(e))?;
+    let put = |key: String, value: Vec<u8>, shown: String| {
+        let kv = kv.clone();
+        async move {
+            let revision = kv.put(&key, value.into()).await.context("the write failed")?;
+            eprintln!("{shown} at revision {revision}");
+            anyhow::Ok((key, revision))
+        }
+    };
     let written = Instant::now();
     let (key, revision, wait) = match command {
-        Command::Status => return status(&js, &config.name).await,
+        Command::Status => return status(&js, &config.name, config.replicas).await,
         Command::PutPolicy { id, module, no_verify, wait, registry } => {
-            let module = if no_verify { module } else { checked_module(&module, &registry).await? };
+            let module = if no_verify { module } else { checked_module(&js, &config, &module, &registry).await? };
             let value = serde_json::to_vec(&PolicyItem { module: module.clone() })?;
             let key = Key::Policy(id).encode();
-            let revision = kv.put(&key, value.into()).await.context("the write failed")?;
-            eprintln!("{key} = {module} at revision {revision}");
+            let (key, revision) = put(key.clone(), value, format!("{key} = {module}")).await?;
             (key, revision, wait)
         }
+        Command::Shadow { id, module: Some(module), remove: false, wait, registry } => {
+            let module = checked_module(&js, &config, &module, &registry).await?;
+            let value = serde_json::to_vec(&PolicyItem { module: module.clone() })?;
+            let key = Key::Shadow(id).encode();
+            let (key, revision) = put(key.clone(), value, format!("{key} = {module}")).await?;
+            (key, revision, wait)
+        }
+        Command::Shadow { id, wait, .. } => delete(&js, &config.name, &kv, Key::Shadow(id).encode(), wait).await?,
+        Command::Route { name, policy: Some(policy), path_prefix, host, remove: false, wait } => {
+            if !valid_fleet_name(&name) {
+                bail!("`{name}` is not a route name: 1 to 64 of [A-Za-z0-9_-]");
+            }
+            if !path_prefix.starts_with('/') {
+                bail!("--path-prefix `{path_prefix}` must start with `/`");
+            }
+            let value = serde_json::to_vec(&RouteItem { host, path_prefix, policy })?;
+            let key = Key::Route(name).encode();
+            let (key, revision) = put(key.clone(), value, key.clone()).await?;
+            (key, revision, wait)
+        }
+        Command::Route { name, wait, .. } => delete(&js, &config.name, &kv, Key::Route(name).encode(), wait).await?,
+        Command::Issuer { iss, audiences, algorithms, jwks: Some(jwks), leeway_secs, remove: false, wait } => {
+            let jwks = read_jwks(&jwks)?;
+            for algorithm in &algorithms {
+                sandgate_auth::parse_algorithm(algorithm)?;
+            }
+            let value = serde_json::to_vec(&IssuerItem { audiences, algorithms, leeway_secs, jwks })?;
+            let key = Key::Issuer(iss.clone()).encode();
+            let (key, revision) = put(key, value, format!("issuer `{iss}`")).await?;
+            (key, revision, wait)
+        }
+        Command::Issuer { iss, wait, .. } => delete(&js, &config.name, &kv, Key::Issuer(iss).encode(), wait).await?,
+        Command::Keys { iss, jwks: Some(jwks), remove: false, wait } => {
+            let jwks = read_jwks(&jwks)?;
+            let key = Key::Keys(iss.clone()).encode();
+            let (key, revision) =
+                put(key, serde_json::to_vec(&jwks)?, format!("{} keys for `{iss}`", jwks.keys.len())).await?;
+            (key, revision, wait)
+        }
+        Command::Keys { iss, wait, .. } => delete(&js, &config.name, &kv, Key::Keys(iss).encode(), wait).await?,
         Command::PutData { id, file, wait } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read `{}`", file.display()))?;
             serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -236,8 +363,17 @@ async fn delete(
     Ok((key, revision, wait))
 }
 
-/// Resolve `module` to its digest and check that the sidecars will load it.
-async fn checked_module(module: &str, registry: &super::registry::RegistryArgs) -> anyhow::Result<String> {
+/// Check that the sidecars will load `module` and name it by digest: an `oci://` reference
+/// pinned to its manifest digest, or a file uploaded into the fleet's object store.
+async fn checked_module(
+    js: &async_nats::jetstream::Context,
+    config: &FleetConfig,
+    module: &str,
+    registry: &super::registry::RegistryArgs,
+) -> anyhow::Result<String> {
+    if !ModuleRef::is_oci(module) {
+        return upload(js, config, std::path::Path::new(module)).await;
+    }
     let reference: ModuleRef = module.parse()?;
     let pulled = registry.registry(&reference, None)?.pull(&reference, TagFallback::Never).await?;
     super::small_runtime()?
@@ -247,9 +383,69 @@ async fn checked_module(module: &str, registry: &super::registry::RegistryArgs) 
     Ok(pulled.pinned().to_string())
 }
 
+/// Upload the policy component `file` into the fleet's object store under its digest; its
+/// reference, `fleet:sha256:…`.
+async fn upload(js: &async_nats::jetstream::Context, config: &FleetConfig, file: &std::path::Path) -> anyhow::Result<String> {
+    let component = super::read(file, "policy")?;
+    super::small_runtime()?
+        .load(&component)
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("`{}` is not a loadable policy component", file.display()))?;
+    let digest = sandgate_registry::sha256_digest(&component);
+    let bucket = sandgate_server::fleet::objects_bucket(&config.name);
+    let store = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(async_nats::jetstream::object_store::Config {
+                bucket: bucket.clone(),
+                description: Some(format!("policy modules of fleet `{}`, by digest", config.name)),
+                num_replicas: config.replicas,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create the object store `{bucket}`"))?,
+    };
+    // Content-addressed: an object already there under this digest is this module.
+    let present = store.info(&digest).await.is_ok_and(|info| !info.deleted && info.size == component.len());
+    if !present {
+        store
+            .put(digest.as_str(), &mut component.as_slice())
+            .await
+            .with_context(|| format!("cannot upload `{}` into `{bucket}`", file.display()))?;
+    }
+    eprintln!(
+        "{} {} ({} bytes) {} the fleet's object store",
+        if present { "found" } else { "uploaded" },
+        file.display(),
+        component.len(),
+        if present { "in" } else { "into" }
+    );
+    Ok(format!("{FLEET_OBJECT}{digest}"))
+}
+
+fn read_jwks(file: &std::path::Path) -> anyhow::Result<jsonwebtoken::jwk::JwkSet> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read `{}`", file.display()))?;
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_slice(&bytes).with_context(|| format!("`{}` is not a JWKS", file.display()))?;
+    if jwks.keys.iter().any(|k| matches!(k.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_))) {
+        bail!(
+            "`{}` holds a shared secret (`oct`): every reader of the fleet's bucket could sign tokens with it; \
+             configure secrets in each sidecar's [[issuers]]",
+            file.display()
+        );
+    }
+    let keys = sandgate_auth::keys_from_jwks(&jwks, false)?;
+    if keys.is_empty() {
+        bail!("`{}` has no keys", file.display());
+    }
+    Ok(jwks)
+}
+
 async fn desired_store(
     js: &async_nats::jetstream::Context,
     fleet: &str,
+    replicas: usize,
 ) -> anyhow::Result<async_nats::jetstream::kv::Store> {
     let name = sandgate_server::fleet::bucket(fleet);
     Ok(sandgate_server::fleet::open_or_create_bucket(
@@ -258,6 +454,7 @@ async fn desired_store(
         16,
         Duration::ZERO,
         async_nats::jetstream::stream::StorageType::File,
+        replicas,
     )
     .await?)
 }
@@ -276,7 +473,7 @@ async fn wait_for(
     began: Instant,
 ) -> anyhow::Result<ExitCode> {
     let store =
-        status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e)).context("cannot open the status bucket")?;
+        status_store(js, fleet, 1).await.map_err(|e| anyhow::anyhow!(e)).context("cannot open the status bucket")?;
     let mut updates = store.watch_all().await.context("cannot watch the status bucket")?;
     let deadline = Instant::now() + timeout;
     // Every status there is now (the watch, started first, brings every later change).
@@ -385,9 +582,9 @@ async fn read_statuses(
     Ok(nodes)
 }
 
-async fn status(js: &async_nats::jetstream::Context, fleet: &str) -> anyhow::Result<ExitCode> {
+async fn status(js: &async_nats::jetstream::Context, fleet: &str, replicas: usize) -> anyhow::Result<ExitCode> {
     let revision = sandgate_server::fleet::last_revision(js, fleet).await.unwrap_or(0);
-    let store = status_store(js, fleet).await.map_err(|e| anyhow::anyhow!(e))?;
+    let store = status_store(js, fleet, replicas).await.map_err(|e| anyhow::anyhow!(e))?;
     let nodes = read_statuses(js, fleet, &store).await?;
     let now = now_ms();
     println!("fleet `{fleet}` at revision {revision}");

@@ -3,15 +3,21 @@
 //! request path, on the compiler thread); an item that cannot be applied keeps its previous
 //! version and is reported.
 
-use super::desired::{DesiredState, Key, PolicyItem, RevocationItem};
-use crate::snapshot::{LoadedPolicy, OciSource};
+use super::desired::{DesiredState, FLEET_OBJECT, IssuerItem, Key, PolicyItem, RevocationItem, RouteItem};
+use crate::snapshot::{LoadedPolicy, OciSource, Route};
 use crate::state::State;
-use sandgate_auth::Revocations;
+use sandgate_auth::{Issuer, IssuerConfig, KeySets, Revocations};
 use sandgate_registry::{ModuleRef, TagFallback};
 use sandgate_runtime::{PolicyData, PolicyModule};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// A module as the fleet names it, resolved: what a `policy.<id>` or `shadow.<id>` item runs.
+pub(crate) type Resolved = (PolicyModule, Option<Arc<OciSource>>);
+
+/// Static keys, shared between key sets.
+type SharedKeys = Vec<Arc<sandgate_auth::Key>>;
 
 /// An item of the desired state that could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,22 +30,35 @@ pub struct ItemError {
     pub error: String,
 }
 
+/// The issuers and static keys the fleet's items describe, parsed.
+struct FleetKeys {
+    /// Issuers from `issuer.<iss>` items.
+    issuers: Vec<Issuer>,
+    /// Static keys from `keys.<iss>` items, by issuer.
+    keys: HashMap<String, SharedKeys>,
+}
+
 impl State {
     /// Publish the snapshot `desired` describes, with `fleet_revision = desired.revision`;
     /// revocations whose `until` is not after `now` are left out. Returns the items that could
     /// not be applied (each keeps its previous version).
     pub async fn apply_desired(&self, desired: &DesiredState, now: u64) -> Vec<ItemError> {
+        let Some(fleet) = self.fleet.clone() else { return Vec::new() };
         let _writes = self.module_writes.lock().await;
         let current = self.store.load();
         let mut errors = Vec::new();
-        let mut modules: HashMap<String, (PolicyModule, Option<Arc<OciSource>>)> = HashMap::new();
+        let mut modules: HashMap<String, Resolved> = HashMap::new();
+        let mut shadows: HashMap<String, PolicyModule> = HashMap::new();
         let mut data: HashMap<String, Arc<PolicyData>> = HashMap::new();
+        let mut routes: Vec<(String, RouteItem)> = Vec::new();
+        let mut key_items: BTreeMap<&str, (Key, &str, u64)> = BTreeMap::new();
         let mut jtis = HashSet::new();
         let mut subjects = HashSet::new();
+        let mut referenced = HashSet::new();
         for (key, (value, revision)) in &desired.items {
             let fail = |error: String| ItemError { key: key.clone(), revision: *revision, error };
             match Key::parse(key) {
-                Some(Key::Policy(id)) => match self.fleet_module(&current, &id, key, *revision, value).await {
+                Some(Key::Policy(id)) => match self.fleet_module(key, *revision, value, &mut referenced).await {
                     Ok(module) => {
                         modules.insert(id, module);
                     }
@@ -47,6 +66,17 @@ impl State {
                         // Keep what serves now, if anything.
                         if let Some(old) = current.policies.get(&id) {
                             modules.insert(id, (old.module.clone(), old.source.clone()));
+                        }
+                        errors.push(fail(error));
+                    }
+                },
+                Some(Key::Shadow(id)) => match self.fleet_module(key, *revision, value, &mut referenced).await {
+                    Ok((module, _)) => {
+                        shadows.insert(id, module);
+                    }
+                    Err(error) => {
+                        if let Some(old) = current.policies.get(&id).and_then(|p| p.shadow.clone()) {
+                            shadows.insert(id, old);
                         }
                         errors.push(fail(error));
                     }
@@ -70,6 +100,13 @@ impl State {
                         },
                     }
                 }
+                Some(Key::Route(name)) => match route_item(&name, value) {
+                    Ok(route) => routes.push((name, route)),
+                    Err(error) => errors.push(fail(error)),
+                },
+                Some(k @ (Key::Issuer(_) | Key::Keys(_))) => {
+                    key_items.insert(key, (k, value, *revision));
+                }
                 Some(Key::RevokedJti(jti)) => match in_force(value, now) {
                     Ok(true) => {
                         jtis.insert(jti);
@@ -92,11 +129,26 @@ impl State {
                     }
                 },
                 Some(Key::Unreadable(_)) => {
-                    errors.push(fail("the revoked id is not base64url: nothing was revoked by this key".into()));
+                    errors.push(fail("the id in this key is not base64url: the item was not applied".into()));
                 }
                 None => {}
             }
         }
+        fleet.keep_resolved(&referenced);
+        for (id, _) in shadows.iter().filter(|(id, _)| !modules.contains_key(*id)) {
+            let revision = desired.items.get(&format!("shadow.{id}")).map_or(0, |(_, r)| *r);
+            errors.push(ItemError {
+                key: format!("shadow.{id}"),
+                revision,
+                error: format!("the fleet has no policy `{id}` to shadow"),
+            });
+        }
+        // Most specific first; the order never depends on which writer came last.
+        routes.sort_by(|(a_name, a), (b_name, b)| {
+            (b.host.is_some(), b.path_prefix.trim_end_matches('/').len(), a_name)
+                .cmp(&(a.host.is_some(), a.path_prefix.trim_end_matches('/').len(), b_name))
+        });
+        let fleet_keys = self.fleet_keys(&fleet, &key_items, &mut errors);
         self.store.update(|s| {
             let mut policies = HashMap::new();
             for (id, (module, source)) in modules {
@@ -106,23 +158,28 @@ impl State {
                     .cloned()
                     .or_else(|| old.filter(|o| o.data.version == 0).map(|o| o.data.clone()))
                     .unwrap_or_else(|| Arc::new(PolicyData::default()));
+                let shadow = shadows.remove(&id);
                 let unchanged = old.is_some_and(|o| {
-                    o.module.digest() == module.digest() && o.source == source && Arc::ptr_eq(&o.data, &data)
+                    o.module.digest() == module.digest()
+                        && o.source == source
+                        && Arc::ptr_eq(&o.data, &data)
+                        && o.shadow.as_ref().map(PolicyModule::digest) == shadow.as_ref().map(PolicyModule::digest)
                 });
                 let loaded = match old {
                     Some(old) if unchanged => old.clone(),
-                    _ => Arc::new(LoadedPolicy {
-                        id: id.clone(),
-                        module,
-                        data,
-                        loaded_at: SystemTime::now(),
-                        shadow: old.and_then(|o| o.shadow.clone()),
-                        source,
-                    }),
+                    _ => Arc::new(LoadedPolicy { id: id.clone(), module, data, loaded_at: SystemTime::now(), shadow, source }),
                 };
                 policies.insert(id, loaded);
             }
             s.policies = policies;
+            s.routes = routes
+                .into_iter()
+                .map(|(_, r)| Route { host: r.host.map(|h| h.to_ascii_lowercase()), path_prefix: r.path_prefix, policy: r.policy })
+                .chain(fleet.local_routes.iter().cloned())
+                .collect();
+            if let Some(fleet_keys) = fleet_keys {
+                s.keys = Arc::new(key_sets(&s.keys, &fleet.local_issuers, fleet_keys));
+            }
             if s.revocations.jtis != jtis || s.revocations.subjects != subjects {
                 s.revocations = Arc::new(Revocations { version: s.revocations.version + 1, jtis, subjects });
             }
@@ -131,36 +188,86 @@ impl State {
         errors
     }
 
-    /// The module `value` (a `policy.<id>` item) names: the one serving if it names the same
-    /// reference, else pulled, verified, compiled and probed.
+    /// The issuers and keys the fleet's `issuer.*` and `keys.*` items describe; `None` when
+    /// they are the ones last applied (the key sets are left as they are, with their JWKS
+    /// fetches). Their errors are added to `errors` either way.
+    fn fleet_keys(
+        &self,
+        fleet: &super::FleetHealth,
+        items: &BTreeMap<&str, (Key, &str, u64)>,
+        errors: &mut Vec<ItemError>,
+    ) -> Option<FleetKeys> {
+        let fingerprint: Vec<(String, u64)> = items.iter().map(|(k, (_, _, r))| ((*k).to_owned(), *r)).collect();
+        let mut last = fleet.keys_applied.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_some_and(|(f, _)| *f == fingerprint) {
+            errors.extend(last.as_ref().map(|(_, e)| e.clone()).unwrap_or_default());
+            return None;
+        }
+        let mut own_errors = Vec::new();
+        let mut parsed = FleetKeys { issuers: Vec::new(), keys: HashMap::new() };
+        let fleet_issuers: HashSet<&str> =
+            items.values().filter_map(|(k, _, _)| if let Key::Issuer(iss) = k { Some(iss.as_str()) } else { None }).collect();
+        for (key, (item, value, revision)) in items {
+            let fail = |error: String| ItemError { key: (*key).to_owned(), revision: *revision, error };
+            match item {
+                Key::Issuer(iss) => match fleet_issuer(iss, value, &fleet.local_issuers) {
+                    Ok(issuer) => parsed.issuers.push(issuer),
+                    Err(error) => own_errors.push(fail(error)),
+                },
+                Key::Keys(iss) => {
+                    if !fleet.local_issuers.contains_key(iss) && !fleet_issuers.contains(iss.as_str()) {
+                        own_errors.push(fail(format!("no issuer `{iss}` in this sidecar's configuration or the fleet")));
+                        continue;
+                    }
+                    match static_keys(value) {
+                        Ok(keys) => {
+                            parsed.keys.insert(iss.clone(), keys);
+                        }
+                        Err(error) => own_errors.push(fail(error)),
+                    }
+                }
+                _ => {}
+            }
+        }
+        errors.extend(own_errors.iter().cloned());
+        *last = Some((fingerprint, own_errors));
+        Some(parsed)
+    }
+
+    /// The module `value` (a `policy.<id>` or `shadow.<id>` item) names: the one already
+    /// resolved for the same reference, else pulled (or read from the fleet's object store),
+    /// verified, compiled and probed.
     async fn fleet_module(
         &self,
-        current: &crate::Snapshot,
-        id: &str,
         key: &str,
         revision: u64,
         value: &str,
-    ) -> Result<(PolicyModule, Option<Arc<OciSource>>), String> {
-        let item: PolicyItem =
-            serde_json::from_str(value).map_err(|e| format!("expected {{\"module\": \"oci://…\"}}: {e}"))?;
-        if let Some(old) = current.policies.get(id)
-            && old.source.as_ref().is_some_and(|s| s.requested == item.module)
-        {
-            return Ok((old.module.clone(), old.source.clone()));
+        referenced: &mut HashSet<String>,
+    ) -> Result<Resolved, String> {
+        let Some(fleet) = &self.fleet else { return Err("not in a fleet".into()) };
+        let item: PolicyItem = serde_json::from_str(value)
+            .map_err(|e| format!("expected {{\"module\": \"oci://…\"}} or {{\"module\": \"fleet:sha256:…\"}}: {e}"))?;
+        referenced.insert(item.module.clone());
+        if let Some(resolved) = fleet.resolved(&item.module) {
+            return Ok(resolved);
         }
         // An item that failed is not pulled again for every later batch (a revocation must not
         // wait out a registry's timeouts each time): it is tried again when it is written again.
-        if let Some(error) = self.fleet.as_ref().and_then(|f| f.failed_item(key, revision)) {
+        if let Some(error) = fleet.failed_item(key, revision) {
             return Err(error);
         }
-        let result = self.pull_and_compile(&item.module).await;
-        if let (Err(error), Some(fleet)) = (&result, &self.fleet) {
-            fleet.remember_failure(key, revision, error);
+        let result = match item.module.strip_prefix(FLEET_OBJECT) {
+            Some(digest) => self.fleet_object(fleet, digest).await,
+            None => self.pull_and_compile(&item.module).await,
+        };
+        match &result {
+            Ok(resolved) => fleet.remember_resolved(&item.module, resolved.clone()),
+            Err(error) => fleet.remember_failure(key, revision, error),
         }
         result
     }
 
-    async fn pull_and_compile(&self, module: &str) -> Result<(PolicyModule, Option<Arc<OciSource>>), String> {
+    async fn pull_and_compile(&self, module: &str) -> Result<Resolved, String> {
         let reference: ModuleRef = module.parse().map_err(|e: sandgate_registry::BadReference| e.to_string())?;
         let pulled = self
             .registry
@@ -173,6 +280,124 @@ impl State {
             .map_err(|e| sandgate_auth::error_chain(&e))?;
         Ok((module, Some(crate::state::oci_source(&pulled))))
     }
+
+    /// Module `digest` (`sha256:<hex>`) of the fleet's object store: from the module cache, or
+    /// fetched from NATS, its size bounded and its digest checked before anything else.
+    async fn fleet_object(&self, fleet: &super::FleetHealth, digest: &str) -> Result<Resolved, String> {
+        if !sandgate_registry::valid_digest(digest) {
+            return Err(format!("expected fleet:sha256:<64 hex digits>, not `{FLEET_OBJECT}{digest}`"));
+        }
+        let settings = self.registry.settings();
+        if !settings.cosign_keys.is_empty() {
+            return Err("this sidecar requires cosign signatures ([registry] cosign_public_keys) and a module \
+                        from the fleet's object store carries none: publish it to an OCI registry and sign it"
+                .into());
+        }
+        let limit = settings.max_module_bytes;
+        let cached = self.registry.cache().and_then(|c| c.read_blob(digest, limit).ok().flatten());
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => {
+                let client = fleet.client.get().ok_or("not in the module cache, and NATS is not reachable yet")?;
+                let fetch = super::fetch_object(client, &fleet.name, digest, limit);
+                let bytes = tokio::time::timeout(Duration::from_secs(60), fetch)
+                    .await
+                    .map_err(|_| format!("fetching {digest} from the fleet's object store took over 60 s"))??;
+                if let Some(cache) = self.registry.cache()
+                    && let Err(e) = cache.write_blob(&bytes)
+                {
+                    tracing::warn!(%digest, error = %e, "cannot cache a module from the fleet's object store");
+                }
+                bytes
+            }
+        };
+        let module = self.compile(bytes.into(), None).await.map_err(|e| sandgate_auth::error_chain(&e))?;
+        let name = format!("{FLEET_OBJECT}{digest}");
+        Ok((module, Some(Arc::new(OciSource { requested: name.clone(), pinned: name }))))
+    }
+}
+
+/// A `route.<name>` item, checked.
+fn route_item(name: &str, value: &str) -> Result<RouteItem, String> {
+    let route: RouteItem = serde_json::from_str(value)
+        .map_err(|e| format!("expected {{\"host\": \"…\", \"path_prefix\": \"/…\", \"policy\": \"<id>\"}}: {e}"))?;
+    if !crate::config::valid_fleet_name(name) {
+        return Err(format!("route name `{name}` must be 1 to 64 of [A-Za-z0-9_-]"));
+    }
+    if !route.path_prefix.starts_with('/') {
+        return Err(format!("path_prefix `{}` must start with `/`", route.path_prefix));
+    }
+    if route.host.as_deref().is_some_and(|h| h.is_empty() || h.contains(['/', ' '])) {
+        return Err("host must be a host name without port or path".into());
+    }
+    Ok(route)
+}
+
+/// An `issuer.<iss>` item as an issuer with its static keys.
+fn fleet_issuer(iss: &str, value: &str, local: &HashMap<String, Arc<Issuer>>) -> Result<Issuer, String> {
+    if local.contains_key(iss) {
+        return Err(format!("issuer `{iss}` is in this sidecar's configuration, which wins: use `keys` to rotate its keys"));
+    }
+    let item: IssuerItem = serde_json::from_str(value).map_err(|e| {
+        format!("expected {{\"audiences\": [..], \"algorithms\": [..], \"jwks\": {{\"keys\": [..]}}}}: {e}")
+    })?;
+    if item.audiences.is_empty() {
+        return Err("an issuer needs at least one audience".into());
+    }
+    let config = IssuerConfig {
+        issuer: iss.to_owned(),
+        audiences: item.audiences,
+        algorithms: item.algorithms,
+        leeway_secs: item.leeway_secs,
+        keys: Vec::new(),
+        jwks_url: None,
+        discovery_url: None,
+        jwks_refresh_secs: 300,
+        jwks_max_stale_secs: None,
+        jwks_min_refetch_ms: 10_000,
+    };
+    let issuer = Issuer::from_config(&config).map_err(|e| sandgate_auth::error_chain(&e))?;
+    let keys = static_keys(&serde_json::to_string(&item.jwks).map_err(|e| e.to_string())?)?;
+    Ok(issuer.with_shared_static_keys(keys))
+}
+
+/// The public keys of a JWKS item; shared secrets are refused.
+fn static_keys(value: &str) -> Result<SharedKeys, String> {
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(value).map_err(|e| format!("expected a JWKS {{\"keys\": [..]}}: {e}"))?;
+    if set.keys.iter().any(|k| matches!(k.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_))) {
+        return Err("a shared secret (`oct`) is not taken from the fleet: every reader of the bucket could sign \
+                    tokens with it; configure it in the sidecar's [[issuers]]"
+            .into());
+    }
+    let keys = sandgate_auth::keys_from_jwks(&set, false).map_err(|e| sandgate_auth::error_chain(&e))?;
+    if keys.is_empty() {
+        return Err("the JWKS has no keys; an issuer without keys would reject every token".into());
+    }
+    Ok(keys.into_iter().map(Arc::new).collect())
+}
+
+/// The key sets after `current`: the configured issuers (their JWKS-endpoint keys as fetched
+/// so far, their static keys from a `keys.<iss>` item if there is one), then the fleet's.
+fn key_sets(current: &KeySets, local: &HashMap<String, Arc<Issuer>>, mut fleet: FleetKeys) -> KeySets {
+    let mut issuers = HashMap::new();
+    for (iss, configured) in local {
+        let live = current.issuers.get(iss).unwrap_or(configured);
+        let keys = fleet.keys.remove(iss).unwrap_or_else(|| configured.static_keys());
+        issuers.insert(iss.clone(), Arc::new(live.with_shared_static_keys(keys)));
+    }
+    for issuer in fleet.issuers {
+        let mut issuer = match fleet.keys.remove(&issuer.issuer) {
+            Some(keys) => issuer.with_shared_static_keys(keys),
+            None => issuer,
+        };
+        // A key blocked on this sidecar stays blocked.
+        if let Some(live) = current.issuers.get(&issuer.issuer) {
+            issuer.blocked_kids = live.blocked_kids.clone();
+        }
+        issuers.insert(issuer.issuer.clone(), Arc::new(issuer));
+    }
+    KeySets { version: current.version + 1, issuers }
 }
 
 /// Whether a revocation item is in force at `now`.

@@ -74,11 +74,30 @@ pub struct FleetHealth {
     failed: Mutex<std::collections::HashMap<String, (u64, String)>>,
     /// The status bucket, opened on first use; held while a status is written.
     status_store: tokio::sync::Mutex<Option<async_nats::jetstream::kv::Store>>,
+    /// The routes of this sidecar's configuration, tried after the fleet's.
+    pub(crate) local_routes: Arc<[crate::snapshot::Route]>,
+    /// The issuers of this sidecar's configuration, with their static keys.
+    pub(crate) local_issuers: std::collections::HashMap<String, Arc<sandgate_auth::Issuer>>,
+    /// The `issuer.*`/`keys.*` items (key, revision) the key sets were last built from, and
+    /// their errors.
+    #[allow(clippy::type_complexity)]
+    pub(crate) keys_applied: Mutex<Option<(Vec<(String, u64)>, Vec<ItemError>)>>,
+    /// Modules resolved from the references the fleet names, while it names them.
+    resolved: Mutex<std::collections::HashMap<String, apply::Resolved>>,
+    /// Servers of a cluster that keep the status bucket, when this sidecar creates it.
+    pub(crate) replicas: usize,
+    /// The NATS client, once the fleet watch has one (for the object store).
+    pub(crate) client: std::sync::OnceLock<async_nats::Client>,
 }
 
 impl FleetHealth {
-    /// Health for `config`, counting staleness from now.
-    pub fn new(config: &FleetConfig) -> Self {
+    /// Health for `config`, counting staleness from now; `routes` and `issuers` are the
+    /// sidecar's own, which the fleet's come beside.
+    pub fn new(
+        config: &FleetConfig,
+        routes: Arc<[crate::snapshot::Route]>,
+        issuers: std::collections::HashMap<String, Arc<sandgate_auth::Issuer>>,
+    ) -> Self {
         FleetHealth {
             name: config.name.clone(),
             node_id: config.node_id.clone().unwrap_or_else(hostname),
@@ -92,7 +111,26 @@ impl FleetHealth {
             errors: Mutex::new(Vec::new()),
             failed: Mutex::new(std::collections::HashMap::new()),
             status_store: tokio::sync::Mutex::new(None),
+            local_routes: routes,
+            local_issuers: issuers,
+            keys_applied: Mutex::new(None),
+            resolved: Mutex::new(std::collections::HashMap::new()),
+            client: std::sync::OnceLock::new(),
+            replicas: config.replicas,
         }
+    }
+
+    pub(crate) fn resolved(&self, reference: &str) -> Option<apply::Resolved> {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).get(reference).cloned()
+    }
+
+    pub(crate) fn remember_resolved(&self, reference: &str, resolved: apply::Resolved) {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).insert(reference.to_owned(), resolved);
+    }
+
+    /// Forget the modules of references the fleet no longer names.
+    pub(crate) fn keep_resolved(&self, referenced: &std::collections::HashSet<String>) {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).retain(|r, _| referenced.contains(r));
     }
 
     /// The watch showed this sidecar current with the bucket just now. Only the watch
@@ -221,14 +259,20 @@ pub async fn connect(config: &FleetConfig, wait: bool) -> Result<async_nats::Cli
     } else if config.tls {
         options = options.require_tls(true);
     }
+    let servers = config
+        .url
+        .split(',')
+        .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::Setup(format!("`{}` is not a list of NATS URLs: {e}", config.url)))?;
     options
-        .connect(config.url.as_str())
+        .connect(servers)
         .await
         .map_err(|e| FleetError::Nats(format!("cannot connect to `{}`: {e}", config.url)))
 }
 
 /// Open the KV bucket `name`, creating it (with `history` values per key, entries living
-/// `max_age`, zero: forever) if it does not exist. The bucket's stream is created here with the
+/// `max_age`, zero: forever, kept on `replicas` servers of a cluster) if it does not exist. The bucket's stream is created here with the
 /// KV conventions rather than by `create_key_value`, which needs a NATS server newer than
 /// 2.10 for its account query; the bucket is the same.
 pub async fn open_or_create_bucket(
@@ -237,6 +281,7 @@ pub async fn open_or_create_bucket(
     history: i64,
     max_age: Duration,
     storage: async_nats::jetstream::stream::StorageType,
+    replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, FleetError> {
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
@@ -247,7 +292,7 @@ pub async fn open_or_create_bucket(
         max_messages_per_subject: history,
         max_age,
         storage,
-        num_replicas: 1,
+        num_replicas: replicas.max(1),
         discard: async_nats::jetstream::stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,
@@ -315,6 +360,7 @@ pub async fn run(
             return;
         }
     };
+    let _ = health.client.set(client.clone());
     let heartbeat =
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
@@ -430,6 +476,39 @@ async fn watch(
             }
         }
     }
+}
+
+/// The object store holding the fleet's uploaded modules, by digest.
+pub fn objects_bucket(fleet: &str) -> String {
+    format!("sandgate_{fleet}_modules")
+}
+
+/// Module `digest` (`sha256:<hex>`) from the fleet's object store: at most `limit` bytes, and
+/// only if its content has that digest.
+pub async fn fetch_object(client: &async_nats::Client, fleet: &str, digest: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let js = async_nats::jetstream::new(client.clone());
+    let store = js
+        .get_object_store(objects_bucket(fleet))
+        .await
+        .map_err(|e| format!("the fleet's object store `{}`: {e}", objects_bucket(fleet)))?;
+    let object = store.get(digest).await.map_err(|e| format!("{digest} in the fleet's object store: {e}"))?;
+    if object.info.size as u64 > limit {
+        return Err(format!("{digest} is {} bytes, over the {limit}-byte module limit", object.info.size));
+    }
+    let mut bytes = Vec::new();
+    object
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("reading {digest} from the fleet's object store: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{digest} is over the {limit}-byte module limit"));
+    }
+    if sandgate_registry::sha256_digest(&bytes) != digest {
+        return Err(format!("the object stored as {digest} does not have that digest"));
+    }
+    Ok(bytes)
 }
 
 /// The fleet bucket's last revision, asked of NATS now (`None` if it does not answer).

@@ -65,6 +65,7 @@ fn current(state: &State) -> Option<NodeStatus> {
 pub async fn status_store(
     js: &async_nats::jetstream::Context,
     fleet: &str,
+    replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     let name = super::status_bucket(fleet);
     super::open_or_create_bucket(
@@ -73,6 +74,7 @@ pub async fn status_store(
         1,
         super::STATUS_MAX_AGE,
         async_nats::jetstream::stream::StorageType::Memory,
+        replicas,
     )
     .await
     .map_err(|e| e.to_string())
@@ -86,7 +88,7 @@ pub async fn publish(state: &State, client: &async_nats::Client) -> bool {
     let mut store = health.status_store.lock().await;
     if store.is_none() {
         let js = async_nats::jetstream::new(client.clone());
-        *store = status_store(&js, &health.name).await.ok();
+        *store = status_store(&js, &health.name, health.replicas).await.ok();
     }
     let (Some(kv), Some(status)) = (store.as_ref(), current(state)) else { return false };
     let Ok(value) = serde_json::to_vec(&status) else { return false };
