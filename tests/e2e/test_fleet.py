@@ -318,3 +318,94 @@ def test_nats_down_start_from_cache_go_stale_and_catch_up(tmp_path, nats, regist
             assert answer(s, jti="before") == (401, "token_revoked")
     finally:
         f.stop()
+
+
+def es256_key(kid):
+    """A fresh P-256 key: (private key, its public JWK as a dict)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+    private = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    jwk.update({"kid": kid, "alg": "ES256", "use": "sig"})
+    return private, jwk
+
+
+def fleet_token(private, kid, iss="https://fleet-issuer.test"):
+    import jwt
+    now = int(time.time())
+    claims = {"iss": iss, "aud": "orders-api", "sub": "bob", "jti": f"t-{kid}", "iat": now, "exp": now + 600, "roles": ["reader"]}
+    return jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid})
+
+
+def test_routes_issuers_keys_shadows_and_uploaded_modules_come_from_the_fleet(tmp_path, nats, registry):
+    f = Fleet(tmp_path, nats, 2)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        # A module file uploaded into the fleet's object store, named by its digest.
+        out = fleet(nats, "put-policy", "live", str(POLICIES / "versioned-v1.wasm"), "--wait")
+        assert "uploaded" in out.stderr and "fleet:sha256:" in out.stderr, out.stderr
+        assert "found" in fleet(nats, "put-policy", "live", str(POLICIES / "versioned-v1.wasm")).stderr
+        fleet(nats, "put-policy", "live2", str(POLICIES / "versioned-v2.wasm"), "--wait")
+        assert [version(s) for s in f.sidecars] == [(200, "1")] * 2
+        assert f.sidecars[0].decision_log()[-1]["policy_source"].startswith("fleet:sha256:")
+        # Not a component: refused before the fleet sees it.
+        junk = tmp_path / "junk.wasm"
+        junk.write_bytes(b"\0asm\x01\0\0\0")
+        out = fleet(nats, "put-policy", "live", str(junk), check=False)
+        assert out.returncode != 0 and "not a loadable policy component" in out.stderr, out.stderr
+
+        # Routes: the fleet's come before the sidecar's own, the most specific first.
+        fleet(nats, "route", "v2", "--path-prefix", "/v2", "--policy", "live2", "--wait")
+        assert all(s.check({"X-Original-URI": "/v2/x"})[1].get("x-policy-version") == "2" for s in f.sidecars)
+        fleet(nats, "route", "over", "--path-prefix", "/live", "--policy", "live2", "--wait")
+        assert [version(s) for s in f.sidecars] == [(200, "2")] * 2
+        fleet(nats, "route", "over", "--remove", "--wait")
+        assert [version(s) for s in f.sidecars] == [(200, "1")] * 2
+        out = fleet(nats, "route", "bad", "--path-prefix", "v2", "--policy", "live2", check=False)
+        assert out.returncode != 0 and "must start with `/`" in out.stderr, out.stderr
+
+        # An issuer from the fleet, its keys rotated, then removed.
+        key1, jwk1 = es256_key("k1")
+        key2, jwk2 = es256_key("k2")
+        jwks1, jwks2 = tmp_path / "jwks1.json", tmp_path / "jwks2.json"
+        jwks1.write_text(json.dumps({"keys": [jwk1]}))
+        jwks2.write_text(json.dumps({"keys": [jwk2]}))
+
+        def fleet_answer(s, private, kid):
+            status, headers, _ = s.check({"Authorization": f"Bearer {fleet_token(private, kid)}", "X-Original-URI": "/api/x"})
+            return status
+
+        assert {fleet_answer(s, key1, "k1") for s in f.sidecars} == {401}
+        fleet(nats, "issuer", "https://fleet-issuer.test", "--audience", "orders-api", "--algorithm", "ES256", "--jwks", str(jwks1), "--wait")
+        assert {fleet_answer(s, key1, "k1") for s in f.sidecars} == {200}
+        fleet(nats, "keys", "https://fleet-issuer.test", str(jwks2), "--wait")
+        assert {fleet_answer(s, key1, "k1") for s in f.sidecars} == {401}
+        assert {fleet_answer(s, key2, "k2") for s in f.sidecars} == {200}
+        # The configured issuer's keys are not touched by the fleet's; a shared secret is refused.
+        assert [answer(s) for s in f.sidecars] == [(200, None)] * 2
+        secret = tmp_path / "secret.json"
+        secret.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": base64.urlsafe_b64encode(b"x" * 32).decode()}]}))
+        out = fleet(nats, "keys", ISSUER, str(secret), check=False)
+        assert out.returncode != 0 and "shared secret" in out.stderr, out.stderr
+        # Keys for an issuer no sidecar knows: written past the CLI, reported, nothing changes.
+        revision = kv_put_raw(nats, "sandgate_prod", "keys." + base64.urlsafe_b64encode(b"https://nobody.test").decode().rstrip("="), jwks1.read_bytes())
+        assert wait_until(lambda: all(fleet_status(nats, n)["applied_revision"] >= revision for n in ("node-0", "node-1")))
+        assert all(any("no issuer `https://nobody.test`" in e["error"] for e in fleet_status(nats, n)["errors"]) for n in ("node-0", "node-1"))
+        assert {fleet_answer(s, key2, "k2") for s in f.sidecars} == {200}
+        fleet(nats, "issuer", "https://fleet-issuer.test", "--remove", "--wait")
+        assert {fleet_answer(s, key2, "k2") for s in f.sidecars} == {401}
+
+        # A shadow candidate from the fleet: evaluated beside `live`, never changing the answer.
+        fleet(nats, "shadow", "live", str(POLICIES / "versioned-v2.wasm"), "--wait")
+        assert [version(s) for s in f.sidecars] == [(200, "1")] * 2
+        assert f.sidecars[0].decision_log()[-1].get("shadow_disagreement"), f.sidecars[0].decision_log()[-1]
+        fleet(nats, "shadow", "live", "--remove", "--wait")
+        version(f.sidecars[0])
+        assert not f.sidecars[0].decision_log()[-1].get("shadow_disagreement")
+
+        # Restarted while NATS is down: the uploaded module comes from the module cache.
+        nats.stop()
+        f.restart(0)
+        assert version(f.sidecars[0]) == (200, "1")
+    finally:
+        f.stop()
