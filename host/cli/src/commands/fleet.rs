@@ -474,8 +474,18 @@ async fn wait_for(
 ) -> anyhow::Result<ExitCode> {
     let store =
         status_store(js, fleet, 1).await.map_err(|e| anyhow::anyhow!(e)).context("cannot open the status bucket")?;
-    let mut updates = store.watch_all().await.context("cannot watch the status bucket")?;
     let deadline = Instant::now() + timeout;
+    // A cluster moving a stream's leadership (a node lost) can time out a consumer's creation:
+    // try again until the deadline.
+    let mut updates = loop {
+        match store.watch_all().await {
+            Ok(updates) => break updates,
+            Err(e) if Instant::now() + Duration::from_millis(250) >= deadline => {
+                bail!("cannot watch the status bucket: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
     // Every status there is now (the watch, started first, brings every later change).
     let mut nodes = read_statuses(js, fleet, &store).await?;
     let mut first = true;
