@@ -231,10 +231,8 @@ impl State {
             })
             .collect();
         let routes: Arc<[Route]> = routes.into();
-        let fleet = config
-            .fleet
-            .as_ref()
-            .map(|f| Arc::new(crate::fleet::FleetHealth::new(f, routes.clone(), issuers.clone())));
+        let fleet =
+            config.fleet.as_ref().map(|f| Arc::new(crate::fleet::FleetHealth::new(f, routes.clone(), issuers.clone())));
         let snapshot = Snapshot {
             version: 1,
             policies,

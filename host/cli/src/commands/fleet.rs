@@ -385,7 +385,11 @@ async fn checked_module(
 
 /// Upload the policy component `file` into the fleet's object store under its digest; its
 /// reference, `fleet:sha256:…`.
-async fn upload(js: &async_nats::jetstream::Context, config: &FleetConfig, file: &std::path::Path) -> anyhow::Result<String> {
+async fn upload(
+    js: &async_nats::jetstream::Context,
+    config: &FleetConfig,
+    file: &std::path::Path,
+) -> anyhow::Result<String> {
     let component = super::read(file, "policy")?;
     super::small_runtime()?
         .load(&component)

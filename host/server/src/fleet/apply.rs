@@ -145,8 +145,11 @@ impl State {
         }
         // Most specific first; the order never depends on which writer came last.
         routes.sort_by(|(a_name, a), (b_name, b)| {
-            (b.host.is_some(), b.path_prefix.trim_end_matches('/').len(), a_name)
-                .cmp(&(a.host.is_some(), a.path_prefix.trim_end_matches('/').len(), b_name))
+            (b.host.is_some(), b.path_prefix.trim_end_matches('/').len(), a_name).cmp(&(
+                a.host.is_some(),
+                a.path_prefix.trim_end_matches('/').len(),
+                b_name,
+            ))
         });
         let fleet_keys = self.fleet_keys(&fleet, &key_items, &mut errors);
         self.store.update(|s| {
@@ -167,14 +170,25 @@ impl State {
                 });
                 let loaded = match old {
                     Some(old) if unchanged => old.clone(),
-                    _ => Arc::new(LoadedPolicy { id: id.clone(), module, data, loaded_at: SystemTime::now(), shadow, source }),
+                    _ => Arc::new(LoadedPolicy {
+                        id: id.clone(),
+                        module,
+                        data,
+                        loaded_at: SystemTime::now(),
+                        shadow,
+                        source,
+                    }),
                 };
                 policies.insert(id, loaded);
             }
             s.policies = policies;
             s.routes = routes
                 .into_iter()
-                .map(|(_, r)| Route { host: r.host.map(|h| h.to_ascii_lowercase()), path_prefix: r.path_prefix, policy: r.policy })
+                .map(|(_, r)| Route {
+                    host: r.host.map(|h| h.to_ascii_lowercase()),
+                    path_prefix: r.path_prefix,
+                    policy: r.policy,
+                })
                 .chain(fleet.local_routes.iter().cloned())
                 .collect();
             if let Some(fleet_keys) = fleet_keys {
@@ -205,8 +219,10 @@ impl State {
         }
         let mut own_errors = Vec::new();
         let mut parsed = FleetKeys { issuers: Vec::new(), keys: HashMap::new() };
-        let fleet_issuers: HashSet<&str> =
-            items.values().filter_map(|(k, _, _)| if let Key::Issuer(iss) = k { Some(iss.as_str()) } else { None }).collect();
+        let fleet_issuers: HashSet<&str> = items
+            .values()
+            .filter_map(|(k, _, _)| if let Key::Issuer(iss) = k { Some(iss.as_str()) } else { None })
+            .collect();
         for (key, (item, value, revision)) in items {
             let fail = |error: String| ItemError { key: (*key).to_owned(), revision: *revision, error };
             match item {
@@ -216,7 +232,8 @@ impl State {
                 },
                 Key::Keys(iss) => {
                     if !fleet.local_issuers.contains_key(iss) && !fleet_issuers.contains(iss.as_str()) {
-                        own_errors.push(fail(format!("no issuer `{iss}` in this sidecar's configuration or the fleet")));
+                        own_errors
+                            .push(fail(format!("no issuer `{iss}` in this sidecar's configuration or the fleet")));
                         continue;
                     }
                     match static_keys(value) {
@@ -336,7 +353,9 @@ fn route_item(name: &str, value: &str) -> Result<RouteItem, String> {
 /// An `issuer.<iss>` item as an issuer with its static keys.
 fn fleet_issuer(iss: &str, value: &str, local: &HashMap<String, Arc<Issuer>>) -> Result<Issuer, String> {
     if local.contains_key(iss) {
-        return Err(format!("issuer `{iss}` is in this sidecar's configuration, which wins: use `keys` to rotate its keys"));
+        return Err(format!(
+            "issuer `{iss}` is in this sidecar's configuration, which wins: use `keys` to rotate its keys"
+        ));
     }
     let item: IssuerItem = serde_json::from_str(value).map_err(|e| {
         format!("expected {{\"audiences\": [..], \"algorithms\": [..], \"jwks\": {{\"keys\": [..]}}}}: {e}")

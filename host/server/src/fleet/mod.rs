@@ -265,10 +265,7 @@ pub async fn connect(config: &FleetConfig, wait: bool) -> Result<async_nats::Cli
         .map(|url| url.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| FleetError::Setup(format!("`{}` is not a list of NATS URLs: {e}", config.url)))?;
-    options
-        .connect(servers)
-        .await
-        .map_err(|e| FleetError::Nats(format!("cannot connect to `{}`: {e}", config.url)))
+    options.connect(servers).await.map_err(|e| FleetError::Nats(format!("cannot connect to `{}`: {e}", config.url)))
 }
 
 /// Open the KV bucket `name`, creating it (with `history` values per key, entries living
@@ -485,7 +482,12 @@ pub fn objects_bucket(fleet: &str) -> String {
 
 /// Module `digest` (`sha256:<hex>`) from the fleet's object store: at most `limit` bytes, and
 /// only if its content has that digest.
-pub async fn fetch_object(client: &async_nats::Client, fleet: &str, digest: &str, limit: u64) -> Result<Vec<u8>, String> {
+pub async fn fetch_object(
+    client: &async_nats::Client,
+    fleet: &str,
+    digest: &str,
+    limit: u64,
+) -> Result<Vec<u8>, String> {
     use tokio::io::AsyncReadExt;
     let js = async_nats::jetstream::new(client.clone());
     let store = js
