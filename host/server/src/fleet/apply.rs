@@ -143,14 +143,7 @@ impl State {
                 error: format!("the fleet has no policy `{id}` to shadow"),
             });
         }
-        // Most specific first; the order never depends on which writer came last.
-        routes.sort_by(|(a_name, a), (b_name, b)| {
-            (b.host.is_some(), b.path_prefix.trim_end_matches('/').len(), a_name).cmp(&(
-                a.host.is_some(),
-                a.path_prefix.trim_end_matches('/').len(),
-                b_name,
-            ))
-        });
+        order_routes(&mut routes);
         let fleet_keys = self.fleet_keys(&fleet, &key_items, &mut errors);
         self.store.update(|s| {
             let mut policies = HashMap::new();
@@ -334,6 +327,18 @@ impl State {
     }
 }
 
+/// Fleet routes, most specific first: a host before none, a longer prefix before a shorter,
+/// then by name. The order never depends on which writer came last.
+fn order_routes(routes: &mut [(String, RouteItem)]) {
+    routes.sort_by(|(a_name, a), (b_name, b)| {
+        (b.host.is_some(), b.path_prefix.trim_end_matches('/').len(), a_name).cmp(&(
+            a.host.is_some(),
+            a.path_prefix.trim_end_matches('/').len(),
+            b_name,
+        ))
+    });
+}
+
 /// A `route.<name>` item, checked.
 fn route_item(name: &str, value: &str) -> Result<RouteItem, String> {
     let route: RouteItem = serde_json::from_str(value)
@@ -424,4 +429,61 @@ fn in_force(value: &str, now: u64) -> Result<bool, String> {
     let item: RevocationItem =
         serde_json::from_str(value).map_err(|e| format!("expected {{\"until\": UNIX_SECONDS}} or {{}}: {e}"))?;
     Ok(item.until.is_none_or(|until| until > now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_routes_go_most_specific_first_whatever_the_order_written() {
+        let route = |host: Option<&str>, prefix: &str| RouteItem {
+            host: host.map(str::to_owned),
+            path_prefix: prefix.into(),
+            policy: "p".into(),
+        };
+        let mut routes = vec![
+            ("a".to_owned(), route(None, "/")),
+            ("b".to_owned(), route(None, "/api/")),
+            ("c".to_owned(), route(Some("admin.example"), "/")),
+            ("d".to_owned(), route(None, "/api/v2")),
+            ("e".to_owned(), route(None, "/api")),
+        ];
+        order_routes(&mut routes);
+        let names: Vec<&str> = routes.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["c", "d", "b", "e", "a"]);
+    }
+
+    #[test]
+    fn bad_route_issuer_and_key_items_are_refused_with_a_reason() {
+        assert!(
+            route_item("r", r#"{"path_prefix": "api", "policy": "p"}"#)
+                .err()
+                .unwrap_or_default()
+                .contains("must start with `/`")
+        );
+        assert!(route_item("r", r#"{"policy": "p", "extra": 1}"#).err().unwrap_or_default().contains("expected"));
+        assert!(route_item("a.b", r#"{"policy": "p"}"#).err().unwrap_or_default().contains("route name"));
+        assert_eq!(route_item("r", r#"{"policy": "p"}"#).unwrap().path_prefix, "/");
+
+        let secret = r#"{"keys": [{"kty": "oct", "kid": "s", "alg": "HS256", "k": "eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHg"}]}"#;
+        assert!(static_keys(secret).err().unwrap_or_default().contains("shared secret"));
+        assert!(static_keys(r#"{"keys": []}"#).err().unwrap_or_default().contains("no keys"));
+        assert!(static_keys("[]").err().unwrap_or_default().contains("expected a JWKS"));
+
+        let ec = r#"{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}"#;
+        let issuer = |audiences: &str| {
+            format!(r#"{{"audiences": {audiences}, "algorithms": ["ES256"], "jwks": {{"keys": [{ec}]}}}}"#)
+        };
+        let none = HashMap::new();
+        let made = fleet_issuer("https://fleet.example", &issuer(r#"["api"]"#), &none).unwrap();
+        assert_eq!(made.static_keys().len(), 1);
+        assert!(
+            fleet_issuer("https://fleet.example", &issuer("[]"), &none).err().unwrap_or_default().contains("audience")
+        );
+        let local = HashMap::from([("https://fleet.example".to_owned(), Arc::new(made))]);
+        let refused = fleet_issuer("https://fleet.example", &issuer(r#"["api"]"#), &local).err().unwrap_or_default();
+        assert!(refused.contains("configuration, which wins"), "{refused}");
+    }
 }
