@@ -1,8 +1,10 @@
 //! A fleet of sidecars sharing desired state through NATS JetStream.
 //!
-//! Desired state (which module each policy runs, data documents, revocations) lives in one KV
-//! bucket per fleet, `sandgate_<fleet>`, one key per item ([`desired`]); the bucket's revision
-//! is the fleet's version. Each sidecar:
+//! Desired state (which module each policy runs, data documents, shadows, routes, issuers and
+//! keys, revocations) lives in one KV bucket per fleet, `sandgate_<fleet>`, one key per item
+//! ([`desired`]); the bucket's revision is the fleet's version. Modules uploaded rather than
+//! pulled from a registry are in the object store `sandgate_<fleet>_modules`, by digest. Each
+//! sidecar:
 //!
 //! 1. at start applies the state it last applied, from its local cache file, so it starts
 //!    while NATS is down (modules come from the module cache);
