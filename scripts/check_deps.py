@@ -5,6 +5,8 @@
 - sandgate-runtime knows nothing of HTTP, JWT, TOML or the other host crates;
 - sandgate-auth knows nothing of WebAssembly or of the server;
 - sandgate-registry (OCI artifacts) knows nothing of WebAssembly, JWT or the other host crates;
+- sandgate-records (decision records, the archive, replay) knows nothing of JWT, TOML or
+  the server;
 - only sandgate-server names tonic and the server side of hyper;
 - only the `sandgate` binary (and the test crate) depends on sandgate-tooling.
 
@@ -16,13 +18,14 @@ import json
 import subprocess
 import sys
 
-HOST = {"sandgate-runtime", "sandgate-auth", "sandgate-registry", "sandgate-server", "sandgate-tooling", "sandgate"}
+HOST = {"sandgate-runtime", "sandgate-auth", "sandgate-registry", "sandgate-records", "sandgate-server", "sandgate-tooling", "sandgate"}
 FORBIDDEN = {
     "sandgate-runtime": {"sandgate-auth", "sandgate-registry", "sandgate-server", "sandgate-tooling", "hyper", "tonic", "jsonwebtoken", "toml"},
     "sandgate-auth": {"sandgate-runtime", "sandgate-registry", "sandgate-server", "sandgate-tooling", "wasmtime", "tonic", "toml"},
     "sandgate-registry": {"sandgate-runtime", "sandgate-auth", "sandgate-server", "sandgate-tooling", "wasmtime", "jsonwebtoken", "tonic", "toml"},
+    "sandgate-records": {"sandgate-auth", "sandgate-server", "sandgate-tooling", "tonic", "jsonwebtoken", "toml"},
     "sandgate-server": {"sandgate-tooling", "wit-component"},
-    "sandgate-tooling": {"sandgate-auth", "sandgate-registry", "sandgate-server", "hyper", "tonic", "jsonwebtoken"},
+    "sandgate-tooling": {"sandgate-auth", "sandgate-registry", "sandgate-records", "sandgate-server", "hyper", "tonic", "jsonwebtoken"},
 }
 MAY_USE_TOOLING = {"sandgate", "sandgate-tests"}
 

@@ -8,6 +8,7 @@ pub mod new;
 pub mod pull;
 pub mod push;
 mod registry;
+pub mod replay;
 pub mod serve;
 pub mod test;
 

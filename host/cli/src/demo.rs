@@ -79,6 +79,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         grpc: None,
         registry: Default::default(),
         fleet: None,
+        decision_log: Default::default(),
     };
     Ok((config, token))
 }

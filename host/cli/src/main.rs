@@ -46,6 +46,9 @@ enum Command {
     Pull(commands::pull::Args),
     /// Change a fleet's desired state in NATS JetStream, or read its sidecars' status.
     Fleet(commands::fleet::Args),
+    /// Decide recorded checks again from their decision records (`capture = "input"`) and
+    /// report every difference; with `--candidate`, the decisions a new module would change.
+    Replay(commands::replay::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Push(args) => commands::push::run(args),
         Command::Pull(args) => commands::pull::run(args),
         Command::Fleet(args) => commands::fleet::run(args),
+        Command::Replay(args) => commands::replay::run(args),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");

@@ -19,6 +19,8 @@ pub struct PolicyData {
     pub version: u64,
     /// `value` as compact JSON.
     text: String,
+    /// `sha256:` and the SHA-256 of `text` (hex): how decision records and the archive name it.
+    digest: String,
     /// Where each node's JSON lies in `text`, by canonical JSON Pointer.
     index: HashMap<Box<str>, Range<usize>>,
     /// Whether every node is in `index` (documents with more than [`MAX_INDEXED_NODES`] nodes
@@ -43,9 +45,27 @@ impl PolicyData {
     }
 
     fn indexed(value: Value, version: u64, max_nodes: usize) -> Self {
-        let mut data = PolicyData { value, version, text: String::new(), index: HashMap::new(), complete: true };
+        let mut data = PolicyData {
+            value,
+            version,
+            text: String::new(),
+            digest: String::new(),
+            index: HashMap::new(),
+            complete: true,
+        };
         data.complete = index_node(&data.value, &mut String::new(), &mut data.text, &mut data.index, max_nodes);
+        data.digest = format!("sha256:{}", crate::sha256_hex(data.text.as_bytes()));
         data
+    }
+
+    /// The document as compact JSON text: what its digest is the digest of.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// `sha256:<hex>` of [`PolicyData::text`].
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// The JSON text of the value at `pointer` (RFC 6901), exactly as `serde_json` writes it.

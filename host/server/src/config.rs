@@ -57,6 +57,146 @@ pub struct Config {
     /// sidecar stands alone.
     #[serde(default)]
     pub fleet: Option<FleetConfig>,
+    /// What decision records carry and where they go.
+    #[serde(default)]
+    pub decision_log: DecisionLogConfig,
+}
+
+/// How much of a check its decision record carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// No decision records (metrics still count every decision).
+    None,
+    /// The decision and everything that explains it: ids, versions, digests, outcome, reason,
+    /// the policy's log lines.
+    #[default]
+    Metadata,
+    /// The metadata, the check as the policy saw it (credentials redacted) and its whole
+    /// answer: what `sandgate replay` needs.
+    Input,
+}
+
+/// Where decision records go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Standard output.
+    #[default]
+    Stdout,
+    /// A file rotated by size (`path`, `max_file_mib`, `max_files`).
+    File,
+    /// A NATS JetStream stream, through an on-disk spool (`[decision_log.nats]`).
+    Nats,
+}
+
+/// `[decision_log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionLogConfig {
+    /// `none`, `metadata` (default) or `input`.
+    pub capture: Capture,
+    /// Headers whose values a captured input replaces with `[redacted]`, besides
+    /// `authorization`, `proxy-authorization`, `cookie` and `set-cookie`.
+    pub redact_headers: Vec<String>,
+    /// With `capture = "input"`: where every module and data document that served a check is
+    /// kept by digest, for replay; default `$XDG_CACHE_HOME/sandgate/archive`.
+    pub archive_dir: Option<PathBuf>,
+    /// `stdout` (default), `file` or `nats`.
+    pub sink: SinkKind,
+    /// The file, with `sink = "file"`.
+    pub path: Option<PathBuf>,
+    /// A file is rotated past this size (MiB).
+    pub max_file_mib: u64,
+    /// Rotated files kept (`NAME.1` is the newest).
+    pub max_files: u32,
+    /// The stream, with `sink = "nats"`.
+    pub nats: Option<NatsSinkConfig>,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        DecisionLogConfig {
+            capture: Capture::Metadata,
+            redact_headers: Vec::new(),
+            archive_dir: None,
+            sink: SinkKind::Stdout,
+            path: None,
+            max_file_mib: 100,
+            max_files: 5,
+            nats: None,
+        }
+    }
+}
+
+/// `[decision_log.nats]`: a JetStream stream decision records are published to, with
+/// acknowledgements, through an on-disk spool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSinkConfig {
+    /// NATS server URL(s), comma-separated; default: `[fleet] url` (and its credentials).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The stream (created if missing: file storage, a two-minute duplicate window).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// The subject records are published on; default `sandgate.decisions.<node id>`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Where records wait for their acknowledgement; default
+    /// `$XDG_CACHE_HOME/sandgate/spool`.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// The spool's limit (MiB): past it, new records are dropped and counted.
+    #[serde(default = "default_spool_mib")]
+    pub spool_max_mib: u64,
+    /// Servers of a cluster that keep the stream, if this sidecar creates it.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// A file holding a NATS token (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// NATS user (with `password_file`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A file holding the NATS password (first line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A file holding an nkey seed.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A CA (PEM) for the NATS servers; implies TLS.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_stream() -> String {
+    "sandgate_decisions".into()
+}
+
+fn default_spool_mib() -> u64 {
+    256
+}
+
+impl Config {
+    /// The NATS connection of the decision-record sink: its own settings, or else the fleet's.
+    pub fn records_connection(&self) -> Option<FleetConfig> {
+        let nats = self.decision_log.nats.as_ref()?;
+        match (&nats.url, &self.fleet) {
+            (None, Some(fleet)) => Some(fleet.clone()),
+            (Some(url), fleet) => {
+                let mut config = FleetConfig::client(url, "decisions");
+                config.node_id = fleet.as_ref().and_then(|f| f.node_id.clone());
+                config.user = nats.user.clone();
+                config.password_file = nats.password_file.clone();
+                config.token_file = nats.token_file.clone();
+                config.nkey_seed_file = nats.nkey_seed_file.clone();
+                config.ca_file = nats.ca_file.clone();
+                Some(config)
+            }
+            (None, None) => None,
+        }
+    }
 }
 
 /// What a sidecar does with checks once it has been out of touch with NATS for longer than
@@ -573,6 +713,25 @@ impl Config {
                 resolve(p);
             }
         }
+        {
+            let log = &mut self.decision_log;
+            log.archive_dir.as_mut().map(resolve);
+            log.path.as_mut().map(resolve);
+            if let Some(nats) = &mut log.nats {
+                for p in [
+                    &mut nats.spool_dir,
+                    &mut nats.token_file,
+                    &mut nats.password_file,
+                    &mut nats.nkey_seed_file,
+                    &mut nats.ca_file,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    resolve(p);
+                }
+            }
+        }
         for credentials in &mut self.registry.credentials {
             credentials.password_file.as_mut().map(resolve);
             credentials.token_file.as_mut().map(resolve);
@@ -598,6 +757,41 @@ impl Config {
             };
         }
         let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
+        let log = &self.decision_log;
+        match log.sink {
+            SinkKind::File if log.path.is_none() => bail!("[decision_log] sink = \"file\" needs `path`"),
+            SinkKind::Nats if log.nats.is_none() => bail!("[decision_log] sink = \"nats\" needs a [decision_log.nats] table"),
+            SinkKind::Nats if self.records_connection().is_none() => {
+                bail!("[decision_log.nats] needs `url`, or a [fleet] whose NATS it uses")
+            }
+            _ => {}
+        }
+        if log.sink != SinkKind::Nats && log.nats.is_some() {
+            bail!("[decision_log.nats] is set but sink is not \"nats\"");
+        }
+        if log.max_file_mib == 0 {
+            bail!("[decision_log] max_file_mib must be at least 1");
+        }
+        if let Some(nats) = &log.nats {
+            if nats.spool_max_mib == 0 {
+                bail!("[decision_log.nats] spool_max_mib must be at least 1");
+            }
+            if !(1..=5).contains(&nats.replicas) {
+                bail!("[decision_log.nats] replicas must be 1 to 5");
+            }
+            let subject_ok = |s: &str| !s.is_empty() && !s.contains([' ', '*', '>']) && !s.starts_with('.') && !s.ends_with('.');
+            if nats.subject.as_deref().is_some_and(|s| !subject_ok(s)) {
+                bail!("[decision_log.nats] subject must be a NATS subject without wildcards");
+            }
+            if !valid_fleet_name(&nats.stream) {
+                bail!("[decision_log.nats] stream `{}` must be 1 to 64 of [A-Za-z0-9_-]", nats.stream);
+            }
+        }
+        for name in &log.redact_headers {
+            if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase() || b == b' ' || b == b':') {
+                bail!("[decision_log] redact_headers: `{name}` must be a lowercase header name");
+            }
+        }
         // With a policy directory, routes may name policies it will provide; until one is
         // loaded its route answers 403 `no_route`.
         let known = |id: &str| ids.contains(&id) || self.server.policy_dir.is_some() || self.fleet.is_some();

@@ -11,13 +11,48 @@ use crate::original_request::{Bearer, OriginalRequest, canonical_path};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
-use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Credential, CredentialError};
-use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, spec};
+use crate::config::Capture;
+use sandgate_runtime::bindings::sandgate::policy::types::{
+    CheckRequest, Credential, CredentialError, VerifiedCredential,
+};
+use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, TokenVerifier, spec};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+
+/// What [`Authorizer::record`] knows of a check a policy decided.
+struct Checked<'a> {
+    policy: &'a LoadedPolicy,
+    check: &'a CheckRequest,
+    /// The answers of the policy's `verify-jwt` calls (recorded with `capture = "input"`).
+    verify_jwt: Vec<sandgate_records::VerifyAnswer>,
+}
+
+/// A `verify-jwt` verifier that keeps its answers, for a captured input.
+struct Recording {
+    snapshot: Arc<Snapshot>,
+    answers: std::sync::Mutex<Vec<sandgate_records::VerifyAnswer>>,
+}
+
+impl Recording {
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        Recording { snapshot, answers: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    fn answers(&self) -> Vec<sandgate_records::VerifyAnswer> {
+        std::mem::take(&mut *self.answers.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl TokenVerifier for Recording {
+    fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
+        let answer = self.snapshot.verify(token);
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).push(sandgate_records::VerifyAnswer::from(&answer));
+        answer
+    }
+}
 
 /// Distinct reason codes the decision metric keeps as labels; later ones count as `other`.
 const MAX_REASON_LABELS: usize = 256;
@@ -62,6 +97,10 @@ pub struct Authorizer {
     reason_labels: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Shadow evaluations run here, so shutdown waits for them.
     tasks: tokio_util::task::TaskTracker,
+    /// What a decision record carries.
+    capture: Capture,
+    /// Headers a captured input redacts, besides the credentials.
+    redact: Vec<String>,
     #[cfg(feature = "bench-internals")]
     native: Option<NativePolicy>,
 }
@@ -85,6 +124,8 @@ impl Authorizer {
             log,
             reason_labels: Default::default(),
             tasks,
+            capture: Capture::Metadata,
+            redact: Vec::new(),
             #[cfg(feature = "bench-internals")]
             native: None,
         }
@@ -96,6 +137,14 @@ impl Authorizer {
     #[cfg(feature = "bench-internals")]
     pub fn with_native_baseline(mut self, native: NativePolicy) -> Self {
         self.native = Some(native);
+        self
+    }
+
+    /// The same authorizer writing decision records with `capture`, redacting `redact`
+    /// (lowercase header names) besides the credentials.
+    pub fn with_capture(mut self, capture: Capture, redact: Vec<String>) -> Self {
+        self.capture = capture;
+        self.redact = redact;
         self
     }
 
@@ -169,12 +218,19 @@ impl Authorizer {
             now,
             versions: snapshot.versions(&policy),
         });
-        let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
-        let evaluation = self.evaluate(&policy, &check, context.clone()).await;
+        // With `capture = "input"`, the answers of `verify-jwt` are kept for the record.
+        let recording = (self.capture == Capture::Input).then(|| Arc::new(Recording::new(snapshot.clone())));
+        let verifier: Arc<dyn TokenVerifier> = match &recording {
+            Some(recording) => recording.clone(),
+            None => snapshot.clone(),
+        };
+        let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier) };
+        let evaluation = self.evaluate(&policy, &check, context).await;
         if evaluation.queued {
             self.state.metrics.queue_waits.inc();
         }
         if let Some(candidate) = &policy.shadow {
+            let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
             self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
         }
         let identity = if evaluation.is_allow() { self.identity_headers(&check.credential) } else { Vec::new() };
@@ -185,7 +241,9 @@ impl Authorizer {
             .cloned()
             .collect();
         let answer = Answer { request_id, evaluation, identity, unset_identity };
-        self.record(&original, &answer, Some(&policy.id), &snapshot, Some((&policy, &check)), now, started);
+        let verify_jwt = recording.map(|r| r.answers()).unwrap_or_default();
+        let checked = Checked { policy: &policy, check: &check, verify_jwt };
+        self.record(&original, &answer, Some(&policy.id), &snapshot, Some(checked), now, started);
         answer
     }
 
@@ -286,6 +344,7 @@ impl Authorizer {
             state.metrics.shadow.get_or_create(&ShadowLabels { policy: policy.clone(), result }).inc();
             if !agree {
                 log.write_json(&serde_json::json!({
+                    "v": sandgate_records::FORMAT_VERSION,
                     "shadow_disagreement": true,
                     "request_id": check.request_id,
                     "policy": policy,
@@ -305,7 +364,7 @@ impl Authorizer {
         answer: &Answer,
         policy_id: Option<&str>,
         snapshot: &Snapshot,
-        checked: Option<(&LoadedPolicy, &CheckRequest)>,
+        checked: Option<Checked<'_>>,
         now: u64,
         started: Instant,
     ) {
@@ -316,12 +375,27 @@ impl Authorizer {
         let reason = self.reason_label(evaluation.reason());
         metrics.decisions.get_or_create(&DecisionLabels { outcome, reason }).inc();
         metrics.latency.observe(latency.as_secs_f64());
+        if self.capture == Capture::None {
+            return;
+        }
+        let (input, decision) = match &checked {
+            Some(c) if self.capture == Capture::Input => {
+                if let Some(archive) = &self.state.archive {
+                    archive.keep(c.policy.data.digest(), || c.policy.data.text().as_bytes().to_vec());
+                }
+                let input = sandgate_records::Input::capture(c.check, &self.redact, c.verify_jwt.clone());
+                (Some(input), Some(sandgate_records::DecisionRecord::from(&evaluation.decision)))
+            }
+            _ => (None, None),
+        };
+        let checked = checked.as_ref().map(|c| (c.policy, c.check));
         let credential = checked.map(|(_, c)| match &c.credential {
             Credential::None => "none",
             Credential::Verified(_) => "verified",
             Credential::Rejected(e) => e.reason.as_str(),
         });
         self.log.write(&DecisionLogEntry {
+            v: sandgate_records::FORMAT_VERSION,
             ts: now,
             request_id: &answer.request_id,
             client_request_id: original.client_request_id.as_deref(),
@@ -336,6 +410,7 @@ impl Authorizer {
             revocations: snapshot.revocations.version,
             fleet_revision: snapshot.fleet_revision,
             data: checked.map(|(p, _)| p.data.version),
+            data_digest: checked.map(|(p, _)| p.data.digest()),
             credential,
             subject: checked.and_then(|(_, c)| match &c.credential {
                 Credential::Verified(v) => Some(v.claims.subject.as_str()),
@@ -347,6 +422,8 @@ impl Authorizer {
             fault: evaluation.fault.as_ref().map(ToString::to_string),
             policy_logs: &evaluation.logs,
             latency_us: latency.as_micros() as u64,
+            input,
+            decision,
         });
     }
 

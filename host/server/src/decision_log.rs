@@ -22,9 +22,11 @@ const WRITE_EVERY: Duration = Duration::from_millis(10);
 /// Queued bytes at which a check wakes the writer early, so a burst does not fill the queue.
 const WAKE_AT: usize = 256 << 10;
 
-/// One line of the decision log: everything needed to explain the decision.
+/// One line of the decision log: everything needed to explain the decision. Its format is
+/// `sandgate_records::format` (version [`sandgate_records::FORMAT_VERSION`]).
 #[derive(serde::Serialize)]
 pub(crate) struct DecisionLogEntry<'a> {
+    pub(crate) v: u32,
     pub(crate) ts: u64,
     pub(crate) request_id: &'a str,
     /// The `x-request-id` the client sent, if any (bounded), kept apart from Sandgate's own.
@@ -45,6 +47,9 @@ pub(crate) struct DecisionLogEntry<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) fleet_revision: Option<u64>,
     pub(crate) data: Option<u64>,
+    /// `sha256:…` of the data document's JSON text, when a policy ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) data_digest: Option<&'a str>,
     /// `none`, `verified`, or the reason the credential was rejected.
     pub(crate) credential: Option<&'a str>,
     pub(crate) subject: Option<&'a str>,
@@ -54,6 +59,12 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) fault: Option<String>,
     pub(crate) policy_logs: &'a [PolicyLog],
     pub(crate) latency_us: u64,
+    /// The check as the policy saw it (`capture = "input"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) input: Option<sandgate_records::Input>,
+    /// The policy's whole answer (`capture = "input"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) decision: Option<sandgate_records::DecisionRecord>,
 }
 
 /// Where checks hand their lines: cheap to clone, never blocks on the sink.

@@ -22,6 +22,7 @@ pub mod ext_authz;
 pub mod fleet;
 pub mod forward_auth;
 pub mod listener;
+pub mod log_sink;
 pub mod metrics;
 pub mod original_request;
 pub mod policy_dir;

@@ -6,7 +6,9 @@
 use crate::admin_api::AdminApi;
 use crate::config::{AdminConfig, Config, ProxyKind};
 use crate::decide::Authorizer;
+use crate::config::SinkKind;
 use crate::decision_log::{DecisionLog, LogWriter, QUEUE_BYTES};
+use crate::log_sink::{RotatingFile, Spool, SpoolWriter};
 use crate::forward_auth::ForwardAuth;
 use crate::listener::{self, Listener};
 use crate::state::{StartError, State};
@@ -33,6 +35,8 @@ pub struct Sidecar {
     stop: CancellationToken,
     /// In a fleet: the state applied at start (from the local cache), to watch on from.
     fleet_start: Option<crate::fleet::desired::DesiredState>,
+    /// With `sink = "nats"`: the spool decision records wait in.
+    spool: Option<Arc<Spool>>,
 }
 
 impl Sidecar {
@@ -55,11 +59,35 @@ impl Sidecar {
         };
         let tasks = TaskTracker::new();
         let dropped = state.metrics.decision_log_dropped.clone();
-        let (log, log_writer) = DecisionLog::start(Box::new(std::io::stdout()), QUEUE_BYTES, dropped)
+        let records = &config.decision_log;
+        let mut spool = None;
+        let sink: Box<dyn std::io::Write + Send> = match records.sink {
+            SinkKind::Stdout => Box::new(std::io::stdout()),
+            SinkKind::File => {
+                let path = records.path.clone().unwrap_or_default();
+                let file = RotatingFile::open(path.clone(), records.max_file_mib << 20, records.max_files).map_err(|e| {
+                    StartError::Listen(format!("[decision_log] cannot open `{}`", path.display()), e)
+                })?;
+                Box::new(file)
+            }
+            SinkKind::Nats => {
+                let nats = records.nats.as_ref().ok_or_else(|| StartError::Admin("[decision_log.nats] is missing".into()))?;
+                let dir = nats.spool_dir.clone().unwrap_or_else(|| {
+                    crate::config::cache_home().unwrap_or_else(|| PathBuf::from(".")).join("sandgate").join("spool")
+                });
+                let opened = Spool::open(dir.clone(), nats.spool_max_mib << 20, dropped.clone()).map_err(|e| {
+                    StartError::Listen(format!("[decision_log.nats] cannot open the spool `{}`", dir.display()), e)
+                })?;
+                spool = Some(opened.clone());
+                Box::new(SpoolWriter(opened))
+            }
+        };
+        let (log, log_writer) = DecisionLog::start(sink, QUEUE_BYTES, dropped)
             .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
         let server = &config.server;
         let authorizer =
-            Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone());
+            Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone())
+                .with_capture(records.capture, records.redact_headers.clone());
         let http = bind_tcp(&server.listen, "").await?;
         let ops = match &server.ops_listen {
             Some(address) => Some(bind_tcp(address, " (health and metrics)").await?),
@@ -89,6 +117,7 @@ impl Sidecar {
             tasks,
             stop: CancellationToken::new(),
             fleet_start,
+            spool,
         })
     }
 
@@ -131,9 +160,47 @@ impl Sidecar {
     /// Serve until `shutdown` resolves, then stop every listener and loop, give open
     /// connections `shutdown_grace_secs` to finish, and write out the decision log.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let Sidecar { config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, fleet_start, .. } =
-            self;
+        let Sidecar {
+            config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, fleet_start, spool, ..
+        } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        // Decision records are sent until the log writer has written its last line, then for
+        // at most the grace period more: it has its own stop.
+        let records_stop = CancellationToken::new();
+        let publisher = match (spool, config.records_connection(), &config.decision_log.nats) {
+            (Some(spool), Some(connection), Some(nats)) => {
+                let subject = nats.subject.clone().unwrap_or_else(|| {
+                    let node = connection.node_id.clone().unwrap_or_else(crate::fleet::hostname);
+                    format!("sandgate.decisions.{}", crate::fleet::sanitize(&node))
+                });
+                let subjects = if nats.subject.is_some() { subject.clone() } else { "sandgate.decisions.>".into() };
+                let (stream, replicas) = (nats.stream.clone(), nats.replicas);
+                let stop = records_stop.clone();
+                Some(tokio::spawn(async move {
+                    let client = match crate::fleet::connect(&connection, false).await {
+                        Ok(client) => client,
+                        Err(e) => {
+                            tracing::error!(error = %sandgate_auth::error_chain(&e), "decision records cannot reach NATS; they stay in the spool");
+                            return;
+                        }
+                    };
+                    let js = async_nats::jetstream::new(client);
+                    let mut warned = false;
+                    while let Err(e) = crate::log_sink::ensure_stream(&js, &stream, &subjects, replicas).await {
+                        if !warned {
+                            tracing::warn!(error = %e, "the decision-record stream is not reachable yet; spooling");
+                            warned = true;
+                        }
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                    crate::log_sink::publish(spool, js, subject, stop, grace).await;
+                }))
+            }
+            _ => None,
+        };
         let limits = listener::Limits {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
             max_connections: config.server.max_connections,
@@ -204,6 +271,10 @@ impl Sidecar {
         }
         drop(authorizer);
         log_writer.finish(grace).await;
+        records_stop.cancel();
+        if let Some(publisher) = publisher {
+            let _ = tokio::time::timeout(grace + Duration::from_secs(1), publisher).await;
+        }
     }
 }
 

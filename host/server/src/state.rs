@@ -64,6 +64,9 @@ pub enum StartError {
     /// The compiler thread could not start.
     #[error("cannot start the compiler thread")]
     Compiler(#[source] std::io::Error),
+    /// The archive's writer thread could not start.
+    #[error("[decision_log] archive_dir: cannot start the archive")]
+    Archive(#[source] std::io::Error),
 }
 
 /// Why a change was refused. The old state keeps serving.
@@ -138,6 +141,8 @@ pub struct State {
     compiler: Compiler,
     /// In a fleet: what this sidecar applied and how long it has been out of touch.
     pub fleet: Option<Arc<crate::fleet::FleetHealth>>,
+    /// With `capture = "input"`: where every module and data document that served is kept.
+    pub archive: Option<Arc<sandgate_records::Archive>>,
 }
 
 /// The snapshot store as the JWKS fetcher's [`KeyStore`], counting fetches.
@@ -171,6 +176,15 @@ impl State {
     pub async fn from_config(config: &Config) -> Result<Arc<State>, StartError> {
         let runtime = Arc::new(Runtime::new(config.runtime.runtime_config()).map_err(StartError::Runtime)?);
         let registry = Arc::new(registry_from_config(&config.registry)?);
+        let archive = match config.decision_log.capture {
+            crate::config::Capture::Input => {
+                let dir = config.decision_log.archive_dir.clone().unwrap_or_else(|| {
+                    crate::config::cache_home().unwrap_or_else(|| PathBuf::from(".")).join("sandgate").join("archive")
+                });
+                Some(Arc::new(sandgate_records::Archive::start(dir).map_err(StartError::Archive)?))
+            }
+            _ => None,
+        };
         let allowed_digests: HashSet<String> = config
             .admin
             .iter()
@@ -200,6 +214,9 @@ impl State {
                 }
             };
             let module = runtime.load(&bytes).map_err(|e| StartError::Module(p.id.clone(), p.module.to_string(), e))?;
+            if let Some(archive) = &archive {
+                archive.keep(&format!("sha256:{}", module.digest()), || bytes.clone());
+            }
             let value = match &p.data {
                 Some(path) => {
                     let bytes = std::fs::read(path).map_err(|e| StartError::Read(p.id.clone(), path.clone(), e))?;
@@ -261,6 +278,7 @@ impl State {
             module_writes: tokio::sync::Mutex::new(()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
             fleet,
+            archive,
         }))
     }
 
@@ -276,6 +294,7 @@ impl State {
             return Ok(module);
         }
         let runtime = self.runtime.clone();
+        let kept = bytes.clone();
         let (done, result) = tokio::sync::oneshot::channel();
         let queued = self.compiler.run(move || {
             let compiled = runtime.load(&bytes).map_err(ChangeError::from).and_then(|module| {
@@ -288,6 +307,9 @@ impl State {
             return Err(ChangeError::Internal("the compiler thread is gone"));
         }
         let module = result.await.map_err(|_| ChangeError::Internal("compilation did not finish"))??;
+        if let Some(archive) = &self.archive {
+            archive.keep(&format!("sha256:{digest}"), || kept.to_vec());
+        }
         self.recent_modules.insert(digest, module.clone());
         Ok(module)
     }

@@ -192,7 +192,7 @@ impl FleetHealth {
 }
 
 /// This machine's host name, as a KV key (`[A-Za-z0-9_-]`, others replaced by `-`).
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

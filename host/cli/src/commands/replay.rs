@@ -1,0 +1,97 @@
+//! `sandgate replay RECORDS… --archive DIR [--candidate ID=FILE.wasm]`: decide recorded
+//! checks again, offline, from decision records captured with `capture = "input"`.
+//!
+//! Without a candidate, every record must come out as it was recorded: a difference means a
+//! check was not the pure function it is promised to be (exit 1). With a candidate, the
+//! differences are the decisions the candidate would change, grouped by policy and answer
+//! (exit 1 when there is any, for gating a roll-out in CI).
+
+use anyhow::{Context, bail};
+use sandgate_records::replay::Change;
+use sandgate_records::{Record, Replayer, Report};
+use sandgate_registry::Cache;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Decision-record files (one JSON object a line; `-` for standard input).
+    #[arg(required = true)]
+    records: Vec<PathBuf>,
+    /// A directory holding modules and data documents by digest (the sidecar's
+    /// `[decision_log] archive_dir`, or a module cache); repeatable, searched in order.
+    #[arg(long = "archive", required = true)]
+    archives: Vec<PathBuf>,
+    /// Run this module for policy `ID` instead of the recorded one: the impact of a change.
+    #[arg(long, value_name = "ID=FILE.wasm")]
+    candidate: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = super::small_runtime()?;
+    let archives = args.archives.iter().map(Cache::new).collect();
+    let mut replayer = Replayer::new(&runtime, archives);
+    let candidate = match &args.candidate {
+        Some(spec) => {
+            let Some((id, file)) = spec.split_once('=') else {
+                bail!("--candidate takes ID=FILE.wasm, not `{spec}`");
+            };
+            let module = super::load(&runtime, std::path::Path::new(file))?;
+            replayer = replayer.with_candidate(id.to_owned(), module);
+            Some(id.to_owned())
+        }
+        None => None,
+    };
+    let mut report = Report::default();
+    for path in &args.records {
+        let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdin().lock())
+        } else {
+            let file = std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+            Box::new(std::io::BufReader::new(file))
+        };
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Record>(&line) {
+                Ok(record) => {
+                    let verdict = replayer.replay(&record);
+                    report.add(&record, &verdict);
+                }
+                Err(_) => report.unreadable(),
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, candidate.as_deref());
+    }
+    Ok(if report.differ == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn print_report(report: &Report, candidate: Option<&str>) {
+    let verb = if candidate.is_some() { "would change" } else { "differ" };
+    println!(
+        "{} records, {} replayed: {} the same, {} {verb}",
+        report.records, report.replayed, report.same, report.differ
+    );
+    for (why, count) in &report.skipped {
+        println!("  not replayed ({why}): {count}");
+    }
+    for (change, Change { count, examples }) in &report.changes {
+        println!("{count:>8}  {change}");
+        for e in examples {
+            println!("          e.g. {} {}", e.request_id, e.request);
+        }
+    }
+    if report.replayed == 0 {
+        println!("nothing was replayed: records need `capture = \"input\"` and an archive holding their modules and data");
+    }
+}

@@ -1,0 +1,487 @@
+//! The decision record, version 1: one JSON object a line. `docs/decision-record.schema.json`
+//! is its schema; this module is the reference.
+//!
+//! Every line carries the metadata of the decision (request id, policy, module and data
+//! digests, snapshot versions, fleet revision, outcome, reason, the policy's log lines).
+//! With `capture = "input"` it also carries [`Input`], the check exactly as the policy saw it
+//! (secret headers redacted), and [`DecisionRecord`], the policy's whole answer: enough to run
+//! the same module on the same data and compare.
+
+use sandgate_runtime::bindings::sandgate::policy::types::{
+    CheckRequest, Credential, CredentialError, Decision, Header, SnapshotVersions, StandardClaims, VerifiedCredential,
+};
+use serde::{Deserialize, Serialize};
+
+/// The record format version written in every line as `"v"`.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What a redacted header's value is replaced with.
+pub const REDACTED: &str = "[redacted]";
+
+/// Headers always redacted in a captured input: they carry credentials.
+pub const ALWAYS_REDACTED: [&str; 4] = ["authorization", "proxy-authorization", "cookie", "set-cookie"];
+
+/// The check as the policy saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// HTTP method, uppercase.
+    pub method: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// The host asked for.
+    pub host: String,
+    /// The canonical path.
+    pub path: String,
+    /// The query string without `?`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Every header as `[name, value]`, in order; credentials redacted.
+    pub headers: Vec<(String, String)>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The body the proxy sent, base64 (standard, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The host's verdict on the bearer token (the claims, never the token).
+    pub credential: CredentialRecord,
+    /// The pinned time, Unix seconds.
+    pub now: u64,
+    /// The pinned versions, as the policy received them.
+    pub versions: Versions,
+    /// The answers of the policy's `verify-jwt` calls, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify_jwt: Vec<VerifyAnswer>,
+}
+
+/// The host's verdict on the bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialRecord {
+    /// No credential.
+    None,
+    /// Verified: its claims.
+    Verified(VerifiedRecord),
+    /// Rejected: why.
+    Rejected(ErrorRecord),
+}
+
+/// A verified credential: the key that verified it and its claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifiedRecord {
+    /// The `kid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The algorithm.
+    pub algorithm: String,
+    /// `iss`.
+    pub issuer: String,
+    /// `sub`.
+    pub subject: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
+    /// `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// `iat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<u64>,
+    /// `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Every claim, as the JSON text the policy received.
+    pub claims_json: String,
+}
+
+/// Why a credential was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorRecord {
+    /// The reason code.
+    pub reason: String,
+    /// The message.
+    pub message: String,
+}
+
+/// One answer of `verify-jwt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VerifyAnswer {
+    /// The token was verified.
+    Verified(VerifiedRecord),
+    /// It was not.
+    Rejected(ErrorRecord),
+}
+
+/// The pinned versions a policy receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Versions {
+    /// The snapshot.
+    pub snapshot: u64,
+    /// SHA-256 of the module (hex).
+    pub policy_digest: String,
+    /// The key sets.
+    pub key_set: u64,
+    /// The revocations.
+    pub revocations: u64,
+    /// The data document.
+    pub data: u64,
+}
+
+/// A policy's whole answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DecisionRecord {
+    /// Allowed.
+    Allow {
+        /// Headers set on the upstream request.
+        set_headers: Vec<(String, String)>,
+        /// Headers removed from it.
+        remove_headers: Vec<String>,
+    },
+    /// Denied.
+    Deny {
+        /// The status.
+        status: u16,
+        /// The reason code.
+        reason: String,
+        /// The message.
+        message: String,
+        /// Headers on the denial.
+        headers: Vec<(String, String)>,
+    },
+}
+
+/// One line of the decision log, as replay reads it (fields it does not need are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Record {
+    /// The format version; absent in lines older than version 1.
+    #[serde(default)]
+    pub v: Option<u32>,
+    /// Sandgate's id of the check.
+    #[serde(default)]
+    pub request_id: String,
+    /// The policy id, when a route chose one.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// SHA-256 of the module (hex), when a policy ran.
+    #[serde(default)]
+    pub policy_digest: Option<String>,
+    /// `sha256:…` of the data document's JSON text, when a policy ran.
+    #[serde(default)]
+    pub data_digest: Option<String>,
+    /// The method (for reports).
+    #[serde(default)]
+    pub method: String,
+    /// The host (for reports).
+    #[serde(default)]
+    pub host: String,
+    /// The path (for reports).
+    #[serde(default)]
+    pub path: String,
+    /// `allow` or `deny`.
+    #[serde(default)]
+    pub outcome: String,
+    /// The status answered.
+    #[serde(default)]
+    pub status: u16,
+    /// The reason code.
+    #[serde(default)]
+    pub reason: String,
+    /// Set when the host, not the policy, decided because the policy failed.
+    #[serde(default)]
+    pub fault: Option<String>,
+    /// The check as the policy saw it (`capture = "input"`).
+    #[serde(default)]
+    pub input: Option<Input>,
+    /// The policy's whole answer (`capture = "input"`).
+    #[serde(default)]
+    pub decision: Option<DecisionRecord>,
+    /// A shadow candidate's disagreement line, not a decision.
+    #[serde(default)]
+    pub shadow_disagreement: Option<bool>,
+}
+
+/// Reason codes of denials the host made because of its own condition, not the policy's
+/// behaviour: not reproducible by replay.
+pub const HOST_CONDITIONS: [&str; 2] = ["overloaded", "policy_instantiation_failed"];
+
+impl Input {
+    /// Capture `check` as the policy saw it, redacting [`ALWAYS_REDACTED`] and `redact`
+    /// (lowercase names).
+    pub fn capture(check: &CheckRequest, redact: &[String], verify_jwt: Vec<VerifyAnswer>) -> Input {
+        use base64::Engine;
+        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || redact.iter().any(|r| r == name);
+        Input {
+            method: check.method.clone(),
+            scheme: check.scheme.clone(),
+            host: check.host.clone(),
+            path: check.path.clone(),
+            query: check.query.clone(),
+            headers: check
+                .headers
+                .iter()
+                .map(|h| (h.name.clone(), if secret(&h.name) { REDACTED.to_owned() } else { h.value.clone() }))
+                .collect(),
+            peer: check.peer.clone(),
+            body: check.body.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+            credential: match &check.credential {
+                Credential::None => CredentialRecord::None,
+                Credential::Verified(v) => CredentialRecord::Verified(VerifiedRecord::from(v)),
+                Credential::Rejected(e) => CredentialRecord::Rejected(ErrorRecord::from(e)),
+            },
+            now: check.now,
+            versions: Versions {
+                snapshot: check.versions.snapshot,
+                policy_digest: check.versions.policy_digest.clone(),
+                key_set: check.versions.key_set,
+                revocations: check.versions.revocations,
+                data: check.versions.data,
+            },
+            verify_jwt,
+        }
+    }
+
+    /// The check request this input describes, with `request_id`; `None` if the body is not
+    /// base64.
+    pub fn to_check(&self, request_id: &str) -> Option<CheckRequest> {
+        use base64::Engine;
+        let body = match &self.body {
+            Some(b) => Some(base64::engine::general_purpose::STANDARD.decode(b).ok()?),
+            None => None,
+        };
+        Some(CheckRequest {
+            request_id: request_id.to_owned(),
+            method: self.method.clone(),
+            scheme: self.scheme.clone(),
+            host: self.host.clone(),
+            path: self.path.clone(),
+            query: self.query.clone(),
+            headers: self.headers.iter().map(|(name, value)| Header { name: name.clone(), value: value.clone() }).collect(),
+            peer: self.peer.clone(),
+            body,
+            credential: match &self.credential {
+                CredentialRecord::None => Credential::None,
+                CredentialRecord::Verified(v) => Credential::Verified(v.to_credential()),
+                CredentialRecord::Rejected(e) => Credential::Rejected(e.to_error()),
+            },
+            now: self.now,
+            versions: SnapshotVersions {
+                snapshot: self.versions.snapshot,
+                policy_digest: self.versions.policy_digest.clone(),
+                key_set: self.versions.key_set,
+                revocations: self.versions.revocations,
+                data: self.versions.data,
+            },
+        })
+    }
+}
+
+impl From<&VerifiedCredential> for VerifiedRecord {
+    fn from(v: &VerifiedCredential) -> Self {
+        let c = &v.claims;
+        VerifiedRecord {
+            key_id: v.key_id.clone(),
+            algorithm: v.algorithm.clone(),
+            issuer: c.issuer.clone(),
+            subject: c.subject.clone(),
+            audiences: c.audiences.clone(),
+            expires_at: c.expires_at,
+            issued_at: c.issued_at,
+            token_id: c.token_id.clone(),
+            scopes: c.scopes.clone(),
+            roles: c.roles.clone(),
+            claims_json: v.claims_json.clone(),
+        }
+    }
+}
+
+impl VerifiedRecord {
+    /// As the WIT `verified-credential`.
+    pub fn to_credential(&self) -> VerifiedCredential {
+        VerifiedCredential {
+            key_id: self.key_id.clone(),
+            algorithm: self.algorithm.clone(),
+            claims: StandardClaims {
+                issuer: self.issuer.clone(),
+                subject: self.subject.clone(),
+                audiences: self.audiences.clone(),
+                expires_at: self.expires_at,
+                issued_at: self.issued_at,
+                token_id: self.token_id.clone(),
+                scopes: self.scopes.clone(),
+                roles: self.roles.clone(),
+            },
+            claims_json: self.claims_json.clone(),
+        }
+    }
+}
+
+impl From<&CredentialError> for ErrorRecord {
+    fn from(e: &CredentialError) -> Self {
+        ErrorRecord { reason: e.reason.clone(), message: e.message.clone() }
+    }
+}
+
+impl ErrorRecord {
+    /// As the WIT `credential-error`.
+    pub fn to_error(&self) -> CredentialError {
+        CredentialError { reason: self.reason.clone(), message: self.message.clone() }
+    }
+}
+
+impl From<&Result<VerifiedCredential, CredentialError>> for VerifyAnswer {
+    fn from(answer: &Result<VerifiedCredential, CredentialError>) -> Self {
+        match answer {
+            Ok(v) => VerifyAnswer::Verified(VerifiedRecord::from(v)),
+            Err(e) => VerifyAnswer::Rejected(ErrorRecord::from(e)),
+        }
+    }
+}
+
+impl From<&Decision> for DecisionRecord {
+    fn from(decision: &Decision) -> Self {
+        let pairs = |headers: &[Header]| headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+        match decision {
+            Decision::Allow(a) => {
+                DecisionRecord::Allow { set_headers: pairs(&a.set_headers), remove_headers: a.remove_headers.clone() }
+            }
+            Decision::Deny(d) => DecisionRecord::Deny {
+                status: d.status,
+                reason: d.reason.clone(),
+                message: d.message.clone(),
+                headers: pairs(&d.headers),
+            },
+        }
+    }
+}
+
+impl DecisionRecord {
+    /// `allow` (with the names of the headers it sets and removes), or
+    /// `deny <status> <reason>`: how reports name an answer.
+    pub fn summary(&self) -> String {
+        match self {
+            DecisionRecord::Allow { set_headers, remove_headers } => {
+                let mut summary = String::from("allow");
+                if !set_headers.is_empty() {
+                    let names: Vec<&str> = set_headers.iter().map(|(n, _)| n.as_str()).collect();
+                    summary.push_str(&format!(" setting {}", names.join(", ")));
+                }
+                if !remove_headers.is_empty() {
+                    summary.push_str(&format!(" removing {}", remove_headers.join(", ")));
+                }
+                summary
+            }
+            DecisionRecord::Deny { status, reason, .. } => format!("deny {status} {reason}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check() -> CheckRequest {
+        CheckRequest {
+            request_id: "r-1".into(),
+            method: "GET".into(),
+            scheme: "https".into(),
+            host: "api.example".into(),
+            path: "/orders/7".into(),
+            query: Some("a=1".into()),
+            headers: vec![
+                Header { name: "authorization".into(), value: "Bearer secret.token".into() },
+                Header { name: "cookie".into(), value: "session=s".into() },
+                Header { name: "x-api-key".into(), value: "k".into() },
+                Header { name: "accept".into(), value: "*/*".into() },
+            ],
+            peer: Some("10.0.0.1:5000".into()),
+            body: Some(b"{\"x\":1}".to_vec()),
+            credential: Credential::Verified(VerifiedCredential {
+                key_id: Some("k1".into()),
+                algorithm: "ES256".into(),
+                claims: StandardClaims {
+                    issuer: "https://issuer".into(),
+                    subject: "alice".into(),
+                    audiences: vec!["api".into()],
+                    expires_at: Some(10),
+                    issued_at: None,
+                    token_id: Some("j".into()),
+                    scopes: vec![],
+                    roles: vec!["reader".into()],
+                },
+                claims_json: r#"{"sub":"alice"}"#.into(),
+            }),
+            now: 5,
+            versions: SnapshotVersions {
+                snapshot: 3,
+                policy_digest: "ab".into(),
+                key_set: 2,
+                revocations: 1,
+                data: 4,
+            },
+        }
+    }
+
+    #[test]
+    fn a_captured_input_is_the_check_with_secrets_redacted() {
+        let check = check();
+        let input = Input::capture(&check, &["x-api-key".into()], Vec::new());
+        let text = serde_json::to_string(&input).unwrap_or_default();
+        assert!(!text.contains("secret.token") && !text.contains("session=s") && !text.contains("\"k\""), "{text}");
+        let back: Input = serde_json::from_str(&text).unwrap_or_else(|_| input.clone());
+        assert_eq!(back, input);
+        let replayed = back.to_check("r-1");
+        let expected_headers: Vec<(String, String)> = vec![
+            ("authorization".into(), REDACTED.into()),
+            ("cookie".into(), REDACTED.into()),
+            ("x-api-key".into(), REDACTED.into()),
+            ("accept".into(), "*/*".into()),
+        ];
+        let replayed_headers: Vec<(String, String)> = replayed
+            .as_ref()
+            .map(|c| c.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect())
+            .unwrap_or_default();
+        assert_eq!(replayed_headers, expected_headers);
+        // Everything but the redacted headers is the check itself.
+        let same = replayed.is_some_and(|r| {
+            r.body == check.body
+                && r.query == check.query
+                && r.now == check.now
+                && r.versions.policy_digest == check.versions.policy_digest
+                && matches!((&r.credential, &check.credential), (Credential::Verified(a), Credential::Verified(b))
+                    if a.claims_json == b.claims_json && a.claims.roles == b.claims.roles && a.key_id == b.key_id)
+        });
+        assert!(same);
+    }
+
+    #[test]
+    fn a_record_line_from_an_older_version_still_reads() {
+        let line = r#"{"ts":1,"request_id":"x","method":"GET","host":"h","path":"/","policy":null,"outcome":"deny","status":403,"reason":"no_route","extra":1}"#;
+        let record: Record = serde_json::from_str(line).unwrap_or_else(|_| Record {
+            v: Some(99),
+            request_id: String::new(),
+            policy: None,
+            policy_digest: None,
+            data_digest: None,
+            method: String::new(),
+            host: String::new(),
+            path: String::new(),
+            outcome: String::new(),
+            status: 0,
+            reason: String::new(),
+            fault: None,
+            input: None,
+            decision: None,
+            shadow_disagreement: None,
+        });
+        assert_eq!((record.v, record.reason.as_str(), record.input.is_none()), (None, "no_route", true));
+    }
+}

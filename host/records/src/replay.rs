@@ -1,0 +1,216 @@
+//! Replay: decide recorded checks again, offline, and compare.
+//!
+//! A record with a captured input is run on the module and data document its digests name
+//! (read from one or more archives, each blob checked against its digest), in a fresh
+//! instance, with the recorded `verify-jwt` answers played back in order. The answer must be
+//! the recorded one, field for field. With a candidate for a policy, the candidate runs
+//! instead and every answer that differs is a change it would make.
+
+use crate::format::{DecisionRecord, HOST_CONDITIONS, Record, VerifyAnswer};
+use sandgate_registry::Cache;
+use sandgate_runtime::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
+use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, TokenVerifier};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Largest module or data document read from an archive.
+const MAX_BLOB: u64 = 256 << 20;
+
+/// What replaying one record found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The same answer as recorded.
+    Same,
+    /// A different answer.
+    Differs {
+        /// What was answered then.
+        recorded: DecisionRecord,
+        /// What is answered now.
+        replayed: DecisionRecord,
+    },
+    /// Not replayed, and why (a short code: see [`Report::skipped`]).
+    Skipped(&'static str),
+}
+
+/// One example of a difference, for a report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Example {
+    /// The check's id.
+    pub request_id: String,
+    /// `METHOD host path`.
+    pub request: String,
+}
+
+/// Differences of one kind: the same policy, the same answer then and now.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Change {
+    /// How many records.
+    pub count: u64,
+    /// The first few.
+    pub examples: Vec<Example>,
+}
+
+/// What replaying many records found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// Lines read.
+    pub records: u64,
+    /// Records decided again.
+    pub replayed: u64,
+    /// Of those, answered the same.
+    pub same: u64,
+    /// Of those, answered differently.
+    pub differ: u64,
+    /// Records not replayed, by why: `no_input` (captured without input, or decided by the
+    /// host before any policy ran), `host_condition` (overload, instantiation failure),
+    /// `missing_module`, `missing_data`, `bad_input`, `not_a_decision` (a shadow line),
+    /// `other_policy` (with a candidate: a record of another policy), `unreadable`.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Differences by `policy: then → now`.
+    pub changes: BTreeMap<String, Change>,
+}
+
+/// Examples kept per kind of difference.
+const EXAMPLES: usize = 3;
+
+impl Report {
+    /// Count `verdict` for `record`.
+    pub fn add(&mut self, record: &Record, verdict: &Verdict) {
+        self.records += 1;
+        match verdict {
+            Verdict::Same => {
+                self.replayed += 1;
+                self.same += 1;
+            }
+            Verdict::Differs { recorded, replayed } => {
+                self.replayed += 1;
+                self.differ += 1;
+                let policy = record.policy.as_deref().unwrap_or("-");
+                let key = format!("{policy}: {} → {}", recorded.summary(), replayed.summary());
+                let change = self.changes.entry(key).or_default();
+                change.count += 1;
+                if change.examples.len() < EXAMPLES {
+                    change.examples.push(Example {
+                        request_id: record.request_id.clone(),
+                        request: format!("{} {} {}", record.method, record.host, record.path),
+                    });
+                }
+            }
+            Verdict::Skipped(why) => *self.skipped.entry(why).or_default() += 1,
+        }
+    }
+
+    /// Count a line that is not a record at all.
+    pub fn unreadable(&mut self) {
+        self.records += 1;
+        *self.skipped.entry("unreadable").or_default() += 1;
+    }
+}
+
+/// Plays the recorded `verify-jwt` answers back, in order.
+struct PlayedBack(Mutex<VecDeque<VerifyAnswer>>);
+
+impl TokenVerifier for PlayedBack {
+    fn verify(&self, _token: &str) -> Result<VerifiedCredential, CredentialError> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            Some(VerifyAnswer::Verified(v)) => Ok(v.to_credential()),
+            Some(VerifyAnswer::Rejected(e)) => Err(e.to_error()),
+            None => Err(CredentialError {
+                reason: "replay_unrecorded".into(),
+                message: "the recorded check made fewer verify-jwt calls".into(),
+            }),
+        }
+    }
+}
+
+/// Decides recorded checks again.
+pub struct Replayer<'a> {
+    runtime: &'a Runtime,
+    archives: Vec<Cache>,
+    modules: HashMap<String, Option<PolicyModule>>,
+    data: HashMap<String, Option<Arc<PolicyData>>>,
+    candidates: HashMap<String, PolicyModule>,
+}
+
+impl<'a> Replayer<'a> {
+    /// A replayer reading modules and data from `archives`, in order.
+    pub fn new(runtime: &'a Runtime, archives: Vec<Cache>) -> Self {
+        Replayer { runtime, archives, modules: HashMap::new(), data: HashMap::new(), candidates: HashMap::new() }
+    }
+
+    /// Run `module` instead of whatever policy `id` ran; records of other policies are skipped.
+    pub fn with_candidate(mut self, id: String, module: PolicyModule) -> Self {
+        self.candidates.insert(id, module);
+        self
+    }
+
+    fn blob(&self, digest: &str) -> Option<Vec<u8>> {
+        self.archives.iter().find_map(|a| a.read_blob(digest, MAX_BLOB).ok().flatten())
+    }
+
+    fn module(&mut self, hex: &str) -> Option<PolicyModule> {
+        if let Some(module) = self.modules.get(hex) {
+            return module.clone();
+        }
+        let module = self.blob(&format!("sha256:{hex}")).and_then(|bytes| match self.runtime.load(&bytes) {
+            Ok(module) => Some(module),
+            Err(e) => {
+                tracing::warn!(digest = hex, error = %e, "an archived module does not load");
+                None
+            }
+        });
+        self.modules.insert(hex.to_owned(), module.clone());
+        module
+    }
+
+    fn data(&mut self, digest: &str, version: u64) -> Option<Arc<PolicyData>> {
+        if let Some(data) = self.data.get(digest) {
+            return data.clone();
+        }
+        let data = self
+            .blob(digest)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .map(|value| Arc::new(PolicyData::new(value, version)));
+        self.data.insert(digest.to_owned(), data.clone());
+        data
+    }
+
+    /// Decide `record` again and compare.
+    pub fn replay(&mut self, record: &Record) -> Verdict {
+        if record.shadow_disagreement.is_some() {
+            return Verdict::Skipped("not_a_decision");
+        }
+        if !self.candidates.is_empty() && !record.policy.as_ref().is_some_and(|p| self.candidates.contains_key(p)) {
+            return Verdict::Skipped("other_policy");
+        }
+        let (Some(input), Some(recorded)) = (&record.input, &record.decision) else {
+            return Verdict::Skipped("no_input");
+        };
+        if HOST_CONDITIONS.contains(&record.reason.as_str()) && record.fault.is_some() {
+            return Verdict::Skipped("host_condition");
+        }
+        let candidate = record.policy.as_ref().and_then(|p| self.candidates.get(p)).cloned();
+        let module = match candidate {
+            Some(module) => module,
+            None => match self.module(&input.versions.policy_digest) {
+                Some(module) => module,
+                None => return Verdict::Skipped("missing_module"),
+            },
+        };
+        let Some(data_digest) = &record.data_digest else { return Verdict::Skipped("missing_data") };
+        let Some(data) = self.data(data_digest, input.versions.data) else { return Verdict::Skipped("missing_data") };
+        let Some(check) = input.to_check(&record.request_id) else { return Verdict::Skipped("bad_input") };
+        let verifier = Arc::new(PlayedBack(Mutex::new(input.verify_jwt.iter().cloned().collect())));
+        let context = EvalContext { data, verifier: Some(verifier) };
+        let evaluation = self.runtime.evaluate(&module, &check, &context);
+        if evaluation.fault.as_ref().is_some_and(|f| HOST_CONDITIONS.contains(&f.reason())) {
+            return Verdict::Skipped("host_condition");
+        }
+        let replayed = DecisionRecord::from(&evaluation.decision);
+        if &replayed == recorded {
+            Verdict::Same
+        } else {
+            Verdict::Differs { recorded: recorded.clone(), replayed }
+        }
+    }
+}

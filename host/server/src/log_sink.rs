@@ -1,0 +1,431 @@
+//! Where decision records go: stdout (the default), a file rotated by size, or a NATS
+//! JetStream stream through an on-disk spool.
+//!
+//! The NATS sink never makes a check wait and loses nothing it accepted: the log writer
+//! appends each batch to the spool (segment files, fsynced), and a publisher sends what is
+//! spooled to JetStream in order, each message with a `Nats-Msg-Id` made of its place in the
+//! spool (so a batch sent again after a lost acknowledgement is stored once), and moves its
+//! cursor only past what JetStream acknowledged. While NATS is unreachable the spool grows up
+//! to its size limit; past it, whole lines are dropped and counted
+//! (`sandgate_decision_log_dropped_total`), never partly written.
+
+use prometheus_client::metrics::counter::Counter;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A file that is renamed to `NAME.1` (and `NAME.1` to `NAME.2`, …, up to `keep`) once it
+/// would grow past `max_bytes`. Batches of whole lines go in whole, so no line is split
+/// between two files.
+pub struct RotatingFile {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: File,
+    size: u64,
+}
+
+impl RotatingFile {
+    /// Append to `path` (created with its directory if need be).
+    pub fn open(path: PathBuf, max_bytes: u64, keep: u32) -> std::io::Result<RotatingFile> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile { path, max_bytes: max_bytes.max(1), keep, file, size })
+    }
+
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        if self.keep == 0 {
+            self.file = OpenOptions::new().write(true).truncate(true).open(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(self.numbered(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+            }
+            std::fs::rename(&self.path, self.numbered(1))?;
+            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<usize> {
+        if self.size > 0 && self.size + batch.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(batch)?;
+        self.size += batch.len() as u64;
+        Ok(batch.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// A spool segment grows to this size before the next one is started.
+const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// Decision records waiting for JetStream, on disk: numbered segment files of whole lines and
+/// a cursor (segment, offset) naming the first line not yet acknowledged.
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    dropped: Counter,
+    inner: Mutex<SpoolState>,
+    /// Woken when lines are appended.
+    pub(crate) appended: tokio::sync::Notify,
+}
+
+struct SpoolState {
+    /// Segments in order: (number, length in bytes).
+    segments: VecDeque<(u64, u64)>,
+    /// The first unacknowledged byte of the first segment.
+    offset: u64,
+    /// The segment being appended to.
+    current: Option<File>,
+}
+
+impl SpoolState {
+    fn pending(&self) -> u64 {
+        self.segments.iter().map(|(_, len)| len).sum::<u64>() - self.offset
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Cursor {
+    segment: u64,
+    offset: u64,
+}
+
+impl Spool {
+    /// The spool in `dir` (created 0700), holding at most `max_bytes` of unacknowledged lines;
+    /// what an earlier run left unacknowledged is sent first.
+    pub fn open(dir: PathBuf, max_bytes: u64, dropped: Counter) -> std::io::Result<Arc<Spool>> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        }
+        let mut segments: Vec<(u64, u64)> = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            segments.push((n, entry.metadata()?.len()));
+        }
+        segments.sort_unstable();
+        let cursor: Option<Cursor> =
+            std::fs::read(dir.join("cursor")).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let mut offset = 0;
+        if let Some(cursor) = cursor {
+            // Segments wholly before the cursor were acknowledged: remove them.
+            segments.retain(|(n, _)| {
+                let done = *n < cursor.segment;
+                if done {
+                    let _ = std::fs::remove_file(dir.join(format!("{n}.seg")));
+                }
+                !done
+            });
+            if segments.first().is_some_and(|(n, _)| *n == cursor.segment) {
+                offset = cursor.offset;
+            }
+        }
+        let spool = Spool {
+            dir,
+            max_bytes: max_bytes.max(1),
+            dropped,
+            inner: Mutex::new(SpoolState { segments: segments.into(), offset, current: None }),
+            appended: tokio::sync::Notify::new(),
+        };
+        Ok(Arc::new(spool))
+    }
+
+    fn segment_path(&self, n: u64) -> PathBuf {
+        self.dir.join(format!("{n}.seg"))
+    }
+
+    /// Bytes not yet acknowledged.
+    pub fn pending(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).pending()
+    }
+
+    /// Append whole lines of `batch`, as many as fit under the limit; the rest are dropped
+    /// and counted.
+    pub fn append(&self, batch: &[u8]) -> std::io::Result<()> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.max_bytes.saturating_sub(state.pending());
+        let mut take = 0;
+        for line in batch.split_inclusive(|b| *b == b'\n') {
+            if (take + line.len()) as u64 > room {
+                break;
+            }
+            take += line.len();
+        }
+        let dropped = batch[take..].split_inclusive(|b| *b == b'\n').count();
+        if dropped > 0 {
+            self.dropped.inc_by(dropped as u64);
+        }
+        if take == 0 {
+            return Ok(());
+        }
+        let full = state.segments.back().is_none_or(|(_, len)| *len >= SEGMENT_BYTES);
+        if full || state.current.is_none() {
+            let n = state.segments.back().map_or(0, |(n, _)| n + 1);
+            let n = if full { n } else { n.saturating_sub(1) };
+            let file = OpenOptions::new().create(true).append(true).open(self.segment_path(n))?;
+            if full {
+                state.segments.push_back((n, 0));
+            }
+            state.current = Some(file);
+        }
+        if let Some(file) = state.current.as_mut() {
+            file.write_all(&batch[..take])?;
+            file.sync_data()?;
+        }
+        if let Some((_, len)) = state.segments.back_mut() {
+            *len += take as u64;
+        }
+        drop(state);
+        self.appended.notify_one();
+        Ok(())
+    }
+
+    /// Up to `max` lines from the cursor: each with its id (`<segment>-<offset>`), and the
+    /// cursor after them.
+    fn peek(&self, max: usize) -> std::io::Result<(Vec<(String, Vec<u8>)>, (u64, u64))> {
+        let (segment, offset, len) = {
+            let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match state.segments.front() {
+                Some((n, len)) => (*n, state.offset, *len),
+                None => return Ok((Vec::new(), (0, 0))),
+            }
+        };
+        if offset >= len {
+            return Ok((Vec::new(), (segment, offset)));
+        }
+        let mut file = File::open(self.segment_path(segment))?;
+        file.seek(SeekFrom::Start(offset))?;
+        // Lines are at most the log queue's size (a longer one is never queued).
+        let want = (len - offset).min(2 * crate::decision_log::QUEUE_BYTES as u64);
+        let mut bytes = vec![0; want as usize];
+        file.read_exact(&mut bytes)?;
+        let mut lines = Vec::new();
+        let mut at = offset;
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") || lines.len() == max {
+                break;
+            }
+            lines.push((format!("{segment}-{at}"), line[..line.len() - 1].to_vec()));
+            at += line.len() as u64;
+        }
+        Ok((lines, (segment, at)))
+    }
+
+    /// Everything before `cursor` is acknowledged: move past it, remove finished segments and
+    /// write the cursor down.
+    fn advance(&self, cursor: (u64, u64)) -> std::io::Result<()> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        state.offset = cursor.1;
+        // A finished segment that is not the one being appended to is removed.
+        while state.segments.len() > 1 && state.segments.front().is_some_and(|(_, len)| state.offset >= *len) {
+            if let Some((n, _)) = state.segments.pop_front() {
+                let _ = std::fs::remove_file(self.segment_path(n));
+            }
+            state.offset = 0;
+        }
+        let (segment, offset) = (state.segments.front().map_or(0, |(n, _)| *n), state.offset);
+        drop(state);
+        let bytes = serde_json::to_vec(&Cursor { segment, offset }).map_err(std::io::Error::other)?;
+        sandgate_registry::write_atomically(&self.dir.join("cursor"), &bytes)
+    }
+}
+
+/// The log writer's side of a spool.
+pub struct SpoolWriter(pub Arc<Spool>);
+
+impl Write for SpoolWriter {
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<usize> {
+        self.0.append(batch)?;
+        Ok(batch.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Lines sent before their acknowledgements are awaited.
+const IN_FLIGHT: usize = 256;
+
+/// Send what `spool` holds to `subject` (a subject of a JetStream stream), in order, until
+/// `stop` and the spool is empty (or, after `stop`, for at most `grace`).
+pub async fn publish(
+    spool: Arc<Spool>,
+    js: async_nats::jetstream::Context,
+    subject: String,
+    stop: tokio_util::sync::CancellationToken,
+    grace: Duration,
+) {
+    let mut failing = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if stop.is_cancelled() && deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + grace);
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            if spool.pending() > 0 {
+                tracing::warn!(bytes = spool.pending(), "decision records left in the spool; they are sent on the next start");
+            }
+            return;
+        }
+        let (lines, cursor) = match spool.peek(IN_FLIGHT) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the decision-record spool");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if lines.is_empty() {
+            if stop.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = spool.appended.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = stop.cancelled() => {}
+            }
+            continue;
+        }
+        match send(&js, &subject, lines).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("decision records are reaching NATS again");
+                    failing = false;
+                }
+                if let Err(e) = spool.advance(cursor) {
+                    tracing::error!(error = %e, "cannot move the decision-record spool's cursor");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, pending = spool.pending(), "cannot send decision records to NATS; spooling them");
+                    failing = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Publish `lines` and wait for every acknowledgement.
+async fn send(js: &async_nats::jetstream::Context, subject: &str, lines: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(lines.len());
+    for (id, line) in lines {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(subject.to_owned(), headers, line.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        tokio::time::timeout(Duration::from_secs(5), ack)
+            .await
+            .map_err(|_| "no acknowledgement within 5 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The stream records are sent to: created (file storage, a two-minute duplicate window) if
+/// it does not exist.
+pub async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subjects: &str,
+    replicas: usize,
+) -> Result<(), String> {
+    if js.get_stream(stream).await.is_ok() {
+        return Ok(());
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: stream.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.get_or_create_stream(config).await.map(|_| ()).map_err(|e| format!("cannot create the stream `{stream}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotating_file_keeps_whole_batches_and_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.log");
+        let mut file = RotatingFile::open(path.clone(), 100, 2).unwrap();
+        for i in 0..10 {
+            file.write_all(format!("{{\"n\":{i:040}}}\n").as_bytes()).unwrap();
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let (now, one, two) = (read(path.clone()), read(dir.path().join("decisions.log.1")), read(dir.path().join("decisions.log.2")));
+        assert!(!dir.path().join("decisions.log.3").exists());
+        for text in [&now, &one, &two] {
+            assert!(text.lines().all(|l| l.len() == 48), "{text}");
+            assert!(text.len() <= 100);
+        }
+        assert!(now.contains(&format!("{:040}", 9)) && two.contains(&format!("{:040}", 4)));
+    }
+
+    #[test]
+    fn a_spool_keeps_order_across_segments_and_reopening_and_drops_whole_lines_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
+        for i in 0..10 {
+            spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
+        }
+        let (lines, cursor) = spool.peek(4).unwrap();
+        let texts: Vec<String> = lines.iter().map(|(_, l)| String::from_utf8_lossy(l).into_owned()).collect();
+        assert_eq!(texts, ["line-000", "line-001", "line-002", "line-003"]);
+        assert_eq!(lines[1].0, "0-9");
+        spool.advance(cursor).unwrap();
+        drop(spool);
+        // Reopened: what was acknowledged is not sent again.
+        let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
+        let (lines, _) = spool.peek(100).unwrap();
+        assert_eq!(lines.len(), 6);
+        assert_eq!(String::from_utf8_lossy(&lines[0].1), "line-004");
+        // 54 bytes pending, room for 946: of 200 lines of 9 bytes, 105 fit; the other 95 are
+        // dropped whole and counted.
+        let batch: Vec<u8> = (0..200).flat_map(|i| format!("more-{i:03}\n").into_bytes()).collect();
+        spool.append(&batch).unwrap();
+        assert_eq!(spool.pending(), 54 + 105 * 9);
+        assert_eq!(dropped.get(), 95);
+    }
+}

@@ -1,0 +1,294 @@
+"""Decision records: captured inputs that replay exactly (`sandgate replay`), while keys rotate,
+tokens are revoked and policies and data reload under load; the impact diff of a candidate
+module; the record schema; `capture = "none"`; and the NATS JetStream sink losing nothing while
+NATS is down."""
+
+import base64
+import http.client
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+import urllib.request
+
+import jwt
+import pytest
+
+from conftest import AUDIENCE, ISSUER, POLICIES, RBAC_DATA, ROOT, SANDGATE, Sandgate, free_port, write_config
+from test_admin import TOKEN, admin
+
+SECRETS = {"hs-a": "the-first-secret-of-at-least-32-bytes!", "hs-b": "the-second-secret-of-at-least-32-bytes"}
+
+
+def oct_jwk(kid):
+    return {"kty": "oct", "kid": kid, "alg": "HS256", "k": base64.urlsafe_b64encode(SECRETS[kid].encode()).decode().rstrip("=")}
+
+
+def mint(i, kid):
+    now = int(time.time())
+    roles = [["reader"], ["writer"], []][i % 3]
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{i % 50}", "jti": f"jti-{i}", "iat": now, "exp": now + 600, "roles": roles}
+    return jwt.encode(claims, SECRETS[kid], algorithm="HS256", headers={"kid": kid})
+
+
+def start(tmp_path, capture="input", extra=""):
+    config = tmp_path / f"sandgate-{capture}.toml"
+    records = tmp_path / f"records-{capture}.log"
+    data = tmp_path / "rbac-data.json"
+    data.write_text(json.dumps(RBAC_DATA))
+    admin_port = free_port()
+    write_config(
+        config,
+        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+        policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}, {"id": "live", "module": str(POLICIES / "versioned-v1.wasm")}],
+        routes=[{"path_prefix": "/live", "policy": "live"}],
+        server={"proxy": "nginx", "default_policy": "rbac"},
+        admin={"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
+        extra_toml=(
+            f'[decision_log]\ncapture = "{capture}"\nsink = "file"\npath = "{records}"\n'
+            f'archive_dir = "{tmp_path / "archive"}"\nredact_headers = ["x-api-key"]\n' + extra
+        ),
+    )
+    s = Sandgate(config, tmp_path / f"stdout-{capture}.log", proxy="nginx")
+    s.admin = f"http://127.0.0.1:{admin_port}"
+    return s, records
+
+
+def replay(records, *args):
+    return subprocess.run([str(SANDGATE), "replay", str(records), *args], capture_output=True, text=True, timeout=600)
+
+
+class Client:
+    """One keep-alive connection to the sidecar's forward-auth port."""
+
+    def __init__(self, port):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def check(self, uri, token=None, method="GET"):
+        headers = {"X-Original-URI": uri, "X-Original-Method": method, "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https", "X-Api-Key": "k-secret"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.conn.request("GET", "/auth", headers=headers)
+        r = self.conn.getresponse()
+        r.read()
+        return r.status, r.getheader("x-sandgate-request-id")
+
+
+def test_a_storm_of_checks_under_rotation_revocation_and_reloads_replays_exactly(tmp_path):
+    s, records = start(tmp_path)
+    count = int(os.environ.get("SANDGATE_REPLAY_CHECKS", "12000"))
+    tokens = [mint(i, "hs-a" if i % 2 else "hs-b") for i in range(count)]
+    stop = threading.Event()
+    changes = {"keys": 0, "revocations": 0, "data": 0, "modules": 0}
+
+    def churn():
+        v1, v2 = (POLICIES / "versioned-v1.wasm").read_bytes(), (POLICIES / "versioned-v2.wasm").read_bytes()
+        narrow = {"roles": {"reader": [{"methods": ["HEAD"], "paths": ["/api/**"]}], "writer": RBAC_DATA["roles"]["writer"]}}
+        n = 0
+        while not stop.is_set():
+            n += 1
+            kids = [["hs-a"], ["hs-b"], ["hs-a", "hs-b"]][n % 3]
+            assert admin(s, "PUT", "/v1/keys", {"issuer": ISSUER, "jwks": {"keys": [oct_jwk(k) for k in kids]}})[0] == 200
+            changes["keys"] += 1
+            revoked = [f"jti-{random.randrange(count)}" for _ in range(20)]
+            assert admin(s, "POST" if n % 4 else "DELETE", "/v1/revocations", {"jtis": revoked, "subjects": [f"user-{n % 50}"]})[0] == 200
+            changes["revocations"] += 1
+            assert admin(s, "PUT", "/v1/policies/rbac/data", narrow if n % 2 else RBAC_DATA)[0] == 200
+            changes["data"] += 1
+            if n % 3 == 0:
+                assert admin(s, "PUT", "/v1/policies/live", v2 if n % 2 else v1)[0] == 200
+                changes["modules"] += 1
+            time.sleep(0.01)
+
+    answered = []
+
+    def traffic(part):
+        client = Client(s.port)
+        for i in range(part, count, 4):
+            uri = "/live/x" if i % 10 == 0 else f"/api/orders/{i}"
+            answered.append(client.check(uri, tokens[i], method="POST" if i % 5 == 0 else "GET"))
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    clients = [threading.Thread(target=traffic, args=(p,)) for p in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    stop.set()
+    churner.join()
+    s.stop()
+    assert len(answered) == count
+    assert min(changes.values()) >= 3, changes
+    lines = [json.loads(l) for l in records.read_text().splitlines()]
+    decisions = [l for l in lines if not l.get("shadow_disagreement")]
+    assert len(decisions) == count
+    assert {status for status, _ in answered} >= {200, 401, 403}
+    # The record never holds a token or a redacted header's value.
+    text = records.read_text()
+    assert tokens[0] not in text and "k-secret" not in text and "[redacted]" in text
+
+    out = replay(records, "--archive", str(tmp_path / "archive"), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["records"] == count and report["differ"] == 0, report
+    assert report["replayed"] == count, report
+    print(f"replayed {report['replayed']} of {count} checks: {report['same']} the same; changes during the storm: {changes}")
+
+
+def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
+    s, records = start(tmp_path)
+    client = Client(s.port)
+    for i in range(30):
+        client.check(f"/api/orders/{i}", mint(i, "hs-a"), method="POST" if i % 2 else "GET")
+    s.stop()
+    archive = str(tmp_path / "archive")
+    out = replay(records, "--archive", archive, "--candidate", f"rbac={POLICIES / 'rbac.wasm'}")
+    assert out.returncode == 0 and "0 would change" in out.stdout, out.stdout + out.stderr
+    out = replay(records, "--archive", archive, "--candidate", f"rbac={POLICIES / 'allow-all.wasm'}", "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    # Readers' POSTs and role-less tokens were denied; allow-all lets them through, and sets
+    # none of the headers RBAC set on what it allowed.
+    changed = {k: v["count"] for k, v in report["changes"].items()}
+    assert set(changed) == {"rbac: deny 403 forbidden → allow", "rbac: allow setting x-user, x-roles → allow"}, changed
+    assert sum(changed.values()) == report["differ"] > 0
+    assert all(v["examples"] for v in report["changes"].values())
+    # Without the archive nothing can be replayed, and the report says so.
+    out = replay(records, "--archive", str(tmp_path / "empty"))
+    assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
+
+
+def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):
+    import jsonschema
+    schema = json.loads((ROOT / "docs" / "decision-record.schema.json").read_text())
+    for capture in ("metadata", "input"):
+        s, records = start(tmp_path, capture=capture)
+        client = Client(s.port)
+        client.check("/api/orders/1", mint(1, "hs-a"))
+        client.check("/api/orders/2", "not-a-token")
+        client.check("/live/x")
+        s.stop()
+        lines = [json.loads(l) for l in records.read_text().splitlines()]
+        assert len(lines) == 3
+        for line in lines:
+            jsonschema.validate(line, schema)
+            assert line["v"] == 1 and line["data_digest"].startswith("sha256:")
+            assert ("input" in line) == (capture == "input")
+    s, records = start(tmp_path, capture="none")
+    Client(s.port).check("/api/orders/1", mint(1, "hs-a"))
+    metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
+    s.stop()
+    assert records.read_text() == ""
+    assert 'sandgate_decisions_total{outcome="allow",reason="allow"} 1' in metrics
+
+
+class Nats:
+    def __init__(self, directory):
+        from test_fleet import NATS
+        self.binary, self.directory, self.port = NATS, directory, free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self):
+        from conftest import wait_port
+        self.log = open(self.directory / "nats.log", "a")
+        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory / "js")], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc, "nats-server")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def stream_messages(nats, stream):
+    """Every message of `stream`, in order, read by sequence over one NATS connection."""
+    import socket
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nSUB _INBOX.r 1\r\n')
+
+        def request(subject, body):
+            sock.sendall(f"PUB {subject} _INBOX.r {len(body)}\r\n".encode() + body + b"\r\n")
+            while True:
+                line = f.readline()
+                if line.startswith((b"MSG", b"HMSG")):
+                    parts = line.split()
+                    data = f.read(int(parts[-1]) + 2)[:-2]
+                    return data[int(parts[-2]):] if line.startswith(b"HMSG") else data
+                if line.startswith(b"PING"):
+                    sock.sendall(b"PONG\r\n")
+
+        info = json.loads(request(f"$JS.API.STREAM.INFO.{stream}", b""))
+        last = info["state"]["last_seq"]
+        messages = []
+        for seq in range(1, last + 1):
+            reply = json.loads(request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode()))
+            if "message" in reply:
+                messages.append(json.loads(base64.b64decode(reply["message"]["data"])))
+        return messages
+
+
+def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
+    nats = Nats(tmp_path)
+    down_for = float(os.environ.get("SANDGATE_NATS_DOWN_SECS", "6"))
+    extra = f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n'
+    config = tmp_path / "sandgate.toml"
+    data = tmp_path / "rbac-data.json"
+    data.write_text(json.dumps(RBAC_DATA))
+    write_config(
+        config,
+        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+        policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}],
+        server={"proxy": "nginx", "default_policy": "rbac"},
+        extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n' + extra,
+    )
+    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    try:
+        answered = []
+        stop = threading.Event()
+
+        def traffic(part):
+            client = Client(s.port)
+            i = part
+            while not stop.is_set():
+                answered.append(client.check(f"/api/orders/{i}", mint(i, "hs-a"))[1])
+                i += 2
+                time.sleep(0.002)
+
+        clients = [threading.Thread(target=traffic, args=(p,)) for p in range(2)]
+        for c in clients:
+            c.start()
+        time.sleep(1)
+        nats.stop()
+        time.sleep(down_for)
+        during = len(answered)
+        nats.start()
+        time.sleep(1)
+        stop.set()
+        for c in clients:
+            c.join()
+        s.stop()
+        # Every record reaches the stream once: after the sidecar stopped, what it had not sent
+        # is in the spool, and a restart sends it.
+        s = Sandgate(config, tmp_path / "stdout-2.log", proxy="nginx")
+        deadline = time.time() + 30
+        ids = []
+        while time.time() < deadline:
+            ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
+            if len(ids) >= len(answered):
+                break
+            time.sleep(0.5)
+        assert during > 100, during
+        assert len(ids) == len(set(ids)), "a record was stored twice"
+        assert set(ids) == set(answered), (len(ids), len(answered), len(set(answered) - set(ids)))
+        metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
+        assert "sandgate_decision_log_dropped_total 0" in metrics
+    finally:
+        s.stop()
+        nats.stop()
