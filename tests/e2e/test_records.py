@@ -156,6 +156,15 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     assert set(changed) == {"rbac: deny 403 forbidden → allow", "rbac: allow setting x-user, x-roles → allow"}, changed
     assert sum(changed.values()) == report["differ"] > 0
     assert all(v["examples"] for v in report["changes"].values())
+    # A record whose answer was not what its input gives is caught: one reader's token in one
+    # record turned into a writer's, with the recorded answer left as it was.
+    lines = records.read_text().splitlines()
+    tampered_at = next(i for i, l in enumerate(lines) if '"decision":"deny"' in l and '"roles":["reader"]' in l)
+    lines[tampered_at] = lines[tampered_at].replace('"roles":["reader"]', '"roles":["writer"]')
+    tampered = tmp_path / "tampered.log"
+    tampered.write_text("\n".join(lines) + "\n")
+    out = replay(tampered, "--archive", archive, "--json")
+    assert out.returncode == 1 and json.loads(out.stdout)["differ"] == 1, out.stdout + out.stderr
     # Without the archive nothing can be replayed, and the report says so.
     out = replay(records, "--archive", str(tmp_path / "empty"))
     assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout

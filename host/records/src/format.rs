@@ -264,7 +264,11 @@ impl Input {
             host: self.host.clone(),
             path: self.path.clone(),
             query: self.query.clone(),
-            headers: self.headers.iter().map(|(name, value)| Header { name: name.clone(), value: value.clone() }).collect(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, value)| Header { name: name.clone(), value: value.clone() })
+                .collect(),
             peer: self.peer.clone(),
             body,
             credential: match &self.credential {
@@ -420,13 +424,7 @@ mod tests {
                 claims_json: r#"{"sub":"alice"}"#.into(),
             }),
             now: 5,
-            versions: SnapshotVersions {
-                snapshot: 3,
-                policy_digest: "ab".into(),
-                key_set: 2,
-                revocations: 1,
-                data: 4,
-            },
+            versions: SnapshotVersions { snapshot: 3, policy_digest: "ab".into(), key_set: 2, revocations: 1, data: 4 },
         }
     }
 

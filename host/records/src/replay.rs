@@ -207,10 +207,6 @@ impl<'a> Replayer<'a> {
             return Verdict::Skipped("host_condition");
         }
         let replayed = DecisionRecord::from(&evaluation.decision);
-        if &replayed == recorded {
-            Verdict::Same
-        } else {
-            Verdict::Differs { recorded: recorded.clone(), replayed }
-        }
+        if &replayed == recorded { Verdict::Same } else { Verdict::Differs { recorded: recorded.clone(), replayed } }
     }
 }

@@ -760,7 +760,9 @@ impl Config {
         let log = &self.decision_log;
         match log.sink {
             SinkKind::File if log.path.is_none() => bail!("[decision_log] sink = \"file\" needs `path`"),
-            SinkKind::Nats if log.nats.is_none() => bail!("[decision_log] sink = \"nats\" needs a [decision_log.nats] table"),
+            SinkKind::Nats if log.nats.is_none() => {
+                bail!("[decision_log] sink = \"nats\" needs a [decision_log.nats] table")
+            }
             SinkKind::Nats if self.records_connection().is_none() => {
                 bail!("[decision_log.nats] needs `url`, or a [fleet] whose NATS it uses")
             }
@@ -779,7 +781,8 @@ impl Config {
             if !(1..=5).contains(&nats.replicas) {
                 bail!("[decision_log.nats] replicas must be 1 to 5");
             }
-            let subject_ok = |s: &str| !s.is_empty() && !s.contains([' ', '*', '>']) && !s.starts_with('.') && !s.ends_with('.');
+            let subject_ok =
+                |s: &str| !s.is_empty() && !s.contains([' ', '*', '>']) && !s.starts_with('.') && !s.ends_with('.');
             if nats.subject.as_deref().is_some_and(|s| !subject_ok(s)) {
                 bail!("[decision_log.nats] subject must be a NATS subject without wildcards");
             }

@@ -4,6 +4,7 @@
 //! answer the [`Answer`] this returns in their own protocol.
 
 pub use crate::answer::Answer;
+use crate::config::Capture;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
@@ -11,7 +12,6 @@ use crate::original_request::{Bearer, OriginalRequest, canonical_path};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
-use crate::config::Capture;
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, VerifiedCredential,
 };

@@ -77,6 +77,9 @@ impl Write for RotatingFile {
     }
 }
 
+/// A spooled line: its id (`<segment>-<offset>`, the `Nats-Msg-Id`) and its bytes.
+type SpooledLine = (String, Vec<u8>);
+
 /// A spool segment grows to this size before the next one is started.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
@@ -208,7 +211,7 @@ impl Spool {
 
     /// Up to `max` lines from the cursor: each with its id (`<segment>-<offset>`), and the
     /// cursor after them.
-    fn peek(&self, max: usize) -> std::io::Result<(Vec<(String, Vec<u8>)>, (u64, u64))> {
+    fn peek(&self, max: usize) -> std::io::Result<(Vec<SpooledLine>, (u64, u64))> {
         let (segment, offset, len) = {
             let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match state.segments.front() {
@@ -290,7 +293,10 @@ pub async fn publish(
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             if spool.pending() > 0 {
-                tracing::warn!(bytes = spool.pending(), "decision records left in the spool; they are sent on the next start");
+                tracing::warn!(
+                    bytes = spool.pending(),
+                    "decision records left in the spool; they are sent on the next start"
+                );
             }
             return;
         }
@@ -338,15 +344,12 @@ pub async fn publish(
 }
 
 /// Publish `lines` and wait for every acknowledgement.
-async fn send(js: &async_nats::jetstream::Context, subject: &str, lines: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+async fn send(js: &async_nats::jetstream::Context, subject: &str, lines: Vec<SpooledLine>) -> Result<(), String> {
     let mut acks = Vec::with_capacity(lines.len());
     for (id, line) in lines {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
-        let ack = js
-            .publish_with_headers(subject.to_owned(), headers, line.into())
-            .await
-            .map_err(|e| e.to_string())?;
+        let ack = js.publish_with_headers(subject.to_owned(), headers, line.into()).await.map_err(|e| e.to_string())?;
         acks.push(ack);
     }
     for ack in acks {
@@ -393,10 +396,11 @@ mod tests {
             file.write_all(format!("{{\"n\":{i:040}}}\n").as_bytes()).unwrap();
         }
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        let (now, one, two) = (read(path.clone()), read(dir.path().join("decisions.log.1")), read(dir.path().join("decisions.log.2")));
+        let (now, one, two) =
+            (read(path.clone()), read(dir.path().join("decisions.log.1")), read(dir.path().join("decisions.log.2")));
         assert!(!dir.path().join("decisions.log.3").exists());
         for text in [&now, &one, &two] {
-            assert!(text.lines().all(|l| l.len() == 48), "{text}");
+            assert!(text.lines().all(|l| l.len() == 46), "{text}");
             assert!(text.len() <= 100);
         }
         assert!(now.contains(&format!("{:040}", 9)) && two.contains(&format!("{:040}", 4)));

@@ -4,13 +4,13 @@
 //! writer; the runtime owns its epoch thread and the state its compiler thread.
 
 use crate::admin_api::AdminApi;
+use crate::config::SinkKind;
 use crate::config::{AdminConfig, Config, ProxyKind};
 use crate::decide::Authorizer;
-use crate::config::SinkKind;
 use crate::decision_log::{DecisionLog, LogWriter, QUEUE_BYTES};
-use crate::log_sink::{RotatingFile, Spool, SpoolWriter};
 use crate::forward_auth::ForwardAuth;
 use crate::listener::{self, Listener};
+use crate::log_sink::{RotatingFile, Spool, SpoolWriter};
 use crate::state::{StartError, State};
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -65,13 +65,13 @@ impl Sidecar {
             SinkKind::Stdout => Box::new(std::io::stdout()),
             SinkKind::File => {
                 let path = records.path.clone().unwrap_or_default();
-                let file = RotatingFile::open(path.clone(), records.max_file_mib << 20, records.max_files).map_err(|e| {
-                    StartError::Listen(format!("[decision_log] cannot open `{}`", path.display()), e)
-                })?;
+                let file = RotatingFile::open(path.clone(), records.max_file_mib << 20, records.max_files)
+                    .map_err(|e| StartError::Listen(format!("[decision_log] cannot open `{}`", path.display()), e))?;
                 Box::new(file)
             }
             SinkKind::Nats => {
-                let nats = records.nats.as_ref().ok_or_else(|| StartError::Admin("[decision_log.nats] is missing".into()))?;
+                let nats =
+                    records.nats.as_ref().ok_or_else(|| StartError::Admin("[decision_log.nats] is missing".into()))?;
                 let dir = nats.spool_dir.clone().unwrap_or_else(|| {
                     crate::config::cache_home().unwrap_or_else(|| PathBuf::from(".")).join("sandgate").join("spool")
                 });
@@ -161,7 +161,19 @@ impl Sidecar {
     /// connections `shutdown_grace_secs` to finish, and write out the decision log.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let Sidecar {
-            config, proxy, authorizer, http, ops, grpc, admin, log_writer, tasks, stop, fleet_start, spool, ..
+            config,
+            proxy,
+            authorizer,
+            http,
+            ops,
+            grpc,
+            admin,
+            log_writer,
+            tasks,
+            stop,
+            fleet_start,
+            spool,
+            ..
         } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         // Decision records are sent until the log writer has written its last line, then for

@@ -92,6 +92,8 @@ fn print_report(report: &Report, candidate: Option<&str>) {
         }
     }
     if report.replayed == 0 {
-        println!("nothing was replayed: records need `capture = \"input\"` and an archive holding their modules and data");
+        println!(
+            "nothing was replayed: records need `capture = \"input\"` and an archive holding their modules and data"
+        );
     }
 }
