@@ -141,12 +141,14 @@ archive_dir = "{archive}"
                 changes["module_reloads"] += 1
             time.sleep(0.02)
 
+    # Spawned, not forked: a fork copies whatever lock another thread holds at that moment.
+    context = multiprocessing.get_context("spawn")
+    answered = context.Value("q", 0)
+    parts = 3
+    workers = [context.Process(target=traffic, args=(port, p, parts, count, answered)) for p in range(parts)]
     churner = threading.Thread(target=churn)
     churner.start()
-    answered = multiprocessing.Value("q", 0)
-    parts = 3
     started = time.time()
-    workers = [multiprocessing.Process(target=traffic, args=(port, p, parts, count, answered)) for p in range(parts)]
     for w in workers:
         w.start()
     for w in workers:

@@ -80,6 +80,7 @@ pub fn demo(dir: &Path, policy: PathBuf, listen: &str) -> anyhow::Result<(Config
         registry: Default::default(),
         fleet: None,
         decision_log: Default::default(),
+        tracing: None,
     };
     Ok((config, token))
 }

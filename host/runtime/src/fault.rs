@@ -76,6 +76,17 @@ pub struct Evaluation {
     pub memory_grows: u32,
     /// Whether the check had to wait for a free instance.
     pub queued: bool,
+    /// How long instantiating and calling took (zero when the policy never ran).
+    pub timings: Timings,
+}
+
+/// Where a fresh-instance evaluation spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Creating the store and instantiating the component.
+    pub instantiate: std::time::Duration,
+    /// Calling `check` and lifting its decision.
+    pub call: std::time::Duration,
 }
 
 impl Evaluation {
@@ -86,7 +97,7 @@ impl Evaluation {
             message: "access denied".to_owned(),
             headers: Vec::new(),
         });
-        Evaluation { decision, fault: Some(fault), logs, memory_grows, queued: false }
+        Evaluation { decision, fault: Some(fault), logs, memory_grows, queued: false, timings: Timings::default() }
     }
 
     /// Whether the request is allowed.

@@ -27,7 +27,7 @@ mod reused;
 mod runtime;
 pub mod spec;
 
-pub use fault::{Evaluation, PolicyFault};
+pub use fault::{Evaluation, PolicyFault, Timings};
 pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, PolicyLog, TokenVerifier};
 pub use policy::{LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};

@@ -24,7 +24,7 @@ use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{ALLOWED_IMPORTS, POLICY_EXPORT, check_export, sha256_hex};
 use crate::pool::EvalPool;
-use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule};
+use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -393,6 +393,8 @@ fn overloaded(queued: bool) -> Evaluation {
 
 impl Core {
     fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        let started = std::time::Instant::now();
+        let mut timings = Timings::default();
         let mut store = self.new_store(context);
         let result = module
             .pre
@@ -400,6 +402,7 @@ impl Core {
             .instantiate(&mut store)
             .map_err(|e| classify_instantiation(&e, &store))
             .and_then(|instance| {
+                timings.instantiate = started.elapsed();
                 let func = instance
                     .get_func(&mut store, module.check)
                     .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
@@ -409,12 +412,15 @@ impl Core {
                 let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
                 check.call(&mut store, (request,)).map(|(decision,)| decision).map_err(|e| classify_trap(&e, &store))
             });
+        timings.call = started.elapsed().saturating_sub(timings.instantiate);
         let logs = std::mem::take(&mut store.data_mut().logs);
         let memory_grows = store.data().limiter.grows;
-        match result.and_then(validate_decision) {
-            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows, queued: false },
+        let mut evaluation = match result.and_then(validate_decision) {
+            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows, queued: false, timings },
             Err(fault) => Evaluation::fault(fault, logs, memory_grows),
-        }
+        };
+        evaluation.timings = timings;
+        evaluation
     }
 
     fn new_store(&self, context: &EvalContext) -> Store<HostState> {

@@ -60,6 +60,33 @@ pub struct Config {
     /// What decision records carry and where they go.
     #[serde(default)]
     pub decision_log: DecisionLogConfig,
+    /// OpenTelemetry tracing; absent: off.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: each check continues the caller's trace (W3C or B3) and its spans are exported
+/// over OTLP/gRPC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of checks traced when the caller did not decide (a caller's sampled flag is
+    /// followed), 0.0 to 1.0.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+}
+
+fn default_service_name() -> String {
+    "sandgate".into()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 /// How much of a check its decision record carries.
@@ -757,6 +784,14 @@ impl Config {
             };
         }
         let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
+        if let Some(tracing) = &self.tracing {
+            if !tracing.otlp_endpoint.starts_with("http://") && !tracing.otlp_endpoint.starts_with("https://") {
+                bail!("[tracing] otlp_endpoint must be an http:// or https:// URL");
+            }
+            if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+                bail!("[tracing] sample_ratio must be between 0.0 and 1.0");
+            }
+        }
         let log = &self.decision_log;
         match log.sink {
             SinkKind::File if log.path.is_none() => bail!("[decision_log] sink = \"file\" needs `path`"),

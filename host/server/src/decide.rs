@@ -5,6 +5,8 @@
 
 pub use crate::answer::Answer;
 use crate::config::Capture;
+use crate::otel::{AuthTrace, CheckTrace, EvalTrace, Tracing};
+use opentelemetry::KeyValue;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
@@ -99,6 +101,8 @@ pub struct Authorizer {
     tasks: tokio_util::task::TaskTracker,
     /// What a decision record carries.
     capture: Capture,
+    /// Spans of checks, exported over OTLP; `None`: tracing is off.
+    tracing: Option<Arc<Tracing>>,
     /// Headers a captured input redacts, besides the credentials.
     redact: Vec<String>,
     #[cfg(feature = "bench-internals")]
@@ -126,6 +130,7 @@ impl Authorizer {
             tasks,
             capture: Capture::Metadata,
             redact: Vec::new(),
+            tracing: None,
             #[cfg(feature = "bench-internals")]
             native: None,
         }
@@ -148,14 +153,46 @@ impl Authorizer {
         self
     }
 
+    /// The same authorizer exporting every check's spans through `tracing`.
+    pub fn with_tracing(mut self, tracing: Arc<Tracing>) -> Self {
+        self.tracing = Some(tracing);
+        self
+    }
+
     /// The served state.
     pub fn state(&self) -> &Arc<State> {
         &self.state
     }
 
     /// Decide on one original request, whatever protocol it came in: pin `now` and a
-    /// snapshot, route, authenticate, evaluate, then count and log the decision.
-    pub async fn decide(self: &Arc<Self>, mut original: OriginalRequest) -> Answer {
+    /// snapshot, route, authenticate, evaluate, then count and log the decision (and, with
+    /// tracing on, export its spans).
+    pub async fn decide(self: &Arc<Self>, original: OriginalRequest) -> Answer {
+        let Some(tracing) = &self.tracing else {
+            return self.decide_traced(original, &mut None).await;
+        };
+        let mut trace = Some(CheckTrace::start(&original.headers, &original.trace_metadata));
+        let answer = self.decide_traced(original, &mut trace).await;
+        if let Some(trace) = trace {
+            let evaluation = &answer.evaluation;
+            let mut attributes = vec![
+                KeyValue::new("sandgate.request_id", answer.request_id.clone()),
+                KeyValue::new("sandgate.outcome", if evaluation.is_allow() { "allow" } else { "deny" }),
+                KeyValue::new("sandgate.reason", evaluation.reason().to_owned()),
+                KeyValue::new("http.response.status_code", i64::from(answer.status())),
+            ];
+            if let Some((policy, digest, snapshot)) = &trace.policy {
+                attributes.push(KeyValue::new("sandgate.policy", policy.clone()));
+                attributes.push(KeyValue::new("sandgate.policy_digest", digest.clone()));
+                attributes.push(KeyValue::new("sandgate.snapshot", *snapshot as i64));
+            }
+            tracing.record(&trace, Instant::now(), attributes, !evaluation.is_allow());
+        }
+        answer
+    }
+
+    /// [`Authorizer::decide`], noting in `trace` (when tracing) what its spans need.
+    async fn decide_traced(self: &Arc<Self>, mut original: OriginalRequest, trace: &mut Option<CheckTrace>) -> Answer {
         let started = Instant::now();
         let now = unix_now();
         // Sandgate's own id names the check everywhere; the client's, which anyone can send,
@@ -191,8 +228,12 @@ impl Authorizer {
                 message: "the Authorization header is not `Bearer <token>`".into(),
             }),
             Bearer::Token(token) => {
-                let (credential, pinned) = self.authenticate(token, snapshot, now).await;
+                let traced = trace.as_mut().map(|_| (Instant::now(), self.cache_state(token, &snapshot, now)));
+                let (credential, pinned, jwks_wait) = self.authenticate(token, snapshot, now).await;
                 snapshot = pinned;
+                if let (Some(trace), Some((start, cache))) = (trace.as_mut(), traced) {
+                    trace.authenticate = Some(AuthTrace { start, end: Instant::now(), cache, jwks_wait });
+                }
                 credential
             }
         };
@@ -225,7 +266,18 @@ impl Authorizer {
             None => snapshot.clone(),
         };
         let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier) };
+        let evaluating = trace.as_ref().map(|_| Instant::now());
         let evaluation = self.evaluate(&policy, &check, context).await;
+        if let (Some(trace), Some(start)) = (trace.as_mut(), evaluating) {
+            let timings = evaluation.timings;
+            trace.evaluate = Some(EvalTrace {
+                start,
+                end: Instant::now(),
+                instantiate: timings.instantiate,
+                call: timings.call,
+            });
+            trace.policy = Some((policy.id.clone(), policy.module.digest().to_owned(), snapshot.version));
+        }
         if evaluation.queued {
             self.state.metrics.queue_waits.inc();
         }
@@ -266,7 +318,7 @@ impl Authorizer {
         #[cfg(feature = "bench-internals")]
         if let Some(native) = &self.native {
             let decision = native(check, &policy.data);
-            return Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false };
+            return Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false, timings: Default::default() };
         }
         self.state.runtime.check(&policy.module, check.clone(), context).await
     }
@@ -296,10 +348,20 @@ impl Authorizer {
         self.token_cache.as_ref()
     }
 
+    /// Whether `token` is in the verified-token cache now (`hit`, `miss`, or `off`): for a span.
+    fn cache_state(&self, token: &str, snapshot: &Snapshot, now: u64) -> &'static str {
+        match &self.token_cache {
+            None => "off",
+            Some(cache) if cache.get(&TokenCache::key(token, snapshot.keys.version), now).is_some() => "hit",
+            Some(_) => "miss",
+        }
+    }
+
     /// Verify a bearer token against `snapshot`; on an unknown `kid` of an issuer with a JWKS
     /// endpoint, fetch (single flight) and verify again against the snapshot that fetch
-    /// published. Returns the credential and the snapshot it was decided on.
-    async fn authenticate(&self, token: &str, snapshot: Arc<Snapshot>, now: u64) -> (Credential, Arc<Snapshot>) {
+    /// published. Returns the credential, the snapshot it was decided on, and whether it waited
+    /// for a fetch.
+    async fn authenticate(&self, token: &str, snapshot: Arc<Snapshot>, now: u64) -> (Credential, Arc<Snapshot>, bool) {
         let as_credential = |result: Result<VerifiedToken, Rejection>| match result {
             Ok(verified) => Credential::Verified(credential::verified(verified)),
             Err(rejection) => Credential::Rejected(credential::rejected(&rejection)),
@@ -310,12 +372,12 @@ impl Authorizer {
                 // able to hold it past a proxy's timeout.
                 let resolve = self.state.fetcher.resolve_unknown_kid(&issuer, &kid);
                 if !tokio::time::timeout(UNKNOWN_KID_WAIT, resolve).await.unwrap_or(false) {
-                    return (as_credential(Err(Rejection::UnknownKid { issuer, kid })), snapshot);
+                    return (as_credential(Err(Rejection::UnknownKid { issuer, kid })), snapshot, true);
                 }
                 let snapshot = self.state.store.load();
-                (as_credential(self.verify_token(token, &snapshot, now)), snapshot)
+                (as_credential(self.verify_token(token, &snapshot, now)), snapshot, true)
             }
-            result => (as_credential(result), snapshot),
+            result => (as_credential(result), snapshot, false),
         }
     }
 

@@ -52,11 +52,26 @@ impl Authorization for ExtAuthz {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let response = match original_request(request.get_ref()) {
-            Ok(original) => check_response(&self.authorizer.decide(original).await),
+            Ok(mut original) => {
+                original.trace_metadata = trace_metadata(request.metadata());
+                check_response(&self.authorizer.decide(original).await)
+            }
             Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
         };
         Ok(tonic::Response::new(response))
     }
+}
+
+/// The trace context in the gRPC call's metadata: Envoy puts its ext_authz span there.
+fn trace_metadata(metadata: &tonic::metadata::MetadataMap) -> Vec<Header> {
+    const NAMES: [&str; 7] = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"];
+    NAMES
+        .iter()
+        .filter_map(|name| {
+            let value = metadata.get(*name)?.to_str().ok()?;
+            Some(Header { name: (*name).to_owned(), value: value.to_owned() })
+        })
+        .collect()
 }
 
 /// The original request from Envoy's attributes, or why it cannot be checked.
@@ -125,6 +140,7 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
         peer,
         body,
         client_request_id: None,
+        trace_metadata: Vec::new(),
     })
 }
 
@@ -232,7 +248,7 @@ mod tests {
         });
         let answer = Answer {
             request_id: "r".into(),
-            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false },
+            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false, timings: Default::default() },
             identity: vec![("x-auth-subject".into(), "alice".into())],
             unset_identity: vec!["x-auth-tenant".into()],
         };

@@ -197,6 +197,7 @@ fn from_forward_auth<B>(
         peer,
         body: None,
         client_request_id: None,
+        trace_metadata: Vec::new(),
     })
 }
 
@@ -366,7 +367,7 @@ mod tests {
             Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: vec!["x-internal".into()] });
         let answer = Answer {
             request_id: "r".into(),
-            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false },
+            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false, timings: Default::default() },
             identity: Vec::new(),
             unset_identity: vec!["x-auth-subject".into()],
         };

@@ -25,6 +25,7 @@ pub mod listener;
 pub mod log_sink;
 pub mod metrics;
 pub mod original_request;
+pub mod otel;
 pub mod policy_dir;
 pub mod sidecar;
 pub mod snapshot;

@@ -26,6 +26,9 @@ pub struct OriginalRequest {
     /// The client's `x-request-id`, bounded; set by [`Authorizer::decide`](crate::Authorizer::decide)
     /// and only logged.
     pub client_request_id: Option<String>,
+    /// Trace context the transport carried beside the request (gRPC metadata: `traceparent`,
+    /// `tracestate`, B3), consulted before the request's own headers.
+    pub trace_metadata: Vec<Header>,
 }
 
 /// What the `Authorization` header holds.

@@ -37,6 +37,8 @@ pub struct Sidecar {
     fleet_start: Option<crate::fleet::desired::DesiredState>,
     /// With `sink = "nats"`: the spool decision records wait in.
     spool: Option<Arc<Spool>>,
+    /// With `[tracing]`: the span exporter, flushed at shutdown.
+    tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl Sidecar {
@@ -85,9 +87,17 @@ impl Sidecar {
         let (log, log_writer) = DecisionLog::start(sink, QUEUE_BYTES, dropped)
             .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
         let server = &config.server;
-        let authorizer =
+        let mut authorizer =
             Authorizer::new(state, server.identity_headers.clone(), server.token_cache_size, log, tasks.clone())
                 .with_capture(records.capture, records.redact_headers.clone());
+        let tracing = match &config.tracing {
+            Some(settings) => {
+                let tracing = Arc::new(crate::otel::Tracing::start(settings).map_err(StartError::Admin)?);
+                authorizer = authorizer.with_tracing(tracing.clone());
+                Some(tracing)
+            }
+            None => None,
+        };
         let http = bind_tcp(&server.listen, "").await?;
         let ops = match &server.ops_listen {
             Some(address) => Some(bind_tcp(address, " (health and metrics)").await?),
@@ -118,6 +128,7 @@ impl Sidecar {
             stop: CancellationToken::new(),
             fleet_start,
             spool,
+            tracing,
         })
     }
 
@@ -173,6 +184,7 @@ impl Sidecar {
             stop,
             fleet_start,
             spool,
+            tracing,
             ..
         } = self;
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
@@ -286,6 +298,10 @@ impl Sidecar {
         records_stop.cancel();
         if let Some(publisher) = publisher {
             let _ = tokio::time::timeout(grace + Duration::from_secs(1), publisher).await;
+        }
+        if let Some(tracing) = tracing {
+            let flushed = tokio::task::spawn_blocking(move || tracing.shutdown());
+            let _ = tokio::time::timeout(Duration::from_secs(5), flushed).await;
         }
     }
 }

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""What decision records cost under load: the RBAC example (HS256, wrk -t2 -c64) with
+`capture = "none"` against `capture = "input"` with its records sent to a NATS JetStream stream
+(nats-server on 127.0.0.1, the spool on disk), and against `capture = "input"` to a file.
+Rounds alternate the configurations back to back; the median ratio of each to `none` is
+reported. Prints a Markdown table for docs/BENCHMARKS.md.
+
+    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    .venv/bin/python scripts/bench_records.py          # ROUNDS (5) and DURATION (5 s) from the environment
+"""
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import free_port, start, wrk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SANDGATE = ROOT / "target" / "release" / "sandgate"
+POLICIES = ROOT / "target" / "policies"
+DURATION = int(os.environ.get("DURATION", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+ISSUER, AUDIENCE, SECRET = "https://issuer.bench", "bench", "a-benchmark-hs256-secret-of-32-bytes!"
+RBAC = {"roles": {"reader": [{"methods": ["GET", "HEAD"], "paths": ["/api/**"]}]}}
+
+
+def config(tmp, name, records):
+    data = tmp / "rbac.json"
+    data.write_text(json.dumps(RBAC))
+    path = tmp / f"{name}.toml"
+    path.write_text(f"""
+[server]
+proxy = "nginx"
+default_policy = "rbac"
+[[issuers]]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["HS256"]
+[[issuers.keys]]
+kid = "k"
+algorithm = "HS256"
+secret = "{SECRET}"
+[[policies]]
+id = "rbac"
+module = "{POLICIES / 'rbac.wasm'}"
+data = "{data}"
+[decision_log]
+{records}
+""")
+    return path
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
+    nats_port = free_port()
+    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(tmp / "js")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    cases = {
+        "none": 'capture = "none"',
+        "input → NATS": f'capture = "input"\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_dir = "{tmp / "spool"}"',
+        "input → file": f'capture = "input"\narchive_dir = "{tmp / "archive"}"\nsink = "file"\npath = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1',
+    }
+    now = int(time.time())
+    token = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600, "roles": ["reader"]}, SECRET, algorithm="HS256", headers={"kid": "k"})
+    headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET", "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+    results = {name: [] for name in cases}
+    dropped = {name: 0 for name in cases}
+    for _ in range(ROUNDS):
+        for name, records in cases.items():
+            proc, port = start([str(SANDGATE), "serve", "--config", str(config(tmp, name.split()[0], records))])
+            wrk(port, headers, 2)
+            results[name].append(wrk(port, headers, DURATION))
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            dropped[name] += int(float(re.search(r"^sandgate_decision_log_dropped_total (\S+)", metrics, re.M).group(1)))
+            proc.terminate()
+            proc.wait(timeout=30)
+    nats.terminate()
+    base = results["none"]
+    print("| records | req/s (median) | p50 µs | p99 µs | ratio to `none` (median of rounds, min–max) | records dropped |")
+    print("|---|---|---|---|---|---|")
+    for name, rounds in results.items():
+        ratios = [r[0] / b[0] for r, b in zip(rounds, base)]
+        print(f"| `{name}` | {statistics.median(r[0] for r in rounds):,.0f} | {statistics.median(r[1] for r in rounds):.0f} | "
+              f"{statistics.median(r[2] for r in rounds):.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | {dropped[name]} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
