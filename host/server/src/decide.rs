@@ -5,14 +5,14 @@
 
 pub use crate::answer::Answer;
 use crate::config::Capture;
-use crate::otel::{AuthTrace, CheckTrace, EvalTrace, Tracing};
-use opentelemetry::KeyValue;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
 use crate::original_request::{Bearer, OriginalRequest, canonical_path};
+use crate::otel::{AuthTrace, CheckTrace, EvalTrace, Tracing};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
+use opentelemetry::KeyValue;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, VerifiedCredential,
@@ -270,12 +270,8 @@ impl Authorizer {
         let evaluation = self.evaluate(&policy, &check, context).await;
         if let (Some(trace), Some(start)) = (trace.as_mut(), evaluating) {
             let timings = evaluation.timings;
-            trace.evaluate = Some(EvalTrace {
-                start,
-                end: Instant::now(),
-                instantiate: timings.instantiate,
-                call: timings.call,
-            });
+            trace.evaluate =
+                Some(EvalTrace { start, end: Instant::now(), instantiate: timings.instantiate, call: timings.call });
             trace.policy = Some((policy.id.clone(), policy.module.digest().to_owned(), snapshot.version));
         }
         if evaluation.queued {
@@ -318,7 +314,14 @@ impl Authorizer {
         #[cfg(feature = "bench-internals")]
         if let Some(native) = &self.native {
             let decision = native(check, &policy.data);
-            return Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false, timings: Default::default() };
+            return Evaluation {
+                decision,
+                fault: None,
+                logs: Vec::new(),
+                memory_grows: 0,
+                queued: false,
+                timings: Default::default(),
+            };
         }
         self.state.runtime.check(&policy.module, check.clone(), context).await
     }

@@ -64,7 +64,8 @@ impl Authorization for ExtAuthz {
 
 /// The trace context in the gRPC call's metadata: Envoy puts its ext_authz span there.
 fn trace_metadata(metadata: &tonic::metadata::MetadataMap) -> Vec<Header> {
-    const NAMES: [&str; 7] = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"];
+    const NAMES: [&str; 7] =
+        ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"];
     NAMES
         .iter()
         .filter_map(|name| {
@@ -248,7 +249,14 @@ mod tests {
         });
         let answer = Answer {
             request_id: "r".into(),
-            evaluation: Evaluation { decision, fault: None, logs: Vec::new(), memory_grows: 0, queued: false, timings: Default::default() },
+            evaluation: Evaluation {
+                decision,
+                fault: None,
+                logs: Vec::new(),
+                memory_grows: 0,
+                queued: false,
+                timings: Default::default(),
+            },
             identity: vec![("x-auth-subject".into(), "alice".into())],
             unset_identity: vec!["x-auth-tenant".into()],
         };

@@ -248,10 +248,7 @@ mod tests {
             ("tracestate", "vendor=x"),
         ]))
         .map(|c| (c.trace_id().to_string(), c.span_id().to_string(), c.is_sampled(), c.is_remote()));
-        assert_eq!(
-            w3c,
-            Some(("4bf92f3577b34da6a3ce929d0e0e4736".into(), "00f067aa0ba902b7".into(), true, true))
-        );
+        assert_eq!(w3c, Some(("4bf92f3577b34da6a3ce929d0e0e4736".into(), "00f067aa0ba902b7".into(), true, true)));
         let b3 = parent_context(&headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]))
             .map(|c| (c.trace_id().to_string(), c.span_id().to_string(), c.is_sampled()));
         assert_eq!(b3, Some(("80f198ee56343ba864fe8b2a57d3eff7".into(), "e457b5a2e4d86bd1".into(), true)));
