@@ -298,6 +298,12 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         assert set(ids) == set(answered), (len(ids), len(answered), len(set(answered) - set(ids)))
         metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
         assert "sandgate_decision_log_dropped_total 0" in metrics
+        # Replayed straight from the stream: every record, the same.
+        out = subprocess.run([str(SANDGATE), "replay", "--stream", "sandgate_decisions", "--nats-url", nats.url, "--archive", str(tmp_path / "archive"), "--json"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        report = json.loads(out.stdout)
+        assert report["replayed"] == len(answered) and report["differ"] == 0, report
     finally:
         s.stop()
         nats.stop()

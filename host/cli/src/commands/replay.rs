@@ -17,8 +17,15 @@ use std::process::ExitCode;
 #[derive(clap::Args)]
 pub struct Args {
     /// Decision-record files (one JSON object a line; `-` for standard input).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "stream")]
     records: Vec<PathBuf>,
+    /// Read the records of this JetStream stream (`[decision_log.nats] stream`), from its first
+    /// message to its last, instead of (or besides) files.
+    #[arg(long, requires = "nats_url")]
+    stream: Option<String>,
+    /// The NATS server(s) of `--stream`, comma-separated.
+    #[arg(long)]
+    nats_url: Option<String>,
     /// A directory holding modules and data documents by digest (the sidecar's
     /// `[decision_log] archive_dir`, or a module cache); repeatable, searched in order.
     #[arg(long = "archive", required = true)]
@@ -47,6 +54,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let mut report = Report::default();
+    let mut replay_line = |line: &[u8]| match serde_json::from_slice::<Record>(line) {
+        Ok(record) => {
+            let verdict = replayer.replay(&record);
+            report.add(&record, &verdict);
+        }
+        Err(_) => report.unreadable(),
+    };
+    if let (Some(stream), Some(url)) = (&args.stream, &args.nats_url) {
+        let read = read_stream(url, stream, &mut replay_line);
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(read)?;
+    }
     for path in &args.records {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
             Box::new(std::io::stdin().lock())
@@ -59,13 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<Record>(&line) {
-                Ok(record) => {
-                    let verdict = replayer.replay(&record);
-                    report.add(&record, &verdict);
-                }
-                Err(_) => report.unreadable(),
-            }
+            replay_line(line.as_bytes());
         }
     }
     if args.json {
@@ -95,5 +107,36 @@ fn print_report(report: &Report, candidate: Option<&str>) {
         println!(
             "nothing was replayed: records need `capture = \"input\"` and an archive holding their modules and data"
         );
+    }
+}
+
+/// Every message of JetStream stream `name`, from the first to the last there is now, in order.
+async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let config = sandgate_server::config::FleetConfig::client(url, "replay");
+    let client = sandgate_server::fleet::connect(&config, true).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.with_context(|| format!("no stream `{name}`"))?;
+    if stream.info().await.context("cannot read the stream")?.state.messages == 0 {
+        return Ok(());
+    }
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the stream")?;
+    let mut messages = consumer.messages().await.context("cannot read the stream")?;
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
+            .await
+            .context("the stream stopped delivering")?
+            .context("the stream ended")?
+            .map_err(|e| anyhow::anyhow!("cannot read the stream: {e}"))?;
+        each(&message.payload);
+        if message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
+            return Ok(());
+        }
     }
 }
