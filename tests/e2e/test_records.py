@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
@@ -277,6 +278,10 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         nats.stop()
         time.sleep(down_for)
         during = len(answered)
+        # What waits for NATS is on disk, and shown.
+        metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
+        spooled = int(re.search(r"^sandgate_decision_spool_bytes (\d+)", metrics, re.M).group(1))
+        assert spooled > 0, metrics
         nats.start()
         time.sleep(1)
         stop.set()

@@ -284,10 +284,12 @@ pub async fn publish(
     subject: String,
     stop: tokio_util::sync::CancellationToken,
     grace: Duration,
+    pending: prometheus_client::metrics::gauge::Gauge,
 ) {
     let mut failing = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
+        pending.set(spool.pending() as i64);
         if stop.is_cancelled() && deadline.is_none() {
             deadline = Some(tokio::time::Instant::now() + grace);
         }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub fleet_staleness: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// In a fleet: the bucket revision applied (set at scrape time).
     pub fleet_revision: Gauge,
+    /// With the NATS sink: bytes of decision records in the spool, not yet acknowledged.
+    pub decision_spool_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -86,6 +88,12 @@ impl Default for Metrics {
         );
         let fleet_revision = Gauge::default();
         registry.register("fleet_revision", "The fleet bucket revision applied", fleet_revision.clone());
+        let decision_spool_bytes = Gauge::default();
+        registry.register(
+            "decision_spool_bytes",
+            "Bytes of decision records waiting in the spool for NATS to acknowledge them",
+            decision_spool_bytes.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -97,6 +105,7 @@ impl Default for Metrics {
             decision_log_dropped,
             fleet_staleness,
             fleet_revision,
+            decision_spool_bytes,
         }
     }
 }

@@ -200,6 +200,7 @@ impl Sidecar {
                 let subjects = if nats.subject.is_some() { subject.clone() } else { "sandgate.decisions.>".into() };
                 let (stream, replicas) = (nats.stream.clone(), nats.replicas);
                 let stop = records_stop.clone();
+                let pending = authorizer.state().metrics.decision_spool_bytes.clone();
                 Some(tokio::spawn(async move {
                     let client = match crate::fleet::connect(&connection, false).await {
                         Ok(client) => client,
@@ -220,7 +221,7 @@ impl Sidecar {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
-                    crate::log_sink::publish(spool, js, subject, stop, grace).await;
+                    crate::log_sink::publish(spool, js, subject, stop, grace, pending).await;
                 }))
             }
             _ => None,
