@@ -216,7 +216,7 @@ class Nats:
 
 
 def stream_messages(nats, stream):
-    """Every message of `stream`, in order, read by sequence over one NATS connection."""
+    """Every record in `stream`, in order, its messages read by sequence over one NATS connection."""
     import socket
     with socket.create_connection(("127.0.0.1", nats.port), timeout=10) as sock:
         f = sock.makefile("rb")
@@ -240,7 +240,8 @@ def stream_messages(nats, stream):
         for seq in range(1, last + 1):
             reply = json.loads(request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode()))
             if "message" in reply:
-                messages.append(json.loads(base64.b64decode(reply["message"]["data"])))
+                # A message holds whole records, one a line.
+                messages.extend(json.loads(l) for l in base64.b64decode(reply["message"]["data"]).splitlines() if l)
         return messages
 
 
@@ -276,6 +277,7 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
             c.start()
         time.sleep(1)
         nats.stop()
+        before = len(answered)
         time.sleep(down_for)
         during = len(answered)
         # What waits for NATS is on disk, and shown.
@@ -309,6 +311,8 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         report = json.loads(out.stdout)
         assert report["replayed"] == len(answered) and report["differ"] == 0, report
+        print(f"NATS down {down_for:.0f} s: {during - before} checks meanwhile ({spooled:,} bytes spooled); "
+              f"{len(answered)} checks, {len(ids)} records in the stream, replayed {report['replayed']}, 0 lost, 0 twice")
     finally:
         s.stop()
         nats.stop()

@@ -139,6 +139,9 @@ pub struct DecisionLogConfig {
     pub max_files: u32,
     /// The stream, with `sink = "nats"`.
     pub nats: Option<NatsSinkConfig>,
+    /// Records waiting in memory for the sink's writer (MiB); past it, new ones are dropped
+    /// and counted. Raise it with `capture = "input"` under heavy load.
+    pub queue_mib: u64,
 }
 
 impl Default for DecisionLogConfig {
@@ -152,6 +155,7 @@ impl Default for DecisionLogConfig {
             max_file_mib: 100,
             max_files: 5,
             nats: None,
+            queue_mib: 4,
         }
     }
 }
@@ -805,6 +809,9 @@ impl Config {
         }
         if log.sink != SinkKind::Nats && log.nats.is_some() {
             bail!("[decision_log.nats] is set but sink is not \"nats\"");
+        }
+        if !(1..=1024).contains(&log.queue_mib) {
+            bail!("[decision_log] queue_mib must be 1 to 1024");
         }
         if log.max_file_mib == 0 {
             bail!("[decision_log] max_file_mib must be at least 1");

@@ -3,9 +3,11 @@
 //!
 //! The NATS sink never makes a check wait and loses nothing it accepted: the log writer
 //! appends each batch to the spool (segment files, fsynced), and a publisher sends what is
-//! spooled to JetStream in order, each message with a `Nats-Msg-Id` made of its place in the
-//! spool (so a batch sent again after a lost acknowledgement is stored once), and moves its
-//! cursor only past what JetStream acknowledged. While NATS is unreachable the spool grows up
+//! spooled to JetStream in order, as messages of whole lines (up to 64 KiB each), each with a
+//! `Nats-Msg-Id` made of its place in the spool (a batch sent again after a lost
+//! acknowledgement is sent with the same boundaries and stored once), and moves its cursor
+//! only past what JetStream acknowledged. Delivery is at least once: a batch in flight when
+//! the process dies may be stored twice (request ids tell the copies apart). While NATS is unreachable the spool grows up
 //! to its size limit; past it, whole lines are dropped and counted
 //! (`sandgate_decision_log_dropped_total`), never partly written.
 
@@ -77,8 +79,15 @@ impl Write for RotatingFile {
     }
 }
 
-/// A spooled line: its id (`<segment>-<offset>`, the `Nats-Msg-Id`) and its bytes.
-type SpooledLine = (String, Vec<u8>);
+/// A batch of spooled lines as one NATS message: its id (`<segment>-<start>-<end>`, the
+/// `Nats-Msg-Id`) and its bytes (whole lines, each ending in a newline).
+type SpooledMessage = (String, Vec<u8>);
+
+/// A message holds whole lines up to this size (a longer line is sent alone).
+const MESSAGE_BYTES: usize = 64 << 10;
+
+/// The longest line sent: under NATS's default 1 MiB message limit.
+const MAX_LINE: usize = 1000 << 10;
 
 /// A spool segment grows to this size before the next one is started.
 const SEGMENT_BYTES: u64 = 8 << 20;
@@ -181,6 +190,17 @@ impl Spool {
             take += line.len();
         }
         let dropped = batch[take..].split_inclusive(|b| *b == b'\n').count();
+        // A line too long for one NATS message could never be sent: not spooled, counted.
+        let kept: Vec<u8>;
+        let mut batch = &batch[..take];
+        let oversized = batch.split_inclusive(|b| *b == b'\n').filter(|l| l.len() > MAX_LINE).count();
+        if oversized > 0 {
+            tracing::warn!(lines = oversized, "decision records too long for a NATS message were dropped");
+            self.dropped.inc_by(oversized as u64);
+            kept = batch.split_inclusive(|b| *b == b'\n').filter(|l| l.len() <= MAX_LINE).flatten().copied().collect();
+            take = kept.len();
+            batch = &kept;
+        }
         if dropped > 0 {
             self.dropped.inc_by(dropped as u64);
         }
@@ -198,7 +218,7 @@ impl Spool {
             state.current = Some(file);
         }
         if let Some(file) = state.current.as_mut() {
-            file.write_all(&batch[..take])?;
+            file.write_all(batch)?;
             file.sync_data()?;
         }
         if let Some((_, len)) = state.segments.back_mut() {
@@ -209,9 +229,12 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` lines from the cursor: each with its id (`<segment>-<offset>`), and the
-    /// cursor after them.
-    fn peek(&self, max: usize) -> std::io::Result<(Vec<SpooledLine>, (u64, u64))> {
+    /// What follows the cursor (up to `limit`, the end of a batch that was not acknowledged,
+    /// so that it is sent again with the same boundaries), as messages of whole lines of at
+    /// most [`MESSAGE_BYTES`] each (a longer line alone): each with its id
+    /// (`<segment>-<start>-<end>`), and the cursor after them. A line too long for a NATS
+    /// message is skipped and counted as dropped.
+    fn peek(&self, limit: Option<(u64, u64)>) -> std::io::Result<(Vec<SpooledMessage>, (u64, u64))> {
         let (segment, offset, len) = {
             let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match state.segments.front() {
@@ -219,25 +242,47 @@ impl Spool {
                 None => return Ok((Vec::new(), (0, 0))),
             }
         };
-        if offset >= len {
+        let end = match limit {
+            Some((s, end)) if s == segment => len.min(end),
+            _ => len,
+        };
+        if offset >= end {
             return Ok((Vec::new(), (segment, offset)));
         }
         let mut file = File::open(self.segment_path(segment))?;
         file.seek(SeekFrom::Start(offset))?;
-        // Lines are at most the log queue's size (a longer one is never queued).
-        let want = (len - offset).min(2 * crate::decision_log::QUEUE_BYTES as u64);
+        // Spooled lines are at most MAX_LINE long: a window of eight of them holds whole ones.
+        let want = (end - offset).min(8 * MAX_LINE as u64);
         let mut bytes = vec![0; want as usize];
         file.read_exact(&mut bytes)?;
-        let mut lines = Vec::new();
-        let mut at = offset;
+        let mut messages = Vec::new();
+        let mut current = Vec::new();
+        let (mut start, mut at) = (offset, offset);
         for line in bytes.split_inclusive(|b| *b == b'\n') {
-            if !line.ends_with(b"\n") || lines.len() == max {
+            if !line.ends_with(b"\n") {
                 break;
             }
-            lines.push((format!("{segment}-{at}"), line[..line.len() - 1].to_vec()));
+            if line.len() > MAX_LINE {
+                tracing::warn!(bytes = line.len(), "a decision record too long for a NATS message was dropped");
+                self.dropped.inc();
+                if !current.is_empty() {
+                    messages.push((format!("{segment}-{start}-{at}"), std::mem::take(&mut current)));
+                }
+                at += line.len() as u64;
+                start = at;
+                continue;
+            }
+            if !current.is_empty() && current.len() + line.len() > MESSAGE_BYTES {
+                messages.push((format!("{segment}-{start}-{at}"), std::mem::take(&mut current)));
+                start = at;
+            }
+            current.extend_from_slice(line);
             at += line.len() as u64;
         }
-        Ok((lines, (segment, at)))
+        if !current.is_empty() {
+            messages.push((format!("{segment}-{start}-{at}"), current));
+        }
+        Ok((messages, (segment, at)))
     }
 
     /// Everything before `cursor` is acknowledged: move past it, remove finished segments and
@@ -273,9 +318,6 @@ impl Write for SpoolWriter {
     }
 }
 
-/// Lines sent before their acknowledgements are awaited.
-const IN_FLIGHT: usize = 256;
-
 /// Send what `spool` holds to `subject` (a subject of a JetStream stream), in order, until
 /// `stop` and the spool is empty (or, after `stop`, for at most `grace`).
 pub async fn publish(
@@ -288,6 +330,8 @@ pub async fn publish(
 ) {
     let mut failing = false;
     let mut deadline: Option<tokio::time::Instant> = None;
+    // After a failure, the same batch is sent again with the same boundaries (and ids).
+    let mut retry: Option<(u64, u64)> = None;
     loop {
         pending.set(spool.pending() as i64);
         if stop.is_cancelled() && deadline.is_none() {
@@ -302,7 +346,7 @@ pub async fn publish(
             }
             return;
         }
-        let (lines, cursor) = match spool.peek(IN_FLIGHT) {
+        let (messages, cursor) = match spool.peek(retry) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the decision-record spool");
@@ -310,7 +354,7 @@ pub async fn publish(
                 continue;
             }
         };
-        if lines.is_empty() {
+        if messages.is_empty() {
             if stop.is_cancelled() {
                 return;
             }
@@ -321,8 +365,9 @@ pub async fn publish(
             }
             continue;
         }
-        match send(&js, &subject, lines).await {
+        match send(&js, &subject, messages).await {
             Ok(()) => {
+                retry = None;
                 if failing {
                     tracing::info!("decision records are reaching NATS again");
                     failing = false;
@@ -332,6 +377,7 @@ pub async fn publish(
                 }
             }
             Err(e) => {
+                retry = Some(cursor);
                 if !failing {
                     tracing::warn!(error = %e, pending = spool.pending(), "cannot send decision records to NATS; spooling them");
                     failing = true;
@@ -345,10 +391,10 @@ pub async fn publish(
     }
 }
 
-/// Publish `lines` and wait for every acknowledgement.
-async fn send(js: &async_nats::jetstream::Context, subject: &str, lines: Vec<SpooledLine>) -> Result<(), String> {
-    let mut acks = Vec::with_capacity(lines.len());
-    for (id, line) in lines {
+/// Publish `messages` and wait for every acknowledgement.
+async fn send(js: &async_nats::jetstream::Context, subject: &str, messages: Vec<SpooledMessage>) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(messages.len());
+    for (id, line) in messages {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
         let ack = js.publish_with_headers(subject.to_owned(), headers, line.into()).await.map_err(|e| e.to_string())?;
@@ -416,22 +462,50 @@ mod tests {
         for i in 0..10 {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
-        let (lines, cursor) = spool.peek(4).unwrap();
-        let texts: Vec<String> = lines.iter().map(|(_, l)| String::from_utf8_lossy(l).into_owned()).collect();
-        assert_eq!(texts, ["line-000", "line-001", "line-002", "line-003"]);
-        assert_eq!(lines[1].0, "0-9");
-        spool.advance(cursor).unwrap();
+        let (messages, cursor) = spool.peek(None).unwrap();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].0, "0-0-90");
+        let text = String::from_utf8_lossy(&messages[0].1).into_owned();
+        assert_eq!(text.lines().take(2).collect::<Vec<_>>(), ["line-000", "line-001"]);
+        assert_eq!(cursor, (0, 90));
+        // The first four lines acknowledged.
+        spool.advance((0, 36)).unwrap();
         drop(spool);
         // Reopened: what was acknowledged is not sent again.
         let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
-        let (lines, _) = spool.peek(100).unwrap();
-        assert_eq!(lines.len(), 6);
-        assert_eq!(String::from_utf8_lossy(&lines[0].1), "line-004");
-        // 54 bytes pending, room for 946: of 200 lines of 9 bytes, 105 fit; the other 95 are
+        let (messages, _) = spool.peek(None).unwrap();
+        assert_eq!(messages[0].0, "0-36-90");
+        assert!(messages[0].1.starts_with(b"line-004\n"));
+        // A retry stops where the failed batch did.
+        spool.append(b"line-010\n").unwrap();
+        assert_eq!(spool.peek(Some((0, 90))).unwrap().1, (0, 90));
+        assert_eq!(spool.peek(None).unwrap().1, (0, 99));
+        // 63 bytes pending, room for 937: of 200 lines of 9 bytes, 104 fit; the other 96 are
         // dropped whole and counted.
         let batch: Vec<u8> = (0..200).flat_map(|i| format!("more-{i:03}\n").into_bytes()).collect();
         spool.append(&batch).unwrap();
-        assert_eq!(spool.pending(), 54 + 105 * 9);
-        assert_eq!(dropped.get(), 95);
+        assert_eq!(spool.pending(), 63 + 104 * 9);
+        assert_eq!(dropped.get(), 96);
+    }
+
+    #[test]
+    fn spooled_lines_go_out_in_messages_of_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap();
+        let line = |c: u8, n: usize| [vec![c; n - 1], vec![b'\n']].concat();
+        for c in b"abcde" {
+            spool.append(&line(*c, 20 << 10)).unwrap();
+        }
+        let (messages, cursor) = spool.peek(None).unwrap();
+        let sizes: Vec<usize> = messages.iter().map(|(_, m)| m.len()).collect();
+        assert_eq!(sizes, [60 << 10, 40 << 10]);
+        assert_eq!(messages[1].0, format!("0-{}-{}", 60 << 10, 100 << 10));
+        assert_eq!(cursor, (0, 100 << 10));
+        assert!(messages.iter().all(|(_, m)| m.ends_with(b"\n")));
+        // A line longer than a NATS message can carry is not spooled; it is counted.
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().join("other"), 1 << 30, dropped.clone()).unwrap();
+        spool.append(&[line(b'x', MAX_LINE + 1), line(b'y', 10)].concat()).unwrap();
+        assert_eq!((spool.pending(), dropped.get()), (10, 1));
     }
 }

@@ -7,7 +7,7 @@ use crate::admin_api::AdminApi;
 use crate::config::SinkKind;
 use crate::config::{AdminConfig, Config, ProxyKind};
 use crate::decide::Authorizer;
-use crate::decision_log::{DecisionLog, LogWriter, QUEUE_BYTES};
+use crate::decision_log::{DecisionLog, LogWriter};
 use crate::forward_auth::ForwardAuth;
 use crate::listener::{self, Listener};
 use crate::log_sink::{RotatingFile, Spool, SpoolWriter};
@@ -84,7 +84,7 @@ impl Sidecar {
                 Box::new(SpoolWriter(opened))
             }
         };
-        let (log, log_writer) = DecisionLog::start(sink, QUEUE_BYTES, dropped)
+        let (log, log_writer) = DecisionLog::start(sink, (records.queue_mib as usize) << 20, dropped)
             .map_err(|e| StartError::Listen("cannot start the decision-log writer".into(), e))?;
         let server = &config.server;
         let mut authorizer =

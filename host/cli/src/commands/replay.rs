@@ -110,7 +110,8 @@ fn print_report(report: &Report, candidate: Option<&str>) {
     }
 }
 
-/// Every message of JetStream stream `name`, from the first to the last there is now, in order.
+/// Every record of JetStream stream `name` (messages of whole lines), from the first message to
+/// the last there is now, in order.
 async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     let config = sandgate_server::config::FleetConfig::client(url, "replay");
@@ -134,7 +135,10 @@ async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> any
             .context("the stream stopped delivering")?
             .context("the stream ended")?
             .map_err(|e| anyhow::anyhow!("cannot read the stream: {e}"))?;
-        each(&message.payload);
+        // A message holds whole records, one a line.
+        for line in message.payload.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            each(line);
+        }
         if message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
             return Ok(());
         }
