@@ -24,7 +24,7 @@ from pathlib import Path
 import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import free_port, start, wrk  # noqa: E402
+from bench_load import free_port, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SANDGATE = ROOT / "target" / "release" / "sandgate"
@@ -33,6 +33,28 @@ DURATION = int(os.environ.get("DURATION", "5"))
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 ISSUER, AUDIENCE, SECRET = "https://issuer.bench", "bench", "a-benchmark-hs256-secret-of-32-bytes!"
 RBAC = {"roles": {"reader": [{"methods": ["GET", "HEAD"], "paths": ["/api/**"]}]}}
+
+
+def serve(config_path, log_path):
+    """`sandgate serve` on a free port, its stderr (warnings) in `log_path`."""
+    port = free_port()
+    proc = subprocess.Popen([str(SANDGATE), "serve", "--config", str(config_path), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), env={**os.environ, "RUST_LOG": "warn"})
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit(f"sandgate did not start: {log_path.read_text()}")
+
+
+def cpu_seconds(pid):
+    """User and system CPU time of process `pid` so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def config(tmp, name, records):
@@ -77,32 +99,50 @@ def main():
     headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET", "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
     results = {name: [] for name in cases}
     dropped = {name: 0 for name in cases}
+    cpu = {name: [] for name in cases}  # (sidecar, nats-server) CPU µs per check
     backlog = []  # (records answered, bytes still in the spool) after each NATS run
     for n in range(ROUNDS):
         for name, records in cases.items():
             # A fresh spool each run: what one run leaves must not fill the next one's.
             records = records.replace("{spool}", str(tmp / f"spool-{n}"))
-            proc, port = start([str(SANDGATE), "serve", "--config", str(config(tmp, name.split()[0], records))])
+            proc, port = serve(config(tmp, name.split()[0], records), tmp / f"sidecar-{n}-{name.split()[-1]}.log")
             wrk(port, headers, 2)
+            before = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
             results[name].append(wrk(port, headers, DURATION))
+            after = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
+            checks = results[name][-1][0] * DURATION
+            cpu[name].append((1e6 * (after[0] - before[0]) / checks, 1e6 * (after[1] - before[1]) / checks))
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             dropped[name] += int(float(re.search(r"^sandgate_decision_log_dropped_total (\S+)", metrics, re.M).group(1)))
             if "NATS" in name:
                 spooled = int(re.search(r"^sandgate_decision_spool_bytes (\S+)", metrics, re.M).group(1))
                 answered = int(results[name][-1][0] * DURATION)
-                backlog.append((answered, spooled))
+                # How long the backlog takes to drain once the load stops (at most 60 s).
+                drained_at = time.time()
+                while time.time() - drained_at < 60:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                    if int(re.search(r"^sandgate_decision_spool_bytes (\S+)", text, re.M).group(1)) == 0:
+                        break
+                    time.sleep(0.2)
+                backlog.append((answered, spooled, time.time() - drained_at))
             proc.terminate()
             proc.wait(timeout=30)
     nats.terminate()
     base = results["none"]
-    print("| records | req/s (median) | p50 µs | p99 µs | ratio to `none` (median of rounds, min–max) | records dropped |")
-    print("|---|---|---|---|---|---|")
+    print("| records | req/s (median) | p50 µs | p99 µs | ratio to `none` (median of rounds, min–max) | sidecar CPU µs/check | nats-server CPU µs/check | records dropped |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rounds in results.items():
         ratios = [r[0] / b[0] for r, b in zip(rounds, base)]
         print(f"| `{name}` | {statistics.median(r[0] for r in rounds):,.0f} | {statistics.median(r[1] for r in rounds):.0f} | "
-              f"{statistics.median(r[2] for r in rounds):.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | {dropped[name]} |")
-    for answered, spooled in backlog:
-        print(f"NATS run: ~{answered:,} checks in {DURATION} s; {spooled / 2**20:,.0f} MiB of records still spooled when wrk stopped")
+              f"{statistics.median(r[2] for r in rounds):.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | "
+              f"{statistics.median(c[0] for c in cpu[name]):.1f} | {statistics.median(c[1] for c in cpu[name]):.1f} | {dropped[name]} |")
+    for log in sorted(tmp.glob("sidecar-*.log")):
+        warnings = [l for l in log.read_text().splitlines() if "WARN" in l or "ERROR" in l]
+        if warnings:
+            print(f"{log.name}: {warnings[:3]}")
+    for answered, spooled, drain in backlog:
+        print(f"NATS run: ~{answered:,} checks in {DURATION} s; {spooled / 2**20:,.0f} MiB of records still spooled when wrk stopped, "
+              f"sent within {drain:.1f} s after")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -79,9 +79,9 @@ impl Write for RotatingFile {
     }
 }
 
-/// A batch of spooled lines as one NATS message: its id (`<segment>-<start>-<end>`, the
-/// `Nats-Msg-Id`) and its bytes (whole lines, each ending in a newline).
-type SpooledMessage = (String, Vec<u8>);
+/// A batch of spooled lines as one NATS message: its id (`<spool id>-<segment>-<start>-<end>`,
+/// the `Nats-Msg-Id`) and its bytes (whole lines, each ending in a newline).
+type SpooledMessage = (String, bytes::Bytes);
 
 /// A message holds whole lines up to this size (a longer line is sent alone).
 const MESSAGE_BYTES: usize = 64 << 10;
@@ -96,6 +96,9 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 /// a cursor (segment, offset) naming the first line not yet acknowledged.
 pub struct Spool {
     dir: PathBuf,
+    /// This spool's random id, kept in `DIR/id`: message ids are unique across every spool
+    /// that sends to a stream (other sidecars, a spool directory made anew).
+    id: String,
     max_bytes: u64,
     dropped: Counter,
     inner: Mutex<SpoolState>,
@@ -158,8 +161,19 @@ impl Spool {
                 offset = cursor.offset;
             }
         }
+        let id = match std::fs::read_to_string(dir.join("id")) {
+            Ok(id) if id.trim().len() == 32 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => id.trim().to_owned(),
+            _ => {
+                let mut bytes = [0u8; 16];
+                aws_lc_rs::rand::fill(&mut bytes).map_err(|_| std::io::Error::other("no randomness for the spool's id"))?;
+                let id = hex::encode(bytes);
+                sandgate_registry::write_atomically(&dir.join("id"), id.as_bytes())?;
+                id
+            }
+        };
         let spool = Spool {
             dir,
+            id,
             max_bytes: max_bytes.max(1),
             dropped,
             inner: Mutex::new(SpoolState { segments: segments.into(), offset, current: None }),
@@ -231,12 +245,14 @@ impl Spool {
 
     /// What follows the cursor (up to `limit`, the end of a batch that was not acknowledged,
     /// so that it is sent again with the same boundaries), as messages of whole lines of at
-    /// most [`MESSAGE_BYTES`] each (a longer line alone): each with its id
-    /// (`<segment>-<start>-<end>`), and the cursor after them. A line too long for a NATS
+    /// most [`MESSAGE_BYTES`] each: each with its id (`<spool id>-<segment>-<start>-<end>`),
+    /// and the cursor after them. A line too long for a NATS
     /// message is skipped and counted as dropped.
     fn peek(&self, limit: Option<(u64, u64)>) -> std::io::Result<(Vec<SpooledMessage>, (u64, u64))> {
         let (segment, offset, len) = {
-            let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            // A segment sent whole while it was the last one is left when the next one starts.
+            self.remove_finished(&mut state);
             match state.segments.front() {
                 Some((n, len)) => (*n, state.offset, *len),
                 None => return Ok((Vec::new(), (0, 0))),
@@ -251,38 +267,50 @@ impl Spool {
         }
         let mut file = File::open(self.segment_path(segment))?;
         file.seek(SeekFrom::Start(offset))?;
-        // Spooled lines are at most MAX_LINE long: a window of eight of them holds whole ones.
-        let want = (end - offset).min(8 * MAX_LINE as u64);
-        let mut bytes = vec![0; want as usize];
-        file.read_exact(&mut bytes)?;
+        // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
+        let want = (end - offset).min(2 * MAX_LINE as u64);
+        let mut bytes = Vec::with_capacity(want as usize);
+        file.take(want).read_to_end(&mut bytes)?;
+        // Messages are slices of this one buffer: nothing is copied again.
+        let bytes = bytes::Bytes::from(bytes);
         let mut messages = Vec::new();
-        let mut current = Vec::new();
         let (mut start, mut at) = (offset, offset);
+        let slice = |from: u64, to: u64| bytes.slice((from - offset) as usize..(to - offset) as usize);
         for line in bytes.split_inclusive(|b| *b == b'\n') {
             if !line.ends_with(b"\n") {
                 break;
             }
+            let len = line.len() as u64;
             if line.len() > MAX_LINE {
                 tracing::warn!(bytes = line.len(), "a decision record too long for a NATS message was dropped");
                 self.dropped.inc();
-                if !current.is_empty() {
-                    messages.push((format!("{segment}-{start}-{at}"), std::mem::take(&mut current)));
+                if at > start {
+                    messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
                 }
-                at += line.len() as u64;
+                at += len;
                 start = at;
                 continue;
             }
-            if !current.is_empty() && current.len() + line.len() > MESSAGE_BYTES {
-                messages.push((format!("{segment}-{start}-{at}"), std::mem::take(&mut current)));
+            if at > start && (at - start + len) as usize > MESSAGE_BYTES {
+                messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
                 start = at;
             }
-            current.extend_from_slice(line);
-            at += line.len() as u64;
+            at += len;
         }
-        if !current.is_empty() {
-            messages.push((format!("{segment}-{start}-{at}"), current));
+        if at > start {
+            messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
         }
         Ok((messages, (segment, at)))
+    }
+
+    /// Remove the segments sent whole, except the one being appended to.
+    fn remove_finished(&self, state: &mut SpoolState) {
+        while state.segments.len() > 1 && state.segments.front().is_some_and(|(_, len)| state.offset >= *len) {
+            if let Some((n, _)) = state.segments.pop_front() {
+                let _ = std::fs::remove_file(self.segment_path(n));
+            }
+            state.offset = 0;
+        }
     }
 
     /// Everything before `cursor` is acknowledged: move past it, remove finished segments and
@@ -290,13 +318,7 @@ impl Spool {
     fn advance(&self, cursor: (u64, u64)) -> std::io::Result<()> {
         let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         state.offset = cursor.1;
-        // A finished segment that is not the one being appended to is removed.
-        while state.segments.len() > 1 && state.segments.front().is_some_and(|(_, len)| state.offset >= *len) {
-            if let Some((n, _)) = state.segments.pop_front() {
-                let _ = std::fs::remove_file(self.segment_path(n));
-            }
-            state.offset = 0;
-        }
+        self.remove_finished(&mut state);
         let (segment, offset) = (state.segments.front().map_or(0, |(n, _)| *n), state.offset);
         drop(state);
         let bytes = serde_json::to_vec(&Cursor { segment, offset }).map_err(std::io::Error::other)?;
@@ -365,6 +387,7 @@ pub async fn publish(
             }
             continue;
         }
+        tracing::debug!(messages = messages.len(), ?cursor, "sending spooled decision records");
         match send(&js, &subject, messages).await {
             Ok(()) => {
                 retry = None;
@@ -464,7 +487,7 @@ mod tests {
         }
         let (messages, cursor) = spool.peek(None).unwrap();
         assert_eq!(messages.len(), 1);
-        assert_eq!(messages[0].0, "0-0-90");
+        assert_eq!(messages[0].0, format!("{}-0-0-90", spool.id));
         let text = String::from_utf8_lossy(&messages[0].1).into_owned();
         assert_eq!(text.lines().take(2).collect::<Vec<_>>(), ["line-000", "line-001"]);
         assert_eq!(cursor, (0, 90));
@@ -474,7 +497,7 @@ mod tests {
         // Reopened: what was acknowledged is not sent again.
         let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
         let (messages, _) = spool.peek(None).unwrap();
-        assert_eq!(messages[0].0, "0-36-90");
+        assert_eq!(messages[0].0, format!("{}-0-36-90", spool.id));
         assert!(messages[0].1.starts_with(b"line-004\n"));
         // A retry stops where the failed batch did.
         spool.append(b"line-010\n").unwrap();
@@ -489,6 +512,37 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_sent_whole_while_it_was_the_last_does_not_stop_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap();
+        let line = [vec![b'a'; 1023], vec![b'\n']].concat();
+        spool.append(&line.repeat(SEGMENT_BYTES as usize / 1024)).unwrap();
+        // Send all of segment 0 while no other segment exists.
+        let mut cursor = (0, 0);
+        loop {
+            let (messages, next) = spool.peek(None).unwrap();
+            if messages.is_empty() {
+                break;
+            }
+            cursor = next;
+            spool.advance(cursor).unwrap();
+        }
+        assert_eq!(cursor, (0, SEGMENT_BYTES));
+        // The writer starts segment 1: what it holds is sent.
+        spool.append(b"next\n").unwrap();
+        let (messages, cursor) = spool.peek(None).unwrap();
+        assert_eq!((messages.len(), cursor), (1, (1, 5)));
+        assert_eq!(&messages[0].1[..], b"next\n");
+        assert!(!dir.path().join("0.seg").exists());
+        // Message ids carry the spool's own id, kept across reopening; another spool has another.
+        let id = spool.id.clone();
+        drop(spool);
+        assert_eq!(Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap().id, id);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Spool::open(other.path().to_owned(), 1 << 30, Counter::default()).unwrap().id, id);
+    }
+
+    #[test]
     fn spooled_lines_go_out_in_messages_of_whole_lines() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap();
@@ -499,7 +553,7 @@ mod tests {
         let (messages, cursor) = spool.peek(None).unwrap();
         let sizes: Vec<usize> = messages.iter().map(|(_, m)| m.len()).collect();
         assert_eq!(sizes, [60 << 10, 40 << 10]);
-        assert_eq!(messages[1].0, format!("0-{}-{}", 60 << 10, 100 << 10));
+        assert_eq!(messages[1].0, format!("{}-0-{}-{}", spool.id, 60 << 10, 100 << 10));
         assert_eq!(cursor, (0, 100 << 10));
         assert!(messages.iter().all(|(_, m)| m.ends_with(b"\n")));
         // A line longer than a NATS message can carry is not spooled; it is counted.

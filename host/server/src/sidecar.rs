@@ -221,6 +221,7 @@ impl Sidecar {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
+                    tracing::info!(%stream, %subject, "sending decision records to NATS");
                     crate::log_sink::publish(spool, js, subject, stop, grace, pending).await;
                 }))
             }
