@@ -165,7 +165,8 @@ impl Spool {
             Ok(id) if id.trim().len() == 32 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => id.trim().to_owned(),
             _ => {
                 let mut bytes = [0u8; 16];
-                aws_lc_rs::rand::fill(&mut bytes).map_err(|_| std::io::Error::other("no randomness for the spool's id"))?;
+                aws_lc_rs::rand::fill(&mut bytes)
+                    .map_err(|_| std::io::Error::other("no randomness for the spool's id"))?;
                 let id = hex::encode(bytes);
                 sandgate_registry::write_atomically(&dir.join("id"), id.as_bytes())?;
                 id
