@@ -421,7 +421,7 @@ async fn send(js: &async_nats::jetstream::Context, subject: &str, messages: Vec<
     for (id, line) in messages {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
-        let ack = js.publish_with_headers(subject.to_owned(), headers, line.into()).await.map_err(|e| e.to_string())?;
+        let ack = js.publish_with_headers(subject.to_owned(), headers, line).await.map_err(|e| e.to_string())?;
         acks.push(ack);
     }
     for ack in acks {
