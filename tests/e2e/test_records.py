@@ -154,7 +154,7 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     # Readers' POSTs and role-less tokens were denied; allow-all lets them through, and sets
     # none of the headers RBAC set on what it allowed.
     changed = {k: v["count"] for k, v in report["changes"].items()}
-    assert set(changed) == {"rbac: deny 403 forbidden → allow", "rbac: allow setting x-user, x-roles → allow"}, changed
+    assert set(changed) == {"default (rbac): deny 403 forbidden → allow", "default (rbac): allow setting x-user, x-roles → allow"}, changed
     assert sum(changed.values()) == report["differ"] > 0
     assert all(v["examples"] for v in report["changes"].values())
     # A record whose answer was not what its input gives is caught: one reader's token in one
@@ -169,6 +169,42 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     # Without the archive nothing can be replayed, and the report says so.
     out = replay(records, "--archive", str(tmp_path / "empty"))
     assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
+
+
+def test_replay_fetches_a_module_the_archive_lacks_from_its_registry(tmp_path):
+    from test_oci import Registry, push
+    registry = Registry(tmp_path / "registry")
+    try:
+        reference = registry.ref("sandgate/rbac", "v1")
+        push(reference, "rbac")
+        data = tmp_path / "rbac-data.json"
+        data.write_text(json.dumps(RBAC_DATA))
+        config = tmp_path / "oci.toml"
+        records = tmp_path / "oci-records.log"
+        write_config(
+            config,
+            issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+            policies=[{"id": "rbac", "module": reference, "data": str(data)}],
+            routes=[{"path_prefix": "/api", "policy": "rbac"}],
+            server={"proxy": "nginx"},
+            registry={"cache_dir": str(tmp_path / "oci-cache")},
+            extra_toml=f'[decision_log]\ncapture = "input"\nsink = "file"\npath = "{records}"\narchive_dir = "{tmp_path / "archive"}"\n',
+        )
+        s = Sandgate(config, tmp_path / "oci-stdout.log", proxy="nginx")
+        client = Client(s.port)
+        for i in range(10):
+            client.check(f"/api/orders/{i}", mint(i, "hs-a"))
+        s.stop()
+        line = json.loads(records.read_text().splitlines()[0])
+        assert line["policy_source"].startswith(f"oci://{registry.host}/sandgate/rbac@sha256:") and line["route"] == "/api", line
+        # The archive without the module: not replayable, unless fetched from its registry.
+        (tmp_path / "archive" / "blobs" / "sha256" / line["policy_digest"]).unlink()
+        out = replay(records, "--archive", str(tmp_path / "archive"), "--json")
+        assert json.loads(out.stdout)["skipped"] == {"missing_module": 10}, out.stdout
+        out = replay(records, "--archive", str(tmp_path / "archive"), "--fetch", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["same"] == 10, out.stdout + out.stderr
+    finally:
+        registry.stop()
 
 
 def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):

@@ -30,7 +30,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         for resource_spans in request.resource_spans:
             service = next((a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"), "")
-            for scope in resource_spans.scope_spans:
+            # xds-protos ships an older copy of these protos in the same package: field 2 is
+            # `instrumentation_library_spans` there, the same wire layout as `scope_spans`.
+            scopes = resource_spans.scope_spans if hasattr(resource_spans, "scope_spans") else resource_spans.instrumentation_library_spans
+            for scope in scopes:
                 for span in scope.spans:
                     self.spans.append({
                         "service": service,

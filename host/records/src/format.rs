@@ -177,6 +177,12 @@ pub struct Record {
     /// `sha256:…` of the data document's JSON text, when a policy ran.
     #[serde(default)]
     pub data_digest: Option<String>,
+    /// Where the module came from: `oci://HOST/REPO@sha256:…` or `fleet:sha256:…`.
+    #[serde(default)]
+    pub policy_source: Option<String>,
+    /// The route that chose the policy: `[host]/prefix`, or `default` (`capture = "input"`).
+    #[serde(default)]
+    pub route: Option<String>,
     /// The method (for reports).
     #[serde(default)]
     pub method: String,
@@ -469,6 +475,8 @@ mod tests {
             policy: None,
             policy_digest: None,
             data_digest: None,
+            policy_source: None,
+            route: None,
             method: String::new(),
             host: String::new(),
             path: String::new(),

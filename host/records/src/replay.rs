@@ -66,7 +66,7 @@ pub struct Report {
     /// `missing_module`, `missing_data`, `bad_input`, `not_a_decision` (a shadow line),
     /// `other_policy` (with a candidate: a record of another policy), `unreadable`.
     pub skipped: BTreeMap<&'static str, u64>,
-    /// Differences by `policy: then → now`.
+    /// Differences by `route (policy): then → now`.
     pub changes: BTreeMap<String, Change>,
 }
 
@@ -86,7 +86,10 @@ impl Report {
                 self.replayed += 1;
                 self.differ += 1;
                 let policy = record.policy.as_deref().unwrap_or("-");
-                let key = format!("{policy}: {} → {}", recorded.summary(), replayed.summary());
+                let key = match &record.route {
+                    Some(route) => format!("{route} ({policy}): {} → {}", recorded.summary(), replayed.summary()),
+                    None => format!("{policy}: {} → {}", recorded.summary(), replayed.summary()),
+                };
                 let change = self.changes.entry(key).or_default();
                 change.count += 1;
                 if change.examples.len() < EXAMPLES {
@@ -123,10 +126,15 @@ impl TokenVerifier for PlayedBack {
     }
 }
 
+/// Fetches a module an archive lacks, by digest (`sha256:…`), from where a record says it came
+/// from (`oci://…@sha256:…`, `fleet:sha256:…`).
+pub type Fetch<'a> = Box<dyn FnMut(&str, &str) -> Option<Vec<u8>> + 'a>;
+
 /// Decides recorded checks again.
 pub struct Replayer<'a> {
     runtime: &'a Runtime,
     archives: Vec<Cache>,
+    fetch: Option<Fetch<'a>>,
     modules: HashMap<String, Option<PolicyModule>>,
     data: HashMap<String, Option<Arc<PolicyData>>>,
     candidates: HashMap<String, PolicyModule>,
@@ -135,7 +143,21 @@ pub struct Replayer<'a> {
 impl<'a> Replayer<'a> {
     /// A replayer reading modules and data from `archives`, in order.
     pub fn new(runtime: &'a Runtime, archives: Vec<Cache>) -> Self {
-        Replayer { runtime, archives, modules: HashMap::new(), data: HashMap::new(), candidates: HashMap::new() }
+        Replayer {
+            runtime,
+            archives,
+            fetch: None,
+            modules: HashMap::new(),
+            data: HashMap::new(),
+            candidates: HashMap::new(),
+        }
+    }
+
+    /// Fetch modules the archives lack with `fetch` (given the digest and the record's
+    /// `policy_source`); what it returns is used only if it has that digest.
+    pub fn with_fetch(mut self, fetch: Fetch<'a>) -> Self {
+        self.fetch = Some(fetch);
+        self
     }
 
     /// Run `module` instead of whatever policy `id` ran; records of other policies are skipped.
@@ -148,11 +170,18 @@ impl<'a> Replayer<'a> {
         self.archives.iter().find_map(|a| a.read_blob(digest, MAX_BLOB).ok().flatten())
     }
 
-    fn module(&mut self, hex: &str) -> Option<PolicyModule> {
+    fn module(&mut self, hex: &str, source: Option<&str>) -> Option<PolicyModule> {
         if let Some(module) = self.modules.get(hex) {
             return module.clone();
         }
-        let module = self.blob(&format!("sha256:{hex}")).and_then(|bytes| match self.runtime.load(&bytes) {
+        let digest = format!("sha256:{hex}");
+        let mut bytes = self.blob(&digest);
+        if bytes.is_none()
+            && let (Some(fetch), Some(source)) = (self.fetch.as_mut(), source)
+        {
+            bytes = fetch(&digest, source).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
+        }
+        let module = bytes.and_then(|bytes| match self.runtime.load(&bytes) {
             Ok(module) => Some(module),
             Err(e) => {
                 tracing::warn!(digest = hex, error = %e, "an archived module does not load");
@@ -192,7 +221,7 @@ impl<'a> Replayer<'a> {
         let candidate = record.policy.as_ref().and_then(|p| self.candidates.get(p)).cloned();
         let module = match candidate {
             Some(module) => module,
-            None => match self.module(&input.versions.policy_digest) {
+            None => match self.module(&input.versions.policy_digest, record.policy_source.as_deref()) {
                 Some(module) => module,
                 None => return Verdict::Skipped("missing_module"),
             },

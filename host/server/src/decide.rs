@@ -443,15 +443,16 @@ impl Authorizer {
         if self.capture == Capture::None {
             return;
         }
-        let (input, decision) = match &checked {
+        let (input, decision, route) = match &checked {
             Some(c) if self.capture == Capture::Input => {
                 if let Some(archive) = &self.state.archive {
                     archive.keep(c.policy.data.digest(), || c.policy.data.text().as_bytes().to_vec());
                 }
                 let input = sandgate_records::Input::capture(c.check, &self.redact, c.verify_jwt.clone());
-                (Some(input), Some(sandgate_records::DecisionRecord::from(&evaluation.decision)))
+                let route = snapshot.route_label(&original.host, &original.path);
+                (Some(input), Some(sandgate_records::DecisionRecord::from(&evaluation.decision)), route)
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
         let checked = checked.as_ref().map(|c| (c.policy, c.check));
         let credential = checked.map(|(_, c)| match &c.credential {
@@ -487,6 +488,7 @@ impl Authorizer {
             fault: evaluation.fault.as_ref().map(ToString::to_string),
             policy_logs: &evaluation.logs,
             latency_us: latency.as_micros() as u64,
+            route,
             input,
             decision,
         });

@@ -59,6 +59,9 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) fault: Option<String>,
     pub(crate) policy_logs: &'a [PolicyLog],
     pub(crate) latency_us: u64,
+    /// The route that chose the policy (`capture = "input"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) route: Option<String>,
     /// The check as the policy saw it (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) input: Option<sandgate_records::Input>,

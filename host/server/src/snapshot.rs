@@ -102,6 +102,18 @@ impl Snapshot {
         self.policies.get(id).map(|p| (id, p))
     }
 
+    /// The route a request for `host` and (canonical) `path` takes, as decision records name
+    /// it: `[host]/prefix`, or `default` for the default policy; `None` when nothing matches.
+    pub fn route_label(&self, host: &str, path: &str) -> Option<String> {
+        let host =
+            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        match self.routes.iter().find(|r| r.matches(host, path)) {
+            Some(route) => Some(format!("{}{}", route.host.as_deref().unwrap_or(""), route.path_prefix)),
+            None => self.default_policy.as_ref().map(|_| "default".to_owned()),
+        }
+    }
+
     /// The versions a check with `policy` logs and passes to the policy.
     pub fn versions(&self, policy: &LoadedPolicy) -> SnapshotVersions {
         SnapshotVersions {

@@ -36,9 +36,24 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Fetch a module no archive has from where its record says it came from: an
+    /// `oci://…@sha256:…` source from its registry (the flags below), a `fleet:sha256:…` source
+    /// from the fleet's object store (`--fleet-url`, `--fleet`). Data documents come from the
+    /// archives only.
+    #[arg(long)]
+    fetch: bool,
+    /// The fleet's NATS server(s), for `fleet:` modules.
+    #[arg(long, requires = "fleet")]
+    fleet_url: Option<String>,
+    /// The fleet's name, for `fleet:` modules.
+    #[arg(long, requires = "fleet_url")]
+    fleet: Option<String>,
+    #[command(flatten)]
+    registry: super::registry::RegistryArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let io = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let runtime = super::small_runtime()?;
     let archives = args.archives.iter().map(Cache::new).collect();
     let mut replayer = Replayer::new(&runtime, archives);
@@ -53,6 +68,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if args.fetch {
+        let (registry, fleet, io) = (&args.registry, (args.fleet_url.clone(), args.fleet.clone()), &io);
+        let mut nats: Option<async_nats::Client> = None;
+        replayer = replayer.with_fetch(Box::new(move |digest, source| {
+            let fetched = io.block_on(fetch(digest, source, registry, &fleet, &mut nats));
+            fetched.map_err(|e| eprintln!("cannot fetch {digest} from `{source}`: {e:#}")).ok()
+        }));
+    }
     let mut report = Report::default();
     let mut replay_line = |line: &[u8]| match serde_json::from_slice::<Record>(line) {
         Ok(record) => {
@@ -62,8 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => report.unreadable(),
     };
     if let (Some(stream), Some(url)) = (&args.stream, &args.nats_url) {
-        let read = read_stream(url, stream, &mut replay_line);
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(read)?;
+        io.block_on(read_stream(url, stream, &mut replay_line))?;
     }
     for path in &args.records {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
@@ -143,4 +165,34 @@ async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> any
             return Ok(());
         }
     }
+}
+
+/// Module `digest` from `source`: its OCI registry (pulled by digest, verified) or the fleet's
+/// object store (checked against the digest).
+async fn fetch(
+    digest: &str,
+    source: &str,
+    registry: &super::registry::RegistryArgs,
+    fleet: &(Option<String>, Option<String>),
+    nats: &mut Option<async_nats::Client>,
+) -> anyhow::Result<Vec<u8>> {
+    if sandgate_registry::ModuleRef::is_oci(source) {
+        let reference: sandgate_registry::ModuleRef = source.parse()?;
+        let pulled =
+            registry.registry(&reference, None)?.pull(&reference, sandgate_registry::TagFallback::Never).await?;
+        return Ok(pulled.module.to_vec());
+    }
+    if source.strip_prefix("fleet:") == Some(digest) {
+        let (Some(url), Some(name)) = fleet else {
+            anyhow::bail!("a module from a fleet's object store needs --fleet-url and --fleet");
+        };
+        if nats.is_none() {
+            let config = sandgate_server::config::FleetConfig::client(url, name);
+            *nats = Some(sandgate_server::fleet::connect(&config, true).await?);
+        }
+        let client = nats.as_ref().context("no NATS client")?;
+        let limit = sandgate_registry::RegistrySettings::default().max_module_bytes;
+        return sandgate_server::fleet::fetch_object(client, name, digest, limit).await.map_err(anyhow::Error::msg);
+    }
+    anyhow::bail!("no way to fetch a module from `{source}`")
 }
