@@ -90,6 +90,19 @@ pub struct Timings {
 }
 
 impl Evaluation {
+    /// An evaluation that answered `decision` without running a policy (a host decision, a
+    /// native baseline, a test).
+    pub fn decided(decision: Decision) -> Self {
+        Evaluation {
+            decision,
+            fault: None,
+            logs: Vec::new(),
+            memory_grows: 0,
+            queued: false,
+            timings: Timings::default(),
+        }
+    }
+
     pub(crate) fn fault(fault: PolicyFault, logs: Vec<PolicyLog>, memory_grows: u32) -> Self {
         let decision = Decision::Deny(DenyResponse {
             status: fault.status(),

@@ -26,14 +26,7 @@ impl Answer {
             message: message.into(),
             headers: Vec::new(),
         });
-        let evaluation = Evaluation {
-            decision,
-            fault: None,
-            logs: Vec::new(),
-            memory_grows: 0,
-            queued: false,
-            timings: Default::default(),
-        };
+        let evaluation = Evaluation::decided(decision);
         Answer { request_id, evaluation, identity: Vec::new(), unset_identity: Vec::new() }
     }
 

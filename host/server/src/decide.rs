@@ -159,6 +159,11 @@ impl Authorizer {
         self
     }
 
+    /// Whether checks are traced (protocol adapters then pass the transport's trace context).
+    pub fn tracing_on(&self) -> bool {
+        self.tracing.is_some()
+    }
+
     /// The served state.
     pub fn state(&self) -> &Arc<State> {
         &self.state
@@ -314,14 +319,7 @@ impl Authorizer {
         #[cfg(feature = "bench-internals")]
         if let Some(native) = &self.native {
             let decision = native(check, &policy.data);
-            return Evaluation {
-                decision,
-                fault: None,
-                logs: Vec::new(),
-                memory_grows: 0,
-                queued: false,
-                timings: Default::default(),
-            };
+            return Evaluation::decided(decision);
         }
         self.state.runtime.check(&policy.module, check.clone(), context).await
     }

@@ -53,7 +53,9 @@ impl Authorization for ExtAuthz {
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         let response = match original_request(request.get_ref()) {
             Ok(mut original) => {
-                original.trace_metadata = trace_metadata(request.metadata());
+                if self.authorizer.tracing_on() {
+                    original.trace_metadata = trace_metadata(request.metadata());
+                }
                 check_response(&self.authorizer.decide(original).await)
             }
             Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
@@ -249,14 +251,7 @@ mod tests {
         });
         let answer = Answer {
             request_id: "r".into(),
-            evaluation: Evaluation {
-                decision,
-                fault: None,
-                logs: Vec::new(),
-                memory_grows: 0,
-                queued: false,
-                timings: Default::default(),
-            },
+            evaluation: Evaluation::decided(decision),
             identity: vec![("x-auth-subject".into(), "alice".into())],
             unset_identity: vec!["x-auth-tenant".into()],
         };

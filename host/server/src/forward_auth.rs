@@ -367,14 +367,7 @@ mod tests {
             Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: vec!["x-internal".into()] });
         let answer = Answer {
             request_id: "r".into(),
-            evaluation: Evaluation {
-                decision,
-                fault: None,
-                logs: Vec::new(),
-                memory_grows: 0,
-                queued: false,
-                timings: Default::default(),
-            },
+            evaluation: Evaluation::decided(decision),
             identity: Vec::new(),
             unset_identity: vec!["x-auth-subject".into()],
         };
