@@ -20,6 +20,9 @@ pub enum PolicyFault {
     /// The policy panicked or aborted.
     #[error("the policy panicked")]
     Panicked,
+    /// The policy called WASI's `exit` (a `wasm32-wasip2` policy's `std::process::exit`).
+    #[error("the policy exited with status {0}")]
+    Exited(i32),
     /// Any other trap.
     #[error("the policy trapped: {0}")]
     Trap(String),
@@ -45,6 +48,7 @@ impl PolicyFault {
             PolicyFault::OutOfMemory => "policy_out_of_memory",
             PolicyFault::StackOverflow => "policy_stack_overflow",
             PolicyFault::Panicked => "policy_panicked",
+            PolicyFault::Exited(_) => "policy_exited",
             PolicyFault::Trap(_) => "policy_trap",
             PolicyFault::DecisionTooLarge(_) => "policy_decision_too_large",
             PolicyFault::MalformedDecision(_) => "policy_malformed_decision",

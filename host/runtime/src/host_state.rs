@@ -65,6 +65,8 @@ pub(crate) struct HostState {
     dropped_logs: usize,
     data: Arc<PolicyData>,
     verifier: Option<Arc<dyn TokenVerifier>>,
+    /// The deny-all WASI of a `wasm32-wasip2` policy (`None` for a policy without WASI imports).
+    pub(crate) wasi: Option<Box<crate::wasi::WasiState>>,
 }
 
 impl HostState {
@@ -75,14 +77,22 @@ impl HostState {
             dropped_logs: 0,
             data,
             verifier,
+            wasi: None,
         }
     }
-}
 
-impl crate::bindings::sandgate::policy::types::Host for HostState {}
+    /// Turn what a WASI policy wrote to stdout (`info`) and stderr (`warn`) into log lines,
+    /// after the ones it logged through `host.log`.
+    pub(crate) fn collect_output(&mut self) {
+        let Some(wasi) = self.wasi.as_ref() else { return };
+        for (level, bytes) in wasi.output() {
+            for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.trim().is_empty()) {
+                self.push_log(level, line.to_owned());
+            }
+        }
+    }
 
-impl Host for HostState {
-    fn log(&mut self, level: LogLevel, mut message: String) {
+    fn push_log(&mut self, level: &'static str, mut message: String) {
         if self.logs.len() >= MAX_LOG_LINES {
             self.dropped_logs += 1;
             if let Some(last) = self.logs.last_mut() {
@@ -97,13 +107,21 @@ impl Host for HostState {
             }
             message.truncate(end);
         }
+        self.logs.push(PolicyLog { level, message });
+    }
+}
+
+impl crate::bindings::sandgate::policy::types::Host for HostState {}
+
+impl Host for HostState {
+    fn log(&mut self, level: LogLevel, message: String) {
         let level = match level {
             LogLevel::Debug => "debug",
             LogLevel::Info => "info",
             LogLevel::Warn => "warn",
             LogLevel::Error => "error",
         };
-        self.logs.push(PolicyLog { level, message });
+        self.push_log(level, message);
     }
 
     fn data_get(&mut self, pointer: String) -> Option<String> {

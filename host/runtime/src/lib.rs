@@ -26,6 +26,7 @@ mod pool;
 mod reused;
 mod runtime;
 pub mod spec;
+mod wasi;
 
 pub use fault::{Evaluation, PolicyFault, Timings};
 pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, PolicyLog, TokenVerifier};

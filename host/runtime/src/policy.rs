@@ -29,7 +29,10 @@ pub enum LoadError {
     #[error("the component is invalid: {0:#}")]
     Invalid(#[source] wasmtime::Error),
     /// The component imports something the host does not provide.
-    #[error("the policy imports `{0}`, which Sandgate does not provide; policies may import only {ALLOWED_IMPORTS:?}")]
+    #[error(
+        "the policy imports `{0}`, which Sandgate does not provide; policies may import only {ALLOWED_IMPORTS:?} and, built for wasm32-wasip2, the deny-all WASI set {wasi:?}",
+        wasi = crate::wasi::ALLOWED_WASI
+    )]
     UnsupportedImport(String),
     /// The component does not export the policy interface.
     #[error("the policy does not export `{POLICY_EXPORT}` (it exports {0:?}); is it built against `wit/policy.wit`?")]
@@ -47,6 +50,8 @@ pub struct PolicyModule {
     pub(crate) check: ComponentExportIndex,
     pub(crate) digest: Arc<str>,
     pub(crate) size: usize,
+    /// Whether it imports WASI (a `wasm32-wasip2` build): each check gets a deny-all context.
+    pub(crate) wasi: bool,
     /// Evaluation threads this policy occupies now (its share is capped).
     pub(crate) load: crate::pool::PolicyLoad,
 }
@@ -60,6 +65,11 @@ impl PolicyModule {
     /// Size of the component in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether the policy imports WASI (built for `wasm32-wasip2`).
+    pub fn uses_wasi(&self) -> bool {
+        self.wasi
     }
 }
 

@@ -209,6 +209,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)?;
+        // Only `wasm32-wasip2` policies import it; the rest never reach it.
+        crate::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
         let ticker = EpochTicker::start(engine.clone())?;
         // At least two threads, so a policy capped at "all but one" still leaves one to the
@@ -249,8 +251,13 @@ impl Runtime {
         }
         let component = Component::new(&self.core.engine, bytes).map_err(LoadError::Invalid)?;
         let ty = component.component_type();
-        if let Some((name, _)) = ty.imports(&self.core.engine).find(|(name, _)| !ALLOWED_IMPORTS.contains(name)) {
-            return Err(LoadError::UnsupportedImport(name.to_owned()));
+        let mut wasi = false;
+        for (name, _) in ty.imports(&self.core.engine) {
+            if crate::wasi::allowed(name) {
+                wasi = true;
+            } else if !ALLOWED_IMPORTS.contains(&name) {
+                return Err(LoadError::UnsupportedImport(name.to_owned()));
+            }
         }
         let exports: Vec<String> = ty.exports(&self.core.engine).map(|(name, _)| name.to_owned()).collect();
         if !exports.iter().any(|e| e == POLICY_EXPORT) {
@@ -259,7 +266,14 @@ impl Runtime {
         let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
         let check = check_export(&instance_pre).map_err(LoadError::Contract)?;
         let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
-        Ok(PolicyModule { pre, check, digest: sha256_hex(bytes).into(), size: bytes.len(), load: Default::default() })
+        Ok(PolicyModule {
+            pre,
+            check,
+            digest: sha256_hex(bytes).into(),
+            size: bytes.len(),
+            wasi,
+            load: Default::default(),
+        })
     }
 
     /// The path of the probe check every policy must answer, within its limits, before it is
@@ -396,6 +410,9 @@ impl Core {
         let started = std::time::Instant::now();
         let mut timings = Timings::default();
         let mut store = self.new_store(context);
+        if module.wasi {
+            store.data_mut().wasi = Some(Box::new(crate::wasi::WasiState::new(&request.request_id, request.now)));
+        }
         let result = module
             .pre
             .instance_pre()
@@ -413,6 +430,7 @@ impl Core {
                 check.call(&mut store, (request,)).map(|(decision,)| decision).map_err(|e| classify_trap(&e, &store))
             });
         timings.call = started.elapsed().saturating_sub(timings.instantiate);
+        store.data_mut().collect_output();
         let logs = std::mem::take(&mut store.data_mut().logs);
         let memory_grows = store.data().limiter.grows;
         let mut evaluation = match result.and_then(validate_decision) {
@@ -460,6 +478,9 @@ fn classify_trap(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFau
     if store.data().limiter.exceeded() {
         // Growth was refused; the guest's allocator failed and it aborted.
         return PolicyFault::OutOfMemory;
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return PolicyFault::Exited(exit.0);
     }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => PolicyFault::Timeout,
