@@ -42,7 +42,8 @@ fn in_crate(program: &Path, dir: &Path) -> Command {
 #[test]
 fn new_build_test_from_scratch_and_a_broken_fixture_is_named() {
     let root = temp_dir("workflow");
-    let out = run(Command::new(sandgate()).current_dir(&root).args(["new", "doc-access"]));
+    let sdk = sandgate_tests::workspace().join("guest-policies/sdk");
+    let out = run(Command::new(sandgate()).current_dir(&root).args(["new", "doc-access", "--sdk"]).arg(&sdk));
     assert!(out.status.success());
     let policy = root.join("doc-access");
     for file in ["Cargo.toml", "src/lib.rs", "fixtures.json"] {
@@ -61,6 +62,15 @@ fn new_build_test_from_scratch_and_a_broken_fixture_is_named() {
     assert!(out.status.success());
     assert!(text(&out).contains("4 passed, 0 failed"));
 
+    // The same crate with the standard toolchain's target: a component importing WASI.
+    let out = run(in_crate(&sandgate(), &policy).args(["build", "--target", "wasm32-wasip2", "--out", "p2.wasm"]));
+    assert!(out.status.success());
+    let component = std::fs::read(policy.join("p2.wasm")).unwrap();
+    assert!(component.windows(b"wasi:cli/".len()).any(|w| w == b"wasi:cli/"), "a wasip2 build imports wasi:cli");
+    let out = run(in_crate(&sandgate(), &policy).args(["test", "--target", "wasm32-wasip2"]));
+    assert!(out.status.success());
+    assert!(text(&out).contains("4 passed, 0 failed"));
+
     // Break one expectation: `test` fails, naming the case and what differed.
     let fixtures = std::fs::read_to_string(policy.join("fixtures.json")).unwrap();
     let broken = fixtures.replace(r#""headers": { "x-user": "bob" }"#, r#""headers": { "x-user": "mallory" }"#);
@@ -71,6 +81,22 @@ fn new_build_test_from_scratch_and_a_broken_fixture_is_named() {
     let report = text(&out);
     assert!(report.contains("FAILED  a writer may write"), "{report}");
     assert!(report.contains(r#"expected "mallory", got "bob""#), "{report}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Without `--sdk`, a new policy depends on the SDK from crates.io, so the crate builds on any
+/// machine, not only beside this checkout.
+#[test]
+fn a_new_policy_depends_on_the_released_sdk() {
+    let root = temp_dir("released-sdk");
+    let out = run(Command::new(sandgate()).current_dir(&root).args(["new", "portable"]));
+    assert!(out.status.success());
+    let manifest = std::fs::read_to_string(root.join("portable/Cargo.toml")).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(manifest.contains(&format!("sandgate-policy-sdk = \"{version}\"")), "{manifest}");
+    assert!(!manifest.contains("path ="), "no path to this checkout: {manifest}");
+    let out = run(Command::new(sandgate()).current_dir(&root).args(["new", "local", "--sdk", "/nonexistent/sdk"]));
+    assert!(!out.status.success(), "a missing --sdk is an error");
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -11,6 +11,19 @@
 //! | `/abort` | aborts | deny `policy_panicked` |
 //! | `/oversized` | answers an allow with megabytes of headers | deny `policy_decision_too_large` |
 //! | `/malformed` | answers a deny with status 200 | deny `policy_malformed_decision` |
+//! | `/residue` | reports whether a marker an earlier check wrote to memory is still there, then writes it | allow with `x-residue: clean` |
+//!
+//! Built for `wasm32-wasip2`, it also attacks WASI (the host grants nothing):
+//!
+//! | path | what it does | the host must answer |
+//! |---|---|---|
+//! | `/wasi/file` | reads `/etc/passwd` | deny `policy_panicked` (no directory is preopened) |
+//! | `/wasi/env` | reads `PATH` from the environment | deny `policy_panicked` (the environment is empty) |
+//! | `/wasi/clock-spin` | busy-waits a second on the monotonic clock | deny `policy_timeout` |
+//! | `/wasi/exit` | calls `std::process::exit(7)` | deny `policy_exited` |
+//! | `/wasi/sleep` | sleeps an hour | allow at once (virtual time), `x-slept-secs` ≥ 3600 |
+//! | `/wasi/print` | prints to stdout and stderr | allow, the lines in the check's log |
+//! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | anything else | allows | allow |
 
 use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny};
@@ -45,6 +58,69 @@ pub fn bump_state() -> [u64; 4] {
         *l
     };
     [counter, cached, local, lazy]
+}
+
+/// Memory an earlier check would have left its marker in, if instances were reused.
+static mut RESIDUE: [u8; 16] = [0; 16];
+const MARKER: &[u8; 16] = b"left-by-a-check!";
+
+/// `clean` if no earlier check's marker is in memory; then leave one.
+fn residue() -> &'static str {
+    // SAFETY: this component has one thread; volatile, so the read is not folded away.
+    unsafe {
+        let slot = &raw mut RESIDUE;
+        let found = std::ptr::read_volatile(slot) == *MARKER;
+        std::ptr::write_volatile(slot, *MARKER);
+        if found { "found" } else { "clean" }
+    }
+}
+
+/// The WASI attacks (see the module documentation).
+fn wasi(path: &str) -> Option<Decision> {
+    use std::hash::BuildHasher;
+    use std::io::Read;
+    use std::time::{Duration, Instant, SystemTime};
+    Some(match path {
+        "/wasi/file" => {
+            let text = std::fs::read_to_string("/etc/passwd").expect("cannot open a file");
+            allow().set_header("x-stolen", text.lines().next().unwrap_or_default())
+        }
+        "/wasi/env" => {
+            let path = std::env::var("PATH").expect("cannot read the environment");
+            allow().set_header("x-stolen", &path)
+        }
+        "/wasi/clock-spin" => {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(1) {
+                std::hint::spin_loop();
+            }
+            allow()
+        }
+        "/wasi/exit" => std::process::exit(7),
+        "/wasi/sleep" => {
+            let start = Instant::now();
+            std::thread::sleep(Duration::from_secs(3600));
+            allow().set_header("x-slept-secs", &start.elapsed().as_secs().to_string())
+        }
+        "/wasi/print" => {
+            println!("hello from stdout");
+            eprintln!("hello from stderr");
+            allow()
+        }
+        "/wasi/observe" => {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let random = std::collections::hash_map::RandomState::new().hash_one("sandgate");
+            let mut stdin = Vec::new();
+            let read = std::io::stdin().read_to_end(&mut stdin).map(|_| stdin.len().to_string());
+            allow()
+                .set_header("x-wall-clock", &now.to_string())
+                .set_header("x-random", &random.to_string())
+                .set_header("x-stdin", &read.unwrap_or_else(|e| format!("error: {e}")))
+                .set_header("x-env-count", &std::env::vars().count().to_string())
+                .set_header("x-args-count", &std::env::args().count().to_string())
+        }
+        _ => return None,
+    })
 }
 
 #[inline(never)]
@@ -86,7 +162,8 @@ impl Policy for Hostile {
             "/abort" => std::process::abort(),
             "/oversized" => (0..4096).fold(allow(), |d, i| d.set_header(&format!("x-filler-{i}"), &"x".repeat(1024))),
             "/malformed" => deny(200, "not_really_a_denial"),
-            _ => allow(),
+            "/residue" => allow().set_header("x-residue", residue()),
+            path => wasi(path).unwrap_or_else(allow),
         }
     }
 }

@@ -38,7 +38,7 @@ pub use path::match_path;
 pub mod bindings {
     wit_bindgen::generate!({
         world: "authorizer",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_authorizer",
         default_bindings_module: "sandgate_policy_sdk::bindings",

@@ -30,8 +30,7 @@ pub enum LoadError {
     Invalid(#[source] wasmtime::Error),
     /// The component imports something the host does not provide.
     #[error(
-        "the policy imports `{0}`, which Sandgate does not provide; policies may import only {ALLOWED_IMPORTS:?} and, built for wasm32-wasip2, the deny-all WASI set {wasi:?}",
-        wasi = crate::wasi::ALLOWED_WASI
+        "the policy imports `{0}`, which Sandgate does not provide: a policy may import `sandgate:policy/host` and, built for wasm32-wasip2, WASI's cli, io, clocks, random and filesystem interfaces at 0.2 (linked deny-all), never sockets or HTTP"
     )]
     UnsupportedImport(String),
     /// The component does not export the policy interface.

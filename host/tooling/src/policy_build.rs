@@ -1,17 +1,51 @@
-//! Turning a policy crate into a component: `cargo build` for `wasm32-unknown-unknown`, then
-//! wrap the core module as a component of the `sandgate:policy/authorizer` world.
+//! Turning a policy crate into a component, for one of two targets:
 //!
-//! Why not `wasm32-wasip2`: its standard library imports WASI (files, clocks, environment), so
-//! every policy would carry imports the host must stub or refuse. A policy built for
-//! `wasm32-unknown-unknown` imports exactly the contract's `host` interface and nothing else.
+//! - `wasm32-unknown-unknown` (the default): `cargo build`, then wrap the core module as a
+//!   component of the `sandgate:policy/authorizer` world. The policy imports exactly the
+//!   contract's `host` interface; a check costs the least.
+//! - `wasm32-wasip2`: the standard toolchain builds the component itself. Its standard library
+//!   imports WASI (`wasi:cli`, `wasi:io`, `wasi:clocks`, `wasi:random`), which the host links
+//!   deny-all and deterministic; `println!`, `std::time` and `HashMap` work as in any program.
 
 use crate::import_shim;
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The target policies compile to.
+/// The target policies compile to by default.
 pub const TARGET: &str = "wasm32-unknown-unknown";
+
+/// What a policy crate is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// `wasm32-unknown-unknown`, wrapped as a component by Sandgate: no WASI at all.
+    #[default]
+    Unknown,
+    /// `wasm32-wasip2`: a component from the standard toolchain, importing the deny-all WASI.
+    Wasip2,
+}
+
+impl Target {
+    /// The Rust target triple.
+    pub fn triple(self) -> &'static str {
+        match self {
+            Target::Unknown => TARGET,
+            Target::Wasip2 => "wasm32-wasip2",
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(triple: &str) -> Result<Self, String> {
+        match triple {
+            "wasm32-unknown-unknown" => Ok(Target::Unknown),
+            "wasm32-wasip2" => Ok(Target::Wasip2),
+            other => Err(format!("unsupported target `{other}`: use `wasm32-unknown-unknown` or `wasm32-wasip2`")),
+        }
+    }
+}
 
 /// Wrap a core module built with the SDK (it carries the component type in a custom section)
 /// as a component, with the import shim folded into the policy module ([`import_shim`]).
@@ -33,25 +67,32 @@ pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Whether rustup has the target installed, when rustup is what provides Rust here.
-fn target_missing() -> bool {
+fn target_missing(target: &str) -> bool {
     let Ok(out) = Command::new("rustup").args(["target", "list", "--installed"]).output() else {
         return false;
     };
-    out.status.success() && !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == TARGET)
+    out.status.success() && !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target)
 }
 
-/// Build the policy crate at `crate_dir` in release mode and return its component bytes and
-/// the path of the core module it came from.
+/// Build the policy crate at `crate_dir` in release mode for `wasm32-unknown-unknown` and
+/// return its component bytes and the path of the core module it came from.
 pub fn build_policy(crate_dir: &Path) -> anyhow::Result<(Vec<u8>, PathBuf)> {
+    build_policy_for(crate_dir, Target::Unknown)
+}
+
+/// Build the policy crate at `crate_dir` in release mode for `target` and return its component
+/// bytes and the path of cargo's artifact.
+pub fn build_policy_for(crate_dir: &Path, target: Target) -> anyhow::Result<(Vec<u8>, PathBuf)> {
+    let triple = target.triple();
     let manifest = crate_dir.join("Cargo.toml");
     if !manifest.is_file() {
         bail!("`{}` has no Cargo.toml: point `sandgate build` at a policy crate", crate_dir.display());
     }
-    if target_missing() {
-        bail!("the Rust target `{TARGET}` is not installed; install it with:\n    rustup target add {TARGET}");
+    if target_missing(triple) {
+        bail!("the Rust target `{triple}` is not installed; install it with:\n    rustup target add {triple}");
     }
     let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "--lib", "--target", TARGET, "--message-format=json-render-diagnostics"])
+        .args(["build", "--release", "--lib", "--target", triple, "--message-format=json-render-diagnostics"])
         .arg("--manifest-path")
         .arg(&manifest)
         .stderr(std::process::Stdio::inherit())
@@ -77,6 +118,10 @@ pub fn build_policy(crate_dir: &Path) -> anyhow::Result<(Vec<u8>, PathBuf)> {
             manifest.display()
         );
     };
-    let core = std::fs::read(&wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
-    Ok((componentize(&core)?, wasm))
+    let bytes = std::fs::read(&wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
+    match target {
+        Target::Unknown => Ok((componentize(&bytes)?, wasm)),
+        // The toolchain's linker (`wasm-component-ld`) already made a component.
+        Target::Wasip2 => Ok((bytes, wasm)),
+    }
 }

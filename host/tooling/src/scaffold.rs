@@ -1,16 +1,15 @@
 //! `sandgate new`: a policy crate that builds, tests and passes its fixtures out of the box.
 
 use anyhow::{Context, bail};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Where the SDK was when this binary was built; `sandgate new --sdk` overrides it.
-pub fn default_sdk_path() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guest-policies/sdk"))
-}
+/// The SDK version a new policy depends on: the one released with this binary.
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Write a new policy crate `name` into `dir` (which must not exist or be empty), depending
-/// on the SDK at `sdk`.
-pub fn new_policy(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
+/// Write a new policy crate `name` into `dir` (which must not exist or be empty). It depends
+/// on `sandgate-policy-sdk` from crates.io at [`SDK_VERSION`], or, with `sdk`, on the SDK crate
+/// at that path.
+pub fn new_policy(name: &str, dir: &Path, sdk: Option<&Path>) -> anyhow::Result<()> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if !valid {
@@ -21,11 +20,20 @@ pub fn new_policy(name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<()> {
     if dir.exists() && dir.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("`{}` already exists and is not empty: choose another name or --path", dir.display());
     }
-    let sdk = sdk.canonicalize().with_context(|| {
-        format!("the policy SDK is not at `{}`; pass --sdk PATH/TO/guest-policies/sdk", sdk.display())
-    })?;
+    let dependency = match sdk {
+        None => format!("{SDK_VERSION:?}"),
+        Some(sdk) => {
+            let sdk = sdk.canonicalize().with_context(|| {
+                format!("the policy SDK is not at `{}`; pass --sdk PATH/TO/guest-policies/sdk", sdk.display())
+            })?;
+            if !sdk.join("Cargo.toml").is_file() {
+                bail!("`{}` is not a crate: pass --sdk PATH/TO/guest-policies/sdk", sdk.display());
+            }
+            format!("{{ path = {:?} }}", sdk.display().to_string())
+        }
+    };
     let files = [
-        ("Cargo.toml", cargo_toml(name, &sdk)),
+        ("Cargo.toml", cargo_toml(name, &dependency)),
         ("src/lib.rs", LIB_RS.replace("{struct}", &struct_name(name))),
         ("fixtures.json", FIXTURES.to_owned()),
         (".gitignore", "/target\n".to_owned()),
@@ -49,7 +57,7 @@ fn struct_name(name: &str) -> String {
         .collect()
 }
 
-fn cargo_toml(name: &str, sdk: &Path) -> String {
+fn cargo_toml(name: &str, dependency: &str) -> String {
     format!(
         r#"[package]
 name = "{name}"
@@ -62,7 +70,7 @@ publish = false
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-sandgate-policy-sdk = {{ path = {sdk:?} }}
+sandgate-policy-sdk = {dependency}
 
 # A policy is its own workspace, so it builds wherever it lives.
 [workspace]
@@ -73,7 +81,6 @@ lto = true
 codegen-units = 1
 panic = "abort"
 "#,
-        sdk = sdk.display().to_string()
     )
 }
 

@@ -14,6 +14,10 @@ pub struct Args {
     /// `<crate>.component.wasm`.
     #[arg(long, short)]
     out: Option<PathBuf>,
+    /// The Rust target: `wasm32-unknown-unknown` (no WASI, the fastest checks) or
+    /// `wasm32-wasip2` (the standard library's WASI, linked deny-all and deterministic).
+    #[arg(long, default_value = "wasm32-unknown-unknown")]
+    target: policy_build::Target,
     /// Write the component even if the runtime refuses to load it (for test fixtures
     /// that must be refused at load).
     #[arg(long, hide = true)]
@@ -21,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (component, core_path) = policy_build::build_policy(&args.path)?;
+    let (component, core_path) = policy_build::build_policy_for(&args.path, args.target)?;
     if !args.no_validate {
         super::load_built(&super::small_runtime()?, &component)?;
     }

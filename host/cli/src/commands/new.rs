@@ -11,7 +11,8 @@ pub struct Args {
     /// Where to create it; default `./NAME`.
     #[arg(long)]
     path: Option<PathBuf>,
-    /// The policy SDK crate; default: the one this binary was built from.
+    /// Depend on the policy SDK crate at this path (e.g. a Sandgate checkout's
+    /// `guest-policies/sdk`) instead of `sandgate-policy-sdk` from crates.io.
     #[arg(long)]
     sdk: Option<PathBuf>,
 }
@@ -19,10 +20,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let name = args.name;
     let dir = args.path.unwrap_or_else(|| PathBuf::from(&name));
-    scaffold::new_policy(&name, &dir, &args.sdk.unwrap_or_else(scaffold::default_sdk_path))?;
+    scaffold::new_policy(&name, &dir, args.sdk.as_deref())?;
     println!("created policy `{name}` in {}", dir.display());
     println!(
-        "next:\n  cd {}\n  cargo test        # fixtures, natively\n  sandgate build    # a validated Wasm component\n  sandgate test     # fixtures, through the real runtime",
+        "next:\n  cd {}\n  cargo test        # fixtures, natively\n  sandgate build    # a validated Wasm component (add --target wasm32-wasip2 for the standard library's WASI)\n  sandgate test     # fixtures, through the real runtime",
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
