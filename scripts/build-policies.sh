@@ -3,15 +3,20 @@
 # The tests and the demo load policies from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
-  rustup target add wasm32-unknown-unknown
-fi
+for target in wasm32-unknown-unknown wasm32-wasip2; do
+  rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+done
 cargo build --release --locked -p sandgate --bin sandgate
 mkdir -p target/policies
 for policy in rbac tenant scopes hostile allow-all; do
   target/release/sandgate build "guest-policies/$policy" --out "target/policies/$policy.wasm"
 done
-# Must be refused at load, so it is written without validation.
+# The same crates built with the standard toolchain's target (deny-all WASI linked).
+for policy in rbac hostile allow-all; do
+  target/release/sandgate build "guest-policies/$policy" --target wasm32-wasip2 --out "target/policies/$policy-wasip2.wasm"
+done
+# Must be refused at load, so they are written without validation.
+target/release/sandgate build guest-policies/hostile-socket --target wasm32-wasip2 --no-validate --out target/policies/hostile-socket-wasip2.wasm
 target/release/sandgate build guest-policies/bad-import --no-validate --out target/policies/bad-import.wasm
 # Two builds of one policy that differ only in the header they answer (hot-reload tests).
 for version in 1 2; do

@@ -80,10 +80,80 @@ fn a_module_importing_what_the_host_lacks_is_refused_at_load() {
     let runtime = runtime();
     let error = runtime.load(&policy_bytes("bad-import")).err().expect("bad-import must be refused");
     assert!(
-        matches!(&error, LoadError::UnsupportedImport(name) if name == "wasi:filesystem/preopens@0.2.0"),
+        matches!(&error, LoadError::UnsupportedImport(name) if name == "wasi:http/outgoing-handler@0.2.0"),
         "{error}"
     );
-    assert!(error.to_string().contains("`wasi:filesystem/preopens@0.2.0`"), "the error names the import: {error}");
+    assert!(error.to_string().contains("`wasi:http/outgoing-handler@0.2.0`"), "the error names the import: {error}");
+    // The standard library's sockets, in a wasm32-wasip2 build: refused the same way.
+    let error = runtime.load(&policy_bytes("hostile-socket-wasip2")).err().expect("sockets must be refused");
+    assert!(matches!(&error, LoadError::UnsupportedImport(name) if name.starts_with("wasi:sockets/")), "{error}");
+}
+
+/// A `wasm32-wasip2` policy attacking WASI gets nothing: each attempt is a deny with its own
+/// reason (and the policy's own words in the log), and the runtime keeps serving.
+#[test]
+fn wasi_attacks_are_denies_with_their_reason_and_the_runtime_keeps_serving() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile-wasip2");
+    assert!(hostile.uses_wasi());
+    let rbac = load(&runtime, "rbac-wasip2");
+    let rbac_data = context(fixtures("rbac").data.unwrap());
+    let cases = [
+        ("/wasi/file", "policy_panicked", Some("cannot open a file")),
+        ("/wasi/env", "policy_panicked", Some("cannot read the environment")),
+        ("/wasi/clock-spin", "policy_timeout", None),
+        ("/wasi/exit", "policy_exited", None),
+    ];
+    for (path, reason, logged) in cases {
+        let evaluation = runtime.evaluate(&hostile, &check(json!({ "path": path })), &context(Value::Null));
+        assert!(!evaluation.is_allow(), "{path} was allowed");
+        assert_eq!(evaluation.reason(), reason, "{path}: {:?}", evaluation.fault);
+        if let Some(logged) = logged {
+            assert!(
+                evaluation.logs.iter().any(|l| l.level == "warn" && l.message.contains(logged)),
+                "{path}: the panic message reaches the log through stderr: {:?}",
+                evaluation.logs
+            );
+        }
+        let next = runtime.evaluate(&rbac, &reader_request(), &rbac_data);
+        assert_eq!(allowed_header(&next.decision, "x-user"), "alice", "after {path}");
+    }
+    for (path, reason) in CASES {
+        let evaluation = runtime.evaluate(&hostile, &check(json!({ "path": path })), &context(Value::Null));
+        assert_eq!(evaluation.reason(), reason, "{path} (wasip2): {:?}", evaluation.fault);
+    }
+}
+
+/// What a `wasm32-wasip2` policy can observe is fixed by the check: the pinned `now`, no
+/// environment, no arguments, an empty stdin, randomness derived from the request id; a sleep
+/// returns at once on virtual time; stdout and stderr become log lines.
+#[test]
+fn wasi_is_deterministic_and_never_blocks() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile-wasip2");
+    let observe = |id: &str, now: u64| {
+        let mut request = check(json!({ "path": "/wasi/observe" }));
+        (request.request_id, request.now) = (id.into(), now);
+        let evaluation = runtime.evaluate(&hostile, &request, &context(Value::Null));
+        assert!(evaluation.is_allow(), "{:?}", evaluation.fault);
+        ["x-wall-clock", "x-random", "x-stdin", "x-env-count", "x-args-count"]
+            .map(|h| allowed_header(&evaluation.decision, h))
+    };
+    let first = observe("req-1", 1_700_000_000);
+    assert_eq!(first[0], "1700000000", "the wall clock reads the pinned now");
+    assert_eq!(&first[2..], ["0", "0", "0"], "empty stdin, environment and arguments");
+    assert_eq!(observe("req-1", 1_700_000_000), first, "the same check sees the same things: replay is exact");
+    assert_ne!(observe("req-2", 1_700_000_000)[1], first[1], "another request id, other random bytes");
+
+    let started = std::time::Instant::now();
+    let slept = runtime.evaluate(&hostile, &check(json!({ "path": "/wasi/sleep" })), &context(Value::Null));
+    assert_eq!(allowed_header(&slept.decision, "x-slept-secs"), "3600", "{:?}", slept.fault);
+    assert!(started.elapsed() < Duration::from_secs(60), "an hour's sleep is virtual");
+
+    let printed = runtime.evaluate(&hostile, &check(json!({ "path": "/wasi/print" })), &context(Value::Null));
+    assert!(printed.is_allow());
+    let logs: Vec<(&str, &str)> = printed.logs.iter().map(|l| (l.level, l.message.as_str())).collect();
+    assert_eq!(logs, [("info", "hello from stdout"), ("warn", "hello from stderr")]);
 }
 
 #[test]

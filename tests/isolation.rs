@@ -18,7 +18,13 @@ const STATE_HEADERS: [&str; 4] = ["x-static-counter", "x-global-cache", "x-threa
 
 #[test]
 fn fresh_state_on_every_sequential_check() {
-    fresh_state_sequentially(&runtime());
+    fresh_state_sequentially(&runtime(), "hostile");
+}
+
+/// The same for the policy built for `wasm32-wasip2` (the standard library's WASI linked).
+#[test]
+fn fresh_state_on_every_sequential_check_of_a_wasip2_build() {
+    fresh_state_sequentially(&runtime(), "hostile-wasip2");
 }
 
 /// The same with every page of memory reset after each check (what the runtime does when swap
@@ -27,24 +33,39 @@ fn fresh_state_on_every_sequential_check() {
 fn fresh_state_on_every_sequential_check_with_a_full_memory_reset() {
     fresh_state_sequentially(
         &Runtime::new(RuntimeConfig { max_instances: 4, full_memory_reset: true, ..Default::default() }).unwrap(),
+        "hostile",
     );
 }
 
-fn fresh_state_sequentially(runtime: &Runtime) {
-    let hostile = load(runtime, "hostile");
+/// Statics, the global cache, thread-locals and lazies count 1 every time, and no check finds
+/// the marker the one before it left in memory.
+fn fresh_state_sequentially(runtime: &Runtime, policy: &str) {
+    let hostile = load(runtime, policy);
     let request = check(serde_json::json!({ "path": "/state" }));
+    let residue = check(serde_json::json!({ "path": "/residue" }));
     for i in 0..1_000 {
         let evaluation = runtime.evaluate(&hostile, &request, &context(serde_json::Value::Null));
         for header in STATE_HEADERS {
             assert_eq!(allowed_header(&evaluation.decision, header), "1", "check {i}: `{header}` survived a request");
         }
+        let evaluation = runtime.evaluate(&hostile, &residue, &context(serde_json::Value::Null));
+        assert_eq!(allowed_header(&evaluation.decision, "x-residue"), "clean", "check {i}: memory of an earlier check");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fresh_state_on_every_concurrent_check() {
+    fresh_state_concurrently("hostile").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fresh_state_on_every_concurrent_check_of_a_wasip2_build() {
+    fresh_state_concurrently("hostile-wasip2").await;
+}
+
+async fn fresh_state_concurrently(policy: &'static str) {
     let runtime = Arc::new(runtime());
-    let hostile = load(&runtime, "hostile");
+    let hostile = load(&runtime, policy);
     let request = Arc::new(check(serde_json::json!({ "path": "/state" })));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -81,6 +102,9 @@ fn a_reused_instance_does_leak_state_so_the_checks_above_can_fail() {
         let counts: Vec<String> = decisions.iter().map(|d| allowed_header(d, header)).collect();
         assert_eq!(counts, ["1", "2", "3", "4", "5"], "`{header}` on a reused instance");
     }
+    let residue = check(serde_json::json!({ "path": "/residue" }));
+    let seen: Vec<String> = (0..2).map(|_| allowed_header(&instance.check(&residue).unwrap(), "x-residue")).collect();
+    assert_eq!(seen, ["clean", "found"], "a reused instance keeps what the last check wrote");
 }
 
 #[test]

@@ -20,8 +20,9 @@ pub fn workspace() -> PathBuf {
 }
 
 /// Every fixture policy a test loads, with the guest crate it is built from and the fixture
-/// version it is built with (`versioned` answers a header naming it).
-const FIXTURES: [(&str, &str, Option<&str>); 8] = [
+/// version it is built with (`versioned` answers a header naming it). A `-wasip2` name is the
+/// crate built for `wasm32-wasip2`.
+const FIXTURES: [(&str, &str, Option<&str>); 12] = [
     ("rbac", "rbac", None),
     ("tenant", "tenant", None),
     ("scopes", "scopes", None),
@@ -30,6 +31,10 @@ const FIXTURES: [(&str, &str, Option<&str>); 8] = [
     ("bad-import", "bad-import", None),
     ("versioned-v1", "versioned", Some("1")),
     ("versioned-v2", "versioned", Some("2")),
+    ("rbac-wasip2", "rbac", None),
+    ("hostile-wasip2", "hostile", None),
+    ("allow-all-wasip2", "allow-all", None),
+    ("hostile-socket-wasip2", "hostile-socket", None),
 ];
 
 /// The bytes of a compiled policy from `target/policies/`. `scripts/build-policies.sh` builds
@@ -58,7 +63,12 @@ fn build_fixture(name: &str, dir: &std::path::Path, path: &std::path::Path) {
     if let Some(version) = version {
         unsafe { std::env::set_var("SANDGATE_FIXTURE_VERSION", version) };
     }
-    let built = sandgate_tooling::policy_build::build_policy(&workspace().join("guest-policies").join(crate_name));
+    let target = match name.ends_with("-wasip2") {
+        true => sandgate_tooling::policy_build::Target::Wasip2,
+        false => sandgate_tooling::policy_build::Target::Unknown,
+    };
+    let built =
+        sandgate_tooling::policy_build::build_policy_for(&workspace().join("guest-policies").join(crate_name), target);
     if version.is_some() {
         unsafe { std::env::remove_var("SANDGATE_FIXTURE_VERSION") };
     }

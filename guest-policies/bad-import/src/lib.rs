@@ -1,24 +1,25 @@
-//! A policy that imports filesystem access (an interface shaped like WASI's `preopens`), which
-//! the host does not provide. The host must refuse to load it, with an error naming the import.
+//! A policy that imports outgoing HTTP (an interface shaped like WASI's `outgoing-handler`),
+//! which the host does not provide. The host must refuse to load it, with an error naming the
+//! import.
 
 #![allow(missing_docs, reason = "the bindings wit_bindgen generates carry no docs")]
 
 wit_bindgen::generate!({
     path: "../../wit",
     inline: "
-        package wasi:filesystem@0.2.0;
+        package wasi:http@0.2.0;
 
-        interface preopens {
-            /// The directories the guest may open: exactly what a policy must never reach.
-            get-directories: func() -> list<string>;
+        interface outgoing-handler {
+            /// Send a request anywhere: exactly what a policy must never do.
+            handle: func(url: string) -> string;
         }
 
         world bad-import {
             include sandgate:policy/authorizer@0.1.0;
-            import preopens;
+            import outgoing-handler;
         }
     ",
-    world: "wasi:filesystem/bad-import@0.2.0",
+    world: "wasi:http/bad-import@0.2.0",
     generate_all,
 });
 
@@ -29,8 +30,8 @@ struct Exfiltrate;
 
 impl Guest for Exfiltrate {
     fn check(request: CheckRequest) -> Decision {
-        let directories = wasi::filesystem::preopens::get_directories();
-        std::hint::black_box((directories, request.path));
+        let answer = wasi::http::outgoing_handler::handle(&request.path);
+        std::hint::black_box(answer);
         Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: Vec::new() })
     }
 }

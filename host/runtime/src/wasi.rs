@@ -95,7 +95,9 @@ impl WasiState {
             .wall_clock(PinnedWallClock(now))
             .secure_random(SeededRng::new(request_id, "random"))
             .insecure_random(SeededRng::new(request_id, "insecure"))
-            .insecure_random_seed(u128::from_be_bytes(seed(request_id, "insecure-seed", 0)[..16].try_into().unwrap_or_default()))
+            .insecure_random_seed(u128::from_be_bytes(
+                seed(request_id, "insecure-seed", 0)[..16].try_into().unwrap_or_default(),
+            ))
             .max_random_size(MAX_RANDOM)
             .allow_tcp(false)
             .allow_udp(false)
