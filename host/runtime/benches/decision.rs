@@ -6,7 +6,9 @@
 //!   for comparison only);
 //! - `native_rust`: the same policy code compiled natively, calling the same data lookups.
 //!
-//! Then throughput of fresh-instance decisions on 1 and 2 threads.
+//! Then throughput of fresh-instance decisions on 1 and 2 threads, and the per-check cost of
+//! each build of the same policies (`wasm32-unknown-unknown` and `wasm32-wasip2`), measured in
+//! alternating rounds.
 //!
 //! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench-internals --bench decision`
 //! (JWT verification is not included: the credential is already verified.)
@@ -39,7 +41,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let bytes = std::fs::read(root.join("target/policies/rbac.wasm")).expect("run scripts/build-policies.sh first");
     let fixtures = std::fs::read_to_string(root.join("guest-policies/rbac/fixtures.json")).expect("rbac fixtures");
     let data = FixtureFile::parse(&fixtures).expect("valid fixtures").data.expect("rbac data");
@@ -92,7 +94,7 @@ fn decision(c: &mut Criterion) {
     group.finish();
 
     // The sandbox alone: the same request through a policy that allows without looking.
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let trivial = s
         .runtime
         .load(&std::fs::read(root.join("target/policies/hostile.wasm")).expect("hostile.wasm"))
@@ -102,6 +104,55 @@ fn decision(c: &mut Criterion) {
     c.bench_function("allow_all/fresh_instance", |b| {
         b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context)))
     });
+    let wasip2 = load(&s.runtime, "rbac-wasip2");
+    c.bench_function("rbac_decision/fresh_instance_wasip2", |b| {
+        b.iter(|| black_box(s.runtime.evaluate(&wasip2, &s.check, &s.context)))
+    });
+}
+
+fn load(runtime: &Runtime, name: &str) -> PolicyModule {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join(format!("target/policies/{name}.wasm"));
+    let bytes =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-policies.sh)", path.display()));
+    runtime.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Fresh-instance p50 of each build of RBAC and allow-all, in alternating rounds: the ratio of
+/// each `wasm32-wasip2` build to its `wasm32-unknown-unknown` build.
+fn builds(s: &Setup) {
+    let pairs = [
+        ("rbac", "rbac-wasip2", s.check.clone()),
+        ("allow-all", "allow-all-wasip2", {
+            let mut check = s.check.clone();
+            check.path = "/".into();
+            check
+        }),
+    ];
+    println!("\nper-check cost of each build (fresh instance, p50 µs, median of 7 alternating rounds of 20,000):");
+    for (base, wasip2, check) in pairs {
+        let modules = [load(&s.runtime, base), load(&s.runtime, wasip2)];
+        for module in &modules {
+            assert!(s.runtime.evaluate(module, &check, &s.context).is_allow(), "the benchmark request must be allowed");
+        }
+        let mut p50s = [Vec::new(), Vec::new()];
+        let mut ratios = Vec::new();
+        for _ in 0..7 {
+            let round: Vec<f64> = modules
+                .iter()
+                .map(|module| percentiles(20_000, || drop(black_box(s.runtime.evaluate(module, &check, &s.context)))).0)
+                .collect();
+            ratios.push(round[1] / round[0]);
+            p50s[0].push(round[0]);
+            p50s[1].push(round[1]);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (unknown, p2, ratio) = (median(&mut p50s[0]), median(&mut p50s[1]), median(&mut ratios));
+        println!("  {base:<10} wasm32-unknown-unknown {unknown:.2}  wasm32-wasip2 {p2:.2}  ratio {ratio:.2}");
+    }
 }
 
 /// Fresh-instance decisions per second over `threads` threads for `duration`.
@@ -173,6 +224,7 @@ fn scaling() {
     let one = throughput(&s, 1, Duration::from_secs(3));
     let two = throughput(&s, 2, Duration::from_secs(3));
     println!("\nfresh-instance throughput: 1 thread {one:.0}/s, 2 threads {two:.0}/s, ratio {:.2}x", two / one);
+    builds(&s);
 }
 
 criterion_group! {

@@ -199,7 +199,7 @@ impl Engines {
         data: Value,
         native: fn(&sandgate_policy_sdk::Request) -> sandgate_policy_sdk::Decision,
     ) -> Self {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let bytes = std::fs::read(root.join(format!("target/policies/{policy}.wasm")))
             .expect("run scripts/build-policies.sh first");
         let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
@@ -406,7 +406,7 @@ fn interleaved(
 }
 
 fn engines(c: &mut Criterion) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let rbac_data: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("examples/rbac-data.json")).expect("rbac data"))
             .expect("json");
