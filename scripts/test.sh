@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what it needs (the wasm target; nginx,
-# docker-registry and nats-server from apt; Python tools with Caddy 2.11 and Traefik 3.7 in
-# .venv, Envoy in .venv-envoy), builds the policies, runs every Rust test (native policy tests,
-# runtime, integration), every example policy's fixtures through `sandgate test`, and the
-# end-to-end tests (real sockets, PyJWT tokens, nginx, Caddy, Traefik, Envoy, the CNCF
-# distribution registry, NATS JetStream).
+# The whole test suite, from a fresh machine: installs what it needs (the wasm targets; nginx,
+# docker-registry and nats-server from apt; Python tools with Caddy 2.11, Traefik 3.7 and
+# componentize-py in .venv, Envoy in .venv-envoy), builds the policies, runs every Rust test
+# (native policy tests, runtime, integration), every example policy's fixtures through
+# `sandgate test` (each build: wasm32-unknown-unknown, wasm32-wasip2, Python), the SDK's publish
+# dry run, and the end-to-end tests (real sockets, PyJWT tokens, nginx, Caddy, Traefik, Envoy,
+# the CNCF distribution registry, NATS JetStream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,10 +26,16 @@ if [ ! -x .venv-envoy/bin/envoy ]; then
 fi
 
 ./scripts/build-policies.sh
+# The RBAC example in Python (componentize-py; WASI stubbed out, so it imports only the contract).
+.venv/bin/componentize-py -d guest-policies/sdk/wit -w authorizer componentize app \
+  -p guest-policies/rbac-python --stub-wasi -o target/policies/rbac-python.wasm >/dev/null
 cargo test --release --locked
-for policy in rbac tenant scopes allow-all rbac-wasip2 allow-all-wasip2; do
+# The same fixtures for each build of a policy: Rust for wasm32-unknown-unknown and for
+# wasm32-wasip2, and RBAC in Python.
+for policy in rbac tenant scopes allow-all rbac-wasip2 allow-all-wasip2 rbac-python; do
   echo "== sandgate test: $policy"
-  target/release/sandgate test --policy "target/policies/$policy.wasm" --fixtures "guest-policies/${policy%-wasip2}/fixtures.json"
+  fixtures="${policy%-wasip2}"; fixtures="${fixtures%-python}"
+  target/release/sandgate test --policy "target/policies/$policy.wasm" --fixtures "guest-policies/$fixtures/fixtures.json"
 done
 # The SDK (and the spec crate it uses natively) can be published as they are.
 cargo publish --dry-run --locked --quiet --allow-dirty -p sandgate-spec -p sandgate-policy-sdk
