@@ -15,6 +15,8 @@ done
 for policy in rbac hostile allow-all; do
   target/release/sandgate build "guest-policies/$policy" --target wasm32-wasip2 --out "target/policies/$policy-wasip2.wasm"
 done
+# The WASI attacks, answering the probe so that a sidecar serves them (end-to-end replay test).
+SANDGATE_FIXTURE_SERVABLE=1 target/release/sandgate build guest-policies/hostile --target wasm32-wasip2 --out target/policies/hostile-wasip2-servable.wasm
 # Must be refused at load, so they are written without validation.
 target/release/sandgate build guest-policies/hostile-socket --target wasm32-wasip2 --no-validate --out target/policies/hostile-socket-wasip2.wasm
 target/release/sandgate build guest-policies/bad-import --no-validate --out target/policies/bad-import.wasm

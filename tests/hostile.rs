@@ -103,6 +103,7 @@ fn wasi_attacks_are_denies_with_their_reason_and_the_runtime_keeps_serving() {
         ("/wasi/env", "policy_panicked", Some("cannot read the environment")),
         ("/wasi/clock-spin", "policy_timeout", None),
         ("/wasi/exit", "policy_exited", None),
+        ("/wasi/handles", "policy_trap", None),
     ];
     for (path, reason, logged) in cases {
         let evaluation = runtime.evaluate(&hostile, &check(json!({ "path": path })), &context(Value::Null));
@@ -260,4 +261,17 @@ async fn a_looping_policy_cannot_take_every_thread_from_other_policies() {
     assert!(faults.contains(&Some(PolicyFault::Timeout)), "{faults:?}");
     assert!(faults.contains(&Some(PolicyFault::Overloaded)), "{faults:?}");
     assert!(faults.iter().all(|f| matches!(f, Some(PolicyFault::Timeout | PolicyFault::Overloaded))), "{faults:?}");
+}
+
+/// `wasmtime-wasi` enters tokio for WASI's blocking calls (a `println!`, a sleep), which would
+/// panic inside an async context; `Runtime::evaluate` called from one (a replay reading a
+/// stream) still answers.
+#[tokio::test]
+async fn a_wasip2_policy_evaluated_inside_an_async_context_still_answers() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile-wasip2");
+    for path in ["/wasi/print", "/wasi/sleep"] {
+        let evaluation = runtime.evaluate(&hostile, &check(json!({ "path": path })), &context(Value::Null));
+        assert!(evaluation.is_allow(), "{path}: {:?}", evaluation.fault);
+    }
 }

@@ -352,3 +352,34 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
     finally:
         s.stop()
         nats.stop()
+
+
+def test_a_wasip2_policy_replays_exactly_what_its_wasi_gave_it(tmp_path):
+    """A `wasm32-wasip2` policy reads the wall clock, randomness and stdin, prints, exits: the
+    sidecar serves it, records each check, and replaying the records gives the same answers
+    (the randomness comes from the request id, the clock from the pinned `now`)."""
+    records = tmp_path / "records.log"
+    config = tmp_path / "sandgate.toml"
+    write_config(
+        config,
+        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+        policies=[{"id": "p2", "module": str(POLICIES / "hostile-wasip2-servable.wasm")}],
+        server={"proxy": "nginx", "default_policy": "p2"},
+        extra_toml=f'[decision_log]\ncapture = "input"\nsink = "file"\npath = "{records}"\narchive_dir = "{tmp_path / "archive"}"\n',
+    )
+    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    try:
+        client = Client(s.port)
+        paths = ["/wasi/observe"] * 5 + ["/wasi/print", "/wasi/exit", "/wasi/file", "/wasi/sleep"]
+        statuses = [client.check(path)[0] for path in paths]
+    finally:
+        s.stop()
+    assert statuses == [200] * 5 + [200, 403, 403, 200], statuses
+    lines = [json.loads(l) for l in records.read_text().splitlines()]
+    assert [l["reason"] for l in lines[6:8]] == ["policy_exited", "policy_panicked"], lines[6:8]
+    randoms = {dict(l["decision"]["set_headers"])["x-random"] for l in lines[:5]}
+    assert len(randoms) == 5, f"each check has its own randomness: {randoms}"
+    assert [(g["level"], g["message"]) for g in lines[5]["policy_logs"]] == [("info", "hello from stdout"), ("warn", "hello from stderr")]
+    out = replay(records, "--archive", str(tmp_path / "archive"), "--json")
+    report = json.loads(out.stdout)
+    assert out.returncode == 0 and report["replayed"] == len(paths) and report["differ"] == 0, out.stdout + out.stderr

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/state` | counts in a `static`, a global cache, a `thread_local` and a lazy global, and reports the counts as headers | allow with every count at 1 (fresh instance) |
 //! | `/loop` | spins forever | deny `policy_timeout` |
-//! | `/.sandgate/probe` | spins forever: the runtime's probe before publishing | load refused |
+//! | `/.sandgate/probe` | spins forever: the runtime's probe before publishing | load refused (unless built with `SANDGATE_FIXTURE_SERVABLE` set: then it allows, so a sidecar can serve it) |
 //! | `/memory-bomb` | allocates and touches memory without end | deny `policy_out_of_memory` |
 //! | `/recursion` | recurses without end | deny `policy_stack_overflow` |
 //! | `/panic` | panics | deny `policy_panicked` |
@@ -23,6 +23,7 @@
 //! | `/wasi/exit` | calls `std::process::exit(7)` | deny `policy_exited` |
 //! | `/wasi/sleep` | sleeps an hour | allow at once (virtual time), `x-slept-secs` ≥ 3600 |
 //! | `/wasi/print` | prints to stdout and stderr | allow, the lines in the check's log |
+//! | `/wasi/handles` | holds 50,000 pollables (host memory outside its own) | deny `policy_trap` (handles are capped) |
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | anything else | allows | allow |
 
@@ -102,6 +103,11 @@ fn wasi(path: &str) -> Option<Decision> {
             std::thread::sleep(Duration::from_secs(3600));
             allow().set_header("x-slept-secs", &start.elapsed().as_secs().to_string())
         }
+        #[cfg(target_os = "wasi")]
+        "/wasi/handles" => {
+            let held: Vec<_> = (0..50_000).map(|_| wasip2::clocks::monotonic_clock::subscribe_duration(0)).collect();
+            allow().set_header("x-held", &held.len().to_string())
+        }
         "/wasi/print" => {
             println!("hello from stdout");
             eprintln!("hello from stderr");
@@ -144,6 +150,7 @@ impl Policy for Hostile {
                     .set_header("x-lazy-global", &lazy.to_string())
             }
             // The runtime probes every policy before publishing it; this one loops there.
+            "/.sandgate/probe" if option_env!("SANDGATE_FIXTURE_SERVABLE").is_some() => allow(),
             "/loop" | "/.sandgate/probe" => {
                 let mut i = 0u64;
                 loop {

@@ -20,7 +20,8 @@ pub struct ReusedInstance {
 impl ReusedInstance {
     /// Instantiate `module` once.
     pub fn new(runtime: &Runtime, module: &PolicyModule, context: &EvalContext) -> anyhow::Result<Self> {
-        let mut store = runtime.new_store(context);
+        let wasi = module.uses_wasi().then(|| crate::wasi::WasiState::new("reused", 0));
+        let mut store = runtime.new_store(context, wasi);
         let policy = module.pre.instantiate(&mut store).map_err(anyhow::Error::from)?;
         Ok(ReusedInstance { store, policy })
     }

@@ -73,6 +73,8 @@ impl Default for RuntimeConfig {
 /// Core instances one policy component may create (wasmtime refuses a component with more at
 /// load). A Rust policy has 2 or 3; a Python one from componentize-py (`--stub-wasi`) has 38.
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 48;
+/// Resource handles one check may hold at once; allocating past it traps (a deny).
+pub(crate) const MAX_HANDLES: usize = 1024;
 /// Tables one policy component may have.
 const MAX_TABLES_PER_COMPONENT: u32 = 4;
 
@@ -380,12 +382,26 @@ impl Runtime {
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
     /// is full the check is denied as overloaded; [`Runtime::check`] queues instead.
     pub fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+        // `wasmtime-wasi` runs WASI's blocking calls (a `println!`, a sleep) by entering tokio,
+        // which panics inside an async context: there, a WASI policy runs on a thread of its
+        // own. (The evaluation pool's threads are never in one.)
+        if module.wasi && tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|scope| {
+                let evaluation = std::thread::Builder::new()
+                    .name("sandgate-eval-wasi".into())
+                    .spawn_scoped(scope, || self.core.evaluate(module, request, context));
+                match evaluation.map(|thread| thread.join()) {
+                    Ok(Ok(evaluation)) => evaluation,
+                    _ => Evaluation::fault(PolicyFault::Instantiate("no thread to evaluate on".into()), Vec::new(), 0),
+                }
+            });
+        }
         self.core.evaluate(module, request, context)
     }
 
     #[cfg(feature = "bench-internals")]
-    pub(crate) fn new_store(&self, context: &EvalContext) -> Store<HostState> {
-        self.core.new_store(context)
+    pub(crate) fn new_store(&self, context: &EvalContext, wasi: Option<crate::wasi::WasiState>) -> Store<HostState> {
+        self.core.new_store(context, wasi)
     }
 }
 
@@ -409,10 +425,8 @@ impl Core {
     fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
         let started = std::time::Instant::now();
         let mut timings = Timings::default();
-        let mut store = self.new_store(context);
-        if module.wasi {
-            store.data_mut().wasi = Some(Box::new(crate::wasi::WasiState::new(&request.request_id, request.now)));
-        }
+        let wasi = module.wasi.then(|| crate::wasi::WasiState::new(&request.request_id, request.now));
+        let mut store = self.new_store(context, wasi);
         let result = module
             .pre
             .instance_pre()
@@ -441,10 +455,14 @@ impl Core {
         evaluation
     }
 
-    fn new_store(&self, context: &EvalContext) -> Store<HostState> {
-        let state = HostState::new(context.data.clone(), context.verifier.clone(), self.config.memory_limit);
+    fn new_store(&self, context: &EvalContext, wasi: Option<crate::wasi::WasiState>) -> Store<HostState> {
+        let mut state = HostState::new(context.data.clone(), context.verifier.clone(), self.config.memory_limit);
+        state.wasi = wasi.map(Box::new);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
+        // Handles to resources (a WASI stream, a pollable, a guest's own resource) cost host
+        // memory outside the instance's cap: a policy gets a few, not wasmtime's 100,000.
+        store.set_max_component_handles(MAX_HANDLES);
         let ticks = self.config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store
@@ -466,6 +484,9 @@ fn classify_instantiation(error: &wasmtime::Error, store: &Store<HostState>) -> 
     // The pooling allocator refuses a new instance when every slot is taken.
     if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() {
         return PolicyFault::Overloaded;
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return PolicyFault::Exited(exit.0);
     }
     // A start function or initialiser may also trap.
     match error.downcast_ref::<Trap>() {

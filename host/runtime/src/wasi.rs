@@ -7,16 +7,19 @@
 //! | interface | what the policy gets |
 //! |---|---|
 //! | `wasi:cli/environment` | no variables, no arguments |
-//! | `wasi:cli/stdin` | an empty stream |
+//! | `wasi:cli/stdin` | a closed stream (reads end at once) |
 //! | `wasi:cli/stdout`, `stderr` | the check's policy log lines (`info` and `warn`), bounded |
 //! | `wasi:cli/exit` | the check ends in a deny, `policy_exited` |
 //! | `wasi:clocks/wall-clock` | the check's pinned `now`, always the same second |
-//! | `wasi:clocks/monotonic-clock` | virtual time: 0 at the start, 1 ns more at each read, and a sleep returns at once having moved the clock on; busy-waiting never ends and is stopped by the timeout |
-//! | `wasi:random/*` | bytes derived from the request id (SHA-256 in counter mode): a replay is exact, two checks differ |
+//! | `wasi:clocks/monotonic-clock` | virtual time: 1 ns more at each read (the first reads 1), and a sleep returns at once having moved the clock on; busy-waiting never ends and is stopped by the timeout |
+//! | `wasi:random/*` | bytes derived from the request id (SHA-256 in counter mode): a replay is exact, two checks differ. The request id is sent to the client, so these bytes are **public**: never a secret, never a choice a client must not steer |
 //! | `wasi:filesystem/*` | no preopened directory: there is nothing to open |
 //!
 //! Anything else (`wasi:sockets`, `wasi:http`, …) is refused when the policy is loaded, naming
-//! the import. No host call here can block, so the epoch deadline still bounds every check.
+//! the import. No host call here can block, so the epoch deadline still bounds every check:
+//! every pollable a policy can reach is ready at once, and `LogPipe::check_write` never
+//! answers 0 (a blocking write would otherwise spin in the host). Resource handles are capped
+//! per check ([`crate::runtime::MAX_HANDLES`]).
 
 use crate::host_state::HostState;
 use sha2::{Digest, Sha256};
@@ -92,7 +95,9 @@ impl WasiState {
         let ctx = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
-            .wall_clock(PinnedWallClock(now))
+            .wall_clock(Pinned(now))
+            // Not read (the linker's monotonic clock is `VirtualClock`), but never the host's.
+            .monotonic_clock(Pinned(0))
             .secure_random(SeededRng::new(request_id, "random"))
             .insecure_random(SeededRng::new(request_id, "insecure"))
             .insecure_random_seed(u128::from_be_bytes(
@@ -103,7 +108,9 @@ impl WasiState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        WasiState { ctx, table: ResourceTable::new(), ticks: 0, stdout, stderr }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(2 * crate::runtime::MAX_HANDLES);
+        WasiState { ctx, table, ticks: 0, stdout, stderr }
     }
 
     /// What the policy wrote to stdout and stderr.
@@ -120,17 +127,28 @@ impl WasiView for HostState {
 }
 
 impl HostState {
-    /// This check's WASI state; a policy without WASI imports never asks, but gets an empty
-    /// context if something does.
+    /// This check's WASI state. The runtime gives every store of a WASI policy its own
+    /// ([`WasiState::new`] with the check's request id and `now`); a policy without WASI
+    /// imports cannot call WASI, so the empty context made here is never reached.
     fn wasi_state(&mut self) -> &mut WasiState {
         self.wasi.get_or_insert_with(|| Box::new(WasiState::new("", 0)))
     }
 }
 
-/// The wall clock: always the check's pinned second.
-struct PinnedWallClock(u64);
+/// A clock that always reads the same: the wall clock at the check's pinned second.
+struct Pinned(u64);
 
-impl wasmtime_wasi::HostWallClock for PinnedWallClock {
+impl wasmtime_wasi::HostMonotonicClock for Pinned {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        self.0
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for Pinned {
     fn resolution(&self) -> Duration {
         Duration::from_secs(1)
     }
