@@ -67,15 +67,44 @@ const MAX_OUTPUT: usize = crate::MAX_LOG_LINES * crate::MAX_LOG_LINE;
 /// The most random bytes one call may ask for (a larger request traps: a deny).
 const MAX_RANDOM: u64 = 64 << 10;
 
-/// Link the WASI set into `linker`, with the virtual monotonic clock in place of the host's.
+/// Link exactly the WASI set of [`ALLOWED_WASI`] into `linker`, with the virtual monotonic
+/// clock. Nothing else is linked, so a policy importing anything more (sockets, HTTP) would
+/// fail to instantiate even if the check at load let it through.
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
-    linker.allow_shadowing(true);
-    wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<HostState, VirtualClock>(linker, |s| {
-        s.wasi_state()
-    })?;
-    linker.allow_shadowing(false);
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sync};
+    use wasmtime_wasi::random::WasiRandom;
+    let l = linker;
+    cli::environment::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::exit::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::stdin::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::stdout::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::stderr::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::terminal_input::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::terminal_output::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<HostState, WasiIo>(l, |s| s.ctx().table)?;
+    sync::io::poll::add_to_linker::<HostState, WasiIo>(l, |s| s.ctx().table)?;
+    sync::io::streams::add_to_linker::<HostState, WasiIo>(l, |s| s.ctx().table)?;
+    clocks::wall_clock::add_to_linker::<HostState, WasiClocks>(l, HostState::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<HostState, VirtualClock>(l, HostState::wasi_state)?;
+    random::random::add_to_linker::<HostState, WasiRandom>(l, |s| s.ctx().ctx.random())?;
+    random::insecure::add_to_linker::<HostState, WasiRandom>(l, |s| s.ctx().ctx.random())?;
+    random::insecure_seed::add_to_linker::<HostState, WasiRandom>(l, |s| s.ctx().ctx.random())?;
+    sync::filesystem::types::add_to_linker::<HostState, WasiFilesystem>(l, HostState::filesystem)?;
+    filesystem::preopens::add_to_linker::<HostState, WasiFilesystem>(l, HostState::filesystem)?;
     Ok(())
+}
+
+/// `wasi:io` works on the check's resource table alone.
+struct WasiIo;
+
+impl HasData for WasiIo {
+    type Data<'a> = &'a mut ResourceTable;
 }
 
 /// One check's WASI state: the context, its resources, the virtual clock and the output.
