@@ -12,6 +12,7 @@
 //! - [`PolicyModule`] and [`LoadError`]: a validated, pre-instantiated component, or why not.
 //! - [`Evaluation`] and [`PolicyFault`]: what a check produced.
 //! - [`PolicyData`], [`TokenVerifier`], [`PolicyLog`]: what a policy may consult and write.
+//! - `wasi`: the deterministic, deny-all WASI a `wasm32-wasip2` policy gets (`wasmtime-wasi`).
 //! - [`contract`]: the rules every decision is held to.
 //! - [`spec`]: check requests from their JSON form, outcomes for fixtures.
 

@@ -181,7 +181,9 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(instances)
             // A policy component holds its own module plus the small shim modules the
-            // component model uses for imports returning strings or lists.
+            // component model uses for imports returning strings or lists; every slot can
+            // hold the largest component admitted (a count: instance metadata is allocated
+            // when used).
             .total_core_instances(instances * MAX_CORE_INSTANCES_PER_COMPONENT)
             .total_memories(instances)
             .total_tables(instances * 4)
