@@ -4,7 +4,10 @@ The same rules as `guest-policies/rbac` (Rust), and the same fixtures pass throu
 `sandgate test`. Built with componentize-py against the SDK's WIT:
 
     componentize-py -d guest-policies/sdk/wit -w authorizer componentize app \
-        -p guest-policies/rbac-python -o target/policies/rbac-python.wasm
+        -p guest-policies/rbac-python --stub-wasi -o target/policies/rbac-python.wasm
+
+(`--stub-wasi`: CPython imports `wasi:sockets`, which Sandgate refuses; stubbed, the component
+imports only the contract.)
 
 The token's `roles` claim names roles; the data document says what each role may do:
 `{"roles": {"reader": [{"methods": ["GET"], "paths": ["/api/**"]}]}}`. A request is allowed

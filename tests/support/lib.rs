@@ -68,7 +68,7 @@ fn build_fixture(name: &str, dir: &std::path::Path, path: &std::path::Path) {
         false => sandgate_tooling::policy_build::Target::Unknown,
     };
     let built =
-        sandgate_tooling::policy_build::build_policy_for(&workspace().join("guest-policies").join(crate_name), target);
+        sandgate_tooling::policy_build::build_policy(&workspace().join("guest-policies").join(crate_name), target);
     if version.is_some() {
         unsafe { std::env::remove_var("SANDGATE_FIXTURE_VERSION") };
     }

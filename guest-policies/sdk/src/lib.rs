@@ -19,7 +19,9 @@
 //! ```
 //!
 //! Build it with `sandgate build` (it compiles to `wasm32-unknown-unknown` and wraps the module
-//! as a component of the `sandgate:policy/authorizer` world). The same code runs natively under
+//! as a component of the `sandgate:policy/authorizer` world), or for `wasm32-wasip2` with
+//! `sandgate build --target wasm32-wasip2` (the host links the standard library's WASI
+//! deny-all). The same code runs natively under
 //! `cargo test`, where the host imports are served by [`testing`] instead of the host.
 //!
 //! Every check runs in a fresh instance: statics, caches and thread-locals start empty each

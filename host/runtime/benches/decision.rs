@@ -40,13 +40,16 @@ struct Setup {
     data: serde_json::Value,
 }
 
+/// The workspace root.
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 fn setup() -> Setup {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let bytes = std::fs::read(root.join("target/policies/rbac.wasm")).expect("run scripts/build-policies.sh first");
-    let fixtures = std::fs::read_to_string(root.join("guest-policies/rbac/fixtures.json")).expect("rbac fixtures");
+    let fixtures = std::fs::read_to_string(root().join("guest-policies/rbac/fixtures.json")).expect("rbac fixtures");
     let data = FixtureFile::parse(&fixtures).expect("valid fixtures").data.expect("rbac data");
     let runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
-    let module = runtime.load(&bytes).expect("rbac loads");
+    let module = load(&runtime, "rbac");
     let spec: RequestSpec = serde_json::from_value(serde_json::json!({
         "method": "POST", "path": "/api/orders/7", "host": "shop.example",
         "headers": { "authorization": "Bearer x", "user-agent": "bench", "accept": "application/json" },
@@ -94,11 +97,7 @@ fn decision(c: &mut Criterion) {
     group.finish();
 
     // The sandbox alone: the same request through a policy that allows without looking.
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let trivial = s
-        .runtime
-        .load(&std::fs::read(root.join("target/policies/hostile.wasm")).expect("hostile.wasm"))
-        .expect("loads");
+    let trivial = load(&s.runtime, "hostile");
     let mut trivial_check = s.check.clone();
     trivial_check.path = "/".into();
     c.bench_function("allow_all/fresh_instance", |b| {
@@ -110,9 +109,9 @@ fn decision(c: &mut Criterion) {
     });
 }
 
+/// `target/policies/NAME.wasm`, loaded.
 fn load(runtime: &Runtime, name: &str) -> PolicyModule {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join(format!("target/policies/{name}.wasm"));
+    let path = root().join(format!("target/policies/{name}.wasm"));
     let bytes =
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-policies.sh)", path.display()));
     runtime.load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"))

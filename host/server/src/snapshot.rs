@@ -89,29 +89,27 @@ pub struct Snapshot {
 impl Snapshot {
     /// The route and policy for a request; `None` when nothing matches and there is no default.
     pub fn route(&self, host: &str, path: &str) -> Option<(&str, &Arc<LoadedPolicy>)> {
-        let host =
-            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
-        // `api.example.` is `api.example` (a fully qualified name): nginx strips the dot, others do not.
-        let host = host.strip_suffix('.').unwrap_or(host);
-        let id = self
-            .routes
-            .iter()
-            .find(|r| r.matches(host, path))
-            .map(|r| r.policy.as_str())
-            .or(self.default_policy.as_deref())?;
+        let id = self.matching_route(host, path).map(|r| r.policy.as_str()).or(self.default_policy.as_deref())?;
         self.policies.get(id).map(|p| (id, p))
     }
 
     /// The route a request for `host` and (canonical) `path` takes, as decision records name
     /// it: `[host]/prefix`, or `default` for the default policy; `None` when nothing matches.
     pub fn route_label(&self, host: &str, path: &str) -> Option<String> {
-        let host =
-            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
-        let host = host.strip_suffix('.').unwrap_or(host);
-        match self.routes.iter().find(|r| r.matches(host, path)) {
+        match self.matching_route(host, path) {
             Some(route) => Some(format!("{}{}", route.host.as_deref().unwrap_or(""), route.path_prefix)),
             None => self.default_policy.as_ref().map(|_| "default".to_owned()),
         }
+    }
+
+    /// The first route matching `host` (a port, and the trailing dot of a fully qualified
+    /// name, ignored) and `path`.
+    fn matching_route(&self, host: &str, path: &str) -> Option<&Route> {
+        let host =
+            host.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        // `api.example.` is `api.example` (a fully qualified name): nginx strips the dot, others do not.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        self.routes.iter().find(|r| r.matches(host, path))
     }
 
     /// The versions a check with `policy` logs and passes to the policy.

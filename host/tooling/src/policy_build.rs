@@ -12,9 +12,6 @@ use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The target policies compile to by default.
-pub const TARGET: &str = "wasm32-unknown-unknown";
-
 /// What a policy crate is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Target {
@@ -29,7 +26,7 @@ impl Target {
     /// The Rust target triple.
     pub fn triple(self) -> &'static str {
         match self {
-            Target::Unknown => TARGET,
+            Target::Unknown => "wasm32-unknown-unknown",
             Target::Wasip2 => "wasm32-wasip2",
         }
     }
@@ -39,11 +36,10 @@ impl std::str::FromStr for Target {
     type Err = String;
 
     fn from_str(triple: &str) -> Result<Self, String> {
-        match triple {
-            "wasm32-unknown-unknown" => Ok(Target::Unknown),
-            "wasm32-wasip2" => Ok(Target::Wasip2),
-            other => Err(format!("unsupported target `{other}`: use `wasm32-unknown-unknown` or `wasm32-wasip2`")),
-        }
+        let targets = [Target::Unknown, Target::Wasip2];
+        targets.into_iter().find(|t| t.triple() == triple).ok_or_else(|| {
+            format!("unsupported target `{triple}`: use `{}` or `{}`", targets[0].triple(), targets[1].triple())
+        })
     }
 }
 
@@ -74,15 +70,9 @@ fn target_missing(target: &str) -> bool {
     out.status.success() && !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target)
 }
 
-/// Build the policy crate at `crate_dir` in release mode for `wasm32-unknown-unknown` and
-/// return its component bytes and the path of the core module it came from.
-pub fn build_policy(crate_dir: &Path) -> anyhow::Result<(Vec<u8>, PathBuf)> {
-    build_policy_for(crate_dir, Target::Unknown)
-}
-
 /// Build the policy crate at `crate_dir` in release mode for `target` and return its component
 /// bytes and the path of cargo's artifact.
-pub fn build_policy_for(crate_dir: &Path, target: Target) -> anyhow::Result<(Vec<u8>, PathBuf)> {
+pub fn build_policy(crate_dir: &Path, target: Target) -> anyhow::Result<(Vec<u8>, PathBuf)> {
     let triple = target.triple();
     let manifest = crate_dir.join("Cargo.toml");
     if !manifest.is_file() {

@@ -25,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (component, core_path) = policy_build::build_policy_for(&args.path, args.target)?;
+    let (component, core_path) = policy_build::build_policy(&args.path, args.target)?;
     if !args.no_validate {
         super::load_built(&super::small_runtime()?, &component)?;
     }

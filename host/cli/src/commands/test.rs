@@ -30,7 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = super::small_runtime()?;
     let module = match args.policy {
         Some(policy) => super::load(&runtime, &policy)?,
-        None => super::load_built(&runtime, &policy_build::build_policy_for(&crate_dir, args.target)?.0)?,
+        None => super::load_built(&runtime, &policy_build::build_policy(&crate_dir, args.target)?.0)?,
     };
     let results = fixture_runner::run(&runtime, &module, &file, sandgate_server::unix_now());
     let failed = results.iter().filter(|r| r.verdict.is_err()).count();
