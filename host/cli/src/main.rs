@@ -8,6 +8,12 @@ use std::process::ExitCode;
 mod commands;
 mod demo;
 
+/// mimalloc instead of glibc's malloc: a check allocates and frees many small buffers across
+/// threads (hyper, the evaluation pool, the decision log), where glibc spent ~15% of a loaded
+/// sidecar's CPU (docs/BENCHMARKS.md, "The request path").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sandgate",
