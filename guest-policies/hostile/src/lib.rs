@@ -164,6 +164,12 @@ impl Policy for Hostile {
                     std::hint::black_box(&hoard);
                 }
             }
+            // One check that writes 1 MiB of its memory and allows: the slot it ran in must
+            // serve later checks as fast as a clean one (`decision` benchmark, "polluted slot").
+            "/write-1mib" => {
+                let written = std::hint::black_box(vec![1u8; 1 << 20]);
+                allow().set_header("x-written", &written.len().to_string())
+            }
             "/recursion" => allow().set_header("x-depth", &recurse(0).to_string()),
             "/panic" => panic!("policy gave up"),
             "/abort" => std::process::abort(),
