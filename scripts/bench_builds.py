@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""This build of `sandgate` against another, under load: the RBAC example (HS256, wrk -t2
+-c64) with `capture = "none"` and with `capture = "input"` to a file, reporting requests per
+second and the sidecar's CPU per check. Rounds alternate which build goes first; the median of
+the per-round ratios (this / baseline) is reported with its range.
+
+    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    BASELINE_SANDGATE=/path/to/other/sandgate .venv/bin/python scripts/bench_builds.py   # ROUNDS (6), DURATION (3 s)
+"""
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jwt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_records as records  # noqa: E402
+from bench_load import wrk  # noqa: E402
+
+ROUNDS = int(os.environ.get("ROUNDS", "6"))
+DURATION = int(os.environ.get("DURATION", "3"))
+
+
+def main():
+    baseline = Path(os.environ.get("BASELINE_SANDGATE") or sys.exit("set BASELINE_SANDGATE to the other build"))
+    builds = {"this build": records.SANDGATE, "baseline": baseline}
+    tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-builds-"))
+    cases = {
+        "capture none": 'capture = "none"',
+        "capture input → file": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\n'
+                                f'path = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1',
+    }
+    now = int(time.time())
+    token = jwt.encode({"iss": records.ISSUER, "aud": records.AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600,
+                        "roles": ["reader"]}, records.SECRET, algorithm="HS256", headers={"kid": "k"})
+    headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET",
+               "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+    runs = {}  # (case, build) -> [(req/s, CPU µs per check)]
+    for n in range(ROUNDS):
+        for case, config in cases.items():
+            order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
+            for build, binary in order:
+                records.SANDGATE = binary
+                proc, port = records.serve(records.config(tmp, "builds", config), tmp / "sidecar.log")
+                try:
+                    wrk(port, headers, 2)
+                    before = records.cpu_seconds(proc.pid)
+                    rps = wrk(port, headers, DURATION)[0]
+                    cpu = records.cpu_seconds(proc.pid) - before
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                runs.setdefault((case, build), []).append((rps, 1e6 * cpu / (rps * DURATION)))
+    print(f"| case | this build req/s | baseline req/s | req/s ratio (median of {ROUNDS}, range) | CPU µs/check this / baseline | CPU ratio (range) |")
+    print("|---|---|---|---|---|---|")
+    for case in cases:
+        this, base = runs[(case, "this build")], runs[(case, "baseline")]
+        rps = sorted(t[0] / b[0] for t, b in zip(this, base))
+        cpu = sorted(t[1] / b[1] for t, b in zip(this, base))
+        print(f"| {case} | {statistics.median(t[0] for t in this):,.0f} | {statistics.median(b[0] for b in base):,.0f} | "
+              f"**{statistics.median(rps):.3f}** ({rps[0]:.2f}–{rps[-1]:.2f}) | "
+              f"{statistics.median(t[1] for t in this):.1f} / {statistics.median(b[1] for b in base):.1f} | "
+              f"**{statistics.median(cpu):.3f}** ({cpu[0]:.2f}–{cpu[-1]:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
