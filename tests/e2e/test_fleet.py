@@ -409,3 +409,28 @@ def test_routes_issuers_keys_shadows_and_uploaded_modules_come_from_the_fleet(tm
         assert version(f.sidecars[0]) == (200, "1")
     finally:
         f.stop()
+
+
+def test_a_watch_whose_consumer_is_lost_is_made_anew(tmp_path, nats, registry):
+    """The server drops the sidecar's watch consumer while the client stays connected (as when
+    the NATS node holding it dies and the client is on another): the watch goes silent without
+    ending. The sidecar sees the bucket move on without it and watches anew from its last
+    revision (after 3 s of that); a write after the loss reaches it within 8 s. (Without that
+    watchdog, the NATS client's own missed-heartbeat check took over 10 s here.)"""
+    f = Fleet(tmp_path, nats, 1, max_staleness=60)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        fleet(nats, "revoke", "--jti", "before", "--wait")
+        names = json.loads(nats_request(nats, "$JS.API.CONSUMER.NAMES.KV_sandgate_prod"))["consumers"]
+        assert names, "the sidecar's watch has a consumer"
+        for name in names:
+            assert json.loads(nats_request(nats, f"$JS.API.CONSUMER.DELETE.KV_sandgate_prod.{name}")).get("success"), name
+        started = time.time()
+        fleet(nats, "revoke", "--jti", "after")
+        s = f.sidecars[0]
+        assert wait_until(lambda: answer(s, jti="after") == (401, "token_revoked"), timeout=8), \
+            f"the revocation did not arrive within 8 s; sidecar log: {[l.strip()[-200:] for l in s.stderr_lines if 'watch' in l]}"
+        print(f"revocation applied {time.time() - started:.1f} s after the consumer was lost")
+        assert answer(s, jti="before") == (401, "token_revoked")
+    finally:
+        f.stop()

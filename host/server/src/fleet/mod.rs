@@ -384,6 +384,10 @@ pub async fn run(
     let _ = heartbeat.await;
 }
 
+/// How long the watch may deliver nothing while NATS says the bucket is ahead before it is
+/// made anew.
+const STUCK_WATCH: Duration = Duration::from_secs(3);
+
 async fn watch(
     state: &State,
     health: &FleetHealth,
@@ -425,6 +429,8 @@ async fn watch(
     let mut initial = desired.revision == 0;
     let mut next_expiry = next_expiry(desired, crate::decide::unix_now());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Since when NATS has answered that the bucket is ahead while the watch delivered nothing.
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
@@ -432,10 +438,26 @@ async fn watch(
                 // Fresh only while NATS answers that the bucket has nothing this sidecar has not
                 // applied (asked now: `Store::status` would answer from a cache).
                 let last = tokio::time::timeout(Duration::from_secs(1), last_revision(&js, &health.name)).await;
-                if let Ok(Some(last)) = last
-                    && last <= desired.revision
-                {
-                    health.contact();
+                match last {
+                    Ok(Some(last)) if last <= desired.revision => {
+                        health.contact();
+                        behind_since = None;
+                    }
+                    // A watch whose consumer was lost with a NATS node (or whose client missed
+                    // its heartbeats) can stay silent without ending: the bucket moves on and
+                    // nothing arrives. Past a few seconds of that, it is made anew from the last
+                    // applied revision.
+                    Ok(Some(last)) => {
+                        let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= STUCK_WATCH {
+                            return Err(FleetError::Nats(format!(
+                                "the watch delivered nothing for {} s while the bucket is at revision {last} and this sidecar at {}",
+                                STUCK_WATCH.as_secs(),
+                                desired.revision
+                            )));
+                        }
+                    }
+                    _ => {}
                 }
                 // A revocation that expired is dropped from the snapshot (same revision).
                 let now = crate::decide::unix_now();
@@ -451,6 +473,7 @@ async fn watch(
                     Some(Err(e)) => return Err(nats(&e)),
                     Some(Ok(entry)) => entry,
                 };
+                behind_since = None;
                 if initial || entry.revision > desired.revision {
                     match entry.operation {
                         async_nats::jetstream::kv::Operation::Put => desired.put(entry.key.clone(), &entry.value, entry.revision),
@@ -470,7 +493,9 @@ async fn watch(
                     health.synced.store(true, Ordering::Relaxed);
                     save_cached(cache_file, desired);
                     next_expiry = self::next_expiry(desired, now);
-                    status::publish(state, client).await;
+                    // Bounded: a status write meeting an election must not hold the watch (the
+                    // heartbeat writes it again).
+                    let _ = tokio::time::timeout(Duration::from_secs(5), status::publish(state, client)).await;
                 }
             }
         }
