@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Latency Envoy + ext_authz + Sandgate adds over Envoy alone, in one run.
+"""Envoy + ext_authz + Sandgate against what a user could run instead, in one run.
 
 Run: scripts/bench-load.sh envoy. The application is hyper answering a fixed 200
-(`fixed_200` example). Envoy 1.40 (`--concurrency 1`) runs three ways in front of it: alone,
-with gRPC ext_authz to Sandgate, with HTTP ext_authz to Sandgate. Sandgate runs the RBAC
-example on an RS256 token. wrk for DURATION seconds each after a 2 s warm-up, with one
-connection (the latency one request sees on an idle system) and with 32 (under saturation)."""
+(`fixed_200` example). Envoy 1.40 (`--concurrency 1`) runs four ways in front of it: alone;
+with its own in-process `jwt_authn` + RBAC filters enforcing the RBAC example's rules
+(scripts/envoy-jwt-rbac.yaml: roles from the token's payload, JWT cache on); with gRPC
+ext_authz to Sandgate; with HTTP ext_authz to Sandgate. Sandgate runs the RBAC example on an
+RS256 token. Each setup: wrk for DURATION (5) seconds after a 2 s warm-up, with 32 connections
+(saturation) and with one (the latency one request sees on an idle system). ROUNDS (3) rounds,
+the setups in turn within each; ratios are taken within a round, their median reported. Also
+the CPU time Envoy and Sandgate each spend per request at saturation (from /proc)."""
 
 import json
 import os
@@ -20,8 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import RELEASE, ROOT, free_port, start  # noqa: E402
+from bench_records import cpu_seconds  # noqa: E402
 
-DURATION = int(os.environ.get("DURATION", "8"))
+DURATION = int(os.environ.get("DURATION", "5"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 ENVOY = ROOT / ".venv-envoy" / "bin" / "envoy"
 ISSUER, AUDIENCE = "https://issuer.bench", "bench"
 
@@ -73,44 +79,67 @@ data = "{ROOT / 'examples' / 'rbac-data.json'}"
     app, app_port = start([str(RELEASE / "examples" / "fixed_200")])
     sandgate, sandgate_port = start([str(RELEASE / "sandgate"), "serve", "--config", str(tmp / "sandgate.toml")])
     headers = {"Authorization": f"Bearer {token}"}
-    results = {}
+    setups = {
+        "Envoy alone": ROOT / "tests" / "e2e" / "envoy-alone.yaml",
+        "Envoy jwt_authn + RBAC, in-process": ROOT / "scripts" / "envoy-jwt-rbac.yaml",
+        "Envoy + gRPC ext_authz + Sandgate": ROOT / "examples" / "envoy" / "envoy-grpc.yaml",
+        "Envoy + HTTP ext_authz + Sandgate": ROOT / "examples" / "envoy" / "envoy-http.yaml",
+    }
+    rounds = []  # one dict per round: setup -> (saturated (rps, p50, p99), one connection (rps, p50, p99))
     try:
-        for name, template in (("Envoy alone", ROOT / "tests" / "e2e" / "envoy-alone.yaml"),
-                               ("Envoy + gRPC ext_authz + Sandgate", ROOT / "examples" / "envoy" / "envoy-grpc.yaml"),
-                               ("Envoy + HTTP ext_authz + Sandgate", ROOT / "examples" / "envoy" / "envoy-http.yaml")):
-            port = free_port()
-            text = template.read_text()
-            for placeholder, real in {8000: port, 8080: app_port, 8183: grpc_port, 8181: sandgate_port}.items():
-                text = text.replace(f"port_value: {placeholder}", f"port_value: {real}")
-            config = tmp / template.name
-            config.write_text(text)
-            envoy = subprocess.Popen([str(ENVOY), "-c", str(config), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                import socket
-                deadline = time.time() + 15
-                while time.time() < deadline:
-                    with socket.socket() as s:
-                        if s.connect_ex(("127.0.0.1", port)) == 0:
-                            break
-                    time.sleep(0.05)
-                wrk(port, headers, 2)
-                results[name] = wrk(port, headers, DURATION)
-                results[name + ", 1 connection"] = wrk(port, headers, DURATION, connections=1)
-            finally:
-                envoy.terminate()
-                envoy.wait(10)
-            print(f"{name}: {results[name]}", file=sys.stderr)
+        for _ in range(ROUNDS):
+            results = {}
+            for name, template in setups.items():
+                port = free_port()
+                text = template.read_text().replace("JWKS_PATH", str(tmp / "jwks.json"))
+                for placeholder, real in {8000: port, 8080: app_port, 8183: grpc_port, 8181: sandgate_port}.items():
+                    text = text.replace(f"port_value: {placeholder}", f"port_value: {real}")
+                config = tmp / template.name
+                config.write_text(text)
+                envoy = subprocess.Popen([str(ENVOY), "-c", str(config), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    import socket
+                    deadline = time.time() + 15
+                    while time.time() < deadline:
+                        with socket.socket() as s:
+                            if s.connect_ex(("127.0.0.1", port)) == 0:
+                                break
+                        time.sleep(0.05)
+                    wrk(port, headers, 2)
+                    measured = []
+                    for connections in (32, 1):
+                        before = (cpu_seconds(sandgate.pid), cpu_seconds(envoy.pid))
+                        rps, p50, p99 = wrk(port, headers, DURATION, connections=connections)
+                        after = (cpu_seconds(sandgate.pid), cpu_seconds(envoy.pid))
+                        per_request = [1e6 * (a - b) / (rps * DURATION) for a, b in zip(after, before)]
+                        measured.append((rps, p50, p99, *per_request))
+                    results[name] = tuple(measured)
+                finally:
+                    envoy.terminate()
+                    envoy.wait(10)
+                print(f"{name}: {results[name]}", file=sys.stderr)
+            rounds.append(results)
     finally:
         for proc in (app, sandgate):
             proc.terminate()
             proc.wait(10)
-    print("\n| setup | connections | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs |\n|---|---|---|---|---|---|---|")
-    for single in (True, False):
-        alone = results["Envoy alone" + (", 1 connection" if single else "")]
-        for name, (rps, p50, p99) in results.items():
-            if name.endswith(", 1 connection") == single:
-                print(f"| {name.replace(', 1 connection', '')} | {1 if single else 32} | {rps:,.0f} | {p50:.0f} | {p99:.0f} | {p50 - alone[1]:+.0f} | {p99 - alone[2]:+.0f} |")
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    base = "Envoy jwt_authn + RBAC, in-process"
+    print(f"\nMedians of {ROUNDS} rounds; ratios and added latency taken within each round, against the in-process filters.")
+    print("\n| setup | req/s (32 conn.) | p50 µs | p99 µs | req/s ratio to in-process (range) | CPU µs/request: Envoy, Sandgate | 1 conn.: p50 µs | added p50 µs over in-process (range) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in setups:
+        sat = [r[name][0] for r in rounds]
+        one = [r[name][1] for r in rounds]
+        ratios = sorted(r[name][0][0] / r[base][0][0] for r in rounds)
+        added = sorted(r[name][1][1] - r[base][1][1] for r in rounds)
+        print(f"| {name} | {median([x[0] for x in sat]):,.0f} | {median([x[1] for x in sat]):.0f} | {median([x[2] for x in sat]):.0f} | "
+              f"**{median(ratios):.2f}** ({ratios[0]:.2f}–{ratios[-1]:.2f}) | {median([x[4] for x in sat]):.1f}, "
+              f"{median([x[3] for x in sat]):.1f} | {median([x[1] for x in one]):.0f} | "
+              f"**{median(added):+.0f}** ({added[0]:+.0f} to {added[-1]:+.0f}) |")
+    grpc_http = sorted(r["Envoy + gRPC ext_authz + Sandgate"][0][0] / r["Envoy + HTTP ext_authz + Sandgate"][0][0] for r in rounds)
+    print(f"\ngRPC / HTTP ext_authz at saturation: **{median(grpc_http):.2f}** ({grpc_http[0]:.2f}–{grpc_http[-1]:.2f})")
 
 
 if __name__ == "__main__":
