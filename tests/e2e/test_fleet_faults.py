@@ -83,10 +83,12 @@ def revoke(cluster, jti, wait="--wait=30"):
     return fleet(cluster, "--replicas", "3", "revoke", "--jti", jti, wait, check=False)
 
 
-# Known defect (docs/FLEET.md, Limits): a sidecar whose NATS node is killed can stay behind
+# Known defect (docs/FLEET.md, Limits): a sidecar whose NATS node is killed could stay behind
 # (stale, answering `stale_state`, never allow) for longer than this test waits: on a loaded
 # 2-core machine it failed 2 clean runs of 3, a sidecar still at an older revision after 30 s.
-@pytest.mark.xfail(reason="a sidecar on a killed NATS node can take over 30 s to resume its watch", strict=False)
+# A silent watch is now made anew after 3 s (test_fleet.py::test_a_watch_whose_consumer_is_lost
+# _is_made_anew); it passed 3 local runs of 3 with it, but the cause is not confirmed: still allowed to fail.
+@pytest.mark.xfail(reason="a sidecar on a killed NATS node could take over 30 s to resume its watch", strict=False)
 def test_a_cluster_node_killed_a_sidecar_paused_and_one_restarted(tmp_path, cluster, registry):
     # The cluster elects its JetStream leaders: the first write succeeds once it has.
     assert retry(lambda: fleet(cluster, "--replicas", "3", "status", check=False).returncode == 0)
