@@ -18,6 +18,10 @@ use sandgate_server::decide::NativePolicy;
 use sandgate_server::{Config, Sidecar};
 use std::sync::Arc;
 
+/// The shipped binary's allocator (host/cli/src/main.rs), so the comparison is like for like.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn to_sdk(r: &host::CheckRequest) -> sdk::Request {
     let credential = match &r.credential {
         host::Credential::None => sdk::Credential::None,
