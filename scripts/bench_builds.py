@@ -12,10 +12,8 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_records as records  # noqa: E402
@@ -31,14 +29,9 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-builds-"))
     cases = {
         "capture none": 'capture = "none"',
-        "capture input → file": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\n'
-                                f'path = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1',
+        "capture input → file": records.input_to_file(tmp),
     }
-    now = int(time.time())
-    token = jwt.encode({"iss": records.ISSUER, "aud": records.AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600,
-                        "roles": ["reader"]}, records.SECRET, algorithm="HS256", headers={"kid": "k"})
-    headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET",
-               "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+    headers = records.reader_headers()
     runs = {}  # (case, build) -> [(req/s, CPU µs per check)]
     for n in range(ROUNDS):
         for case, config in cases.items():

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_records as records  # noqa: E402
@@ -49,11 +48,7 @@ def main():
     try:
         time.sleep(1)
         started = status(proc.pid, "VmRSS")
-        now = int(time.time())
-        token = jwt.encode({"iss": records.ISSUER, "aud": records.AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600,
-                            "roles": ["reader"]}, records.SECRET, algorithm="HS256", headers={"kid": "k"})
-        headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET",
-                   "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+        headers = records.reader_headers()
         wrk(port, headers, 1)
         time.sleep(1)
         warm = status(proc.pid, "VmRSS")

@@ -83,6 +83,21 @@ data = "{data}"
     return path
 
 
+def reader_headers():
+    """What nginx sends for a reader's `GET /api/orders` with a valid HS256 token (allowed)."""
+    now = int(time.time())
+    token = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600, "roles": ["reader"]},
+                       SECRET, algorithm="HS256", headers={"kid": "k"})
+    return {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET",
+            "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+
+
+def input_to_file(tmp):
+    """`[decision_log]` lines for `capture = "input"` to a size-rotated file in `tmp`."""
+    return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\n'
+            f'path = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1')
+
+
 def main():
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
     nats_port = free_port()
@@ -92,11 +107,9 @@ def main():
     cases = {
         "none": 'capture = "none"',
         "input → NATS": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_dir = "{{spool}}"',
-        "input → file": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\npath = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1',
+        "input → file": input_to_file(tmp),
     }
-    now = int(time.time())
-    token = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 3600, "roles": ["reader"]}, SECRET, algorithm="HS256", headers={"kid": "k"})
-    headers = {"Authorization": f"Bearer {token}", "X-Original-URI": "/api/orders", "X-Original-Method": "GET", "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
+    headers = reader_headers()
     results = {name: [] for name in cases}
     dropped = {name: 0 for name in cases}
     cpu = {name: [] for name in cases}  # (sidecar, nats-server) CPU µs per check
