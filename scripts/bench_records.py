@@ -107,6 +107,7 @@ def main():
     cases = {
         "none": 'capture = "none"',
         "input → NATS": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_dir = "{{spool}}"',
+        "input → NATS, spool synced every batch": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_sync_ms = 0\nspool_dir = "{{spool}}"',
         "input → file": input_to_file(tmp),
     }
     headers = reader_headers()

@@ -181,6 +181,11 @@ pub struct NatsSinkConfig {
     /// The spool's limit (MiB): past it, new records are dropped and counted.
     #[serde(default = "default_spool_mib")]
     pub spool_max_mib: u64,
+    /// How often (ms) spooled records not yet acknowledged are synced to disk; `0` syncs every
+    /// batch before it is sent. Records survive a crash of the process either way (they are in
+    /// the kernel's page cache); this bounds what a power loss can take.
+    #[serde(default = "default_spool_sync_ms")]
+    pub spool_sync_ms: u64,
     /// Servers of a cluster that keep the stream, if this sidecar creates it.
     #[serde(default = "default_replicas")]
     pub replicas: usize,
@@ -207,6 +212,10 @@ fn default_stream() -> String {
 
 fn default_spool_mib() -> u64 {
     256
+}
+
+fn default_spool_sync_ms() -> u64 {
+    1000
 }
 
 impl Config {

@@ -150,11 +150,18 @@ fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>) {
     loop {
         {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            while queue.bytes.is_empty() && !queue.closing {
+            if queue.bytes.is_empty() && !queue.closing {
                 queue = shared.ready.wait_timeout(queue, WRITE_EVERY).unwrap_or_else(|e| e.into_inner()).0;
             }
             if queue.bytes.is_empty() {
-                break; // closing, and everything is written
+                if queue.closing {
+                    break; // everything is written
+                }
+                drop(queue);
+                // Idle: the sink does what is due (the NATS spool syncs what waits, and reports
+                // its own errors).
+                let _ = sink.flush();
+                continue;
             }
             std::mem::swap(&mut batch, &mut queue.bytes);
         }

@@ -2,7 +2,8 @@
 //! JetStream stream through an on-disk spool.
 //!
 //! The NATS sink never makes a check wait and loses nothing it accepted: the log writer
-//! appends each batch to the spool (segment files, fsynced), and a publisher sends what is
+//! appends each batch to the spool (segment files; what is still unacknowledged is synced to
+//! disk at least every `spool_sync_ms`), and a publisher sends what is
 //! spooled to JetStream in order, as messages of whole lines (up to 64 KiB each), each with a
 //! `Nats-Msg-Id` made of its place in the spool (a batch sent again after a lost
 //! acknowledgement is sent with the same boundaries and stored once), and moves its cursor
@@ -17,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A file that is renamed to `NAME.1` (and `NAME.1` to `NAME.2`, …, up to `keep`) once it
 /// would grow past `max_bytes`. Batches of whole lines go in whole, so no line is split
@@ -92,6 +93,10 @@ const MAX_LINE: usize = 1000 << 10;
 /// A spool segment grows to this size before the next one is started.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
+/// The cursor file is written at most this often (and when the publisher stops): a cursor
+/// that lags only sends acknowledged lines again.
+const CURSOR_EVERY: Duration = Duration::from_millis(200);
+
 /// Decision records waiting for JetStream, on disk: numbered segment files of whole lines and
 /// a cursor (segment, offset) naming the first line not yet acknowledged.
 pub struct Spool {
@@ -100,6 +105,9 @@ pub struct Spool {
     /// that sends to a stream (other sidecars, a spool directory made anew).
     id: String,
     max_bytes: u64,
+    /// Unacknowledged lines are synced to disk this long after they are written at most
+    /// (`ZERO`: as each batch is written).
+    sync_every: Duration,
     dropped: Counter,
     inner: Mutex<SpoolState>,
     /// Woken when lines are appended.
@@ -113,6 +121,13 @@ struct SpoolState {
     offset: u64,
     /// The segment being appended to.
     current: Option<File>,
+    /// `current` holds lines written since it was last synced.
+    unsynced: bool,
+    synced_at: Instant,
+    /// Syncs made.
+    syncs: u64,
+    /// When the cursor file was last written, and the cursor last written.
+    cursor_written: Option<(Instant, (u64, u64))>,
 }
 
 impl SpoolState {
@@ -128,9 +143,10 @@ struct Cursor {
 }
 
 impl Spool {
-    /// The spool in `dir` (created 0700), holding at most `max_bytes` of unacknowledged lines;
-    /// what an earlier run left unacknowledged is sent first.
-    pub fn open(dir: PathBuf, max_bytes: u64, dropped: Counter) -> std::io::Result<Arc<Spool>> {
+    /// The spool in `dir` (created 0700), holding at most `max_bytes` of unacknowledged lines
+    /// and syncing them to disk within `sync_every` of their writing; what an earlier run left
+    /// unacknowledged is sent first.
+    pub fn open(dir: PathBuf, max_bytes: u64, sync_every: Duration, dropped: Counter) -> std::io::Result<Arc<Spool>> {
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -176,8 +192,17 @@ impl Spool {
             dir,
             id,
             max_bytes: max_bytes.max(1),
+            sync_every,
             dropped,
-            inner: Mutex::new(SpoolState { segments: segments.into(), offset, current: None }),
+            inner: Mutex::new(SpoolState {
+                segments: segments.into(),
+                offset,
+                current: None,
+                unsynced: false,
+                synced_at: Instant::now(),
+                syncs: 0,
+                cursor_written: None,
+            }),
             appended: tokio::sync::Notify::new(),
         };
         Ok(Arc::new(spool))
@@ -227,6 +252,10 @@ impl Spool {
             return Ok(());
         }
         let full = state.segments.back().is_none_or(|(_, len)| *len >= SEGMENT_BYTES);
+        // What was written before is synced if it is due and still unacknowledged (it mostly
+        // is acknowledged by now, 10 ms after it was written), and always before its segment
+        // is closed.
+        self.sync(&mut state, full)?;
         if full || state.current.is_none() {
             let n = state.segments.back().map_or(0, |(n, _)| n + 1);
             let n = if full { n } else { n.saturating_sub(1) };
@@ -238,14 +267,47 @@ impl Spool {
         }
         if let Some(file) = state.current.as_mut() {
             file.write_all(batch)?;
-            file.sync_data()?;
+            state.unsynced = true;
         }
         if let Some((_, len)) = state.segments.back_mut() {
             *len += take as u64;
         }
+        if self.sync_every.is_zero() {
+            self.sync(&mut state, true)?;
+        }
         drop(state);
         self.appended.notify_one();
         Ok(())
+    }
+
+    /// Sync the segment being appended to if it holds lines written since its last sync and
+    /// `force` or [`Spool::sync_every`] has passed since then. Lines JetStream has already
+    /// acknowledged need no sync: when nothing is pending, none is made. Syncing only at an
+    /// interval, not every batch, is most of what the NATS sink costs less at full load: while
+    /// NATS keeps up, lines are acknowledged (and their segments removed) before they would
+    /// ever be written back.
+    fn sync(&self, state: &mut SpoolState, force: bool) -> std::io::Result<()> {
+        if !state.unsynced || !(force || state.synced_at.elapsed() >= self.sync_every) {
+            return Ok(());
+        }
+        // Tried again an interval later if it fails.
+        state.synced_at = Instant::now();
+        if state.pending() > 0
+            && let Some(file) = state.current.as_ref()
+        {
+            file.sync_data()?;
+            state.syncs += 1;
+        }
+        state.unsynced = false;
+        Ok(())
+    }
+
+    /// Sync what is due (see [`Spool::sync`]); `force`: all that is unsynced.
+    pub fn sync_due(&self, force: bool) -> std::io::Result<()> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync(&mut state, force).inspect_err(|e| {
+            tracing::error!(error = %e, "cannot sync the decision-record spool to disk");
+        })
     }
 
     /// What follows the cursor (up to `limit`, the end of a batch that was not acknowledged,
@@ -318,18 +380,31 @@ impl Spool {
     }
 
     /// Everything before `cursor` is acknowledged: move past it, remove finished segments and
-    /// write the cursor down.
+    /// write the cursor down if it was not for [`CURSOR_EVERY`].
     fn advance(&self, cursor: (u64, u64)) -> std::io::Result<()> {
         let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         state.offset = cursor.1;
         self.remove_finished(&mut state);
+        drop(state);
+        self.write_cursor(false)
+    }
+
+    /// Write the cursor file if it changed and `force` or [`CURSOR_EVERY`] has passed since
+    /// it was last written.
+    fn write_cursor(&self, force: bool) -> std::io::Result<()> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (segment, offset) = (state.segments.front().map_or(0, |(n, _)| *n), state.offset);
+        let now = Instant::now();
+        match state.cursor_written {
+            Some((_, written)) if written == (segment, offset) => return Ok(()),
+            Some((at, _)) if !force && now.duration_since(at) < CURSOR_EVERY => return Ok(()),
+            _ => state.cursor_written = Some((now, (segment, offset))),
+        }
         drop(state);
         let bytes = serde_json::to_vec(&Cursor { segment, offset }).map_err(std::io::Error::other)?;
-        // Written whole (a new file renamed over the old) but not synced: it moves a hundred
-        // times a second at full load. A cursor that lags after a power loss only sends
-        // acknowledged lines again, with the same message ids, which JetStream drops within its
-        // duplicate window.
+        // Written whole (a new file renamed over the old), at most every CURSOR_EVERY, and not
+        // synced: at full load it moves a hundred times a second. A cursor that lags (after a
+        // crash or a power loss) only sends acknowledged lines again: at least once, never lost.
         let temporary = self.dir.join("cursor.tmp");
         std::fs::write(&temporary, &bytes)?;
         std::fs::rename(&temporary, self.dir.join("cursor"))
@@ -345,8 +420,16 @@ impl Write for SpoolWriter {
         Ok(batch.len())
     }
 
+    /// Called by the log writer while it is idle: syncs what is due.
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.0.sync_due(false)
+    }
+}
+
+impl Drop for SpoolWriter {
+    /// The log writer is done: what it wrote and is not yet acknowledged goes to disk now.
+    fn drop(&mut self) {
+        let _ = self.0.sync_due(true);
     }
 }
 
@@ -370,6 +453,9 @@ pub async fn publish(
             deadline = Some(tokio::time::Instant::now() + grace);
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            if let Err(e) = spool.write_cursor(true) {
+                tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
+            }
             if spool.pending() > 0 {
                 tracing::warn!(
                     bytes = spool.pending(),
@@ -387,6 +473,11 @@ pub async fn publish(
             }
         };
         if messages.is_empty() {
+            // Everything sent is acknowledged: the cursor says so on disk (within CURSOR_EVERY;
+            // at full load this loop comes here between batches, hundreds of times a second).
+            if let Err(e) = spool.write_cursor(false) {
+                tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
+            }
             if stop.is_cancelled() {
                 return;
             }
@@ -491,7 +582,7 @@ mod tests {
     fn a_spool_keeps_order_across_segments_and_reopening_and_drops_whole_lines_past_its_limit() {
         let dir = tempfile::tempdir().unwrap();
         let dropped = Counter::default();
-        let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1000, Duration::ZERO, dropped.clone()).unwrap();
         for i in 0..10 {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
@@ -505,7 +596,7 @@ mod tests {
         spool.advance((0, 36)).unwrap();
         drop(spool);
         // Reopened: what was acknowledged is not sent again.
-        let spool = Spool::open(dir.path().to_owned(), 1000, dropped.clone()).unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1000, Duration::ZERO, dropped.clone()).unwrap();
         let (messages, _) = spool.peek(None).unwrap();
         assert_eq!(messages[0].0, format!("{}-0-36-90", spool.id));
         assert!(messages[0].1.starts_with(b"line-004\n"));
@@ -524,7 +615,7 @@ mod tests {
     #[test]
     fn a_segment_sent_whole_while_it_was_the_last_does_not_stop_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         let line = [vec![b'a'; 1023], vec![b'\n']].concat();
         spool.append(&line.repeat(SEGMENT_BYTES as usize / 1024)).unwrap();
         // Send all of segment 0 while no other segment exists.
@@ -547,15 +638,54 @@ mod tests {
         // Message ids carry the spool's own id, kept across reopening; another spool has another.
         let id = spool.id.clone();
         drop(spool);
-        assert_eq!(Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap().id, id);
+        assert_eq!(Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap().id, id);
         let other = tempfile::tempdir().unwrap();
-        assert_ne!(Spool::open(other.path().to_owned(), 1 << 30, Counter::default()).unwrap().id, id);
+        assert_ne!(Spool::open(other.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap().id, id);
+    }
+
+    #[test]
+    fn unacknowledged_lines_are_synced_when_due_and_before_their_segment_is_left() {
+        let syncs = |spool: &Spool| spool.inner.lock().unwrap().syncs;
+        let dir = tempfile::tempdir().unwrap();
+        // Synced as each batch is written.
+        let every_batch = Spool::open(dir.path().join("a"), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        for _ in 0..3 {
+            every_batch.append(b"line\n").unwrap();
+        }
+        assert_eq!(syncs(&every_batch), 3);
+        // Synced at an interval: not as batches are written, but when forced (the writer stops).
+        let spool = Spool::open(dir.path().join("b"), 1 << 30, Duration::from_secs(3600), Counter::default()).unwrap();
+        for _ in 0..3 {
+            spool.append(b"line\n").unwrap();
+        }
+        spool.sync_due(false).unwrap();
+        assert_eq!(syncs(&spool), 0);
+        spool.sync_due(true).unwrap();
+        assert_eq!(syncs(&spool), 1);
+        // Lines JetStream acknowledged are not synced.
+        spool.append(b"line\n").unwrap();
+        let (_, cursor) = spool.peek(None).unwrap();
+        spool.advance(cursor).unwrap();
+        spool.sync_due(true).unwrap();
+        assert_eq!(syncs(&spool), 1);
+        // A segment still holding unacknowledged lines is synced before the next one starts.
+        let line = [vec![b'a'; 1023], vec![b'\n']].concat();
+        spool.append(&line.repeat(SEGMENT_BYTES as usize / 1024)).unwrap();
+        assert_eq!(syncs(&spool), 1);
+        spool.append(b"next\n").unwrap();
+        assert_eq!(syncs(&spool), 2);
+        // What is due is synced on the next write or idle flush.
+        let due = Spool::open(dir.path().join("c"), 1 << 30, Duration::from_millis(1), Counter::default()).unwrap();
+        due.append(b"line\n").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        SpoolWriter(due.clone()).flush().unwrap();
+        assert_eq!(syncs(&due), 1);
     }
 
     #[test]
     fn spooled_lines_go_out_in_messages_of_whole_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Counter::default()).unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         let line = |c: u8, n: usize| [vec![c; n - 1], vec![b'\n']].concat();
         for c in b"abcde" {
             spool.append(&line(*c, 20 << 10)).unwrap();
@@ -568,7 +698,7 @@ mod tests {
         assert!(messages.iter().all(|(_, m)| m.ends_with(b"\n")));
         // A line longer than a NATS message can carry is not spooled; it is counted.
         let dropped = Counter::default();
-        let spool = Spool::open(dir.path().join("other"), 1 << 30, dropped.clone()).unwrap();
+        let spool = Spool::open(dir.path().join("other"), 1 << 30, Duration::ZERO, dropped.clone()).unwrap();
         spool.append(&[line(b'x', MAX_LINE + 1), line(b'y', 10)].concat()).unwrap();
         assert_eq!((spool.pending(), dropped.get()), (10, 1));
     }

@@ -77,7 +77,13 @@ impl Sidecar {
                 let dir = nats.spool_dir.clone().unwrap_or_else(|| {
                     crate::config::cache_home().unwrap_or_else(|| PathBuf::from(".")).join("sandgate").join("spool")
                 });
-                let opened = Spool::open(dir.clone(), nats.spool_max_mib << 20, dropped.clone()).map_err(|e| {
+                let opened = Spool::open(
+                    dir.clone(),
+                    nats.spool_max_mib << 20,
+                    Duration::from_millis(nats.spool_sync_ms),
+                    dropped.clone(),
+                )
+                .map_err(|e| {
                     StartError::Listen(format!("[decision_log.nats] cannot open the spool `{}`", dir.display()), e)
                 })?;
                 spool = Some(opened.clone());
