@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What decision records cost under load: the RBAC example (HS256, wrk -t2 -c64) with
 `capture = "none"` against `capture = "input"` with its records sent to a NATS JetStream stream
-(nats-server on 127.0.0.1, the spool on disk), and against `capture = "input"` to a file.
+(nats-server on 127.0.0.1, the spool on disk; once with the default `spool_sync_ms` and once
+syncing every batch), and against `capture = "input"` to a file.
 Rounds alternate the configurations back to back; the median ratio of each to `none` is
 reported. Prints a Markdown table for docs/BENCHMARKS.md.
 
