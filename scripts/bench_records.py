@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """What decision records cost under load: the RBAC example (HS256, wrk -t2 -c64) with
 `capture = "none"` against `capture = "input"` with its records sent to a NATS JetStream stream
-(nats-server on 127.0.0.1, the spool on disk; once with the default `spool_sync_ms` and once
-syncing every batch), and against `capture = "input"` to a file.
+(nats-server on 127.0.0.1, the spool on disk: the defaults, i.e. LZ4-compressed messages and
+the spool synced every second; uncompressed; and syncing every batch), and against
+`capture = "input"` to a file. The traffic varies as real traffic does, since what compression
+gains depends on it: 1,000 readers' tokens (distinct subjects and `jti`s), paths and user agents,
+chosen at random by a wrk script.
 Rounds alternate the configurations back to back; the median ratio of each to `none` is
 reported. Prints a Markdown table for docs/BENCHMARKS.md.
 
@@ -93,6 +96,32 @@ def reader_headers():
             "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https"}
 
 
+def varied_traffic(tmp, users=1000):
+    """A wrk script sending allowed checks from `users` readers (each its own HS256 token) to
+    random order paths with random user agents, as nginx would."""
+    now = int(time.time())
+    tokens = []
+    for n in range(users):
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{n}@example.com", "iat": now, "exp": now + 3600,
+                  "jti": f"{n:08x}-{now:x}", "roles": ["reader"] if n % 3 else ["reader", "auditor"]}
+        tokens.append(jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "k"}))
+    agents = ["Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0", "curl/8.5.0", "okhttp/4.12.0",
+              "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 Safari/604.1"]
+    lua = ("local tokens = {" + ",".join(f'"{t}"' for t in tokens) + "}\n"
+           "local agents = {" + ",".join(f'"{a}"' for a in agents) + "}\n"
+           "local paths = {'/api/orders/', '/api/users/', '/api/cart/', '/api/search/'}\n"
+           "math.randomseed(7)\n"
+           "request = function()\n"
+           "  local path = paths[math.random(#paths)] .. math.random(1000000)\n"
+           "  return wrk.format('GET', '/auth', {['Authorization'] = 'Bearer ' .. tokens[math.random(#tokens)],\n"
+           "    ['X-Original-URI'] = path, ['X-Original-Method'] = 'GET', ['X-Forwarded-Host'] = 'api.test',\n"
+           "    ['X-Forwarded-Proto'] = 'https', ['User-Agent'] = agents[math.random(#agents)]})\n"
+           "end\n")
+    path = tmp / "varied.lua"
+    path.write_text(lua)
+    return str(path)
+
+
 def input_to_file(tmp):
     """`[decision_log]` lines for `capture = "input"` to a size-rotated file in `tmp`."""
     return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\n'
@@ -108,22 +137,28 @@ def main():
     cases = {
         "none": 'capture = "none"',
         "input → NATS": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_dir = "{{spool}}"',
+        "input → NATS, uncompressed": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\ncompression = "none"\nspool_dir = "{{spool}}"',
         "input → NATS, spool synced every batch": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_sync_ms = 0\nspool_dir = "{{spool}}"',
         "input → file": input_to_file(tmp),
     }
-    headers = reader_headers()
+    script = varied_traffic(tmp)
     results = {name: [] for name in cases}
     dropped = {name: 0 for name in cases}
     cpu = {name: [] for name in cases}  # (sidecar, nats-server) CPU µs per check
     backlog = []  # (records answered, bytes still in the spool) after each NATS run
+    stored = {name: [] for name in cases if "NATS" in name}  # bytes JetStream stored a record
+
+    def stream_bytes():
+        return sum(f.stat().st_size for f in (tmp / "js").rglob("*.blk"))
     for n in range(ROUNDS):
         for name, records in cases.items():
             # A fresh spool each run: what one run leaves must not fill the next one's.
             records = records.replace("{spool}", str(tmp / f"spool-{n}"))
+            stream_before = stream_bytes()
             proc, port = serve(config(tmp, name.split()[0], records), tmp / f"sidecar-{n}-{name.split()[-1]}.log")
-            wrk(port, headers, 2)
+            wrk(port, {}, 2, script)
             before = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
-            results[name].append(wrk(port, headers, DURATION))
+            results[name].append(wrk(port, {}, DURATION, script))
             after = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
             checks = results[name][-1][0] * DURATION
             cpu[name].append((1e6 * (after[0] - before[0]) / checks, 1e6 * (after[1] - before[1]) / checks))
@@ -140,6 +175,8 @@ def main():
                         break
                     time.sleep(0.2)
                 backlog.append((answered, spooled, time.time() - drained_at))
+                checks_in_all = int(float(re.search(r"^sandgate_decisions_total\{[^}]*\} (\S+)", text, re.M).group(1)))
+                stored[name].append((stream_bytes() - stream_before) / checks_in_all)
             proc.terminate()
             proc.wait(timeout=30)
     nats.terminate()
@@ -155,6 +192,8 @@ def main():
         warnings = [l for l in log.read_text().splitlines() if "WARN" in l or "ERROR" in l]
         if warnings:
             print(f"{log.name}: {warnings[:3]}")
+    for name, sizes in stored.items():
+        print(f"`{name}`: JetStream stored {statistics.median(sizes):,.0f} bytes a record (median of rounds)")
     for answered, spooled, drain in backlog:
         print(f"NATS run: ~{answered:,} checks in {DURATION} s; {spooled / 2**20:,.0f} MiB of records still spooled when wrk stopped, "
               f"sent within {drain:.1f} s after")

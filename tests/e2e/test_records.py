@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import jwt
+import lz4.frame
 import pytest
 
 from conftest import AUDIENCE, ISSUER, POLICIES, RBAC_DATA, ROOT, SANDGATE, Sandgate, free_port, write_config
@@ -276,8 +277,12 @@ def stream_messages(nats, stream):
         for seq in range(1, last + 1):
             reply = json.loads(request(f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": seq}).encode()))
             if "message" in reply:
-                # A message holds whole records, one a line.
-                messages.extend(json.loads(l) for l in base64.b64decode(reply["message"]["data"]).splitlines() if l)
+                # A message holds whole records, one a line, as one LZ4 frame when its headers
+                # say `Content-Encoding: lz4` (decoded here by the reference LZ4 library).
+                body = base64.b64decode(reply["message"]["data"])
+                if b"Content-Encoding: lz4" in base64.b64decode(reply["message"].get("hdrs", "")):
+                    body = lz4.frame.decompress(body)
+                messages.extend(json.loads(l) for l in body.splitlines() if l)
         return messages
 
 

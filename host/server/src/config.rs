@@ -186,6 +186,9 @@ pub struct NatsSinkConfig {
     /// the kernel's page cache); this bounds what a power loss can take.
     #[serde(default = "default_spool_sync_ms")]
     pub spool_sync_ms: u64,
+    /// How each message's records are compressed (`lz4`, the default, or `none`).
+    #[serde(default)]
+    pub compression: crate::log_sink::Compression,
     /// Servers of a cluster that keep the stream, if this sidecar creates it.
     #[serde(default = "default_replicas")]
     pub replicas: usize,

@@ -204,7 +204,7 @@ impl Sidecar {
                     format!("sandgate.decisions.{}", crate::fleet::sanitize(&node))
                 });
                 let subjects = if nats.subject.is_some() { subject.clone() } else { "sandgate.decisions.>".into() };
-                let (stream, replicas) = (nats.stream.clone(), nats.replicas);
+                let (stream, replicas, compression) = (nats.stream.clone(), nats.replicas, nats.compression);
                 let stop = records_stop.clone();
                 let pending = authorizer.state().metrics.decision_spool_bytes.clone();
                 Some(tokio::spawn(async move {
@@ -228,7 +228,7 @@ impl Sidecar {
                         }
                     }
                     tracing::info!(%stream, %subject, "sending decision records to NATS");
-                    crate::log_sink::publish(spool, js, subject, stop, grace, pending).await;
+                    crate::log_sink::publish(spool, js, subject, compression, stop, grace, pending).await;
                 }))
             }
             _ => None,

@@ -157,8 +157,11 @@ async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> any
             .context("the stream stopped delivering")?
             .context("the stream ended")?
             .map_err(|e| anyhow::anyhow!("cannot read the stream: {e}"))?;
-        // A message holds whole records, one a line.
-        for line in message.payload.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        // A message holds whole records, one a line, perhaps compressed.
+        let encoding = message.headers.as_ref().and_then(|h| h.get(sandgate_server::log_sink::CONTENT_ENCODING));
+        let lines = sandgate_server::log_sink::decode_message(encoding.map(|e| e.as_str()), &message.payload)
+            .map_err(anyhow::Error::msg)?;
+        for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             each(line);
         }
         if message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
