@@ -202,10 +202,8 @@ impl Spool {
     /// and syncing them to disk within `sync_every` of their writing; what an earlier run left
     /// unacknowledged is sent first.
     pub fn open(dir: PathBuf, max_bytes: u64, sync_every: Duration, dropped: Counter) -> std::io::Result<Arc<Spool>> {
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        }
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let mut segments: Vec<(u64, u64)> = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
@@ -213,7 +211,12 @@ impl Spool {
             let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
-            segments.push((n, entry.metadata()?.len()));
+            // Made 0600 if an earlier version left it open to others.
+            let metadata = entry.metadata()?;
+            if metadata.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
+            segments.push((n, metadata.len()));
         }
         segments.sort_unstable();
         let cursor: Option<Cursor> =
@@ -314,7 +317,7 @@ impl Spool {
         if full || state.current.is_none() {
             let n = state.segments.back().map_or(0, |(n, _)| n + 1);
             let n = if full { n } else { n.saturating_sub(1) };
-            let file = OpenOptions::new().create(true).append(true).open(self.segment_path(n))?;
+            let file = private().append(true).open(self.segment_path(n))?;
             if full {
                 state.segments.push_back((n, 0));
             }
@@ -461,9 +464,18 @@ impl Spool {
         // synced: at full load it moves a hundred times a second. A cursor that lags (after a
         // crash or a power loss) only sends acknowledged lines again: at least once, never lost.
         let temporary = self.dir.join("cursor.tmp");
-        std::fs::write(&temporary, &bytes)?;
+        private().write(true).truncate(true).open(&temporary)?.write_all(&bytes)?;
         std::fs::rename(&temporary, self.dir.join("cursor"))
     }
+}
+
+/// Options creating a file only its owner may read (0600): spooled records hold claims and
+/// headers, and the spool directory may already exist open to others.
+fn private() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.create(true).mode(0o600);
+    options
 }
 
 /// The log writer's side of a spool.
@@ -745,6 +757,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         SpoolWriter(due.clone()).flush().unwrap();
         assert_eq!(syncs(&due), 1);
+    }
+
+    #[test]
+    fn spooled_records_are_readable_by_the_sidecar_alone_even_in_a_directory_open_to_others() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // A spool directory that already exists, readable by every local user (made by hand,
+        // or by a deployment): the records in it (claims, headers) must still not be.
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        std::fs::DirBuilder::new().mode(0o755).create(&spool_dir).unwrap();
+        std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spool = Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"{\"subject\":\"alice\"}\n").unwrap();
+        let (_, cursor) = spool.peek(None).unwrap();
+        spool.advance(cursor).unwrap();
+        let mut files = 0;
+        for entry in std::fs::read_dir(&spool_dir).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.file_name().to_string_lossy());
+            files += 1;
+        }
+        assert_eq!(files, 3, "a segment, the cursor and the id");
+        // A segment an earlier version left readable by others is made private when reopened.
+        std::fs::set_permissions(spool_dir.join("0.seg"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(spool);
+        Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        let mode = std::fs::metadata(spool_dir.join("0.seg")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
