@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// A file that is renamed to `NAME.1` (and `NAME.1` to `NAME.2`, …, up to `keep`) once it
 /// would grow past `max_bytes`. Batches of whole lines go in whole, so no line is split
-/// between two files.
+/// between two files. Files it creates are 0600: records hold claims and headers.
 pub struct RotatingFile {
     path: PathBuf,
     max_bytes: u64,
@@ -40,7 +40,7 @@ impl RotatingFile {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = private().append(true).open(&path)?;
         let size = file.metadata()?.len();
         Ok(RotatingFile { path, max_bytes: max_bytes.max(1), keep, file, size })
     }
@@ -61,7 +61,7 @@ impl RotatingFile {
                 let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
             }
             std::fs::rename(&self.path, self.numbered(1))?;
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = private().append(true).open(&self.path)?;
         }
         self.size = 0;
         Ok(())
@@ -653,6 +653,21 @@ mod tests {
             assert!(text.len() <= 100);
         }
         assert!(now.contains(&format!("{:040}", 9)) && two.contains(&format!("{:040}", 4)));
+    }
+
+    #[test]
+    fn record_files_are_readable_by_the_sidecar_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.log");
+        let mut file = RotatingFile::open(path.clone(), 100, 2).unwrap();
+        for _ in 0..4 {
+            file.write_all(&[b'x'; 60]).unwrap();
+        }
+        for name in ["decisions.log", "decisions.log.1", "decisions.log.2"] {
+            let mode = std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
     }
 
     #[test]
