@@ -341,6 +341,10 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
             if len(ids) >= len(answered):
                 break
             time.sleep(0.5)
+        # The restarted sidecar has had time to send anything its spool's cursor says is not
+        # acknowledged: a cursor left behind at a clean stop would send records again.
+        time.sleep(2)
+        ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
         assert during > 100, during
         assert len(ids) == len(set(ids)), "a record was stored twice"
         assert set(ids) == set(answered), (len(ids), len(answered), len(set(answered) - set(ids)))
@@ -354,6 +358,50 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         assert report["replayed"] == len(answered) and report["differ"] == 0, report
         print(f"NATS down {down_for:.0f} s: {during - before} checks meanwhile ({spooled:,} bytes spooled); "
               f"{len(answered)} checks, {len(ids)} records in the stream, replayed {report['replayed']}, 0 lost, 0 twice")
+    finally:
+        s.stop()
+        nats.stop()
+
+
+def test_a_sidecar_restarted_under_load_sends_no_record_twice(tmp_path):
+    """A clean stop while records flow leaves the spool's cursor at what JetStream acknowledged:
+    the restarted sidecar sends nothing again (and loses nothing)."""
+    nats = Nats(tmp_path)
+    config = tmp_path / "sandgate.toml"
+    data = tmp_path / "rbac-data.json"
+    data.write_text(json.dumps(RBAC_DATA))
+    write_config(
+        config,
+        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+        policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}],
+        server={"proxy": "nginx", "default_policy": "rbac"},
+        extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n'
+                   + f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n',
+    )
+    answered = []
+    try:
+        for run in range(3):
+            s = Sandgate(config, tmp_path / f"stdout-{run}.log", proxy="nginx")
+            try:
+                client = Client(s.port)
+                started = time.time()
+                # Records flowing right up to the stop: the last ones are acknowledged during it.
+                while time.time() - started < 1.5:
+                    answered.append(client.check(f"/api/orders/{len(answered)}", mint(len(answered), "hs-a"))[1])
+            finally:
+                s.stop()
+        # The last sidecar's records, and anything a cursor left behind would send again.
+        s = Sandgate(config, tmp_path / "stdout-last.log", proxy="nginx")
+        deadline = time.time() + 30
+        ids = []
+        while time.time() < deadline and len(ids) < len(answered):
+            time.sleep(0.5)
+            ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
+        time.sleep(2)
+        ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
+        assert len(answered) > 100, len(answered)
+        assert set(ids) == set(answered), (len(ids), len(answered))
+        assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} records stored twice"
     finally:
         s.stop()
         nats.stop()

@@ -521,16 +521,13 @@ pub async fn publish(
             deadline = Some(tokio::time::Instant::now() + grace);
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            if let Err(e) = spool.write_cursor(true) {
-                tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
-            }
             if spool.pending() > 0 {
                 tracing::warn!(
                     bytes = spool.pending(),
                     "decision records left in the spool; they are sent on the next start"
                 );
             }
-            return;
+            break;
         }
         let (messages, cursor) = match spool.peek(retry) {
             Ok(next) => next,
@@ -541,13 +538,13 @@ pub async fn publish(
             }
         };
         if messages.is_empty() {
-            // Everything sent is acknowledged: the cursor says so on disk (within CURSOR_EVERY;
-            // at full load this loop comes here between batches, hundreds of times a second).
+            if stop.is_cancelled() {
+                break;
+            }
+            // Everything sent is acknowledged: the cursor says so on disk within CURSOR_EVERY
+            // (at full load this loop comes here between batches, hundreds of times a second).
             if let Err(e) = spool.write_cursor(false) {
                 tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
-            }
-            if stop.is_cancelled() {
-                return;
             }
             tokio::select! {
                 () = spool.appended.notified() => {}
@@ -580,6 +577,11 @@ pub async fn publish(
                 }
             }
         }
+    }
+    // Stopping: the cursor names exactly what JetStream acknowledged, so the next start sends
+    // none of it again.
+    if let Err(e) = spool.write_cursor(true) {
+        tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
     }
 }
 
