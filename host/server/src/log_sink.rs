@@ -121,7 +121,7 @@ pub fn decode_message<'a>(encoding: Option<&str>, body: &'a [u8]) -> Result<std:
     match encoding {
         None | Some("identity") => Ok(std::borrow::Cow::Borrowed(body)),
         Some("lz4") => {
-            let mut lines = Vec::with_capacity(body.len() * 8);
+            let mut lines = Vec::with_capacity(body.len().saturating_mul(8).min(MAX_DECODED as usize));
             lz4_flex::frame::FrameDecoder::new(body)
                 .take(MAX_DECODED + 1)
                 .read_to_end(&mut lines)
@@ -456,7 +456,7 @@ impl Spool {
         match state.cursor_written {
             Some((_, written)) if written == (segment, offset) => return Ok(()),
             Some((at, _)) if !force && now.duration_since(at) < CURSOR_EVERY => return Ok(()),
-            _ => state.cursor_written = Some((now, (segment, offset))),
+            _ => {}
         }
         drop(state);
         let bytes = serde_json::to_vec(&Cursor { segment, offset }).map_err(std::io::Error::other)?;
@@ -465,7 +465,10 @@ impl Spool {
         // crash or a power loss) only sends acknowledged lines again: at least once, never lost.
         let temporary = self.dir.join("cursor.tmp");
         private().write(true).truncate(true).open(&temporary)?.write_all(&bytes)?;
-        std::fs::rename(&temporary, self.dir.join("cursor"))
+        std::fs::rename(&temporary, self.dir.join("cursor"))?;
+        // Noted only once written: a failed write is tried again.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).cursor_written = Some((now, (segment, offset)));
+        Ok(())
     }
 }
 
