@@ -450,7 +450,7 @@ impl Spool {
     /// Write the cursor file if it changed and `force` or [`CURSOR_EVERY`] has passed since
     /// it was last written.
     fn write_cursor(&self, force: bool) -> std::io::Result<()> {
-        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (segment, offset) = (state.segments.front().map_or(0, |(n, _)| *n), state.offset);
         let now = Instant::now();
         match state.cursor_written {
