@@ -183,11 +183,13 @@ struct SpoolState {
     syncs: u64,
     /// When the cursor file was last written, and the cursor last written.
     cursor_written: Option<(Instant, (u64, u64))>,
+    /// The number the next segment gets.
+    next_segment: u64,
 }
 
 impl SpoolState {
     fn pending(&self) -> u64 {
-        self.segments.iter().map(|(_, len)| len).sum::<u64>() - self.offset
+        self.segments.iter().map(|(_, len)| len).sum::<u64>().saturating_sub(self.offset)
     }
 }
 
@@ -211,18 +213,32 @@ impl Spool {
             let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
-            // Made 0600 if an earlier version left it open to others.
+            // Only regular files (a symlink is not followed); made 0600 if an earlier version
+            // left one open to others.
             let metadata = entry.metadata()?;
-            if metadata.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+            if !metadata.file_type().is_file() {
+                tracing::warn!(path = %entry.path().display(), "not a regular file; ignored");
+                continue;
             }
-            segments.push((n, metadata.len()));
+            if metadata.permissions().mode() & 0o077 != 0
+                && let Err(e) = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot make a spool segment private");
+            }
+            // After a power loss a segment may end in a torn line (or zeros where unsynced
+            // bytes were): it is cut back to its last whole line.
+            let len = whole_lines(&entry.path(), metadata.len())?;
+            segments.push((n, len));
         }
         segments.sort_unstable();
+        // New lines go to a new segment, numbered past every segment and cursor seen: never
+        // after a torn tail, never under a message id already used.
+        let mut next_segment = segments.last().map_or(0, |(n, _)| n + 1);
         let cursor: Option<Cursor> =
             std::fs::read(dir.join("cursor")).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
         let mut offset = 0;
-        if let Some(cursor) = cursor {
+        if let Some(cursor) = &cursor {
+            next_segment = next_segment.max(cursor.segment + 1);
             // Segments wholly before the cursor were acknowledged: remove them.
             segments.retain(|(n, _)| {
                 let done = *n < cursor.segment;
@@ -231,8 +247,10 @@ impl Spool {
                 }
                 !done
             });
-            if segments.first().is_some_and(|(n, _)| *n == cursor.segment) {
-                offset = cursor.offset;
+            // A cursor past its segment's end on disk (the cursor reached the disk, the
+            // acknowledged lines, never synced, did not) means all of it was acknowledged.
+            if let Some((_, len)) = segments.first().filter(|(n, _)| *n == cursor.segment) {
+                offset = cursor.offset.min(*len);
             }
         }
         let id = match std::fs::read_to_string(dir.join("id")) {
@@ -260,6 +278,7 @@ impl Spool {
                 synced_at: Instant::now(),
                 syncs: 0,
                 cursor_written: None,
+                next_segment,
             }),
             appended: tokio::sync::Notify::new(),
         };
@@ -309,18 +328,20 @@ impl Spool {
         if take == 0 {
             return Ok(());
         }
-        let full = state.segments.back().is_none_or(|(_, len)| *len >= SEGMENT_BYTES);
+        // A new segment when the current one is full, and for the first lines after opening.
+        let full = state.current.is_none() || state.segments.back().is_none_or(|(_, len)| *len >= SEGMENT_BYTES);
         // What was written before is synced if it is due and still unacknowledged (it mostly
         // is acknowledged by now, 10 ms after it was written), and always before its segment
-        // is closed.
-        self.sync(&mut state, full)?;
-        if full || state.current.is_none() {
-            let n = state.segments.back().map_or(0, |(n, _)| n + 1);
-            let n = if full { n } else { n.saturating_sub(1) };
+        // is closed. A failed sync loses nothing yet (the lines are in the page cache): this
+        // batch is still written.
+        if let Err(e) = self.sync(&mut state, full) {
+            tracing::error!(error = %e, "cannot sync the decision-record spool to disk");
+        }
+        if full {
+            let n = state.next_segment;
             let file = private().append(true).open(self.segment_path(n))?;
-            if full {
-                state.segments.push_back((n, 0));
-            }
+            state.segments.push_back((n, 0));
+            state.next_segment = n + 1;
             state.current = Some(file);
         }
         if let Some(file) = state.current.as_mut() {
@@ -470,6 +491,30 @@ impl Spool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).cursor_written = Some((now, (segment, offset)));
         Ok(())
     }
+}
+
+/// The length of the whole lines at the start of segment `path` (`len` bytes long), the file
+/// cut back to it if it ends in a torn line: what a power loss can leave of bytes never synced.
+fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    // Spooled lines are at most MAX_LINE long: the last newline is within the last two.
+    let window = len.min(2 * MAX_LINE as u64 + 1);
+    file.seek(SeekFrom::Start(len - window))?;
+    let mut tail = Vec::with_capacity(window as usize);
+    (&mut file).take(window).read_to_end(&mut tail)?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(len);
+    }
+    let whole = match memchr::memrchr(b'\n', &tail) {
+        Some(i) => len - window + i as u64 + 1,
+        None => len - window,
+    };
+    tracing::warn!(path = %path.display(), bytes = len - whole, "a spool segment ended in a torn line (a power loss?); cut back");
+    file.set_len(whole)?;
+    Ok(whole)
 }
 
 /// Options creating a file only its owner may read (0600): spooled records hold claims and
@@ -661,6 +706,37 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_recovers_from_a_power_loss_that_kept_the_cursor_but_not_the_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 20, Duration::from_secs(3600), dropped.clone()).unwrap();
+        for i in 0..10 {
+            spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
+        }
+        // All ten acknowledged: nothing synced (nothing pending), the cursor at byte 90.
+        let (_, cursor) = spool.peek(None).unwrap();
+        spool.advance(cursor).unwrap();
+        spool.write_cursor(true).unwrap();
+        drop(spool);
+        // The power goes: the cursor reached the disk, the segment's last lines did not, and its
+        // end is a torn line.
+        let segment = dir.path().join("0.seg");
+        let kept = std::fs::read(&segment).unwrap()[..40].to_vec();
+        std::fs::write(&segment, [kept, vec![0u8; 7]].concat()).unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 20, Duration::from_secs(3600), dropped.clone()).unwrap();
+        assert_eq!(spool.pending(), 0);
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), 36, "cut back to its whole lines");
+        // New records are spooled and sent, under ids never used before.
+        spool.append(b"after\n").unwrap();
+        assert_eq!(spool.pending(), 6);
+        let (messages, _) = spool.peek(None).unwrap();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(&messages[0].1[..], b"after\n");
+        assert_eq!(messages[0].0, format!("{}-1-0-6", spool.id));
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
     fn record_files_are_readable_by_the_sidecar_alone() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -700,7 +776,8 @@ mod tests {
         // A retry stops where the failed batch did.
         spool.append(b"line-010\n").unwrap();
         assert_eq!(spool.peek(Some((0, 90))).unwrap().1, (0, 90));
-        assert_eq!(spool.peek(None).unwrap().1, (0, 99));
+        // Lines written after reopening go to a new segment (never after a torn tail).
+        assert_eq!(spool.peek(None).unwrap().1, (0, 90));
         // 63 bytes pending, room for 937: of 200 lines of 9 bytes, 104 fit; the other 96 are
         // dropped whole and counted.
         let batch: Vec<u8> = (0..200).flat_map(|i| format!("more-{i:03}\n").into_bytes()).collect();
