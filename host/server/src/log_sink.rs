@@ -500,14 +500,18 @@ fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
         return Ok(0);
     }
     let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    // The common case, a segment ending in a newline, costs one byte read.
+    let mut last = [0u8];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    if last[0] == b'\n' {
+        return Ok(len);
+    }
     // Spooled lines are at most MAX_LINE long: the last newline is within the last two.
     let window = len.min(2 * MAX_LINE as u64 + 1);
     file.seek(SeekFrom::Start(len - window))?;
     let mut tail = Vec::with_capacity(window as usize);
     (&mut file).take(window).read_to_end(&mut tail)?;
-    if tail.last() == Some(&b'\n') {
-        return Ok(len);
-    }
     let whole = match memchr::memrchr(b'\n', &tail) {
         Some(i) => len - window + i as u64 + 1,
         None => len - window,
