@@ -134,11 +134,17 @@ def main():
     nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(tmp / "js")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
+
+    def to_nats(setting):
+        """`[decision_log]` lines for `capture = "input"` to the NATS sink, with `setting` added."""
+        return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\n'
+                f'url = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\n{setting}spool_dir = "{{spool}}"')
+
     cases = {
         "none": 'capture = "none"',
-        "input → NATS": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_dir = "{{spool}}"',
-        "input → NATS, uncompressed": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\ncompression = "none"\nspool_dir = "{{spool}}"',
-        "input → NATS, spool synced every batch": f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\nspool_sync_ms = 0\nspool_dir = "{{spool}}"',
+        "input → NATS": to_nats(""),
+        "input → NATS, uncompressed": to_nats('compression = "none"\n'),
+        "input → NATS, spool synced every batch": to_nats("spool_sync_ms = 0\n"),
         "input → file": input_to_file(tmp),
     }
     script = varied_traffic(tmp)

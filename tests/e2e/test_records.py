@@ -286,10 +286,9 @@ def stream_messages(nats, stream):
         return messages
 
 
-def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
-    nats = Nats(tmp_path)
-    down_for = float(os.environ.get("SANDGATE_NATS_DOWN_SECS", "6"))
-    extra = f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n'
+def nats_sink_config(tmp_path, nats):
+    """A sidecar config: RBAC behind nginx, HS256 tokens, `capture = "input"` records sent to
+    `nats` through a spool in `tmp_path`."""
     config = tmp_path / "sandgate.toml"
     data = tmp_path / "rbac-data.json"
     data.write_text(json.dumps(RBAC_DATA))
@@ -298,8 +297,16 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
         policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}],
         server={"proxy": "nginx", "default_policy": "rbac"},
-        extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n' + extra,
+        extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n'
+                   + f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n',
     )
+    return config
+
+
+def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
+    nats = Nats(tmp_path)
+    down_for = float(os.environ.get("SANDGATE_NATS_DOWN_SECS", "6"))
+    config = nats_sink_config(tmp_path, nats)
     s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
     try:
         answered = []
@@ -367,17 +374,7 @@ def test_a_sidecar_restarted_under_load_sends_no_record_twice(tmp_path):
     """A clean stop while records flow leaves the spool's cursor at what JetStream acknowledged:
     the restarted sidecar sends nothing again (and loses nothing)."""
     nats = Nats(tmp_path)
-    config = tmp_path / "sandgate.toml"
-    data = tmp_path / "rbac-data.json"
-    data.write_text(json.dumps(RBAC_DATA))
-    write_config(
-        config,
-        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
-        policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}],
-        server={"proxy": "nginx", "default_policy": "rbac"},
-        extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n'
-                   + f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n',
-    )
+    config = nats_sink_config(tmp_path, nats)
     answered = []
     try:
         for run in range(3):
