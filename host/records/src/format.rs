@@ -373,6 +373,193 @@ impl From<&Decision> for DecisionRecord {
     }
 }
 
+/// [`Input`] borrowed from the check it describes: serializes to exactly the JSON
+/// `Input::capture(check, redact, verify_jwt)` does, without copying the check first. The
+/// decision log writes this on every check with `capture = "input"`.
+pub struct InputView<'a> {
+    check: &'a CheckRequest,
+    redact: &'a [String],
+    verify_jwt: &'a [VerifyAnswer],
+}
+
+impl<'a> InputView<'a> {
+    /// `check` as the policy saw it, redacting [`ALWAYS_REDACTED`] and `redact` (lowercase
+    /// names), with the answers of its `verify-jwt` calls.
+    pub fn new(check: &'a CheckRequest, redact: &'a [String], verify_jwt: &'a [VerifyAnswer]) -> Self {
+        InputView { check, redact, verify_jwt }
+    }
+}
+
+impl Serialize for InputView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let c = self.check;
+        let mut s = serializer.serialize_struct("Input", 12)?;
+        s.serialize_field("method", &c.method)?;
+        s.serialize_field("scheme", &c.scheme)?;
+        s.serialize_field("host", &c.host)?;
+        s.serialize_field("path", &c.path)?;
+        match &c.query {
+            Some(query) => s.serialize_field("query", query)?,
+            None => s.skip_field("query")?,
+        }
+        s.serialize_field("headers", &RedactedHeaders { headers: &c.headers, redact: self.redact })?;
+        match &c.peer {
+            Some(peer) => s.serialize_field("peer", peer)?,
+            None => s.skip_field("peer")?,
+        }
+        match &c.body {
+            Some(body) => s.serialize_field("body", &Base64(body))?,
+            None => s.skip_field("body")?,
+        }
+        s.serialize_field("credential", &CredentialView(&c.credential))?;
+        s.serialize_field("now", &c.now)?;
+        s.serialize_field("versions", &VersionsView(&c.versions))?;
+        if self.verify_jwt.is_empty() {
+            s.skip_field("verify_jwt")?;
+        } else {
+            s.serialize_field("verify_jwt", self.verify_jwt)?;
+        }
+        s.end()
+    }
+}
+
+/// Headers as `[name, value]` pairs, secret values replaced by [`REDACTED`].
+struct RedactedHeaders<'a> {
+    headers: &'a [Header],
+    redact: &'a [String],
+}
+
+impl Serialize for RedactedHeaders<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || self.redact.iter().any(|r| r == name);
+        serializer.collect_seq(self.headers.iter().map(|h| {
+            let value = if secret(&h.name) { REDACTED } else { h.value.as_str() };
+            (h.name.as_str(), value)
+        }))
+    }
+}
+
+/// Bytes as standard padded base64, written without an intermediate string.
+struct Base64<'a>(&'a [u8]);
+
+impl Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&base64::display::Base64Display::new(self.0, &base64::engine::general_purpose::STANDARD))
+    }
+}
+
+/// [`CredentialRecord`] borrowed from the WIT credential.
+struct CredentialView<'a>(&'a Credential);
+
+impl Serialize for CredentialView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self.0 {
+            Credential::None => {
+                let mut s = serializer.serialize_struct("CredentialRecord", 1)?;
+                s.serialize_field("kind", "none")?;
+                s.end()
+            }
+            Credential::Verified(v) => {
+                let mut s = serializer.serialize_struct("CredentialRecord", 12)?;
+                s.serialize_field("kind", "verified")?;
+                verified_fields(&mut s, v)?;
+                s.end()
+            }
+            Credential::Rejected(e) => {
+                let mut s = serializer.serialize_struct("CredentialRecord", 3)?;
+                s.serialize_field("kind", "rejected")?;
+                s.serialize_field("reason", &e.reason)?;
+                s.serialize_field("message", &e.message)?;
+                s.end()
+            }
+        }
+    }
+}
+
+/// The fields of a [`VerifiedRecord`], in its order, from the WIT credential.
+fn verified_fields<S: serde::ser::SerializeStruct>(s: &mut S, v: &VerifiedCredential) -> Result<(), S::Error> {
+    let c = &v.claims;
+    match &v.key_id {
+        Some(key_id) => s.serialize_field("key_id", key_id)?,
+        None => s.skip_field("key_id")?,
+    }
+    s.serialize_field("algorithm", &v.algorithm)?;
+    s.serialize_field("issuer", &c.issuer)?;
+    s.serialize_field("subject", &c.subject)?;
+    s.serialize_field("audiences", &c.audiences)?;
+    match c.expires_at {
+        Some(at) => s.serialize_field("expires_at", &at)?,
+        None => s.skip_field("expires_at")?,
+    }
+    match c.issued_at {
+        Some(at) => s.serialize_field("issued_at", &at)?,
+        None => s.skip_field("issued_at")?,
+    }
+    match &c.token_id {
+        Some(id) => s.serialize_field("token_id", id)?,
+        None => s.skip_field("token_id")?,
+    }
+    s.serialize_field("scopes", &c.scopes)?;
+    s.serialize_field("roles", &c.roles)?;
+    s.serialize_field("claims_json", &v.claims_json)
+}
+
+/// [`Versions`] borrowed from the WIT versions.
+struct VersionsView<'a>(&'a SnapshotVersions);
+
+impl Serialize for VersionsView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let v = self.0;
+        let mut s = serializer.serialize_struct("Versions", 5)?;
+        s.serialize_field("snapshot", &v.snapshot)?;
+        s.serialize_field("policy_digest", &v.policy_digest)?;
+        s.serialize_field("key_set", &v.key_set)?;
+        s.serialize_field("revocations", &v.revocations)?;
+        s.serialize_field("data", &v.data)?;
+        s.end()
+    }
+}
+
+/// [`DecisionRecord`] borrowed from the policy's answer: serializes to exactly the JSON
+/// `DecisionRecord::from(decision)` does.
+pub struct DecisionView<'a>(pub &'a Decision);
+
+impl Serialize for DecisionView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self.0 {
+            Decision::Allow(a) => {
+                let mut s = serializer.serialize_struct("DecisionRecord", 3)?;
+                s.serialize_field("decision", "allow")?;
+                s.serialize_field("set_headers", &Pairs(&a.set_headers))?;
+                s.serialize_field("remove_headers", &a.remove_headers)?;
+                s.end()
+            }
+            Decision::Deny(d) => {
+                let mut s = serializer.serialize_struct("DecisionRecord", 5)?;
+                s.serialize_field("decision", "deny")?;
+                s.serialize_field("status", &d.status)?;
+                s.serialize_field("reason", &d.reason)?;
+                s.serialize_field("message", &d.message)?;
+                s.serialize_field("headers", &Pairs(&d.headers))?;
+                s.end()
+            }
+        }
+    }
+}
+
+/// Headers as `[name, value]` pairs.
+struct Pairs<'a>(&'a [Header]);
+
+impl Serialize for Pairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|h| (h.name.as_str(), h.value.as_str())))
+    }
+}
+
 impl DecisionRecord {
     /// `allow` (with the names of the headers it sets and removes), or
     /// `deny <status> <reason>`: how reports name an answer.
@@ -464,6 +651,134 @@ mod tests {
                     if a.claims_json == b.claims_json && a.claims.roles == b.claims.roles && a.key_id == b.key_id)
         });
         assert!(same);
+    }
+
+    mod views {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::option;
+        use proptest::prelude::*;
+        use sandgate_runtime::bindings::sandgate::policy::types::{AllowResponse, DenyResponse};
+
+        /// Any text, escapes and non-ASCII included.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![".{0,12}", "[a-z\"\\\\\u{0}-\u{1f}é€😀]{0,8}"]
+        }
+
+        fn header() -> impl Strategy<Value = Header> {
+            let name = prop_oneof![
+                Just("authorization".to_owned()),
+                Just("cookie".to_owned()),
+                Just("x-api-key".to_owned()),
+                "[a-z-]{1,10}"
+            ];
+            (name, text()).prop_map(|(name, value)| Header { name, value })
+        }
+
+        fn verified() -> impl Strategy<Value = VerifiedCredential> {
+            let claims = (
+                text(),
+                text(),
+                vec(text(), 0..3),
+                option::of(any::<u64>()),
+                option::of(any::<u64>()),
+                option::of(text()),
+                vec(text(), 0..3),
+                vec(text(), 0..3),
+            )
+                .prop_map(|(issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles)| {
+                    StandardClaims { issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles }
+                });
+            (option::of(text()), text(), claims, text()).prop_map(|(key_id, algorithm, claims, claims_json)| {
+                VerifiedCredential { key_id, algorithm, claims, claims_json }
+            })
+        }
+
+        fn error() -> impl Strategy<Value = CredentialError> {
+            (text(), text()).prop_map(|(reason, message)| CredentialError { reason, message })
+        }
+
+        fn credential() -> impl Strategy<Value = Credential> {
+            prop_oneof![
+                Just(Credential::None),
+                verified().prop_map(Credential::Verified),
+                error().prop_map(Credential::Rejected)
+            ]
+        }
+
+        fn check() -> impl Strategy<Value = CheckRequest> {
+            let versions = (any::<u64>(), text(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(snapshot, policy_digest, key_set, revocations, data)| SnapshotVersions {
+                    snapshot,
+                    policy_digest,
+                    key_set,
+                    revocations,
+                    data,
+                },
+            );
+            (
+                (text(), text(), text(), text(), option::of(text())),
+                vec(header(), 0..6),
+                option::of(text()),
+                option::of(vec(any::<u8>(), 0..40)),
+                credential(),
+                any::<u64>(),
+                versions,
+            )
+                .prop_map(|((method, scheme, host, path, query), headers, peer, body, credential, now, versions)| {
+                    CheckRequest {
+                        request_id: "r".into(),
+                        method,
+                        scheme,
+                        host,
+                        path,
+                        query,
+                        headers,
+                        peer,
+                        body,
+                        credential,
+                        now,
+                        versions,
+                    }
+                })
+        }
+
+        fn answers() -> impl Strategy<Value = Vec<VerifyAnswer>> {
+            let answer = prop_oneof![verified().prop_map(Ok), error().prop_map(Err)];
+            vec(answer, 0..3).prop_map(|answers| answers.iter().map(VerifyAnswer::from).collect())
+        }
+
+        fn decision() -> impl Strategy<Value = Decision> {
+            prop_oneof![
+                (vec(header(), 0..3), vec(text(), 0..3)).prop_map(|(set_headers, remove_headers)| {
+                    Decision::Allow(AllowResponse { set_headers, remove_headers })
+                }),
+                (any::<u16>(), text(), text(), vec(header(), 0..3)).prop_map(|(status, reason, message, headers)| {
+                    Decision::Deny(DenyResponse { status, reason, message, headers })
+                }),
+            ]
+        }
+
+        proptest! {
+            /// The decision log writes the borrowed views; replay reads the owned records. Both
+            /// must be the same JSON, byte for byte.
+            #[test]
+            fn a_view_serializes_exactly_as_the_record_it_borrows_from(
+                check in check(),
+                redact in vec(prop_oneof![Just("x-api-key".to_owned()), "[a-z-]{1,10}"], 0..2),
+                verify_jwt in answers(),
+                decision in decision(),
+            ) {
+                let owned = serde_json::to_string(&Input::capture(&check, &redact, verify_jwt.clone())).unwrap_or_default();
+                let view = serde_json::to_string(&InputView::new(&check, &redact, &verify_jwt)).unwrap_or_default();
+                prop_assert!(!owned.is_empty());
+                prop_assert_eq!(view, owned);
+                let owned = serde_json::to_string(&DecisionRecord::from(&decision)).unwrap_or_default();
+                let view = serde_json::to_string(&DecisionView(&decision)).unwrap_or_default();
+                prop_assert!(!owned.is_empty());
+                prop_assert_eq!(view, owned);
+            }
+        }
     }
 
     #[test]

@@ -446,9 +446,9 @@ impl Authorizer {
                 if let Some(archive) = &self.state.archive {
                     archive.keep(c.policy.data.digest(), || c.policy.data.text().as_bytes().to_vec());
                 }
-                let input = sandgate_records::Input::capture(c.check, &self.redact, c.verify_jwt.clone());
+                let input = sandgate_records::InputView::new(c.check, &self.redact, &c.verify_jwt);
                 let route = snapshot.route_label(&original.host, &original.path);
-                (Some(input), Some(sandgate_records::DecisionRecord::from(&evaluation.decision)), route)
+                (Some(input), Some(sandgate_records::DecisionView(&evaluation.decision)), route)
             }
             _ => (None, None, None),
         };

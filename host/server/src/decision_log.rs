@@ -64,10 +64,10 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) route: Option<String>,
     /// The check as the policy saw it (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) input: Option<sandgate_records::Input>,
+    pub(crate) input: Option<sandgate_records::InputView<'a>>,
     /// The policy's whole answer (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) decision: Option<sandgate_records::DecisionRecord>,
+    pub(crate) decision: Option<sandgate_records::DecisionView<'a>>,
 }
 
 /// Where checks hand their lines: cheap to clone, never blocks on the sink.
