@@ -26,7 +26,10 @@ fn check() -> CheckRequest {
         query: None,
         headers: vec![
             header("host", "127.0.0.1:8181"),
-            header("authorization", &format!("Bearer eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiIsImtpZCI6ImsifQ.{}", "x".repeat(240))),
+            header(
+                "authorization",
+                &format!("Bearer eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiIsImtpZCI6ImsifQ.{}", "x".repeat(240)),
+            ),
             header("x-original-uri", "/api/orders/418207"),
             header("x-original-method", "GET"),
             header("x-forwarded-host", "api.test"),

@@ -686,9 +686,18 @@ mod tests {
                 vec(text(), 0..3),
                 vec(text(), 0..3),
             )
-                .prop_map(|(issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles)| {
-                    StandardClaims { issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles }
-                });
+                .prop_map(
+                    |(issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles)| StandardClaims {
+                        issuer,
+                        subject,
+                        audiences,
+                        expires_at,
+                        issued_at,
+                        token_id,
+                        scopes,
+                        roles,
+                    },
+                );
             (option::of(text()), text(), claims, text()).prop_map(|(key_id, algorithm, claims, claims_json)| {
                 VerifiedCredential { key_id, algorithm, claims, claims_json }
             })
@@ -725,22 +734,24 @@ mod tests {
                 any::<u64>(),
                 versions,
             )
-                .prop_map(|((method, scheme, host, path, query), headers, peer, body, credential, now, versions)| {
-                    CheckRequest {
-                        request_id: "r".into(),
-                        method,
-                        scheme,
-                        host,
-                        path,
-                        query,
-                        headers,
-                        peer,
-                        body,
-                        credential,
-                        now,
-                        versions,
-                    }
-                })
+                .prop_map(
+                    |((method, scheme, host, path, query), headers, peer, body, credential, now, versions)| {
+                        CheckRequest {
+                            request_id: "r".into(),
+                            method,
+                            scheme,
+                            host,
+                            path,
+                            query,
+                            headers,
+                            peer,
+                            body,
+                            credential,
+                            now,
+                            versions,
+                        }
+                    },
+                )
         }
 
         fn answers() -> impl Strategy<Value = Vec<VerifyAnswer>> {
