@@ -12,17 +12,23 @@
 use crate::decide::{Answer, Authorizer};
 use crate::original_request::OriginalRequest;
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, AuthorizationServer, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus,
+    OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
 use sandgate_runtime::bindings::sandgate::policy::types::{Decision, Header};
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 
 /// Total header bytes accepted in one check; more is denied with 431.
 const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Body bytes passed to the policy; the rest is cut off.
 const MAX_BODY_BYTES: usize = 64 << 10;
+/// The gRPC service and method of ext_authz.
+const SERVICE: &str = "envoy.service.auth.v3.Authorization";
+const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 /// gRPC status codes used here (google.rpc.Code).
 mod code {
@@ -33,34 +39,154 @@ mod code {
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
-/// The `Authorization` service.
-pub struct ExtAuthz {
-    authorizer: Arc<Authorizer>,
-}
+/// `envoy.service.auth.v3.CheckRequest` as a check reads it: the same wire format, but only the
+/// fields Sandgate uses are decoded (protobuf skips the others: the destination, metadata,
+/// context extensions, TLS session), and the `headers` map is read as its entries in order
+/// rather than hashed into a map. A key sent twice is therefore seen twice; two
+/// `authorization` headers are refused either way.
+mod wire {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CheckRequest {
+        #[prost(message, optional, tag = "1")]
+        pub attributes: Option<AttributeContext>,
+    }
 
-impl ExtAuthz {
-    /// The service for `authorizer`.
-    pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        ExtAuthz { authorizer }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AttributeContext {
+        #[prost(message, optional, tag = "1")]
+        pub source: Option<Peer>,
+        #[prost(message, optional, tag = "4")]
+        pub request: Option<Request>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Peer {
+        #[prost(message, optional, tag = "1")]
+        pub address: Option<Address>,
+    }
+
+    /// `envoy.config.core.v3.Address`: of its `oneof`, only the socket address.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Address {
+        #[prost(message, optional, tag = "1")]
+        pub socket_address: Option<SocketAddress>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SocketAddress {
+        #[prost(string, tag = "2")]
+        pub address: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Request {
+        #[prost(message, optional, tag = "2")]
+        pub http: Option<HttpRequest>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HttpRequest {
+        #[prost(string, tag = "2")]
+        pub method: String,
+        /// `map<string, string> headers`: on the wire, one entry message a header.
+        #[prost(message, repeated, tag = "3")]
+        pub headers: Vec<MapEntry>,
+        #[prost(string, tag = "4")]
+        pub path: String,
+        #[prost(string, tag = "5")]
+        pub host: String,
+        #[prost(string, tag = "6")]
+        pub scheme: String,
+        #[prost(string, tag = "11")]
+        pub body: String,
+        #[prost(bytes = "vec", tag = "12")]
+        pub raw_body: Vec<u8>,
+        #[prost(message, optional, tag = "13")]
+        pub header_map: Option<HeaderMap>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct MapEntry {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderMap {
+        #[prost(message, repeated, tag = "1")]
+        pub headers: Vec<HeaderValue>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HeaderValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(string, tag = "2")]
+        pub value: String,
+        #[prost(bytes = "vec", tag = "3")]
+        pub raw_value: Vec<u8>,
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthz {
-    async fn check(
-        &self,
-        request: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let response = match original_request(request.get_ref()) {
-            Ok(mut original) => {
-                if self.authorizer.tracing_on() {
-                    original.trace_metadata = trace_metadata(request.metadata());
+/// The gRPC listener's service: ext_authz `Check`, and `grpc.health.v1` for everything else
+/// (which answers `UNIMPLEMENTED` for unknown methods). One match on the path, no router.
+#[derive(Clone)]
+pub struct GrpcService<H> {
+    authorizer: Arc<Authorizer>,
+    health: H,
+}
+
+impl<H, B> Service<http::Request<B>> for GrpcService<H>
+where
+    H: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    H::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CHECK_PATH {
+            return Box::pin(self.health.call(request));
+        }
+        let check = Check(self.authorizer.clone());
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(check, request).await)
+        })
+    }
+}
+
+/// The `Check` method.
+struct Check(Arc<Authorizer>);
+
+impl tonic::server::UnaryService<wire::CheckRequest> for Check {
+    type Response = CheckResponse;
+    type Future = BoxFuture<tonic::Response<CheckResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<wire::CheckRequest>) -> Self::Future {
+        let authorizer = self.0.clone();
+        Box::pin(async move {
+            let trace = authorizer.tracing_on().then(|| trace_metadata(request.metadata()));
+            let response = match original_request(request.into_inner()) {
+                Ok(mut original) => {
+                    if let Some(trace) = trace {
+                        original.trace_metadata = trace;
+                    }
+                    check_response(&authorizer.decide(original).await)
                 }
-                check_response(&self.authorizer.decide(original).await)
-            }
-            Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
-        };
-        Ok(tonic::Response::new(response))
+                Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
+            };
+            Ok(tonic::Response::new(response))
+        })
     }
 }
 
@@ -77,15 +203,13 @@ fn trace_metadata(metadata: &tonic::metadata::MetadataMap) -> Vec<Header> {
         .collect()
 }
 
-/// The original request from Envoy's attributes, or why it cannot be checked.
-fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'static str)> {
-    let attributes = request.attributes.as_ref().ok_or((400, "malformed check request: no attributes"))?;
-    let http = attributes
-        .request
-        .as_ref()
-        .and_then(|r| r.http.as_ref())
-        .ok_or((400, "malformed check request: no attributes.request.http"))?;
-    let size: usize = http.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+/// The original request from Envoy's attributes, or why it cannot be checked. Takes the
+/// decoded message apart: its strings become the check's without copies.
+fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16, &'static str)> {
+    let attributes = request.attributes.ok_or((400, "malformed check request: no attributes"))?;
+    let http =
+        attributes.request.and_then(|r| r.http).ok_or((400, "malformed check request: no attributes.request.http"))?;
+    let size: usize = http.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
         + http
             .header_map
             .as_ref()
@@ -93,20 +217,24 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
     if size > MAX_HEADER_BYTES {
         return Err((431, "request headers too large"));
     }
+    let lowercase = |mut name: String| {
+        name.make_ascii_lowercase();
+        name
+    };
     let mut headers: Vec<Header> = http
         .headers
-        .iter()
-        .filter(|(name, _)| !name.starts_with(':'))
-        .map(|(name, value)| Header { name: name.to_ascii_lowercase(), value: value.clone() })
+        .into_iter()
+        .filter(|h| !h.key.starts_with(':'))
+        .map(|h| Header { name: lowercase(h.key), value: h.value })
         .collect();
     // Newer Envoys may send `header_map` instead of `headers`.
-    if let Some(map) = &http.header_map {
-        headers.extend(map.headers.iter().filter(|h| !h.key.starts_with(':')).map(|h| Header {
-            name: h.key.to_ascii_lowercase(),
+    if let Some(map) = http.header_map {
+        headers.extend(map.headers.into_iter().filter(|h| !h.key.starts_with(':')).map(|h| Header {
+            name: lowercase(h.key),
             value: if h.raw_value.is_empty() {
-                h.value.clone()
+                h.value
             } else {
-                String::from_utf8_lossy(&h.raw_value).into_owned()
+                String::from_utf8(h.raw_value).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
             },
         }));
     }
@@ -117,26 +245,24 @@ fn original_request(request: &CheckRequest) -> Result<OriginalRequest, (u16, &'s
     }
     let (path, query) = OriginalRequest::split_target(&http.path);
     let body = if !http.raw_body.is_empty() {
-        Some(http.raw_body.iter().take(MAX_BODY_BYTES).copied().collect())
+        let mut body = http.raw_body;
+        body.truncate(MAX_BODY_BYTES);
+        Some(body)
     } else if !http.body.is_empty() {
-        Some(http.body.as_bytes().iter().take(MAX_BODY_BYTES).copied().collect())
+        let mut body = http.body.into_bytes();
+        body.truncate(MAX_BODY_BYTES);
+        Some(body)
     } else {
         None
     };
-    let peer = attributes
-        .source
-        .as_ref()
-        .and_then(|s| s.address.as_ref())
-        .and_then(|a| a.address.as_ref())
-        .and_then(|a| match a {
-            envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s) => Some(s.address.clone()),
-            _ => None,
-        })
-        .unwrap_or_default();
+    let peer =
+        attributes.source.and_then(|s| s.address).and_then(|a| a.socket_address).map(|s| s.address).unwrap_or_default();
+    let mut method = http.method;
+    method.make_ascii_uppercase();
     Ok(OriginalRequest {
-        method: http.method.to_ascii_uppercase(),
-        scheme: if http.scheme.is_empty() { "http".into() } else { http.scheme.to_ascii_lowercase() },
-        host: http.host.to_ascii_lowercase(),
+        method,
+        scheme: if http.scheme.is_empty() { "http".into() } else { lowercase(http.scheme) },
+        host: lowercase(http.host),
         path,
         query,
         headers,
@@ -202,12 +328,23 @@ fn denied(grpc: i32, status: u16, message: &str, headers: &[(&str, &str)]) -> Ch
     }
 }
 
-/// The gRPC routes: ext_authz and `grpc.health.v1` (reporting `SERVING` for the
+/// The gRPC service: ext_authz and `grpc.health.v1` (reporting `SERVING` for the
 /// Authorization service), served by the shared accept loop.
-pub async fn routes(authorizer: Arc<Authorizer>) -> tonic::service::Routes {
+pub async fn routes(
+    authorizer: Arc<Authorizer>,
+) -> GrpcService<
+    impl Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<AuthorizationServer<ExtAuthz>>().await;
-    tonic::service::Routes::new(health).add_service(AuthorizationServer::new(ExtAuthz::new(authorizer)))
+    reporter.set_service_status(SERVICE, tonic_health::ServingStatus::Serving).await;
+    GrpcService { authorizer, health }
 }
 
 #[cfg(test)]
@@ -264,18 +401,43 @@ mod tests {
         assert_eq!(ok.headers_to_remove, ["x-internal", "x-auth-tenant"]);
     }
 
+    /// What Envoy sends, through the wire format into the decoded check.
+    fn decoded(request: &envoy_types::ext_authz::v3::pb::CheckRequest) -> wire::CheckRequest {
+        use prost::Message;
+        wire::CheckRequest::decode(request.encode_to_vec().as_slice()).unwrap_or_default()
+    }
+
     #[test]
     fn a_check_without_http_attributes_is_invalid() {
-        assert_eq!(
-            original_request(&CheckRequest::default()).err(),
-            Some((400, "malformed check request: no attributes"))
-        );
+        let empty = envoy_types::ext_authz::v3::pb::CheckRequest::default();
+        assert_eq!(original_request(decoded(&empty)).err(), Some((400, "malformed check request: no attributes")));
+    }
+
+    fn with_http(
+        http: envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
+    ) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+        use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+        use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+        let socket = SocketAddress { address: "10.1.2.3".into(), ..Default::default() };
+        let peer = attribute_context::Peer {
+            address: Some(Address { address: Some(address::Address::SocketAddress(socket)) }),
+            ..Default::default()
+        };
+        envoy_types::ext_authz::v3::pb::CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(peer.clone()),
+                destination: Some(attribute_context::Peer { service: "upstream".into(), ..peer }),
+                request: Some(attribute_context::Request { http: Some(http), ..Default::default() }),
+                context_extensions: [("route".to_owned(), "orders".to_owned())].into(),
+                ..Default::default()
+            }),
+        }
     }
 
     #[test]
     fn two_authorization_headers_are_invalid() {
         use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue as EnvoyHeader};
-        use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context;
         let header =
             |value: &str| EnvoyHeader { key: "authorization".into(), value: value.into(), raw_value: Vec::new() };
         let http = attribute_context::HttpRequest {
@@ -283,12 +445,57 @@ mod tests {
             header_map: Some(HeaderMap { headers: vec![header("Bearer a"), header("Bearer b")] }),
             ..Default::default()
         };
-        let request = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request { http: Some(http), ..Default::default() }),
-                ..Default::default()
-            }),
+        assert_eq!(original_request(decoded(&with_http(http))).err().map(|e| e.0), Some(400));
+        // The same through the `headers` map and `header_map` together.
+        let http = attribute_context::HttpRequest {
+            path: "/x".into(),
+            headers: [("Authorization".to_owned(), "Bearer a".to_owned())].into(),
+            header_map: Some(HeaderMap { headers: vec![header("Bearer b")] }),
+            ..Default::default()
         };
-        assert_eq!(original_request(&request).err().map(|e| e.0), Some(400));
+        assert_eq!(original_request(decoded(&with_http(http))).err().map(|e| e.0), Some(400));
+    }
+
+    /// The lean message reads Envoy's full `CheckRequest` (with fields it skips: the
+    /// destination, context extensions, the request id and protocol) into the same check.
+    #[test]
+    fn envoys_check_request_decodes_into_the_original_request() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue as EnvoyHeader};
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context;
+        let http = attribute_context::HttpRequest {
+            id: "1234".into(),
+            method: "get".into(),
+            path: "/api/orders/7?full=1".into(),
+            host: "API.Example".into(),
+            scheme: "HTTPS".into(),
+            protocol: "HTTP/2".into(),
+            headers: [
+                (":authority".to_owned(), "api.example".to_owned()),
+                ("Authorization".to_owned(), "Bearer t".to_owned()),
+                ("user-agent".to_owned(), "curl/8".to_owned()),
+            ]
+            .into(),
+            header_map: Some(HeaderMap {
+                headers: vec![EnvoyHeader {
+                    key: "X-Raw".into(),
+                    value: String::new(),
+                    raw_value: b"r\xc3\xa9".to_vec(),
+                }],
+            }),
+            body: "ignored: raw_body is set".into(),
+            raw_body: vec![7; MAX_BODY_BYTES + 10],
+            ..Default::default()
+        };
+        let original = original_request(decoded(&with_http(http)));
+        let Ok(original) = original else { panic!("rejected: {:?}", original.err()) };
+        assert_eq!(
+            (original.method.as_str(), original.scheme.as_str(), original.host.as_str()),
+            ("GET", "https", "api.example")
+        );
+        assert_eq!((original.path.as_str(), original.query.as_deref()), ("/api/orders/7", Some("full=1")));
+        let headers: Vec<(&str, &str)> = original.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())).collect();
+        assert_eq!(headers, [("authorization", "Bearer t"), ("user-agent", "curl/8"), ("x-raw", "ré")]);
+        assert_eq!(original.peer, "10.1.2.3");
+        assert_eq!(original.body, Some(vec![7; MAX_BODY_BYTES]));
     }
 }
