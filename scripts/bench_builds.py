@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """This build of `sandgate` against another, under load: the RBAC example (HS256, wrk -t2
 -c64) with `capture = "none"` and with `capture = "input"` to a file, reporting requests per
-second and the sidecar's CPU per check. Rounds alternate which build goes first; the median of
-the per-round ratios (this / baseline) is reported with its range.
+second and the sidecar's CPU per check; and on an idle system (one connection, one request at
+a time), reporting the p50 latency. Rounds alternate which build goes first; the median of the
+per-round ratios (this / baseline) is reported with its range.
 
     cargo build --release -p sandgate && ./scripts/build-policies.sh
     BASELINE_SANDGATE=/path/to/other/sandgate .venv/bin/python scripts/bench_builds.py   # ROUNDS (6), DURATION (3 s)
@@ -33,6 +34,7 @@ def main():
     }
     headers = records.reader_headers()
     runs = {}  # (case, build) -> [(req/s, CPU µs per check)]
+    idle = {}  # build -> [p50 µs with one connection]
     for n in range(ROUNDS):
         for case, config in cases.items():
             order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
@@ -48,6 +50,16 @@ def main():
                     proc.terminate()
                     proc.wait(timeout=30)
                 runs.setdefault((case, build), []).append((rps, 1e6 * cpu / (rps * DURATION)))
+        order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
+        for build, binary in order:
+            records.SANDGATE = binary
+            proc, port = records.serve(records.config(tmp, "builds", cases["capture none"]), tmp / "sidecar.log")
+            try:
+                wrk(port, headers, 1, connections=1)
+                idle.setdefault(build, []).append(wrk(port, headers, DURATION, connections=1)[1])
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
     print(f"| case | this build req/s | baseline req/s | req/s ratio (median of {ROUNDS}, range) | CPU µs/check this / baseline | CPU ratio (range) |")
     print("|---|---|---|---|---|---|")
     for case in cases:
@@ -58,6 +70,10 @@ def main():
               f"**{statistics.median(rps):.3f}** ({rps[0]:.2f}–{rps[-1]:.2f}) | "
               f"{statistics.median(t[1] for t in this):.1f} / {statistics.median(b[1] for b in base):.1f} | "
               f"**{statistics.median(cpu):.3f}** ({cpu[0]:.2f}–{cpu[-1]:.2f}) |")
+    this, base = idle["this build"], idle["baseline"]
+    ratios = sorted(t / b for t, b in zip(this, base))
+    print(f"\nOne connection, capture none: p50 {statistics.median(this):.0f} µs this build, {statistics.median(base):.0f} µs baseline, "
+          f"ratio **{statistics.median(ratios):.3f}** ({ratios[0]:.2f}–{ratios[-1]:.2f}), median of {ROUNDS}")
 
 
 if __name__ == "__main__":

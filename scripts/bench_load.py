@@ -51,8 +51,9 @@ def start(cmd):
     sys.exit(f"{cmd} did not start")
 
 
-def wrk(port, headers, seconds, script=None):
-    args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"] + (["-s", script] if script else [])
+def wrk(port, headers, seconds, script=None, connections=64):
+    threads = min(2, connections)
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"] + (["-s", script] if script else [])
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     out = subprocess.run(args + [f"http://127.0.0.1:{port}/auth"], capture_output=True, text=True, check=True).stdout

@@ -233,16 +233,21 @@ def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):
 
 
 class Nats:
-    def __init__(self, directory):
+    def __init__(self, directory, max_payload=None):
         from test_fleet import NATS
         self.binary, self.directory, self.port = NATS, directory, free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.args = []
+        if max_payload:
+            conf = directory / "nats.conf"
+            conf.write_text(f"max_payload: {max_payload}\n")
+            self.args = ["-c", str(conf)]
         self.start()
 
     def start(self):
         from conftest import wait_port
         self.log = open(self.directory / "nats.log", "a")
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory / "js")], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([self.binary, *self.args, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory / "js")], stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc, "nats-server")
 
     def stop(self):
@@ -286,9 +291,9 @@ def stream_messages(nats, stream):
         return messages
 
 
-def nats_sink_config(tmp_path, nats):
+def nats_sink_config(tmp_path, nats, extra=""):
     """A sidecar config: RBAC behind nginx, HS256 tokens, `capture = "input"` records sent to
-    `nats` through a spool in `tmp_path`."""
+    `nats` through a spool in `tmp_path` (`extra`: more `[decision_log.nats]` settings)."""
     config = tmp_path / "sandgate.toml"
     data = tmp_path / "rbac-data.json"
     data.write_text(json.dumps(RBAC_DATA))
@@ -298,9 +303,43 @@ def nats_sink_config(tmp_path, nats):
         policies=[{"id": "rbac", "module": str(POLICIES / "rbac.wasm"), "data": str(data)}],
         server={"proxy": "nginx", "default_policy": "rbac"},
         extra_toml='[decision_log]\ncapture = "input"\nsink = "nats"\n' + f'archive_dir = "{tmp_path / "archive"}"\n'
-                   + f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n',
+                   + f'[decision_log.nats]\nurl = "{nats.url}"\nspool_dir = "{tmp_path / "spool"}"\n' + extra,
     )
     return config
+
+
+def test_a_server_with_a_small_max_payload_gets_every_record_it_can_take(tmp_path):
+    """A NATS server that accepts only 8 KiB messages: records go out in messages it accepts,
+    and the one record longer than that is dropped and counted instead of stopping every record
+    behind it."""
+    nats = Nats(tmp_path, max_payload=8192)
+    config = nats_sink_config(tmp_path, nats, extra='compression = "none"\n')
+    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    try:
+        client = Client(s.port)
+        answered = [client.check(f"/api/orders/{i}", mint(i, "hs-a"))[1] for i in range(100)]
+        # A 9 KB query makes a record NATS cannot take in one message.
+        client.conn.request("GET", "/auth", headers={"X-Original-URI": "/api/orders/big?pad=" + "p" * 9000, "X-Original-Method": "GET",
+                                                     "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https",
+                                                     "Authorization": f"Bearer {mint(0, 'hs-a')}"})
+        response = client.conn.getresponse()
+        response.read()
+        big = response.getheader("x-sandgate-request-id")
+        answered += [client.check(f"/api/orders/{i}", mint(i, "hs-a"))[1] for i in range(100, 200)]
+        deadline = time.time() + 20
+        ids = []
+        while time.time() < deadline and len(ids) < len(answered):
+            time.sleep(0.3)
+            ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
+        assert ids == answered, (len(ids), len(answered))
+        assert big not in ids
+        metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
+        assert "sandgate_decision_log_dropped_total 1" in metrics, metrics
+        assert "sandgate_decision_spool_bytes 0" in metrics, metrics
+        assert "too long for the NATS server's max_payload" in "".join(s.stderr_lines)
+    finally:
+        s.stop()
+        nats.stop()
 
 
 def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):

@@ -4,7 +4,8 @@
 //! The NATS sink never makes a check wait and loses nothing it accepted: the log writer
 //! appends each batch to the spool (segment files; what is still unacknowledged is synced to
 //! disk at least every `spool_sync_ms`), and a publisher sends what is
-//! spooled to JetStream in order, as messages of whole lines (up to 64 KiB each), each with a
+//! spooled to JetStream in order, as messages of whole lines (up to 1 MiB each, less if the
+//! server's `max_payload` is lower), each with a
 //! `Nats-Msg-Id` made of its place in the spool (a batch sent again after a lost
 //! acknowledgement is sent with the same boundaries and stored once), and moves its cursor
 //! only past what JetStream acknowledged. Delivery is at least once: a batch in flight when
@@ -139,10 +140,22 @@ pub fn decode_message<'a>(encoding: Option<&str>, body: &'a [u8]) -> Result<std:
 /// the `Nats-Msg-Id`) and its bytes (whole lines, each ending in a newline).
 type SpooledMessage = (String, bytes::Bytes);
 
-/// A message holds whole lines up to this size (a longer line is sent alone).
-const MESSAGE_BYTES: usize = 64 << 10;
+/// A message holds whole lines up to this size, or less when the server's `max_payload` is
+/// lower ([`message_room`]; for the default 1 MiB, just over 1015 KiB). Large messages cost JetStream
+/// least: against 64 KiB, nats-server spent a quarter less CPU a record (`docs/BENCHMARKS.md`).
+/// Its lines never pass 1 MiB, so a consumer can bound what it decodes ([`MAX_DECODED`]).
+const MESSAGE_BYTES: usize = 1 << 20;
 
-/// The longest line sent: under NATS's default 1 MiB message limit.
+/// The most bytes of lines one message may carry to a server that accepts messages (headers
+/// and body) of `max_payload` bytes: what is left after 1 KiB for the headers, less 1/128 for
+/// LZ4's worst case on lines that do not compress. For NATS's default 1 MiB, 1,039,368 bytes:
+/// every line the spool keeps ([`MAX_LINE`]) fits.
+const fn message_room(max_payload: usize) -> usize {
+    max_payload.saturating_sub(1024) / 128 * 127
+}
+
+/// The longest line the spool keeps: what a message to a server with NATS's default 1 MiB
+/// `max_payload` can carry ([`message_room`]).
 const MAX_LINE: usize = 1000 << 10;
 
 /// A spool segment grows to this size before the next one is started.
@@ -391,10 +404,11 @@ impl Spool {
 
     /// What follows the cursor (up to `limit`, the end of a batch that was not acknowledged,
     /// so that it is sent again with the same boundaries), as messages of whole lines of at
-    /// most [`MESSAGE_BYTES`] each: each with its id (`<spool id>-<segment>-<start>-<end>`),
-    /// and the cursor after them. A line too long for a NATS
-    /// message is skipped and counted as dropped.
-    fn peek(&self, limit: Option<(u64, u64)>) -> std::io::Result<(Vec<SpooledMessage>, (u64, u64))> {
+    /// most [`MESSAGE_BYTES`] and at most `room` bytes each: each with its id (`<spool
+    /// id>-<segment>-<start>-<end>`), and the cursor after them. A line longer than `room`
+    /// (what the server's `max_payload` leaves for lines, [`message_room`]) could never be
+    /// sent: it is skipped and counted as dropped.
+    fn peek(&self, limit: Option<(u64, u64)>, room: usize) -> std::io::Result<(Vec<SpooledMessage>, (u64, u64))> {
         let (segment, offset, len) = {
             let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             // A segment sent whole while it was the last one is left when the next one starts.
@@ -426,8 +440,12 @@ impl Spool {
         for line_end in memchr::memchr_iter(b'\n', &bytes).map(|i| i + 1) {
             let len = (line_end - line_start) as u64;
             line_start = line_end;
-            if len as usize > MAX_LINE {
-                tracing::warn!(bytes = len, "a decision record too long for a NATS message was dropped");
+            if len as usize > room {
+                tracing::warn!(
+                    bytes = len,
+                    room,
+                    "a decision record too long for the NATS server's max_payload was dropped"
+                );
                 self.dropped.inc();
                 if at > start {
                     messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
@@ -436,7 +454,7 @@ impl Spool {
                 start = at;
                 continue;
             }
-            if at > start && (at - start + len) as usize > MESSAGE_BYTES {
+            if at > start && (at - start + len) as usize > MESSAGE_BYTES.min(room) {
                 messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
                 start = at;
             }
@@ -581,7 +599,9 @@ pub async fn publish(
             }
             break;
         }
-        let (messages, cursor) = match spool.peek(retry) {
+        // Read anew for every batch: a reconnect may reach a server with another limit.
+        let room = message_room(js.client().max_payload());
+        let (messages, cursor) = match spool.peek(retry, room) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the decision-record spool");
@@ -690,6 +710,45 @@ pub async fn ensure_stream(
 mod tests {
     use super::*;
 
+    /// What a message may carry to a server with NATS's default `max_payload` (1 MiB).
+    const ROOM: usize = message_room(1 << 20);
+
+    #[test]
+    fn the_room_a_message_has_follows_the_servers_max_payload() {
+        assert_eq!(ROOM, 1_039_368);
+        assert!(message_room(1 << 20) >= MAX_LINE);
+        assert_eq!(message_room(512), 0);
+        // Lines that LZ4 cannot compress, as large as the room allows, still fit the limit
+        // once encoded and given their headers.
+        let mut noise = vec![0u8; message_room(64 << 10)];
+        aws_lc_rs::rand::fill(&mut noise).unwrap();
+        let body = Compression::Lz4.encode(bytes::Bytes::from(noise)).unwrap();
+        assert!(body.len() + 1024 <= 64 << 10, "{}", body.len());
+    }
+
+    #[test]
+    fn a_server_with_a_smaller_max_payload_gets_smaller_messages_and_no_line_it_cannot_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, dropped.clone()).unwrap();
+        let line = |c: u8, n: usize| [vec![c; n - 1], vec![b'\n']].concat();
+        // A server accepting 8 KiB messages: 7,112 bytes of lines each.
+        let room = message_room(8 << 10);
+        spool
+            .append(&[line(b'a', 3000), line(b'b', 3000), line(b'c', 3000), line(b'x', 7200), line(b'd', 10)].concat())
+            .unwrap();
+        let (messages, cursor) = spool.peek(None, room).unwrap();
+        let bodies: Vec<&[u8]> = messages.iter().map(|(_, m)| m.as_ref()).collect();
+        assert_eq!(
+            bodies,
+            [[line(b'a', 3000), line(b'b', 3000)].concat(), [line(b'c', 3000)].concat(), line(b'd', 10)]
+        );
+        // The line too long for this server is dropped and counted, not sent forever in vain.
+        assert_eq!(dropped.get(), 1);
+        assert_eq!(cursor, (0, 16_210));
+        assert_eq!(messages[2].0, format!("{}-0-16200-16210", spool.id));
+    }
+
     #[test]
     fn a_rotating_file_keeps_whole_batches_and_the_newest_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -718,7 +777,7 @@ mod tests {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
         // All ten acknowledged: nothing synced (nothing pending), the cursor at byte 90.
-        let (_, cursor) = spool.peek(None).unwrap();
+        let (_, cursor) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         spool.write_cursor(true).unwrap();
         drop(spool);
@@ -733,7 +792,7 @@ mod tests {
         // New records are spooled and sent, under ids never used before.
         spool.append(b"after\n").unwrap();
         assert_eq!(spool.pending(), 6);
-        let (messages, _) = spool.peek(None).unwrap();
+        let (messages, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages.len(), 1);
         assert_eq!(&messages[0].1[..], b"after\n");
         assert_eq!(messages[0].0, format!("{}-1-0-6", spool.id));
@@ -763,7 +822,7 @@ mod tests {
         for i in 0..10 {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
-        let (messages, cursor) = spool.peek(None).unwrap();
+        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].0, format!("{}-0-0-90", spool.id));
         let text = String::from_utf8_lossy(&messages[0].1).into_owned();
@@ -774,14 +833,14 @@ mod tests {
         drop(spool);
         // Reopened: what was acknowledged is not sent again.
         let spool = Spool::open(dir.path().to_owned(), 1000, Duration::ZERO, dropped.clone()).unwrap();
-        let (messages, _) = spool.peek(None).unwrap();
+        let (messages, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages[0].0, format!("{}-0-36-90", spool.id));
         assert!(messages[0].1.starts_with(b"line-004\n"));
         // A retry stops where the failed batch did.
         spool.append(b"line-010\n").unwrap();
-        assert_eq!(spool.peek(Some((0, 90))).unwrap().1, (0, 90));
+        assert_eq!(spool.peek(Some((0, 90)), ROOM).unwrap().1, (0, 90));
         // Lines written after reopening go to a new segment (never after a torn tail).
-        assert_eq!(spool.peek(None).unwrap().1, (0, 90));
+        assert_eq!(spool.peek(None, ROOM).unwrap().1, (0, 90));
         // 63 bytes pending, room for 937: of 200 lines of 9 bytes, 104 fit; the other 96 are
         // dropped whole and counted.
         let batch: Vec<u8> = (0..200).flat_map(|i| format!("more-{i:03}\n").into_bytes()).collect();
@@ -799,7 +858,7 @@ mod tests {
         // Send all of segment 0 while no other segment exists.
         let mut cursor = (0, 0);
         loop {
-            let (messages, next) = spool.peek(None).unwrap();
+            let (messages, next) = spool.peek(None, ROOM).unwrap();
             if messages.is_empty() {
                 break;
             }
@@ -809,7 +868,7 @@ mod tests {
         assert_eq!(cursor, (0, SEGMENT_BYTES));
         // The writer starts segment 1: what it holds is sent.
         spool.append(b"next\n").unwrap();
-        let (messages, cursor) = spool.peek(None).unwrap();
+        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
         assert_eq!((messages.len(), cursor), (1, (1, 5)));
         assert_eq!(&messages[0].1[..], b"next\n");
         assert!(!dir.path().join("0.seg").exists());
@@ -842,7 +901,7 @@ mod tests {
         assert_eq!(syncs(&spool), 1);
         // Lines JetStream acknowledged are not synced.
         spool.append(b"line\n").unwrap();
-        let (_, cursor) = spool.peek(None).unwrap();
+        let (_, cursor) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         spool.sync_due(true).unwrap();
         assert_eq!(syncs(&spool), 1);
@@ -871,7 +930,7 @@ mod tests {
         std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let spool = Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         spool.append(b"{\"subject\":\"alice\"}\n").unwrap();
-        let (_, cursor) = spool.peek(None).unwrap();
+        let (_, cursor) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         let mut files = 0;
         for entry in std::fs::read_dir(&spool_dir).unwrap() {
@@ -916,13 +975,13 @@ mod tests {
         let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         let line = |c: u8, n: usize| [vec![c; n - 1], vec![b'\n']].concat();
         for c in b"abcde" {
-            spool.append(&line(*c, 20 << 10)).unwrap();
+            spool.append(&line(*c, 300 << 10)).unwrap();
         }
-        let (messages, cursor) = spool.peek(None).unwrap();
+        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
         let sizes: Vec<usize> = messages.iter().map(|(_, m)| m.len()).collect();
-        assert_eq!(sizes, [60 << 10, 40 << 10]);
-        assert_eq!(messages[1].0, format!("{}-0-{}-{}", spool.id, 60 << 10, 100 << 10));
-        assert_eq!(cursor, (0, 100 << 10));
+        assert_eq!(sizes, [900 << 10, 600 << 10]);
+        assert_eq!(messages[1].0, format!("{}-0-{}-{}", spool.id, 900 << 10, 1500 << 10));
+        assert_eq!(cursor, (0, 1500 << 10));
         assert!(messages.iter().all(|(_, m)| m.ends_with(b"\n")));
         // A line longer than a NATS message can carry is not spooled; it is counted.
         let dropped = Counter::default();
