@@ -2,7 +2,8 @@
 """What decision records cost under load: the RBAC example (HS256, wrk -t2 -c64) with
 `capture = "none"` against `capture = "input"` with its records sent to a NATS JetStream stream
 (nats-server on 127.0.0.1, the spool on disk: the defaults, i.e. LZ4-compressed messages and
-the spool synced every second; uncompressed; and syncing every batch), and against
+the spool synced every second; uncompressed; syncing every batch; and to a server whose
+`max_payload` of 64 KiB keeps messages at ~63 KiB of lines instead of ~1 MiB), and against
 `capture = "input"` to a file. The traffic varies as real traffic does, since what compression
 gains depends on it: 1,000 readers' tokens (distinct subjects and `jti`s), paths and user agents,
 chosen at random by a wrk script.
@@ -130,21 +131,27 @@ def input_to_file(tmp):
 
 def main():
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
-    nats_port = free_port()
+    nats_port, small_port = free_port(), free_port()
     nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(tmp / "js")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A second server accepting messages of at most 64 KiB: the sidecar sends it messages of
+    # ~63 KiB of lines instead of ~1 MiB (its own store directory; not counted in stored bytes).
+    (tmp / "small.conf").write_text("max_payload: 65536\n")
+    small = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-c", str(tmp / "small.conf"), "-a", "127.0.0.1", "-p", str(small_port),
+                              "-js", "-sd", str(tmp / "js-small")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
 
-    def to_nats(setting):
+    def to_nats(setting, port=nats_port):
         """`[decision_log]` lines for `capture = "input"` to the NATS sink, with `setting` added."""
         return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\n'
-                f'url = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\n{setting}spool_dir = "{{spool}}"')
+                f'url = "nats://127.0.0.1:{port}"\nspool_max_mib = 8192\n{setting}spool_dir = "{{spool}}"')
 
     cases = {
         "none": 'capture = "none"',
         "input → NATS": to_nats(""),
         "input → NATS, uncompressed": to_nats('compression = "none"\n'),
         "input → NATS, spool synced every batch": to_nats("spool_sync_ms = 0\n"),
+        "input → NATS, 64 KiB messages": to_nats("", small_port),
         "input → file": input_to_file(tmp),
     }
     script = varied_traffic(tmp)
@@ -152,7 +159,7 @@ def main():
     dropped = {name: 0 for name in cases}
     cpu = {name: [] for name in cases}  # (sidecar, nats-server) CPU µs per check
     backlog = []  # (records answered, bytes still in the spool) after each NATS run
-    stored = {name: [] for name in cases if "NATS" in name}  # bytes JetStream stored a record
+    stored = {name: [] for name in cases if "NATS" in name and "64 KiB" not in name}  # bytes JetStream stored a record
 
     def stream_bytes():
         return sum(f.stat().st_size for f in (tmp / "js").rglob("*.blk"))
@@ -163,9 +170,10 @@ def main():
             stream_before = stream_bytes()
             proc, port = serve(config(tmp, name.split()[0], records), tmp / f"sidecar-{n}-{name.split()[-1]}.log")
             wrk(port, {}, 2, script)
-            before = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
+            server = small if "64 KiB" in name else nats
+            before = (cpu_seconds(proc.pid), cpu_seconds(server.pid))
             results[name].append(wrk(port, {}, DURATION, script))
-            after = (cpu_seconds(proc.pid), cpu_seconds(nats.pid))
+            after = (cpu_seconds(proc.pid), cpu_seconds(server.pid))
             checks = results[name][-1][0] * DURATION
             cpu[name].append((1e6 * (after[0] - before[0]) / checks, 1e6 * (after[1] - before[1]) / checks))
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -182,10 +190,12 @@ def main():
                     time.sleep(0.2)
                 backlog.append((answered, spooled, time.time() - drained_at))
                 checks_in_all = int(float(re.search(r"^sandgate_decisions_total\{[^}]*\} (\S+)", text, re.M).group(1)))
-                stored[name].append((stream_bytes() - stream_before) / checks_in_all)
+                if server is nats:
+                    stored[name].append((stream_bytes() - stream_before) / checks_in_all)
             proc.terminate()
             proc.wait(timeout=30)
     nats.terminate()
+    small.terminate()
     base = results["none"]
     print("| records | req/s (median) | p50 µs | p99 µs | ratio to `none` (median of rounds, min–max) | sidecar CPU µs/check | nats-server CPU µs/check | records dropped |")
     print("|---|---|---|---|---|---|---|---|")
