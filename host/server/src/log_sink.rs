@@ -141,9 +141,10 @@ pub fn decode_message<'a>(encoding: Option<&str>, body: &'a [u8]) -> Result<std:
 type SpooledMessage = (String, bytes::Bytes);
 
 /// A message holds whole lines up to this size, or less when the server's `max_payload` is
-/// lower ([`message_room`]; for the default 1 MiB, just over 1015 KiB). Large messages cost JetStream
-/// least: against 64 KiB, nats-server spent a quarter less CPU a record (`docs/BENCHMARKS.md`).
-/// Its lines never pass 1 MiB, so a consumer can bound what it decodes ([`MAX_DECODED`]).
+/// lower ([`message_room`]; for the default 1 MiB, just over 1015 KiB). Large messages cost
+/// JetStream least: against 64 KiB, nats-server spent a quarter to a third less CPU a record
+/// (`docs/BENCHMARKS.md`). Its lines never pass 1 MiB, so a consumer can bound what it
+/// decodes ([`MAX_DECODED`]).
 const MESSAGE_BYTES: usize = 1 << 20;
 
 /// The most bytes of lines one message may carry to a server that accepts messages (headers
