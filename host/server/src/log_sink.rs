@@ -140,6 +140,10 @@ pub fn decode_message<'a>(encoding: Option<&str>, body: &'a [u8]) -> Result<std:
 /// the `Nats-Msg-Id`) and its bytes (whole lines, each ending in a newline).
 type SpooledMessage = (String, bytes::Bytes);
 
+/// What [`Spool::peek`] found: the messages, the cursor after them, and the lines skipped as too
+/// long for the server.
+type Peeked = (Vec<SpooledMessage>, (u64, u64), u64);
+
 /// A message holds whole lines up to this size, or less when the server's `max_payload` is
 /// lower ([`message_room`]; for the default 1 MiB, just over 1015 KiB). Large messages cost
 /// JetStream least: against 64 KiB, nats-server spent a quarter to a third less CPU a record
@@ -406,17 +410,19 @@ impl Spool {
     /// What follows the cursor (up to `limit`, the end of a batch that was not acknowledged,
     /// so that it is sent again with the same boundaries), as messages of whole lines of at
     /// most [`MESSAGE_BYTES`] and at most `room` bytes each: each with its id (`<spool
-    /// id>-<segment>-<start>-<end>`), and the cursor after them. A line longer than `room`
-    /// (what the server's `max_payload` leaves for lines, [`message_room`]) could never be
-    /// sent: it is skipped and counted as dropped.
-    fn peek(&self, limit: Option<(u64, u64)>, room: usize) -> std::io::Result<(Vec<SpooledMessage>, (u64, u64))> {
+    /// id>-<segment>-<start>-<end>`), the cursor after them, and how many lines were skipped.
+    /// A line longer than `room` (what the server's `max_payload` leaves for lines,
+    /// [`message_room`]) could never be sent: it is skipped, and counted as dropped by the
+    /// publisher once the cursor moves past it (a batch peeked again after a failed send must
+    /// not count it twice).
+    fn peek(&self, limit: Option<(u64, u64)>, room: usize) -> std::io::Result<Peeked> {
         let (segment, offset, len) = {
             let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             // A segment sent whole while it was the last one is left when the next one starts.
             self.remove_finished(&mut state);
             match state.segments.front() {
                 Some((n, len)) => (*n, state.offset, *len),
-                None => return Ok((Vec::new(), (0, 0))),
+                None => return Ok((Vec::new(), (0, 0), 0)),
             }
         };
         let end = match limit {
@@ -424,7 +430,7 @@ impl Spool {
             _ => len,
         };
         if offset >= end {
-            return Ok((Vec::new(), (segment, offset)));
+            return Ok((Vec::new(), (segment, offset), 0));
         }
         let mut file = File::open(self.segment_path(segment))?;
         file.seek(SeekFrom::Start(offset))?;
@@ -437,17 +443,12 @@ impl Spool {
         let mut messages = Vec::new();
         let (mut start, mut at) = (offset, offset);
         let slice = |from: u64, to: u64| bytes.slice((from - offset) as usize..(to - offset) as usize);
-        let mut line_start = 0;
+        let (mut line_start, mut skipped) = (0, 0);
         for line_end in memchr::memchr_iter(b'\n', &bytes).map(|i| i + 1) {
             let len = (line_end - line_start) as u64;
             line_start = line_end;
             if len as usize > room {
-                tracing::warn!(
-                    bytes = len,
-                    room,
-                    "a decision record too long for the NATS server's max_payload was dropped"
-                );
-                self.dropped.inc();
+                skipped += 1;
                 if at > start {
                     messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
                 }
@@ -464,7 +465,7 @@ impl Spool {
         if at > start {
             messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
         }
-        Ok((messages, (segment, at)))
+        Ok((messages, (segment, at), skipped))
     }
 
     /// Remove the segments sent whole, except the one being appended to.
@@ -602,7 +603,7 @@ pub async fn publish(
         }
         // Read anew for every batch: a reconnect may reach a server with another limit.
         let room = message_room(js.client().max_payload());
-        let (messages, cursor) = match spool.peek(retry, room) {
+        let (messages, cursor, skipped) = match spool.peek(retry, room) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the decision-record spool");
@@ -610,7 +611,7 @@ pub async fn publish(
                 continue;
             }
         };
-        if messages.is_empty() {
+        if messages.is_empty() && skipped == 0 {
             if stop.is_cancelled() {
                 break;
             }
@@ -633,6 +634,14 @@ pub async fn publish(
                 if failing {
                     tracing::info!("decision records are reaching NATS again");
                     failing = false;
+                }
+                if skipped > 0 {
+                    tracing::warn!(
+                        records = skipped,
+                        room,
+                        "decision records too long for the NATS server's max_payload were dropped"
+                    );
+                    spool.dropped.inc_by(skipped);
                 }
                 if let Err(e) = spool.advance(cursor) {
                     tracing::error!(error = %e, "cannot move the decision-record spool's cursor");
@@ -738,16 +747,28 @@ mod tests {
         spool
             .append(&[line(b'a', 3000), line(b'b', 3000), line(b'c', 3000), line(b'x', 7200), line(b'd', 10)].concat())
             .unwrap();
-        let (messages, cursor) = spool.peek(None, room).unwrap();
+        let (messages, cursor, skipped) = spool.peek(None, room).unwrap();
         let bodies: Vec<&[u8]> = messages.iter().map(|(_, m)| m.as_ref()).collect();
         assert_eq!(
             bodies,
             [[line(b'a', 3000), line(b'b', 3000)].concat(), [line(b'c', 3000)].concat(), line(b'd', 10)]
         );
-        // The line too long for this server is dropped and counted, not sent forever in vain.
-        assert_eq!(dropped.get(), 1);
+        // The line too long for this server is skipped, not sent forever in vain; the
+        // publisher counts it as dropped once the batch is acknowledged, so peeking the same
+        // batch again after a failed send does not count it twice.
+        assert_eq!(skipped, 1);
+        assert_eq!(spool.peek(Some(cursor), room).unwrap().2, 1);
+        assert_eq!(dropped.get(), 0);
         assert_eq!(cursor, (0, 16_210));
         assert_eq!(messages[2].0, format!("{}-0-16200-16210", spool.id));
+        // A skipped line with nothing after it still moves the cursor: nothing to send, and
+        // nothing left to peek once the publisher advances.
+        spool.advance(cursor).unwrap();
+        spool.append(&line(b'y', 7200)).unwrap();
+        let (messages, cursor, skipped) = spool.peek(None, room).unwrap();
+        assert_eq!((messages.len(), cursor, skipped), (0, (0, 23_410), 1));
+        spool.advance(cursor).unwrap();
+        assert_eq!(spool.pending(), 0);
     }
 
     #[test]
@@ -778,7 +799,7 @@ mod tests {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
         // All ten acknowledged: nothing synced (nothing pending), the cursor at byte 90.
-        let (_, cursor) = spool.peek(None, ROOM).unwrap();
+        let (_, cursor, _) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         spool.write_cursor(true).unwrap();
         drop(spool);
@@ -793,7 +814,7 @@ mod tests {
         // New records are spooled and sent, under ids never used before.
         spool.append(b"after\n").unwrap();
         assert_eq!(spool.pending(), 6);
-        let (messages, _) = spool.peek(None, ROOM).unwrap();
+        let (messages, _, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages.len(), 1);
         assert_eq!(&messages[0].1[..], b"after\n");
         assert_eq!(messages[0].0, format!("{}-1-0-6", spool.id));
@@ -823,7 +844,7 @@ mod tests {
         for i in 0..10 {
             spool.append(format!("line-{i:03}\n").as_bytes()).unwrap();
         }
-        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
+        let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].0, format!("{}-0-0-90", spool.id));
         let text = String::from_utf8_lossy(&messages[0].1).into_owned();
@@ -834,7 +855,7 @@ mod tests {
         drop(spool);
         // Reopened: what was acknowledged is not sent again.
         let spool = Spool::open(dir.path().to_owned(), 1000, Duration::ZERO, dropped.clone()).unwrap();
-        let (messages, _) = spool.peek(None, ROOM).unwrap();
+        let (messages, _, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!(messages[0].0, format!("{}-0-36-90", spool.id));
         assert!(messages[0].1.starts_with(b"line-004\n"));
         // A retry stops where the failed batch did.
@@ -859,7 +880,7 @@ mod tests {
         // Send all of segment 0 while no other segment exists.
         let mut cursor = (0, 0);
         loop {
-            let (messages, next) = spool.peek(None, ROOM).unwrap();
+            let (messages, next, _) = spool.peek(None, ROOM).unwrap();
             if messages.is_empty() {
                 break;
             }
@@ -869,7 +890,7 @@ mod tests {
         assert_eq!(cursor, (0, SEGMENT_BYTES));
         // The writer starts segment 1: what it holds is sent.
         spool.append(b"next\n").unwrap();
-        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
+        let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
         assert_eq!((messages.len(), cursor), (1, (1, 5)));
         assert_eq!(&messages[0].1[..], b"next\n");
         assert!(!dir.path().join("0.seg").exists());
@@ -902,7 +923,7 @@ mod tests {
         assert_eq!(syncs(&spool), 1);
         // Lines JetStream acknowledged are not synced.
         spool.append(b"line\n").unwrap();
-        let (_, cursor) = spool.peek(None, ROOM).unwrap();
+        let (_, cursor, _) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         spool.sync_due(true).unwrap();
         assert_eq!(syncs(&spool), 1);
@@ -931,7 +952,7 @@ mod tests {
         std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let spool = Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         spool.append(b"{\"subject\":\"alice\"}\n").unwrap();
-        let (_, cursor) = spool.peek(None, ROOM).unwrap();
+        let (_, cursor, _) = spool.peek(None, ROOM).unwrap();
         spool.advance(cursor).unwrap();
         let mut files = 0;
         for entry in std::fs::read_dir(&spool_dir).unwrap() {
@@ -978,7 +999,7 @@ mod tests {
         for c in b"abcde" {
             spool.append(&line(*c, 300 << 10)).unwrap();
         }
-        let (messages, cursor) = spool.peek(None, ROOM).unwrap();
+        let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
         let sizes: Vec<usize> = messages.iter().map(|(_, m)| m.len()).collect();
         assert_eq!(sizes, [900 << 10, 600 << 10]);
         assert_eq!(messages[1].0, format!("{}-0-{}-{}", spool.id, 900 << 10, 1500 << 10));
