@@ -36,8 +36,8 @@ def main():
     runs = {}  # (case, build) -> [(req/s, CPU µs per check)]
     idle = {}  # build -> [p50 µs with one connection]
     for n in range(ROUNDS):
+        order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
         for case, config in cases.items():
-            order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
             for build, binary in order:
                 records.SANDGATE = binary
                 proc, port = records.serve(records.config(tmp, "builds", config), tmp / "sidecar.log")
@@ -50,7 +50,6 @@ def main():
                     proc.terminate()
                     proc.wait(timeout=30)
                 runs.setdefault((case, build), []).append((rps, 1e6 * cpu / (rps * DURATION)))
-        order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
         for build, binary in order:
             records.SANDGATE = binary
             proc, port = records.serve(records.config(tmp, "builds", cases["capture none"]), tmp / "sidecar.log")

@@ -245,16 +245,16 @@ fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16
     }
     let (path, query) = OriginalRequest::split_target(&http.path);
     let body = if !http.raw_body.is_empty() {
-        let mut body = http.raw_body;
-        body.truncate(MAX_BODY_BYTES);
-        Some(body)
+        Some(http.raw_body)
     } else if !http.body.is_empty() {
-        let mut body = http.body.into_bytes();
-        body.truncate(MAX_BODY_BYTES);
-        Some(body)
+        Some(http.body.into_bytes())
     } else {
         None
-    };
+    }
+    .map(|mut body| {
+        body.truncate(MAX_BODY_BYTES);
+        body
+    });
     let peer =
         attributes.source.and_then(|s| s.address).and_then(|a| a.socket_address).map(|s| s.address).unwrap_or_default();
     let mut method = http.method;

@@ -583,6 +583,7 @@ pub async fn publish(
     grace: Duration,
     pending: prometheus_client::metrics::gauge::Gauge,
 ) {
+    let client = js.client();
     let mut failing = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     // After a failure, the same batch is sent again with the same boundaries (and ids).
@@ -602,7 +603,7 @@ pub async fn publish(
             break;
         }
         // Read anew for every batch: a reconnect may reach a server with another limit.
-        let room = message_room(js.client().max_payload());
+        let room = message_room(client.max_payload());
         let (messages, cursor, skipped) = match spool.peek(retry, room) {
             Ok(next) => next,
             Err(e) => {
