@@ -20,6 +20,8 @@ SANDGATE_FIXTURE_SERVABLE=1 target/release/sandgate build guest-policies/hostile
 # Must be refused at load, so they are written without validation.
 target/release/sandgate build guest-policies/hostile-socket --target wasm32-wasip2 --no-validate --out target/policies/hostile-socket-wasip2.wasm
 target/release/sandgate build guest-policies/bad-import --no-validate --out target/policies/bad-import.wasm
+# A policy built against contract 0.1.0, which the host still serves.
+target/release/sandgate build guest-policies/contract-0-1 --out target/policies/contract-0-1.wasm
 # Two builds of one policy that differ only in the header they answer (hot-reload tests).
 for version in 1 2; do
   SANDGATE_FIXTURE_VERSION=$version target/release/sandgate build guest-policies/versioned --out "target/policies/versioned-v$version.wasm"

@@ -23,7 +23,7 @@ const CASES: [(&str, &str); 7] = [
     ("/malformed", "policy_malformed_decision"),
 ];
 
-fn reader_request() -> sandgate_runtime::bindings::sandgate::policy::types::CheckRequest {
+fn reader_request() -> std::sync::Arc<sandgate_runtime::bindings::sandgate::policy::types::CheckRequest> {
     check(json!({ "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader"] } }))
 }
 
@@ -133,8 +133,9 @@ fn wasi_is_deterministic_and_never_blocks() {
     let runtime = runtime();
     let hostile = load(&runtime, "hostile-wasip2");
     let observe = |id: &str, now: u64| {
-        let mut request = check(json!({ "path": "/wasi/observe" }));
+        let mut request = (*check(json!({ "path": "/wasi/observe" }))).clone();
         (request.request_id, request.now) = (id.into(), now);
+        let request = std::sync::Arc::new(request);
         let evaluation = runtime.evaluate(&hostile, &request, &context(Value::Null));
         assert!(evaluation.is_allow(), "{:?}", evaluation.fault);
         ["x-wall-clock", "x-random", "x-stdin", "x-env-count", "x-args-count"]
@@ -199,12 +200,12 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
         .map(|_| {
             let (runtime, hostile) = (runtime.clone(), hostile.clone());
             tokio::spawn(async move {
-                runtime.check(&hostile, Arc::new(check(json!({ "path": "/loop" }))), context(Value::Null)).await
+                runtime.check(&hostile, check(json!({ "path": "/loop" })), context(Value::Null)).await
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let queued = runtime.check(&hostile, Arc::new(check(json!({ "path": "/" }))), context(Value::Null)).await;
+    let queued = runtime.check(&hostile, check(json!({ "path": "/" })), context(Value::Null)).await;
     assert_eq!(queued.fault, Some(PolicyFault::Overloaded));
     assert!(
         matches!(queued.decision, sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(ref d) if d.status == 503)
@@ -212,7 +213,7 @@ async fn a_full_pool_queues_then_answers_overloaded_never_allow() {
     for task in busy {
         assert_eq!(task.await.unwrap().fault, Some(PolicyFault::Timeout));
     }
-    let after = runtime.check(&hostile, Arc::new(check(json!({ "path": "/" }))), context(Value::Null)).await;
+    let after = runtime.check(&hostile, check(json!({ "path": "/" })), context(Value::Null)).await;
     assert!(after.is_allow(), "the pool recovers once instances are free");
 }
 
@@ -239,7 +240,7 @@ async fn a_looping_policy_cannot_take_every_thread_from_other_policies() {
         .map(|_| {
             let (runtime, hostile) = (runtime.clone(), hostile.clone());
             tokio::spawn(async move {
-                runtime.check(&hostile, Arc::new(check(json!({ "path": "/loop" }))), context(Value::Null)).await
+                runtime.check(&hostile, check(json!({ "path": "/loop" })), context(Value::Null)).await
             })
         })
         .collect();
@@ -247,7 +248,7 @@ async fn a_looping_policy_cannot_take_every_thread_from_other_policies() {
     let data = fixtures("rbac").data.unwrap();
     for _ in 0..20 {
         let (runtime, rbac, data) = (runtime.clone(), rbac.clone(), data.clone());
-        let other = tokio::spawn(async move { runtime.check(&rbac, Arc::new(reader_request()), context(data)).await });
+        let other = tokio::spawn(async move { runtime.check(&rbac, reader_request(), context(data)).await });
         // A liveness bound, not a speed measurement: the loops alone take over 3 s.
         let answer =
             tokio::time::timeout(Duration::from_secs(2), other).await.expect("answered while the loops run").unwrap();

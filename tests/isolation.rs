@@ -66,7 +66,7 @@ async fn fresh_state_on_every_concurrent_check_of_a_wasip2_build() {
 async fn fresh_state_concurrently(policy: &'static str) {
     let runtime = Arc::new(runtime());
     let hostile = load(&runtime, policy);
-    let request = Arc::new(check(serde_json::json!({ "path": "/state" })));
+    let request = check(serde_json::json!({ "path": "/state" }));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (runtime, hostile, request) = (runtime.clone(), hostile.clone(), request.clone());

@@ -133,10 +133,10 @@ pub fn fixtures(policy: &str) -> FixtureFile {
 }
 
 /// A check request from its JSON form.
-pub fn check(json: serde_json::Value) -> CheckRequest {
+pub fn check(json: serde_json::Value) -> Arc<CheckRequest> {
     let spec: RequestSpec = serde_json::from_value(json).unwrap();
     let versions = SnapshotVersions { snapshot: 1, policy_digest: String::new(), key_set: 0, revocations: 0, data: 1 };
-    request::from_spec(&spec, 1_767_225_600, versions)
+    Arc::new(request::from_spec(&spec, 1_767_225_600, versions))
 }
 
 /// An evaluation context with this data document.

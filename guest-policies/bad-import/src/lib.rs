@@ -15,7 +15,7 @@ wit_bindgen::generate!({
         }
 
         world bad-import {
-            include sandgate:policy/authorizer@0.1.0;
+            include sandgate:policy/authorizer@0.2.0;
             import outgoing-handler;
         }
     ",
@@ -24,13 +24,13 @@ wit_bindgen::generate!({
 });
 
 use exports::sandgate::policy::policy::Guest;
-use sandgate::policy::types::{AllowResponse, CheckRequest, Decision};
+use sandgate::policy::types::{AllowResponse, Decision};
 
 struct Exfiltrate;
 
 impl Guest for Exfiltrate {
-    fn check(request: CheckRequest) -> Decision {
-        let answer = wasi::http::outgoing_handler::handle(&request.path);
+    fn check() -> Decision {
+        let answer = wasi::http::outgoing_handler::handle(&sandgate::policy::request::path());
         std::hint::black_box(answer);
         Decision::Allow(AllowResponse { set_headers: Vec::new(), remove_headers: Vec::new() })
     }

@@ -25,6 +25,7 @@
 //! | `/wasi/print` | prints to stdout and stderr | allow, the lines in the check's log |
 //! | `/wasi/handles` | holds 50,000 pollables (host memory outside its own) | deny `policy_trap` (handles are capped) |
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
+//! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
 //! | anything else | allows | allow |
 
 use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny};
@@ -140,7 +141,7 @@ pub struct Hostile;
 
 impl Policy for Hostile {
     fn check(request: &Request) -> Decision {
-        match request.path.as_str() {
+        match request.path() {
             "/state" => {
                 let [counter, cache, local, lazy] = bump_state();
                 allow()
@@ -176,9 +177,35 @@ impl Policy for Hostile {
             "/oversized" => (0..4096).fold(allow(), |d, i| d.set_header(&format!("x-filler-{i}"), &"x".repeat(1024))),
             "/malformed" => deny(200, "not_really_a_denial"),
             "/residue" => allow().set_header("x-residue", residue()),
+            "/echo" => echo(request),
             path => wasi(path).unwrap_or_else(allow),
         }
     }
+}
+
+/// Every part of the request, as the policy reads it, in headers (`-` for none).
+fn echo(request: &Request) -> Decision {
+    let subject = match request.credential() {
+        Some(c) => format!("{} {} {}", c.claims.subject, c.claims.roles.join(","), c.algorithm),
+        None => "-".into(),
+    };
+    let headers: Vec<String> = request.headers().iter().map(|h| format!("{}={}", h.name, h.value)).collect();
+    let versions = request.versions();
+    allow()
+        .set_header("x-request-id", request.request_id())
+        .set_header("x-method", request.method())
+        .set_header("x-scheme", request.scheme())
+        .set_header("x-host", request.host())
+        .set_header("x-query", request.query().unwrap_or("-"))
+        .set_header("x-user-agent", &request.header("User-Agent").unwrap_or_else(|| "-".into()))
+        .set_header("x-absent", &request.header("x-absent").unwrap_or_else(|| "-".into()))
+        .set_header("x-headers", &headers.join(";"))
+        .set_header("x-peer", request.peer().unwrap_or("-"))
+        .set_header("x-body", &request.body().map_or("-".into(), |b| String::from_utf8_lossy(b).into_owned()))
+        .set_header("x-subject", &subject)
+        .set_header("x-bearer", &request.bearer_token().unwrap_or_else(|| "-".into()))
+        .set_header("x-now", &request.now().to_string())
+        .set_header("x-versions", &format!("{} {} {}", versions.snapshot, versions.data, versions.policy_digest))
 }
 
 sandgate_policy_sdk::export_policy!(Hostile);

@@ -13,7 +13,7 @@
 //! `x-user` (the subject) and `x-roles`. No credential, or a rejected one: 401. Authenticated
 //! but no matching rule: 403 `forbidden`.
 
-use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, RequestExt, allow, deny, host, match_path};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny, host, match_path};
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -48,12 +48,12 @@ impl Policy for Rbac {
         let permitted = claims.roles.iter().any(|role| {
             let Some(text) = host::data_get(&role_pointer(role)) else { return false };
             let rules: Vec<Rule> = serde_json::from_str(&text).unwrap_or_default();
-            rules.iter().any(|rule| rule.permits(&request.method, &request.path))
+            rules.iter().any(|rule| rule.permits(request.method(), request.path()))
         });
         if permitted {
             allow().set_header("x-user", &claims.subject).set_header("x-roles", &claims.roles.join(","))
         } else {
-            deny(403, "forbidden").message(&format!("no role permits {} {}", request.method, request.path))
+            deny(403, "forbidden").message(&format!("no role permits {} {}", request.method(), request.path()))
         }
     }
 }

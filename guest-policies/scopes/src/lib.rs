@@ -13,7 +13,7 @@
 //! A missing scope is answered as RFC 6750 says: 403 with
 //! `WWW-Authenticate: Bearer error="insufficient_scope", scope="…"`.
 
-use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, RequestExt, allow, deny, host, match_path};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny, host, match_path};
 use serde::Deserialize;
 
 /// A route and the scope it requires.
@@ -37,8 +37,8 @@ impl Policy for Scopes {
         }
         let routes: Vec<Route> = host::data("/routes").unwrap_or_default();
         let route = routes.iter().find(|r| {
-            r.methods.iter().any(|m| m == "*" || m.eq_ignore_ascii_case(&request.method))
-                && match_path(&r.path, &request.path).is_some()
+            r.methods.iter().any(|m| m == "*" || m.eq_ignore_ascii_case(request.method()))
+                && match_path(&r.path, request.path()).is_some()
         });
         let Some(route) = route else {
             return deny(403, "no_route").message("no route rule matches this request");

@@ -1,7 +1,7 @@
 //! The Sandgate policy SDK: write an authorization policy as one Rust function.
 //!
 //! ```ignore
-//! use sandgate_policy_sdk::{allow, deny, Decision, Policy, Request, RequestExt, DecisionExt};
+//! use sandgate_policy_sdk::{allow, deny, Decision, Policy, Request, DecisionExt};
 //!
 //! struct AdminsOnly;
 //!
@@ -26,14 +26,20 @@
 //!
 //! Every check runs in a fresh instance: statics, caches and thread-locals start empty each
 //! time, so there is no state to share between requests, and none to get wrong.
+//!
+//! A [`Request`] reads each part of the request from the host the first time the policy asks
+//! for it (contract 0.2.0's `request` interface) and keeps it for the rest of the check: a
+//! policy that never looks at the headers or the body does not pay to copy them.
 
 #[cfg(target_arch = "wasm32")]
 mod bump_allocator;
 mod path;
+mod request;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
 pub use path::match_path;
+pub use request::{Request, RequestParts};
 
 /// Bindings generated from `wit/policy.wit`. Policies rarely need them directly.
 #[doc(hidden)]
@@ -49,8 +55,8 @@ pub mod bindings {
 
 pub use bindings::sandgate::policy::host::LogLevel;
 pub use bindings::sandgate::policy::types::{
-    AllowResponse, CheckRequest as Request, Credential, CredentialError, Decision, DenyResponse, Header,
-    SnapshotVersions, StandardClaims, VerifiedCredential,
+    AllowResponse, Credential, CredentialError, Decision, DenyResponse, Header, SnapshotVersions, StandardClaims,
+    VerifiedCredential,
 };
 
 /// An authorization policy: one function from a request to a decision.
@@ -68,8 +74,8 @@ macro_rules! export_policy {
         const _: () = {
             struct SandgateExport;
             impl $crate::bindings::exports::sandgate::policy::policy::Guest for SandgateExport {
-                fn check(request: $crate::Request) -> $crate::Decision {
-                    <$policy as $crate::Policy>::check(&request)
+                fn check() -> $crate::Decision {
+                    <$policy as $crate::Policy>::check(&$crate::Request::from_host())
                 }
             }
     $crate::bindings::__export_authorizer!(SandgateExport with_types_in $crate::bindings);
@@ -134,77 +140,10 @@ impl DecisionExt for Decision {
     }
 }
 
-/// Convenience methods on a [`Request`].
-pub trait RequestExt {
-    /// The first value of header `name` (case-insensitive).
-    fn header(&self, name: &str) -> Option<&str>;
-    /// The bearer token of the `Authorization` header, if any.
-    fn bearer_token(&self) -> Option<&str>;
-    /// The verified credential, if the host verified one.
-    fn credential(&self) -> Option<&VerifiedCredential>;
-    /// The verified standard claims, if the host verified a credential.
-    fn claims(&self) -> Option<&StandardClaims>;
-    /// Any claim of the verified credential by name, parsed from its JSON.
-    fn claim(&self, name: &str) -> Option<serde_json::Value>;
-    /// Whether the verified credential carries this OAuth scope.
-    fn has_scope(&self, scope: &str) -> bool;
-    /// Whether the verified credential carries this role.
-    fn has_role(&self, role: &str) -> bool;
-    /// The deny a policy usually answers when the credential is missing or was rejected:
-    /// 401 with `WWW-Authenticate: Bearer` and the host's reason code. `None` when verified.
-    fn unauthenticated(&self) -> Option<Decision>;
-}
-
-impl RequestExt for Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
-    }
-
-    fn bearer_token(&self) -> Option<&str> {
-        let value = self.header("authorization")?;
-        let (scheme, token) = value.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-    }
-
-    fn credential(&self) -> Option<&VerifiedCredential> {
-        match &self.credential {
-            Credential::Verified(v) => Some(v),
-            _ => None,
-        }
-    }
-
-    fn claims(&self) -> Option<&StandardClaims> {
-        self.credential().map(|c| &c.claims)
-    }
-
-    fn claim(&self, name: &str) -> Option<serde_json::Value> {
-        use serde::de::DeserializeSeed;
-        let mut json = serde_json::Deserializer::from_str(&self.credential()?.claims_json);
-        ClaimLookup(name).deserialize(&mut json).ok().flatten()
-    }
-
-    fn has_scope(&self, scope: &str) -> bool {
-        self.claims().is_some_and(|c| c.scopes.iter().any(|s| s == scope))
-    }
-
-    fn has_role(&self, role: &str) -> bool {
-        self.claims().is_some_and(|c| c.roles.iter().any(|r| r == role))
-    }
-
-    fn unauthenticated(&self) -> Option<Decision> {
-        let (reason, message) = match &self.credential {
-            Credential::Verified(_) => return None,
-            Credential::None => ("missing_credential", "a bearer token is required"),
-            Credential::Rejected(e) => (e.reason.as_str(), e.message.as_str()),
-        };
-        Some(deny(401, reason).message(message).set_header("www-authenticate", "Bearer"))
-    }
-}
-
 /// Finds one claim in the claims JSON, building a value for it alone: every other claim is
 /// skipped without being parsed into a value (a fresh instance parses the claims on every
 /// check). A claim given twice is its last value, as when parsing the whole object.
-struct ClaimLookup<'n>(&'n str);
+pub(crate) struct ClaimLookup<'n>(pub(crate) &'n str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ClaimLookup<'_> {
     type Value = Option<serde_json::Value>;
@@ -276,10 +215,10 @@ mod tests {
     fn with_claims_json(json: &str) -> Request {
         let spec: sandgate_spec::RequestSpec =
             serde_json::from_value(serde_json::json!({ "path": "/", "claims": { "iss": "i" } })).unwrap();
-        let mut request = testing::request_from_spec(&spec, 0);
-        let Credential::Verified(credential) = &mut request.credential else { panic!("verified") };
+        let mut parts = testing::parts_from_spec(&spec, 0);
+        let Credential::Verified(credential) = &mut parts.credential else { panic!("verified") };
         credential.claims_json = json.to_owned();
-        request
+        Request::from_parts(parts)
     }
 
     #[test]

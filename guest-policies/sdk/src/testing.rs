@@ -11,8 +11,8 @@
 //! ```
 
 use crate::{
-    Credential, CredentialError, Decision, Header, LogLevel, Policy, Request, SnapshotVersions, StandardClaims,
-    VerifiedCredential,
+    Credential, CredentialError, Decision, Header, LogLevel, Policy, Request, RequestParts, SnapshotVersions,
+    StandardClaims, VerifiedCredential,
 };
 use sandgate_spec::{FixtureFile, Outcome, RequestSpec};
 use serde_json::Value;
@@ -83,6 +83,11 @@ pub fn verified_credential(claims: serde_json::Map<String, Value>) -> VerifiedCr
 
 /// Build a [`Request`] from its JSON form, pinned at `now`.
 pub fn request_from_spec(spec: &RequestSpec, now: u64) -> Request {
+    Request::from_parts(parts_from_spec(spec, now))
+}
+
+/// The parts of a [`Request`] from its JSON form, pinned at `now`, to adjust before building it.
+pub fn parts_from_spec(spec: &RequestSpec, now: u64) -> RequestParts {
     let credential = match (&spec.claims, &spec.credential_error) {
         (Some(claims), _) => Credential::Verified(verified_credential(claims.clone())),
         (None, Some(e)) => Credential::Rejected(CredentialError {
@@ -91,7 +96,7 @@ pub fn request_from_spec(spec: &RequestSpec, now: u64) -> Request {
         }),
         (None, None) => Credential::None,
     };
-    Request {
+    RequestParts {
         request_id: "test".into(),
         method: spec.method.to_ascii_uppercase(),
         scheme: spec.scheme.clone(),

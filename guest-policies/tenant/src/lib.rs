@@ -9,9 +9,7 @@
 //! { "cross_tenant_roles": ["platform-admin"] }
 //! ```
 
-use sandgate_policy_sdk::{
-    Decision, DecisionExt, LogLevel, Policy, Request, RequestExt, allow, deny, host, match_path,
-};
+use sandgate_policy_sdk::{Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host, match_path};
 
 /// The tenant isolation policy.
 pub struct TenantIsolation;
@@ -25,7 +23,7 @@ impl Policy for TenantIsolation {
         let own_tenant = request.claim("tenant").and_then(|t| t.as_str().map(str::to_owned));
         let granted = |tenant: &str| allow().set_header("x-user", &claims.subject).set_header("x-tenant", tenant);
 
-        let Some(captures) = match_path("/tenants/{id}/**", &request.path) else {
+        let Some(captures) = match_path("/tenants/{id}/**", request.path()) else {
             return granted(own_tenant.as_deref().unwrap_or(""));
         };
         let wanted = captures[0].1;

@@ -47,7 +47,7 @@ fn prepare(
     policy: &Path,
     request_path: &Path,
     data: Option<&Path>,
-) -> anyhow::Result<(Runtime, PolicyModule, CheckRequest, EvalContext)> {
+) -> anyhow::Result<(Runtime, PolicyModule, Arc<CheckRequest>, EvalContext)> {
     let spec: RequestSpec = read_json(request_path, "request")?;
     let value = match data {
         Some(path) => read_json(path, "data document")?,
@@ -56,7 +56,7 @@ fn prepare(
     let runtime = small_runtime()?;
     let module = load(&runtime, policy)?;
     let versions = sandgate_runtime::spec::standalone_versions(module.digest());
-    let check = sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions);
+    let check = Arc::new(sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions));
     let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
     Ok((runtime, module, check, context))
 }

@@ -231,7 +231,7 @@ impl<'a> Replayer<'a> {
         let Some(check) = input.to_check(&record.request_id) else { return Verdict::Skipped("bad_input") };
         let verifier = Arc::new(PlayedBack(Mutex::new(input.verify_jwt.iter().cloned().collect())));
         let context = EvalContext { data, verifier: Some(verifier) };
-        let evaluation = self.runtime.evaluate(&module, &check, &context);
+        let evaluation = self.runtime.evaluate(&module, &Arc::new(check), &context);
         if evaluation.fault.as_ref().is_some_and(|f| HOST_CONDITIONS.contains(&f.reason())) {
             return Verdict::Skipped("host_condition");
         }

@@ -35,7 +35,7 @@ struct Setup {
     runtime: Runtime,
     module: PolicyModule,
     context: EvalContext,
-    check: CheckRequest,
+    check: Arc<CheckRequest>,
     spec: RequestSpec,
     data: serde_json::Value,
 }
@@ -58,7 +58,7 @@ fn setup() -> Setup {
     .expect("request");
     let versions =
         SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
-    let check = request::from_spec(&spec, 1_767_225_600, versions);
+    let check = Arc::new(request::from_spec(&spec, 1_767_225_600, versions));
     let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
     Setup { runtime, module, context, check, spec, data }
 }
@@ -98,8 +98,9 @@ fn decision(c: &mut Criterion) {
 
     // The sandbox alone: the same request through a policy that allows without looking.
     let trivial = load(&s.runtime, "hostile");
-    let mut trivial_check = s.check.clone();
+    let mut trivial_check = (*s.check).clone();
     trivial_check.path = "/".into();
+    let trivial_check = Arc::new(trivial_check);
     c.bench_function("allow_all/fresh_instance", |b| {
         b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context)))
     });
@@ -123,9 +124,9 @@ fn builds(s: &Setup) {
     let pairs = [
         ("rbac", "rbac-wasip2", s.check.clone()),
         ("allow-all", "allow-all-wasip2", {
-            let mut check = s.check.clone();
+            let mut check = (*s.check).clone();
             check.path = "/".into();
-            check
+            Arc::new(check)
         }),
     ];
     println!("\nper-check cost of each build (fresh instance, p50 µs, median of 7 alternating rounds of 20,000):");
@@ -251,13 +252,15 @@ fn scaling() {
 /// check runs in the same slot (the pool gives a module back the slot it last used).
 fn polluted_slot(s: &Setup) {
     let hostile = load(&s.runtime, "hostile");
-    let mut clean = s.check.clone();
+    let mut clean = (*s.check).clone();
     clean.path = "/".into();
-    let mut polluting = s.check.clone();
+    let clean = Arc::new(clean);
+    let mut polluting = (*s.check).clone();
     polluting.path = "/write-1mib".into();
+    let polluting = Arc::new(polluting);
     let written = s.runtime.evaluate(&hostile, &polluting, &s.context);
     assert!(written.is_allow(), "the 1 MiB write must be allowed: {:?}", written.fault);
-    let after = |first: &sandgate_runtime::bindings::sandgate::policy::types::CheckRequest| {
+    let after = |first: &Arc<CheckRequest>| {
         black_box(s.runtime.evaluate(&hostile, first, &s.context));
         let mut first_check = 0.0;
         let started = Instant::now();

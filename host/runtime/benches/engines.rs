@@ -232,7 +232,7 @@ impl Engines {
     }
 
     fn sandgate(&self, check: &CheckRequest) -> bool {
-        let check = check.clone();
+        let check = Arc::new(check.clone());
         matches!(self.runtime.evaluate(&self.module, &check, &self.context).decision, Decision::Allow(_))
     }
 
@@ -319,7 +319,7 @@ fn rule_set(c: &mut Criterion, name: &str, mut engines: Engines, inputs: Vec<Inp
                 for _ in 0..chunk {
                     for check in &checks {
                         // The same work as the fresh path: copy the request, then decide.
-                        black_box(reused.check(&check.clone()).expect("check"));
+                        black_box(reused.check(&Arc::new(check.clone())).expect("check"));
                     }
                 }
                 elapsed += started.elapsed();
@@ -380,7 +380,7 @@ fn interleaved(
             ReusedInstance::new(&engines.floor_runtime, &engines.floor_module, &engines.context).expect("instance");
         rounds.push([
             time(&mut || checks.iter().for_each(|c| _ = black_box(engines.sandgate(c)))),
-            time(&mut || checks.iter().for_each(|c| _ = black_box(reused.check(&c.clone()).expect("check")))),
+            time(&mut || checks.iter().for_each(|c| _ = black_box(reused.check(&Arc::new(c.clone())).expect("check")))),
             time(&mut || natives.iter().for_each(|r| _ = black_box(engines.native(r)))),
             time(&mut || inputs.iter().for_each(|i| _ = black_box(engines.rego(i)))),
             time(&mut || inputs.iter().for_each(|i| _ = black_box(engines.cedar(i)))),

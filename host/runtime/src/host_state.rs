@@ -3,7 +3,7 @@
 
 use crate::PolicyData;
 use crate::bindings::sandgate::policy::host::{Host, LogLevel};
-use crate::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
+use crate::bindings::sandgate::policy::types::{CheckRequest, CredentialError, VerifiedCredential};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -60,6 +60,8 @@ impl wasmtime::ResourceLimiter for MemoryCap {
 
 /// The state of one check's store.
 pub(crate) struct HostState {
+    /// The check being decided: contract 0.2.0's `request` interface answers from it.
+    pub(crate) request: Arc<CheckRequest>,
     pub(crate) limiter: MemoryCap,
     pub(crate) logs: Vec<PolicyLog>,
     dropped_logs: usize,
@@ -70,8 +72,14 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(data: Arc<PolicyData>, verifier: Option<Arc<dyn TokenVerifier>>, memory_limit: usize) -> Self {
+    pub(crate) fn new(
+        request: Arc<CheckRequest>,
+        data: Arc<PolicyData>,
+        verifier: Option<Arc<dyn TokenVerifier>>,
+        memory_limit: usize,
+    ) -> Self {
         HostState {
+            request,
             limiter: MemoryCap { max_bytes: memory_limit, exceeded: false, grows: 0 },
             logs: Vec::new(),
             dropped_logs: 0,
@@ -92,7 +100,7 @@ impl HostState {
         }
     }
 
-    fn push_log(&mut self, level: &'static str, mut message: String) {
+    pub(crate) fn push_log(&mut self, level: &'static str, mut message: String) {
         if self.logs.len() >= MAX_LOG_LINES {
             self.dropped_logs += 1;
             if let Some(last) = self.logs.last_mut() {
@@ -108,6 +116,22 @@ impl HostState {
             message.truncate(end);
         }
         self.logs.push(PolicyLog { level, message });
+    }
+
+    /// The `data-get` import of either contract.
+    pub(crate) fn data_at(&self, pointer: &str) -> Option<String> {
+        self.data.get(pointer).map(Cow::into_owned)
+    }
+
+    /// The `verify-jwt` import of either contract.
+    pub(crate) fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify(token),
+            None => Err(CredentialError {
+                reason: "verification_unavailable".into(),
+                message: "this host has no token verification configured".into(),
+            }),
+        }
     }
 }
 
@@ -125,16 +149,10 @@ impl Host for HostState {
     }
 
     fn data_get(&mut self, pointer: String) -> Option<String> {
-        self.data.get(&pointer).map(Cow::into_owned)
+        self.data_at(&pointer)
     }
 
     fn verify_jwt(&mut self, token: String) -> Result<VerifiedCredential, CredentialError> {
-        match &self.verifier {
-            Some(verifier) => verifier.verify(&token),
-            None => Err(CredentialError {
-                reason: "verification_unavailable".into(),
-                message: "this host has no token verification configured".into(),
-            }),
-        }
+        self.verify(&token)
     }
 }

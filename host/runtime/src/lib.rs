@@ -18,6 +18,7 @@
 
 pub mod bindings;
 pub mod contract;
+mod contract_v0_2;
 mod fault;
 mod host_state;
 mod policy;
@@ -31,7 +32,7 @@ mod wasi;
 
 pub use fault::{Evaluation, PolicyFault, Timings};
 pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, PolicyLog, TokenVerifier};
-pub use policy::{LoadError, PolicyModule, sha256_hex};
+pub use policy::{Contract, LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
 #[cfg(feature = "bench-internals")]
 pub use reused::ReusedInstance;

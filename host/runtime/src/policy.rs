@@ -1,18 +1,56 @@
 //! Loading a policy: validating a component against the contract and pre-instantiating it
 //! once ([`PolicyModule`]), or saying exactly why it cannot be loaded ([`LoadError`]).
 
-use crate::bindings::AuthorizerPre;
 use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
+use crate::bindings::v0_2::sandgate::policy::types::Decision as DecisionV0_2;
 use crate::host_state::HostState;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{ComponentExportIndex, InstancePre};
 
-/// The imports a policy may have: the WIT contract's `types` and `host` interfaces.
-pub(crate) const ALLOWED_IMPORTS: [&str; 2] = ["sandgate:policy/types@0.1.0", "sandgate:policy/host@0.1.0"];
-/// The export a policy must have.
-pub(crate) const POLICY_EXPORT: &str = "sandgate:policy/policy@0.1.0";
+/// A version of the WIT contract the host accepts policies built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `wit/0.1.0/policy.wit`: the whole request passed to `check` as one record.
+    V0_1,
+    /// `wit/policy.wit`: the request read on demand through the `request` interface.
+    V0_2,
+}
+
+impl Contract {
+    /// Every contract the host accepts, the current one first.
+    pub const ALL: [Contract; 2] = [Contract::V0_2, Contract::V0_1];
+
+    /// The version, e.g. `0.2.0`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_1 => "0.1.0",
+            Contract::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The export a policy of this contract has.
+    pub(crate) fn policy_export(self) -> &'static str {
+        match self {
+            Contract::V0_1 => "sandgate:policy/policy@0.1.0",
+            Contract::V0_2 => "sandgate:policy/policy@0.2.0",
+        }
+    }
+
+    /// The imports a policy of this contract may have besides WASI.
+    pub(crate) fn allowed_imports(self) -> &'static [&'static str] {
+        match self {
+            Contract::V0_1 => &["sandgate:policy/types@0.1.0", "sandgate:policy/host@0.1.0"],
+            Contract::V0_2 => {
+                &["sandgate:policy/types@0.2.0", "sandgate:policy/request@0.2.0", "sandgate:policy/host@0.2.0"]
+            }
+        }
+    }
+}
+
+/// The export of the current contract, named in errors.
+pub(crate) const POLICY_EXPORT: &str = "sandgate:policy/policy@0.2.0";
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -30,11 +68,13 @@ pub enum LoadError {
     Invalid(#[source] wasmtime::Error),
     /// The component imports something the host does not provide.
     #[error(
-        "the policy imports `{0}`, which Sandgate does not provide: a policy may import `sandgate:policy/host` and, built for wasm32-wasip2, WASI's cli, io, clocks, random and filesystem interfaces at 0.2 (linked deny-all), never sockets or HTTP"
+        "the policy imports `{0}`, which Sandgate does not provide: a policy may import the `sandgate:policy` interfaces of the contract version it exports and, built for wasm32-wasip2, WASI's cli, io, clocks, random and filesystem interfaces at 0.2 (linked deny-all), never sockets or HTTP"
     )]
     UnsupportedImport(String),
     /// The component does not export the policy interface.
-    #[error("the policy does not export `{POLICY_EXPORT}` (it exports {0:?}); is it built against `wit/policy.wit`?")]
+    #[error(
+        "the policy does not export `{POLICY_EXPORT}` (or 0.1.0's `sandgate:policy/policy@0.1.0`); it exports {0:?}: is it built against `wit/policy.wit`?"
+    )]
     MissingExport(Vec<String>),
     /// Imports or exports have the right names but the wrong types.
     #[error("the policy does not match the WIT contract: {0:#}")]
@@ -44,7 +84,9 @@ pub enum LoadError {
 /// A policy compiled and pre-instantiated once, ready for any number of fresh instances.
 #[derive(Clone)]
 pub struct PolicyModule {
-    pub(crate) pre: AuthorizerPre<HostState>,
+    pub(crate) pre: InstancePre<HostState>,
+    /// The contract version it was built against.
+    pub(crate) contract: Contract,
     /// The `check` export, type-checked against the contract's Rust types at load.
     pub(crate) check: ComponentExportIndex,
     pub(crate) digest: Arc<str>,
@@ -70,25 +112,31 @@ impl PolicyModule {
     pub fn uses_wasi(&self) -> bool {
         self.wasi
     }
+
+    /// The version of the WIT contract the policy was built against.
+    pub fn contract(&self) -> Contract {
+        self.contract
+    }
 }
 
-/// The index of the `check` function in the `policy` export, type-checked against the Rust
-/// types `evaluate` calls it with.
-pub(crate) fn check_export(pre: &InstancePre<HostState>) -> wasmtime::Result<ComponentExportIndex> {
+/// The index of the `check` function in the `policy` export of `contract`, type-checked
+/// against the Rust types `evaluate` calls it with.
+pub(crate) fn check_export(pre: &InstancePre<HostState>, contract: Contract) -> wasmtime::Result<ComponentExportIndex> {
     let component = pre.component();
-    let (_, policy) = component
-        .get_export(None, POLICY_EXPORT)
-        .ok_or_else(|| wasmtime::format_err!("no `{POLICY_EXPORT}` export"))?;
+    let export = contract.policy_export();
+    let (_, policy) =
+        component.get_export(None, export).ok_or_else(|| wasmtime::format_err!("no `{export}` export"))?;
     let (item, check) = component
         .get_export(Some(&policy), "check")
-        .ok_or_else(|| wasmtime::format_err!("no `check` function in `{POLICY_EXPORT}`"))?;
+        .ok_or_else(|| wasmtime::format_err!("no `check` function in `{export}`"))?;
     let ComponentItem::ComponentFunc(func) = item else {
         return Err(wasmtime::format_err!("`check` is not a function"));
     };
-    wasmtime::error::Context::context(
-        func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()),
-        "`check` has the wrong type",
-    )?;
+    let typed = match contract {
+        Contract::V0_1 => func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()),
+        Contract::V0_2 => func.typecheck::<(), (DecisionV0_2,)>(&pre.instance_type()),
+    };
+    wasmtime::error::Context::context(typed, "`check` has the wrong type")?;
     Ok(check)
 }
 

@@ -19,10 +19,10 @@
 //! fault classification read best together, and a sixth of the file is its tests.)
 
 use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
-use crate::bindings::{Authorizer, AuthorizerPre};
+use crate::bindings::v0_2::sandgate::policy::types::Decision as DecisionV0_2;
 use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
-use crate::policy::{ALLOWED_IMPORTS, POLICY_EXPORT, check_export, sha256_hex};
+use crate::policy::{Contract, check_export, sha256_hex};
 use crate::pool::EvalPool;
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
@@ -211,8 +211,17 @@ impl Runtime {
         let engine = Engine::new(&wasm).map_err(anyhow::Error::from)?;
 
         let mut linker = Linker::new(&engine);
-        Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(anyhow::Error::from)?;
+        // Both contract versions: a policy links against the one it was built for.
+        crate::bindings::v0_2::Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(anyhow::Error::from)?;
+        crate::bindings::Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(anyhow::Error::from)?;
         // Only `wasm32-wasip2` policies import it; the rest never reach it.
         crate::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
@@ -255,23 +264,25 @@ impl Runtime {
         }
         let component = Component::new(&self.core.engine, bytes).map_err(LoadError::Invalid)?;
         let ty = component.component_type();
+        // The contract is the one whose `policy` the component exports; its imports must all
+        // be that version's (or WASI).
+        let exports: Vec<String> = ty.exports(&self.core.engine).map(|(name, _)| name.to_owned()).collect();
+        let Some(contract) = Contract::ALL.into_iter().find(|c| exports.iter().any(|e| e == c.policy_export())) else {
+            return Err(LoadError::MissingExport(exports));
+        };
         let mut wasi = false;
         for (name, _) in ty.imports(&self.core.engine) {
             if crate::wasi::allowed(name) {
                 wasi = true;
-            } else if !ALLOWED_IMPORTS.contains(&name) {
+            } else if !contract.allowed_imports().contains(&name) {
                 return Err(LoadError::UnsupportedImport(name.to_owned()));
             }
         }
-        let exports: Vec<String> = ty.exports(&self.core.engine).map(|(name, _)| name.to_owned()).collect();
-        if !exports.iter().any(|e| e == POLICY_EXPORT) {
-            return Err(LoadError::MissingExport(exports));
-        }
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
-        let check = check_export(&instance_pre).map_err(LoadError::Contract)?;
-        let pre = AuthorizerPre::new(instance_pre).map_err(LoadError::Contract)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
+        let check = check_export(&pre, contract).map_err(LoadError::Contract)?;
         Ok(PolicyModule {
             pre,
+            contract,
             check,
             digest: sha256_hex(bytes).into(),
             size: bytes.len(),
@@ -288,7 +299,7 @@ impl Runtime {
     /// credential or data.
     pub fn probe(&self, module: &PolicyModule, now: u64) -> Result<(), PolicyFault> {
         use crate::bindings::sandgate::policy::types::{Credential, SnapshotVersions};
-        let request = CheckRequest {
+        let request = Arc::new(CheckRequest {
             request_id: "probe".into(),
             method: "GET".into(),
             scheme: "http".into(),
@@ -307,7 +318,7 @@ impl Runtime {
                 revocations: 0,
                 data: 0,
             },
-        };
+        });
         // The probe takes a pool slot like any check, waiting up to the queue timeout.
         let deadline = std::time::Instant::now() + self.core.config.queue_timeout;
         let _permit = loop {
@@ -383,7 +394,7 @@ impl Runtime {
 
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
     /// is full the check is denied as overloaded; [`Runtime::check`] queues instead.
-    pub fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+    pub fn evaluate(&self, module: &PolicyModule, request: &Arc<CheckRequest>, context: &EvalContext) -> Evaluation {
         // `wasmtime-wasi` runs WASI's blocking calls (a `println!`, a sleep) by entering tokio,
         // which panics inside an async context: there, a WASI policy runs on a thread of its
         // own. (The evaluation pool's threads are never in one.)
@@ -402,8 +413,13 @@ impl Runtime {
     }
 
     #[cfg(feature = "bench-internals")]
-    pub(crate) fn new_store(&self, context: &EvalContext, wasi: Option<crate::wasi::WasiState>) -> Store<HostState> {
-        self.core.new_store(context, wasi)
+    pub(crate) fn new_store(
+        &self,
+        request: Arc<CheckRequest>,
+        context: &EvalContext,
+        wasi: Option<crate::wasi::WasiState>,
+    ) -> Store<HostState> {
+        self.core.new_store(request, context, wasi)
     }
 }
 
@@ -424,26 +440,34 @@ fn overloaded(queued: bool) -> Evaluation {
 }
 
 impl Core {
-    fn evaluate(&self, module: &PolicyModule, request: &CheckRequest, context: &EvalContext) -> Evaluation {
+    fn evaluate(&self, module: &PolicyModule, request: &Arc<CheckRequest>, context: &EvalContext) -> Evaluation {
         let started = std::time::Instant::now();
         let mut timings = Timings::default();
         let wasi = module.wasi.then(|| crate::wasi::WasiState::new(&request.request_id, request.now));
-        let mut store = self.new_store(context, wasi);
-        let result = module
-            .pre
-            .instance_pre()
-            .instantiate(&mut store)
-            .map_err(|e| classify_instantiation(&e, &store))
-            .and_then(|instance| {
+        let mut store = self.new_store(request.clone(), context, wasi);
+        let result =
+            module.pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &store)).and_then(|instance| {
                 timings.instantiate = started.elapsed();
                 let func = instance
                     .get_func(&mut store, module.check)
                     .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
-                // SAFETY: `check_export` type-checked this export against these types when the
-                // module was loaded, and a component's types never change. (The generated
-                // bindings would check them again on every instantiation: ~0.5 µs a check.)
-                let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
-                check.call(&mut store, (request,)).map(|(decision,)| decision).map_err(|e| classify_trap(&e, &store))
+                // `check_export` type-checked this export against the types of the module's
+                // contract when it was loaded, and a component's types never change. (The
+                // generated bindings would check them again on every instantiation: ~0.5 µs.)
+                let decision = match module.contract {
+                    Contract::V0_1 => {
+                        // SAFETY: type-checked at load (above).
+                        let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
+                        check.call(&mut store, (&**request,)).map(|(decision,)| decision)
+                    }
+                    // The request stays in the store; the policy reads what it needs of it.
+                    Contract::V0_2 => {
+                        // SAFETY: type-checked at load (above).
+                        let check = unsafe { TypedFunc::<(), (DecisionV0_2,)>::new_unchecked(func) };
+                        check.call(&mut store, ()).map(|(decision,)| crate::contract_v0_2::decision(decision))
+                    }
+                };
+                decision.map_err(|e| classify_trap(&e, &store))
             });
         timings.call = started.elapsed().saturating_sub(timings.instantiate);
         store.data_mut().collect_output();
@@ -457,8 +481,14 @@ impl Core {
         evaluation
     }
 
-    fn new_store(&self, context: &EvalContext, wasi: Option<crate::wasi::WasiState>) -> Store<HostState> {
-        let mut state = HostState::new(context.data.clone(), context.verifier.clone(), self.config.memory_limit);
+    fn new_store(
+        &self,
+        request: Arc<CheckRequest>,
+        context: &EvalContext,
+        wasi: Option<crate::wasi::WasiState>,
+    ) -> Store<HostState> {
+        let mut state =
+            HostState::new(request, context.data.clone(), context.verifier.clone(), self.config.memory_limit);
         state.wasi = wasi.map(Box::new);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -574,6 +604,38 @@ mod tests {
             Err(LoadError::Contract(e)) => assert!(format!("{e:#}").contains("`check` has the wrong type"), "{e:#}"),
             Err(other) => panic!("wrong error: {other}"),
             Ok(_) => panic!("a `check` of the wrong type was loaded"),
+        }
+        // The same for contract 0.2.0, whose `check` takes no request.
+        let wrong_type = wat::parse_str(
+            r#"(component
+                (core module $m (func (export "check") (param i32) (result i32) local.get 0))
+                (core instance $i (instantiate $m))
+                (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
+                (instance $policy (export "check" (func $check)))
+                (export "sandgate:policy/policy@0.2.0" (instance $policy)))"#,
+        )
+        .unwrap();
+        assert!(matches!(runtime.load(&wrong_type), Err(LoadError::Contract(_))));
+    }
+
+    /// A component is one contract version throughout: exporting one version's `policy` while
+    /// importing another's interfaces is refused at load, naming the import.
+    #[test]
+    fn a_policy_mixing_contract_versions_is_refused() {
+        let runtime = Runtime::new(RuntimeConfig { max_instances: 2, ..Default::default() }).unwrap();
+        for (import, export) in [("host@0.1.0", "policy@0.2.0"), ("request@0.2.0", "policy@0.1.0")] {
+            let mixed = wat::parse_str(format!(
+                r#"(component
+                    (import "sandgate:policy/{import}" (instance))
+                    (instance $policy)
+                    (export "sandgate:policy/{export}" (instance $policy)))"#
+            ))
+            .unwrap();
+            match runtime.load(&mixed) {
+                Err(LoadError::UnsupportedImport(name)) => assert_eq!(name, format!("sandgate:policy/{import}")),
+                Err(other) => panic!("{import} with {export}: wrong error: {other}"),
+                Ok(_) => panic!("{import} with {export} was loaded"),
+            }
         }
     }
 }

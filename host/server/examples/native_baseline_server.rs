@@ -44,7 +44,7 @@ fn to_sdk(r: &host::CheckRequest) -> sdk::Request {
             claims_json: v.claims_json.clone(),
         }),
     };
-    sdk::Request {
+    sdk::Request::from_parts(sdk::RequestParts {
         request_id: r.request_id.clone(),
         method: r.method.clone(),
         scheme: r.scheme.clone(),
@@ -63,7 +63,7 @@ fn to_sdk(r: &host::CheckRequest) -> sdk::Request {
             revocations: r.versions.revocations,
             data: r.versions.data,
         },
-    }
+    })
 }
 
 fn from_sdk(d: sdk::Decision) -> host::Decision {

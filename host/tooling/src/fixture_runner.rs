@@ -28,7 +28,7 @@ pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u6
                 Some(value) => Arc::new(PolicyData::new(value.clone(), 1)),
                 None => file_data.clone(),
             };
-            let check = spec::from_spec(&case.request, now, spec::standalone_versions(module.digest()));
+            let check = Arc::new(spec::from_spec(&case.request, now, spec::standalone_versions(module.digest())));
             let evaluation = runtime.evaluate(module, &check, &EvalContext { data, verifier: None });
             let got = spec::outcome(&evaluation.decision);
             CaseResult { name: case.name.clone(), verdict: case.expect.check(&got), got }

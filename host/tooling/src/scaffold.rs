@@ -90,7 +90,7 @@ const LIB_RS: &str = r#"//! A Sandgate policy. Edit `check`, add cases to `fixtu
 //! - `sandgate build`: compile to a validated Wasm component;
 //! - `sandgate test`: run the fixtures against that component in the real runtime.
 
-use sandgate_policy_sdk::{allow, deny, Decision, DecisionExt, Policy, Request, RequestExt};
+use sandgate_policy_sdk::{allow, deny, Decision, DecisionExt, Policy, Request};
 
 /// Readers may read; writers may also change things. Everyone else is turned away.
 pub struct {struct};
@@ -101,7 +101,7 @@ impl Policy for {struct} {
         if let Some(denial) = request.unauthenticated() {
             return denial;
         }
-        let reading = matches!(request.method.as_str(), "GET" | "HEAD");
+        let reading = matches!(request.method(), "GET" | "HEAD");
         let permitted = request.has_role("writer") || (reading && request.has_role("reader"));
         if !permitted {
             return deny(403, "forbidden").message("your roles do not permit this");
