@@ -7,6 +7,9 @@ per-round ratios (this / baseline) is reported with its range.
 
     cargo build --release -p sandgate && ./scripts/build-policies.sh
     BASELINE_SANDGATE=/path/to/other/sandgate .venv/bin/python scripts/bench_builds.py   # ROUNDS (6), DURATION (3 s)
+
+BASELINE_POLICIES=DIR gives the baseline build its own policies (e.g. built against an older
+contract); by default both builds serve `target/policies`.
 """
 
 import os
@@ -27,6 +30,7 @@ DURATION = int(os.environ.get("DURATION", "3"))
 def main():
     baseline = Path(os.environ.get("BASELINE_SANDGATE") or sys.exit("set BASELINE_SANDGATE to the other build"))
     builds = {"this build": records.SANDGATE, "baseline": baseline}
+    policies = {"this build": records.POLICIES, "baseline": Path(os.environ.get("BASELINE_POLICIES") or records.POLICIES)}
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-builds-"))
     cases = {
         "capture none": 'capture = "none"',
@@ -39,7 +43,7 @@ def main():
         order = list(builds.items()) if n % 2 == 0 else list(reversed(builds.items()))
         for case, config in cases.items():
             for build, binary in order:
-                records.SANDGATE = binary
+                records.SANDGATE, records.POLICIES = binary, policies[build]
                 proc, port = records.serve(records.config(tmp, "builds", config), tmp / "sidecar.log")
                 try:
                     wrk(port, headers, 2)
@@ -51,7 +55,7 @@ def main():
                     proc.wait(timeout=30)
                 runs.setdefault((case, build), []).append((rps, 1e6 * cpu / (rps * DURATION)))
         for build, binary in order:
-            records.SANDGATE = binary
+            records.SANDGATE, records.POLICIES = binary, policies[build]
             proc, port = records.serve(records.config(tmp, "builds", cases["capture none"]), tmp / "sidecar.log")
             try:
                 wrk(port, headers, 1, connections=1)

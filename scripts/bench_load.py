@@ -4,7 +4,8 @@ allow-all policy, the RBAC example with HS256/RS256/ES256/EdDSA tokens, and the 
 baseline (same server, same verification, RBAC logic compiled into the host).
 
 Run: scripts/bench-load.sh  (builds everything, then runs this with the test venv's Python).
-With BASELINE_SANDGATE=PATH: only this build against that build, allow-all and RBAC ES256.
+With BASELINE_SANDGATE=PATH: only this build against that build, allow-all and RBAC ES256
+(BASELINE_POLICIES=DIR: the baseline build's policies, e.g. built against an older contract).
 Also: the verified-token cache (on by default) against no cache, with one repeated token and
 with a stream of all-distinct tokens. Prints a Markdown table for docs/BENCHMARKS.md. Each
 case: wrk -t2 -c64 for DURATION (5) seconds after a 2 s warm-up, every server on 127.0.0.1 with
@@ -86,8 +87,8 @@ def main():
     tokens = {alg: jwt.encode(claims, key, algorithm=alg, headers={"kid": alg}) for alg, key in keys.items()}
     tokens["HS256"] = jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": "HS256"})
 
-    def config(policy, cache=True):
-        path = tmp / f"{policy}{'' if cache else '-nocache'}.toml"
+    def config(policy, cache=True, policies=ROOT / "target" / "policies"):
+        path = tmp / f"{policy}{'' if cache else '-nocache'}-{abs(hash(str(policies)))}.toml"
         data = f'data = "{tmp / "rbac-data.json"}"' if policy == "rbac" else ""
         path.write_text(f"""
 [server]
@@ -108,7 +109,7 @@ algorithm = "HS256"
 secret = "{SECRET}"
 [[policies]]
 id = "{policy}"
-module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
+module = "{policies / (policy + ".wasm")}"
 {data}
 """)
         return str(path)
@@ -146,7 +147,8 @@ module = "{ROOT / "target" / "policies" / (policy + ".wasm")}"
     # before a refactoring), same configs, same requests.
     other = os.environ.get("BASELINE_SANDGATE")
     if other:
-        other_build = lambda policy: [other, "serve", "--config", config(policy)]
+        other_policies = Path(os.environ.get("BASELINE_POLICIES") or ROOT / "target" / "policies")
+        other_build = lambda policy: [other, "serve", "--config", config(policy, policies=other_policies)]
         cases["baseline build allow-all, no token"] = (other_build("allow-all"), request)
         cases["baseline build RBAC ES256"] = (other_build("rbac"), es256)
         comparisons = [("sandgate allow-all, no token", "baseline build allow-all, no token"),
