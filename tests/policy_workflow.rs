@@ -57,6 +57,10 @@ fn new_build_test_from_scratch_and_a_broken_fixture_is_named() {
     assert!(out.status.success());
     let report = text(&out);
     assert!(report.contains("sha256 ") && report.contains(" bytes"), "build prints digest and size: {report}");
+    assert!(
+        report.contains("contract sandgate:policy@0.2.0"),
+        "a new policy is built against the current contract: {report}"
+    );
 
     let out = run(in_crate(&sandgate(), &policy).args(["test"]));
     assert!(out.status.success());

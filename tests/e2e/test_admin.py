@@ -119,7 +119,7 @@ def bad_uploads():
     return {
         "not wasm": (b"#!/bin/sh\necho pwned\n", "not a WebAssembly file"),
         "a core module": (b"\0asm\x01\0\0\0", "core WebAssembly module, not a component"),
-        "wrong exports": (b"\0asm\x0d\0\x01\0", "does not export `sandgate:policy/policy@0.1.0`"),
+        "wrong exports": (b"\0asm\x0d\0\x01\0", "does not export `sandgate:policy/policy@0.2.0`"),
         "an HTTP import": ((POLICIES / "bad-import.wasm").read_bytes(), "`wasi:http/outgoing-handler@0.2.0`"),
         "loops on the probe": ((POLICIES / "hostile.wasm").read_bytes(), "failed its probe check: the policy ran past its time limit"),
         "truncated": (rbac[: len(rbac) // 2], "invalid"),

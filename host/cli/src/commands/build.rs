@@ -26,12 +26,16 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (component, core_path) = policy_build::build_policy(&args.path, args.target)?;
-    if !args.no_validate {
-        super::load_built(&super::small_runtime()?, &component)?;
-    }
+    let contract = match args.no_validate {
+        false => Some(super::load_built(&super::small_runtime()?, &component)?.contract()),
+        true => None,
+    };
     let out = args.out.unwrap_or_else(|| core_path.with_extension("component.wasm"));
     std::fs::write(&out, &component).with_context(|| format!("cannot write `{}`", out.display()))?;
     let digest = sandgate_runtime::sha256_hex(&component);
     println!("built {}\n  sha256 {digest}\n  size   {} bytes", out.display(), component.len());
+    if let Some(contract) = contract {
+        println!("  contract sandgate:policy@{}", contract.version());
+    }
     Ok(ExitCode::SUCCESS)
 }
