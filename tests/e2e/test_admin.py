@@ -161,6 +161,7 @@ def test_snapshot_lists_policies_with_digests(sandgate):
     ids = {p["id"]: p for p in snap["policies"]}
     assert ids["live"]["digest"] == hashlib.sha256((POLICIES / "versioned-v1.wasm").read_bytes()).hexdigest()
     assert ids["rbac"]["loaded_at"] > 0
+    assert ids["live"]["contract"] == "0.2.0", "which contract each policy was built against"
     assert {"snapshot", "key_set", "revocations"} <= snap.keys()
 
 

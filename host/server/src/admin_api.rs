@@ -5,7 +5,7 @@
 //!
 //! | call | does |
 //! |---|---|
-//! | `GET /v1/snapshot` | versions, policies with digests and load times |
+//! | `GET /v1/snapshot` | versions, policies with digests, contract versions and load times |
 //! | `PUT /v1/policies/{id}` (body: `.wasm`, or `{"module": "oci://…"}`) | load or replace a policy module; a tag is resolved at the registry now and pinned |
 //! | `DELETE /v1/policies/{id}` | unload a policy no route uses |
 //! | `PUT /v1/policies/{id}/data` (body: JSON) | replace its data document |
@@ -49,6 +49,7 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
                 "id": p.id,
                 "digest": p.module.digest(),
                 "size": p.module.size(),
+                "contract": p.module.contract().version(),
                 "loaded_at": unix(p.loaded_at),
                 "data_version": p.data.version,
                 "shadow_digest": p.shadow.as_ref().map(|m| m.digest()),
