@@ -5,8 +5,9 @@
 //! or configuration files: the server hands it a [`CheckRequest`](bindings::sandgate::policy::types::CheckRequest)
 //! and an [`EvalContext`], and gets an [`Evaluation`] back.
 //!
-//! - [`bindings`]: the types and traits `bindgen!` generates from `wit/policy.wit` (the one
-//!   place it runs).
+//! - [`bindings`]: the types and traits `bindgen!` generates from the WIT contract, 0.1.0
+//!   (the host's own types) and 0.2.0 (`bindings::v0_2`); the one place it runs.
+//! - [`Contract`]: the contract versions a policy may be built against, told apart at load.
 //! - [`Runtime`]: engine, pooling allocator, epoch ticker; [`Runtime::load`],
 //!   [`Runtime::probe`], [`Runtime::check`] / [`Runtime::evaluate`].
 //! - [`PolicyModule`] and [`LoadError`]: a validated, pre-instantiated component, or why not.
