@@ -23,8 +23,8 @@ pub struct Request {
     peer: OnceLock<Option<String>>,
     body: OnceLock<Option<Vec<u8>>>,
     credential: OnceLock<Credential>,
-    now: OnceLock<u64>,
-    versions: OnceLock<SnapshotVersions>,
+    /// The pinned time and versions: one host call answers both.
+    context: OnceLock<(u64, SnapshotVersions)>,
 }
 
 /// Every part of a [`Request`], to build one whole (in tests).
@@ -110,8 +110,7 @@ impl Request {
             peer: OnceLock::new(),
             body: OnceLock::new(),
             credential: OnceLock::new(),
-            now: OnceLock::new(),
-            versions: OnceLock::new(),
+            context: OnceLock::new(),
         }
     }
 
@@ -128,8 +127,7 @@ impl Request {
             peer: parts.peer.into(),
             body: parts.body.into(),
             credential: parts.credential.into(),
-            now: parts.now.into(),
-            versions: parts.versions.into(),
+            context: (parts.now, parts.versions).into(),
         }
     }
 
@@ -195,25 +193,20 @@ impl Request {
 
     /// The time of this check as Unix seconds, pinned once: use it instead of a clock.
     pub fn now(&self) -> u64 {
-        if self.now.get().is_none() {
-            self.read_context();
-        }
-        self.now.get().copied().unwrap_or_default()
+        self.context().0
     }
 
     /// The versions of everything the host pinned for this check.
     pub fn versions(&self) -> &SnapshotVersions {
-        if self.versions.get().is_none() {
-            self.read_context();
-        }
-        self.versions.get_or_init(|| from_host::context().versions)
+        &self.context().1
     }
 
     /// One `context` call answers both the time and the versions.
-    fn read_context(&self) {
-        let context = from_host::context();
-        let _ = self.now.set(context.now);
-        let _ = self.versions.set(context.versions);
+    fn context(&self) -> &(u64, SnapshotVersions) {
+        self.context.get_or_init(|| {
+            let context = from_host::context();
+            (context.now, context.versions)
+        })
     }
 
     /// The bearer token of the `Authorization` header, if any.

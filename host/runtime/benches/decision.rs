@@ -63,6 +63,11 @@ fn setup() -> Setup {
     Setup { runtime, module, context, check, spec, data }
 }
 
+/// The same check for another path.
+fn at_path(check: &CheckRequest, path: &str) -> Arc<CheckRequest> {
+    Arc::new(CheckRequest { path: path.into(), ..check.clone() })
+}
+
 fn decision(c: &mut Criterion) {
     let s = setup();
     assert!(s.runtime.evaluate(&s.module, &s.check, &s.context).is_allow(), "the benchmark request must be allowed");
@@ -98,9 +103,7 @@ fn decision(c: &mut Criterion) {
 
     // The sandbox alone: the same request through a policy that allows without looking.
     let trivial = load(&s.runtime, "hostile");
-    let mut trivial_check = (*s.check).clone();
-    trivial_check.path = "/".into();
-    let trivial_check = Arc::new(trivial_check);
+    let trivial_check = at_path(&s.check, "/");
     c.bench_function("allow_all/fresh_instance", |b| {
         b.iter(|| black_box(s.runtime.evaluate(&trivial, &trivial_check, &s.context)))
     });
@@ -121,14 +124,7 @@ fn load(runtime: &Runtime, name: &str) -> PolicyModule {
 /// Fresh-instance p50 of each build of RBAC and allow-all, in alternating rounds: the ratio of
 /// each `wasm32-wasip2` build to its `wasm32-unknown-unknown` build.
 fn builds(s: &Setup) {
-    let pairs = [
-        ("rbac", "rbac-wasip2", s.check.clone()),
-        ("allow-all", "allow-all-wasip2", {
-            let mut check = (*s.check).clone();
-            check.path = "/".into();
-            Arc::new(check)
-        }),
-    ];
+    let pairs = [("rbac", "rbac-wasip2", s.check.clone()), ("allow-all", "allow-all-wasip2", at_path(&s.check, "/"))];
     println!("\nper-check cost of each build (fresh instance, p50 µs, median of 7 alternating rounds of 20,000):");
     for (base, wasip2, check) in pairs {
         let modules = [load(&s.runtime, base), load(&s.runtime, wasip2)];
@@ -252,12 +248,8 @@ fn scaling() {
 /// check runs in the same slot (the pool gives a module back the slot it last used).
 fn polluted_slot(s: &Setup) {
     let hostile = load(&s.runtime, "hostile");
-    let mut clean = (*s.check).clone();
-    clean.path = "/".into();
-    let clean = Arc::new(clean);
-    let mut polluting = (*s.check).clone();
-    polluting.path = "/write-1mib".into();
-    let polluting = Arc::new(polluting);
+    let clean = at_path(&s.check, "/");
+    let polluting = at_path(&s.check, "/write-1mib");
     let written = s.runtime.evaluate(&hostile, &polluting, &s.context);
     assert!(written.is_allow(), "the 1 MiB write must be allowed: {:?}", written.fault);
     let after = |first: &Arc<CheckRequest>| {

@@ -18,17 +18,16 @@
 //! (Longer than the house's ~400 lines: the runtime's configuration, lifetimes, evaluation and
 //! fault classification read best together, and a sixth of the file is its tests.)
 
-use crate::bindings::sandgate::policy::types::{CheckRequest, Decision};
-use crate::bindings::v0_2::sandgate::policy::types::Decision as DecisionV0_2;
+use crate::bindings::sandgate::policy::types::CheckRequest;
 use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
-use crate::policy::{Contract, check_export, sha256_hex};
+use crate::policy::{Contract, call_check, check_export, sha256_hex};
 use crate::pool::EvalPool;
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, Linker, TypedFunc};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, OptLevel, PoolConcurrencyLimitError, PoolingAllocationConfig,
     Store, Trap,
@@ -451,23 +450,7 @@ impl Core {
                 let func = instance
                     .get_func(&mut store, module.check)
                     .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
-                // `check_export` type-checked this export against the types of the module's
-                // contract when it was loaded, and a component's types never change. (The
-                // generated bindings would check them again on every instantiation: ~0.5 µs.)
-                let decision = match module.contract {
-                    Contract::V0_1 => {
-                        // SAFETY: type-checked at load (above).
-                        let check = unsafe { TypedFunc::<(&CheckRequest,), (Decision,)>::new_unchecked(func) };
-                        check.call(&mut store, (&**request,)).map(|(decision,)| decision)
-                    }
-                    // The request stays in the store; the policy reads what it needs of it.
-                    Contract::V0_2 => {
-                        // SAFETY: type-checked at load (above).
-                        let check = unsafe { TypedFunc::<(), (DecisionV0_2,)>::new_unchecked(func) };
-                        check.call(&mut store, ()).map(|(decision,)| crate::contract_v0_2::decision(decision))
-                    }
-                };
-                decision.map_err(|e| classify_trap(&e, &store))
+                call_check(&mut store, func, module.contract, request).map_err(|e| classify_trap(&e, &store))
             });
         timings.call = started.elapsed().saturating_sub(timings.instantiate);
         store.data_mut().collect_output();
@@ -590,32 +573,25 @@ mod tests {
         let empty = wat::parse_str("(component)").unwrap();
         assert!(matches!(runtime.load(&empty), Err(LoadError::MissingExport(_))));
         // The right names with the wrong type: refused at load, since checks call `check`
-        // without type-checking it again.
-        let wrong_type = wat::parse_str(
-            r#"(component
-                (core module $m (func (export "check") (param i32) (result i32) local.get 0))
-                (core instance $i (instantiate $m))
-                (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
-                (instance $policy (export "check" (func $check)))
-                (export "sandgate:policy/policy@0.1.0" (instance $policy)))"#,
-        )
-        .unwrap();
-        match runtime.load(&wrong_type) {
-            Err(LoadError::Contract(e)) => assert!(format!("{e:#}").contains("`check` has the wrong type"), "{e:#}"),
-            Err(other) => panic!("wrong error: {other}"),
-            Ok(_) => panic!("a `check` of the wrong type was loaded"),
+        // without type-checking it again. (0.1.0's `check` takes a request, 0.2.0's nothing.)
+        for version in ["0.1.0", "0.2.0"] {
+            let wrong_type = wat::parse_str(format!(
+                r#"(component
+                    (core module $m (func (export "check") (param i32) (result i32) local.get 0))
+                    (core instance $i (instantiate $m))
+                    (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
+                    (instance $policy (export "check" (func $check)))
+                    (export "sandgate:policy/policy@{version}" (instance $policy)))"#
+            ))
+            .unwrap();
+            match runtime.load(&wrong_type) {
+                Err(LoadError::Contract(e)) => {
+                    assert!(format!("{e:#}").contains("`check` has the wrong type"), "{version}: {e:#}")
+                }
+                Err(other) => panic!("{version}: wrong error: {other}"),
+                Ok(_) => panic!("{version}: a `check` of the wrong type was loaded"),
+            }
         }
-        // The same for contract 0.2.0, whose `check` takes no request.
-        let wrong_type = wat::parse_str(
-            r#"(component
-                (core module $m (func (export "check") (param i32) (result i32) local.get 0))
-                (core instance $i (instantiate $m))
-                (func $check (param "request" u32) (result u32) (canon lift (core func $i "check")))
-                (instance $policy (export "check" (func $check)))
-                (export "sandgate:policy/policy@0.2.0" (instance $policy)))"#,
-        )
-        .unwrap();
-        assert!(matches!(runtime.load(&wrong_type), Err(LoadError::Contract(_))));
     }
 
     /// A component is one contract version throughout: exporting one version's `policy` while
