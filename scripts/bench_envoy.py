@@ -2,14 +2,16 @@
 """Envoy + ext_authz + Sandgate against what a user could run instead, in one run.
 
 Run: scripts/bench-load.sh envoy. The application is hyper answering a fixed 200
-(`fixed_200` example). Envoy 1.40 (`--concurrency 1`) runs four ways in front of it: alone;
+(`fixed_200` example). Envoy 1.40 (`--concurrency 1`) runs six ways in front of it: alone;
 with its own in-process `jwt_authn` + RBAC filters enforcing the RBAC example's rules
 (scripts/envoy-jwt-rbac.yaml: roles from the token's payload, JWT cache on); with gRPC
-ext_authz to Sandgate; with HTTP ext_authz to Sandgate. Sandgate runs the RBAC example on an
-RS256 token. Each setup: wrk for DURATION (5) seconds after a 2 s warm-up, with 32 connections
-(saturation) and with one (the latency one request sees on an idle system). ROUNDS (3) rounds,
-the setups in turn within each; ratios are taken within a round, their median reported. Also
-the CPU time Envoy and Sandgate each spend per request at saturation (from /proc)."""
+ext_authz to Sandgate; with HTTP ext_authz to Sandgate; and with gRPC and with HTTP ext_authz
+to a second `fixed_200`, an authorization service that does no work at all: the floor any
+ext_authz service reaches behind this Envoy. Sandgate runs the RBAC example on an RS256 token. Each
+setup: wrk for DURATION (5) seconds after a 2 s warm-up, with 32 connections (saturation) and
+with one (the latency one request sees on an idle system). ROUNDS (3) rounds, the setups in
+turn within each; ratios are taken within a round, their median reported. Also the CPU time
+Envoy and the authorization service each spend per request at saturation (from /proc)."""
 
 import json
 import os
@@ -78,21 +80,28 @@ data = "{ROOT / 'examples' / 'rbac-data.json'}"
 """)
     app, app_port = start([str(RELEASE / "examples" / "fixed_200")])
     sandgate, sandgate_port = start([str(RELEASE / "sandgate"), "serve", "--config", str(tmp / "sandgate.toml")])
+    null_authz, null_authz_port = start([str(RELEASE / "examples" / "fixed_200")])
     headers = {"Authorization": f"Bearer {token}"}
+    # setup -> (Envoy configuration, the HTTP authorization service's port, that service's process)
     setups = {
-        "Envoy alone": ROOT / "tests" / "e2e" / "envoy-alone.yaml",
-        "Envoy jwt_authn + RBAC, in-process": ROOT / "scripts" / "envoy-jwt-rbac.yaml",
-        "Envoy + gRPC ext_authz + Sandgate": ROOT / "examples" / "envoy" / "envoy-grpc.yaml",
-        "Envoy + HTTP ext_authz + Sandgate": ROOT / "examples" / "envoy" / "envoy-http.yaml",
+        "Envoy alone": (ROOT / "tests" / "e2e" / "envoy-alone.yaml", sandgate_port, sandgate),
+        "Envoy jwt_authn + RBAC, in-process": (ROOT / "scripts" / "envoy-jwt-rbac.yaml", sandgate_port, sandgate),
+        "Envoy + gRPC ext_authz + Sandgate": (ROOT / "examples" / "envoy" / "envoy-grpc.yaml", sandgate_port, sandgate),
+        "Envoy + HTTP ext_authz + Sandgate": (ROOT / "examples" / "envoy" / "envoy-http.yaml", sandgate_port, sandgate),
+        "Envoy + gRPC ext_authz + no authorization":
+            (ROOT / "examples" / "envoy" / "envoy-grpc.yaml", null_authz_port, null_authz),
+        "Envoy + HTTP ext_authz + no authorization":
+            (ROOT / "examples" / "envoy" / "envoy-http.yaml", null_authz_port, null_authz),
     }
     rounds = []  # one dict per round: setup -> (saturated (rps, p50, p99), one connection (rps, p50, p99))
     try:
         for _ in range(ROUNDS):
             results = {}
-            for name, template in setups.items():
+            for name, (template, authz_port, authz) in setups.items():
                 port = free_port()
                 text = template.read_text().replace("JWKS_PATH", str(tmp / "jwks.json"))
-                for placeholder, real in {8000: port, 8080: app_port, 8183: grpc_port, 8181: sandgate_port}.items():
+                grpc_authz_port = grpc_port if authz is sandgate else authz_port
+                for placeholder, real in {8000: port, 8080: app_port, 8183: grpc_authz_port, 8181: authz_port}.items():
                     text = text.replace(f"port_value: {placeholder}", f"port_value: {real}")
                 config = tmp / template.name
                 config.write_text(text)
@@ -109,9 +118,9 @@ data = "{ROOT / 'examples' / 'rbac-data.json'}"
                     wrk(port, headers, 2)
                     measured = []
                     for connections in (32, 1):
-                        before = (cpu_seconds(sandgate.pid), cpu_seconds(envoy.pid))
+                        before = (cpu_seconds(authz.pid), cpu_seconds(envoy.pid))
                         rps, p50, p99 = wrk(port, headers, DURATION, connections=connections)
-                        after = (cpu_seconds(sandgate.pid), cpu_seconds(envoy.pid))
+                        after = (cpu_seconds(authz.pid), cpu_seconds(envoy.pid))
                         per_request = [1e6 * (a - b) / (rps * DURATION) for a, b in zip(after, before)]
                         measured.append((rps, p50, p99, *per_request))
                     results[name] = tuple(measured)
@@ -121,13 +130,13 @@ data = "{ROOT / 'examples' / 'rbac-data.json'}"
                 print(f"{name}: {results[name]}", file=sys.stderr)
             rounds.append(results)
     finally:
-        for proc in (app, sandgate):
+        for proc in (app, sandgate, null_authz):
             proc.terminate()
             proc.wait(10)
     median = lambda xs: sorted(xs)[len(xs) // 2]
     base = "Envoy jwt_authn + RBAC, in-process"
     print(f"\nMedians of {ROUNDS} rounds; ratios and added latency taken within each round, against the in-process filters.")
-    print("\n| setup | req/s (32 conn.) | p50 µs | p99 µs | req/s ratio to in-process (range) | CPU µs/request: Envoy, Sandgate | 1 conn.: p50 µs | added p50 µs over in-process (range) |")
+    print("\n| setup | req/s (32 conn.) | p50 µs | p99 µs | req/s ratio to in-process (range) | CPU µs/request: Envoy, authorization service | 1 conn.: p50 µs | added p50 µs over in-process (range) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in setups:
         sat = [r[name][0] for r in rounds]
@@ -140,6 +149,8 @@ data = "{ROOT / 'examples' / 'rbac-data.json'}"
               f"**{median(added):+.0f}** ({added[0]:+.0f} to {added[-1]:+.0f}) |")
     grpc_http = sorted(r["Envoy + gRPC ext_authz + Sandgate"][0][0] / r["Envoy + HTTP ext_authz + Sandgate"][0][0] for r in rounds)
     print(f"\ngRPC / HTTP ext_authz at saturation: **{median(grpc_http):.2f}** ({grpc_http[0]:.2f}–{grpc_http[-1]:.2f})")
+    floor = sorted(r["Envoy + gRPC ext_authz + no authorization"][0][0] / r["Envoy + HTTP ext_authz + no authorization"][0][0] for r in rounds)
+    print(f"gRPC / HTTP ext_authz with no authorization service work: **{median(floor):.2f}** ({floor[0]:.2f}–{floor[-1]:.2f})")
 
 
 if __name__ == "__main__":
