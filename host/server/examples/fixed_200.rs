@@ -51,9 +51,10 @@ async fn main() -> anyhow::Result<()> {
                         .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) })
                         .boxed();
                     let mut response = hyper::Response::new(body);
-                    response
-                        .headers_mut()
-                        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/grpc"));
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/grpc"),
+                    );
                     response
                 } else {
                     hyper::Response::new(Full::new(Bytes::new()).boxed())
