@@ -276,3 +276,60 @@ async fn a_wasip2_policy_evaluated_inside_an_async_context_still_answers() {
         assert!(evaluation.is_allow(), "{path}: {:?}", evaluation.fault);
     }
 }
+
+/// Counts the tokens the host was asked to verify; rejects them all.
+#[derive(Default)]
+struct CountingVerifier {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl sandgate_runtime::TokenVerifier for CountingVerifier {
+    fn verify(
+        &self,
+        _token: &str,
+    ) -> Result<
+        sandgate_runtime::bindings::sandgate::policy::types::VerifiedCredential,
+        sandgate_runtime::bindings::sandgate::policy::types::CredentialError,
+    > {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(sandgate_runtime::bindings::sandgate::policy::types::CredentialError {
+            reason: "malformed_token".into(),
+            message: "not a JWT".into(),
+        })
+    }
+}
+
+/// A policy cannot make the host verify tokens without bound: `verify-jwt` work happens outside
+/// the guest's memory cap and, with `capture = "input"`, every answer was kept for the decision
+/// record (10,000 calls in one check kept 10,000 answers). Past [`MAX_VERIFY_JWT`] calls, and
+/// for a token longer than [`MAX_VERIFY_JWT_BYTES`], the policy gets an error without the host
+/// verifying anything.
+///
+/// [`MAX_VERIFY_JWT`]: sandgate_runtime::MAX_VERIFY_JWT
+/// [`MAX_VERIFY_JWT_BYTES`]: sandgate_runtime::MAX_VERIFY_JWT_BYTES
+#[tokio::test]
+async fn a_policy_cannot_make_the_host_verify_tokens_without_bound() {
+    use sandgate_runtime::{EvalContext, MAX_VERIFY_JWT, PolicyData};
+    use std::sync::atomic::Ordering;
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile");
+    let message = |decision: &sandgate_runtime::bindings::sandgate::policy::types::Decision| match decision {
+        sandgate_runtime::bindings::sandgate::policy::types::Decision::Deny(d) => d.message.clone(),
+        other => panic!("expected a deny, got {other:?}"),
+    };
+    for (path, expected_calls, expected_answers) in [
+        (
+            "/verify-flood",
+            MAX_VERIFY_JWT as usize,
+            format!("malformed_token={MAX_VERIFY_JWT} too_many_verifications={}", 10_000 - MAX_VERIFY_JWT),
+        ),
+        ("/verify-huge", 0, "token_too_large=1".to_owned()),
+    ] {
+        let verifier = Arc::new(CountingVerifier::default());
+        let context = EvalContext { data: Arc::new(PolicyData::new(Value::Null, 1)), verifier: Some(verifier.clone()) };
+        let evaluation = runtime.check(&hostile, check(json!({ "path": path })), context).await;
+        assert_eq!(evaluation.fault, None, "{path}");
+        assert_eq!(message(&evaluation.decision), expected_answers, "{path}");
+        assert_eq!(verifier.calls.load(Ordering::Relaxed), expected_calls, "{path}: tokens the host verified");
+    }
+}

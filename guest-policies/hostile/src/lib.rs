@@ -28,7 +28,7 @@
 //! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
 //! | anything else | allows | allow |
 
-use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny};
+use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny, host};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -178,9 +178,30 @@ impl Policy for Hostile {
             "/malformed" => deny(200, "not_really_a_denial"),
             "/residue" => allow().set_header("x-residue", residue()),
             "/echo" => echo(request),
+            // Host work the guest asks for outside its own memory: as many token verifications
+            // as its time allows, and one token as long as its memory allows.
+            "/verify-flood" => verify_all((0..10_000).map(|i| format!("not.a.token{i}"))),
+            "/verify-huge" => verify_all(std::iter::once("x".repeat(8 << 20))),
             path => wasi(path).unwrap_or_else(allow),
         }
     }
+}
+
+/// Verify every token; deny, naming how many were verified or rejected for each reason.
+fn verify_all(tokens: impl Iterator<Item = String>) -> Decision {
+    let mut answers: Vec<(String, u32)> = Vec::new();
+    for token in tokens {
+        let reason = match host::verify_jwt(&token) {
+            Ok(_) => "verified".to_owned(),
+            Err(e) => e.reason,
+        };
+        match answers.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => answers.push((reason, 1)),
+        }
+    }
+    let summary: Vec<String> = answers.iter().map(|(r, n)| format!("{r}={n}")).collect();
+    deny(403, "verified_all").message(&summary.join(" "))
 }
 
 /// Every part of the request, as the policy reads it, in headers (`-` for none).

@@ -26,6 +26,13 @@ pub struct PolicyLog {
 pub const MAX_LOG_LINES: usize = 32;
 /// Bytes kept of one log line.
 pub const MAX_LOG_LINE: usize = 1024;
+/// `verify-jwt` calls one check may make; later calls are answered `too_many_verifications`
+/// without verifying. Each verification is host work outside the guest's memory cap and, with
+/// `capture = "input"`, an answer kept for the decision record.
+pub const MAX_VERIFY_JWT: u32 = 16;
+/// Bytes of a token `verify-jwt` accepts; a longer one is answered `token_too_large` without
+/// decoding it. The same as the request headers' cap.
+pub const MAX_VERIFY_JWT_BYTES: usize = 64 << 10;
 
 /// Fails memory growth past a cap, and remembers that it did so a trap can be told apart.
 pub(crate) struct MemoryCap {
@@ -67,6 +74,8 @@ pub(crate) struct HostState {
     dropped_logs: usize,
     data: Arc<PolicyData>,
     verifier: Option<Arc<dyn TokenVerifier>>,
+    /// `verify-jwt` calls made so far.
+    verifications: u32,
     /// The deny-all WASI of a `wasm32-wasip2` policy (`None` for a policy without WASI imports).
     pub(crate) wasi: Option<Box<crate::wasi::WasiState>>,
 }
@@ -85,6 +94,7 @@ impl HostState {
             dropped_logs: 0,
             data,
             verifier,
+            verifications: 0,
             wasi: None,
         }
     }
@@ -123,8 +133,22 @@ impl HostState {
         self.data.get(pointer).map(Cow::into_owned)
     }
 
-    /// The `verify-jwt` import of either contract.
-    pub(crate) fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
+    /// The `verify-jwt` import of either contract. The limits are the same whether or not the
+    /// answers are recorded, so a replayed check makes the same calls.
+    pub(crate) fn verify(&mut self, token: &str) -> Result<VerifiedCredential, CredentialError> {
+        if self.verifications >= MAX_VERIFY_JWT {
+            return Err(CredentialError {
+                reason: "too_many_verifications".into(),
+                message: format!("a check may verify at most {MAX_VERIFY_JWT} tokens"),
+            });
+        }
+        self.verifications += 1;
+        if token.len() > MAX_VERIFY_JWT_BYTES {
+            return Err(CredentialError {
+                reason: "token_too_large".into(),
+                message: format!("the token is longer than {MAX_VERIFY_JWT_BYTES} bytes"),
+            });
+        }
         match &self.verifier {
             Some(verifier) => verifier.verify(token),
             None => Err(CredentialError {

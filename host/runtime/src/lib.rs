@@ -32,7 +32,7 @@ pub mod spec;
 mod wasi;
 
 pub use fault::{Evaluation, PolicyFault, Timings};
-pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, PolicyLog, TokenVerifier};
+pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, MAX_VERIFY_JWT, MAX_VERIFY_JWT_BYTES, PolicyLog, TokenVerifier};
 pub use policy::{Contract, LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
 #[cfg(feature = "bench-internals")]
