@@ -91,3 +91,29 @@ async fn the_admin_api_answers_a_request_value() {
     let routed = api.handle(call("DELETE", "/v1/policies/open", ADMIN_TOKEN, "")).await;
     assert_eq!(routed.status(), StatusCode::CONFLICT, "the default policy cannot be unloaded");
 }
+
+/// A check whose proxy reported no client address (Envoy without a source address) gives the
+/// policy no peer, as the contract says, not an empty one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_without_a_client_address_has_no_peer() {
+    let module = sandgate_tests::workspace().join("target/policies/hostile-wasip2-servable.wasm");
+    let text = format!(
+        "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
+        module.display()
+    );
+    let path = std::env::temp_dir().join(format!("sandgate-handlers-peer-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let authorizer = sandgate_tests::authorizer(&Config::from_file(&path).unwrap());
+    for (reported, seen) in [("", "-"), ("10.0.0.7", "10.0.0.7")] {
+        let original = sandgate_server::original_request::OriginalRequest {
+            method: "GET".into(),
+            scheme: "https".into(),
+            host: "app".into(),
+            path: "/echo".into(),
+            peer: reported.into(),
+            ..Default::default()
+        };
+        let answer = authorizer.decide(original).await;
+        assert_eq!(sandgate_tests::allowed_header(&answer.evaluation.decision, "x-peer"), seen, "peer {reported:?}");
+    }
+}

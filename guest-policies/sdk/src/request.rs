@@ -162,7 +162,9 @@ impl Request {
     }
 
     /// The first value of header `name` (case-insensitive). Asks the host for this header
-    /// alone unless [`Request::headers`] has already read them all.
+    /// alone unless [`Request::headers`] has already read them all. Each call is a new host
+    /// call and a new copy, and a policy's memory is never freed during a check: keep the
+    /// value if you need it again, or read [`Request::headers`] once.
     pub fn header(&self, name: &str) -> Option<String> {
         match self.headers.get() {
             Some(headers) => headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.clone()),
@@ -170,13 +172,14 @@ impl Request {
         }
     }
 
-    /// Every request header, lowercase names; a header sent several times appears several
-    /// times, in the order it was received.
+    /// Every request header, lowercase names, grouped by name; a header sent several times
+    /// appears several times, its values in the order they were received.
     pub fn headers(&self) -> &[Header] {
         self.headers.get_or_init(from_host::headers)
     }
 
-    /// The client's address as `ip:port`, if known.
+    /// The client's address, if known: the last `X-Forwarded-For` entry (the one the proxy
+    /// appended) or Envoy's source address, else the check's connection as `ip:port`.
     pub fn peer(&self) -> Option<&str> {
         self.peer.get_or_init(from_host::peer).as_deref()
     }

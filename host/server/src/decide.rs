@@ -258,7 +258,8 @@ impl Authorizer {
             query: original.query.clone(),
             // The log line needs only method, host and path: move the rest.
             headers: std::mem::take(&mut original.headers),
-            peer: Some(std::mem::take(&mut original.peer)),
+            // Envoy may send no source address: unknown, not an empty one.
+            peer: Some(std::mem::take(&mut original.peer)).filter(|peer| !peer.is_empty()),
             body: original.body.take(),
             credential,
             now,
