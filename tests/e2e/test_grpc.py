@@ -83,6 +83,18 @@ def test_malformed_requests_are_denied(stub, keys):
     assert huge.status.code == INVALID_ARGUMENT and huge.denied_response.status.code == 431
 
 
+def test_a_check_message_over_one_mib_is_refused_before_it_is_read(stub, keys):
+    # Each such message used to be buffered up to tonic's 4 MiB default, for every stream of
+    # a connection still sending one.
+    token = keys.token(roles=["reader"])
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Check(check_request(headers={"authorization": f"Bearer {token}"}, body="x" * (1 << 20)))
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    # A body well under the cap is still checked.
+    response = stub.Check(check_request(headers={"authorization": f"Bearer {token}"}, body="x" * (512 << 10)))
+    assert response.status.code == OK
+
+
 def test_health(sandgate):
     with grpc.insecure_channel(sandgate.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -26,6 +26,12 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Body bytes passed to the policy; the rest is cut off.
 const MAX_BODY_BYTES: usize = 64 << 10;
+/// Bytes of one `CheckRequest` message decoded (tonic's default is 4 MiB). A larger one is
+/// refused by its length prefix, before it is read, with `OUT_OF_RANGE`, which Envoy answers
+/// as a deny (`failure_mode_allow: false`). Room for 64 KiB of headers and a body up to
+/// Envoy's `with_request_body.max_request_bytes`: keep that below ~900 KiB. Up to this much is
+/// held for each stream still being received.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// The gRPC service and method of ext_authz.
 const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -160,7 +166,8 @@ where
         let check = Check(self.authorizer.clone());
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
-            Ok(tonic::server::Grpc::new(codec).unary(check, request).await)
+            let mut grpc = tonic::server::Grpc::new(codec).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            Ok(grpc.unary(check, request).await)
         })
     }
 }

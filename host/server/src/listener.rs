@@ -76,7 +76,13 @@ pub async fn serve<F, S, B>(
     let mut builder = Builder::new(TokioExecutor::new());
     // Bounded headers: an oversized request is answered 431 by hyper, never buffered.
     builder.http1().max_buf_size(64 << 10).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder.http2().max_header_list_size(64 << 10).timer(TokioTimer::new());
+    // A peer that stops answering pings is gone: its connection and slot are released.
+    builder
+        .http2()
+        .max_header_list_size(64 << 10)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut backoff = Duration::ZERO;
     // Every open connection, so those still open when the grace period ends can be dropped.
@@ -99,21 +105,26 @@ pub async fn serve<F, S, B>(
             Ok(Accepted::Tcp(stream, peer)) => {
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
-                let connection = builder.serve_connection(TokioIo::new(stream), make(peer)).into_owned();
-                let connection = graceful.watch(connection);
+                let (builder, watcher, service) = (builder.clone(), graceful.watcher(), make(peer));
+                let wait = limits.header_read_timeout;
                 connections.spawn(async move {
-                    let _ = connection.await;
+                    if protocol_announced(&stream, wait).await {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let _ = watcher.watch(connection).await;
+                    }
                     drop(slot);
                 });
             }
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::ZERO;
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), make(SocketAddr::from(([0, 0, 0, 0], 0))))
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let service = make(SocketAddr::from(([0, 0, 0, 0], 0)));
+                let wait = limits.header_read_timeout;
                 connections.spawn(async move {
-                    let _ = connection.await;
+                    if tokio::time::timeout(wait, stream.readable()).await.is_ok_and(|r| r.is_ok()) {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let _ = watcher.watch(connection).await;
+                    }
                     drop(slot);
                 });
             }
@@ -135,6 +146,37 @@ pub async fn serve<F, S, B>(
         tracing::warn!(listener = name, "grace period over; dropping the remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// Whether a TCP peer says within `wait` which protocol it speaks: either bytes that cannot
+/// begin the HTTP/2 preface (HTTP/1, whose header-read timeout then applies) or the whole
+/// preface. hyper tells the two apart by reading, with no time limit of its own, so a peer that
+/// sent nothing, or part of the preface, would hold a connection slot for good.
+async fn protocol_announced(stream: &tokio::net::TcpStream, wait: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut seen = [0u8; PREFACE.len()];
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut seen)).await {
+            Ok(Ok(n)) => n,
+            // Timed out, or the connection failed.
+            _ => return false,
+        };
+        // Closed before a byte: nothing to serve. The whole preface, or bytes that are not
+        // its beginning: hyper takes over.
+        if peeked == 0 {
+            return false;
+        }
+        if peeked == PREFACE.len() || seen[..peeked] != PREFACE[..peeked] {
+            return true;
+        }
+        // Part of the preface: look again shortly (a peek returns at once while bytes are
+        // queued, so waiting for readability would not wait), until the deadline.
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until((tokio::time::Instant::now() + Duration::from_millis(5)).min(deadline)).await;
+    }
 }
 
 enum Accepted {
@@ -190,6 +232,28 @@ mod tests {
         // Before this limit existed the connection stayed open, waiting, for good.
         let answer = read_some(&mut slow, Duration::from_secs(5)).await.expect("closed by the server");
         assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "a partial request was served");
+        stop.cancel();
+    }
+
+    /// A connection that sends nothing, or only part of the HTTP/2 preface, is closed after the
+    /// header-read timeout: such connections used to hold their slots for good, and
+    /// `max_connections` of them shut every proxy out.
+    #[tokio::test]
+    async fn a_connection_that_never_says_its_protocol_is_closed() {
+        let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
+        let (address, stop) = answering(limits).await;
+        for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+            let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+            silent.write_all(sent).await.unwrap();
+            let answer = read_some(&mut silent, Duration::from_secs(5)).await;
+            assert_eq!(answer, Some(Vec::new()), "after {sent:?}: closed by the server, unanswered");
+        }
+        // A request on a connection that waited a moment first is still served.
+        let mut patient = tokio::net::TcpStream::connect(address).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        patient.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let answer = read_some(&mut patient, Duration::from_secs(5)).await.expect("answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         stop.cancel();
     }
 
