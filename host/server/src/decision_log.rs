@@ -5,7 +5,8 @@
 //! A check never waits for the log. Lines go into a queue bounded in bytes that one thread
 //! writes out; when the reader stops reading (a blocking container log driver, a paused pipe) the
 //! queue fills and further lines are dropped and counted
-//! (`sandgate_decision_log_dropped_total`) instead of stalling checks and health probes.
+//! (`sandgate_decision_log_dropped_total`) instead of stalling checks and health probes. Lines
+//! the sink fails to write are counted there too.
 
 use prometheus_client::metrics::counter::Counter;
 use sandgate_runtime::PolicyLog;
@@ -104,9 +105,9 @@ impl DecisionLog {
             ready: Condvar::new(),
             capacity: capacity.max(1),
         });
-        let writer = shared.clone();
+        let (writer, lost) = (shared.clone(), dropped.clone());
         let thread =
-            std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(&writer, sink))?;
+            std::thread::Builder::new().name("sandgate-log".into()).spawn(move || write_lines(&writer, sink, &lost))?;
         Ok((DecisionLog { shared: shared.clone(), dropped }, LogWriter { shared, thread: Some(thread) }))
     }
 
@@ -145,8 +146,9 @@ impl DecisionLog {
     }
 }
 
-fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>, dropped: &Counter) {
     let mut batch = Vec::new();
+    let mut failing = false;
     loop {
         {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -165,8 +167,18 @@ fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>) {
             }
             std::mem::swap(&mut batch, &mut queue.bytes);
         }
-        // A closed sink must not stop authorization: a write error drops the batch.
-        let _ = sink.write_all(&batch);
+        // A closed sink must not stop authorization: a write error drops the batch, counted
+        // like every other line not kept, and reported once until a write succeeds again.
+        match sink.write_all(&batch) {
+            Ok(()) => failing = false,
+            Err(e) => {
+                dropped.inc_by(memchr::memchr_iter(b'\n', &batch).count() as u64);
+                if !failing {
+                    tracing::error!(error = %e, "cannot write decision records; they are dropped and counted");
+                }
+                failing = true;
+            }
+        }
         batch.clear();
     }
     let _ = sink.flush();
@@ -196,6 +208,27 @@ impl LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines a sink fails to take (a full disk, a closed pipe) are counted as dropped.
+    #[tokio::test]
+    async fn lines_a_sink_fails_to_write_are_counted_as_dropped() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("no space left on device"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dropped = Counter::default();
+        let (log, writer) = DecisionLog::start(Box::new(Full), QUEUE_BYTES, dropped.clone()).unwrap();
+        for n in 0..3 {
+            log.write_json(&serde_json::json!({ "n": n }));
+        }
+        writer.finish(Duration::from_secs(5)).await;
+        assert_eq!(dropped.get(), 3);
+    }
 
     /// A sink that never returns from `write`: a reader that stopped reading.
     struct Stalled;

@@ -362,15 +362,30 @@ impl Spool {
             state.next_segment = n + 1;
             state.current = Some(file);
         }
+        let written = state.segments.back().map_or(0, |(_, len)| *len);
         if let Some(file) = state.current.as_mut() {
-            file.write_all(batch)?;
+            if let Err(e) = file.write_all(batch) {
+                // Part of the batch may be in the file (a full disk, an I/O error): cut it
+                // off, or the next batch would land after it, the segment would no longer end
+                // where its length says, and the publisher would never finish it. If even that
+                // fails, the segment is left as it is and the next batch starts a new one.
+                if file.set_len(written).is_err() {
+                    state.current = None;
+                }
+                // The batch is lost: the log writer counts it.
+                return Err(e);
+            }
             state.unsynced = true;
         }
         if let Some((_, len)) = state.segments.back_mut() {
             *len += take as u64;
         }
-        if self.sync_every.is_zero() {
-            self.sync(&mut state, true)?;
+        // The batch is written: a failed sync is reported, not returned (which would count
+        // the batch as lost).
+        if self.sync_every.is_zero()
+            && let Err(e) = self.sync(&mut state, true)
+        {
+            tracing::error!(error = %e, "cannot sync the decision-record spool to disk");
         }
         drop(state);
         self.appended.notify_one();
@@ -527,14 +542,22 @@ fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
     if last[0] == b'\n' {
         return Ok(len);
     }
-    // Spooled lines are at most MAX_LINE long: the last newline is within the last two.
-    let window = len.min(2 * MAX_LINE as u64 + 1);
-    file.seek(SeekFrom::Start(len - window))?;
-    let mut tail = Vec::with_capacity(window as usize);
-    (&mut file).take(window).read_to_end(&mut tail)?;
-    let whole = match memchr::memrchr(b'\n', &tail) {
-        Some(i) => len - window + i as u64 + 1,
-        None => len - window,
+    // Spooled lines are at most MAX_LINE long, so the last newline is usually within the last
+    // two; but a power loss can leave any length of zeros after it: look further back until
+    // one is found, or the segment holds no whole line.
+    let mut end = len;
+    let whole = loop {
+        let window = end.min(2 * MAX_LINE as u64 + 1);
+        file.seek(SeekFrom::Start(end - window))?;
+        let mut tail = Vec::with_capacity(window as usize);
+        (&mut file).take(window).read_to_end(&mut tail)?;
+        if let Some(i) = memchr::memrchr(b'\n', &tail) {
+            break end - window + i as u64 + 1;
+        }
+        end -= window;
+        if end == 0 {
+            break 0;
+        }
     };
     tracing::warn!(path = %path.display(), bytes = len - whole, "a spool segment ended in a torn line (a power loss?); cut back");
     file.set_len(whole)?;
@@ -791,6 +814,31 @@ mod tests {
         assert!(now.contains(&format!("{:040}", 9)) && two.contains(&format!("{:040}", 4)));
     }
 
+    /// A power loss can leave a segment ending in more zeros than two of the longest lines
+    /// (space allocated, data never written): it is still cut back to its last whole line.
+    /// (It used to be cut inside the zeros, and the segment was never finished.)
+    #[test]
+    fn a_spool_recovers_from_a_long_run_of_zeros_after_its_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"line-0\nline-1\n").unwrap();
+        drop(spool);
+        let segment = dir.path().join("0.seg");
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(&vec![0u8; 3 * MAX_LINE + 5]).unwrap();
+        drop(file);
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), 14, "cut back to its whole lines");
+        spool.append(b"line-2\n").unwrap();
+        let mut sent = Vec::new();
+        for _ in 0..10 {
+            let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
+            sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
+            spool.advance(cursor).unwrap();
+        }
+        assert_eq!(String::from_utf8_lossy(&sent), "line-0\nline-1\nline-2\n");
+    }
+
     #[test]
     fn a_spool_recovers_from_a_power_loss_that_kept_the_cursor_but_not_the_lines() {
         let dir = tempfile::tempdir().unwrap();
@@ -870,6 +918,34 @@ mod tests {
         spool.append(&batch).unwrap();
         assert_eq!(spool.pending(), 63 + 104 * 9);
         assert_eq!(dropped.get(), 96);
+    }
+
+    /// A write that fails part way (a full disk) does not stall the spool: what it wrote is not
+    /// read, and the records after it are sent. (The segment used to be left with bytes past
+    /// its recorded length: every later batch failed, or landed after them and was never sent
+    /// whole.)
+    #[test]
+    fn a_failed_write_is_counted_and_the_records_after_it_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 20, Duration::ZERO, dropped.clone()).unwrap();
+        spool.append(b"line-0\nline-1\n").unwrap();
+        // Part of a batch reached the segment before the disk filled up.
+        let mut segment = OpenOptions::new().append(true).open(dir.path().join("0.seg")).unwrap();
+        segment.write_all(b"partial-li").unwrap();
+        spool.inner.lock().unwrap().current = Some(OpenOptions::new().write(true).open("/dev/full").unwrap());
+        // The log writer counts the batch as dropped (`decision_log` tests).
+        assert!(spool.append(b"lost-0\nlost-1\nlost-2\n").is_err());
+        // Space again.
+        spool.append(b"line-2\n").unwrap();
+        let mut sent = Vec::new();
+        for _ in 0..10 {
+            let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
+            sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
+            spool.advance(cursor).unwrap();
+        }
+        assert_eq!(String::from_utf8_lossy(&sent), "line-0\nline-1\nline-2\n");
+        assert_eq!(spool.pending(), 0);
     }
 
     #[test]
