@@ -232,6 +232,28 @@ def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):
     assert 'sandgate_decisions_total{outcome="allow",reason="allow"} 1' in metrics
 
 
+def test_a_verified_token_never_reaches_a_record_wherever_it_was_sent(tmp_path):
+    s, records = start(tmp_path, capture="input")
+    token = mint(1, "hs-a")
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    # The token also in the query (RFC 6750's `access_token`) and in a header no list redacts.
+    conn.request("GET", "/auth", headers={"X-Original-URI": f"/api/orders/1?access_token={token}", "X-Original-Method": "GET",
+                                          "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https",
+                                          "Authorization": f"Bearer {token}", "X-Forwarded-Access-Token": token})
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200
+    s.stop()
+    text = records.read_text()
+    assert token not in text
+    line = json.loads(text.splitlines()[0])
+    assert line["input"]["query"] == "access_token=[redacted]"
+    assert dict(line["input"]["headers"])["x-forwarded-access-token"] == "[redacted]"
+    # The policy did not read them: the record still replays to the same decision.
+    result = replay(records, "--archive", str(tmp_path / "archive"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 class Nats:
     def __init__(self, directory, max_payload=None):
         from test_fleet import NATS

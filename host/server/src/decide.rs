@@ -30,20 +30,24 @@ struct Checked<'a> {
     check: &'a CheckRequest,
     /// The answers of the policy's `verify-jwt` calls (recorded with `capture = "input"`).
     verify_jwt: Vec<sandgate_records::VerifyAnswer>,
+    /// The tokens the policy passed to `verify-jwt`: kept out of the record.
+    verified_tokens: Vec<String>,
 }
 
-/// A `verify-jwt` verifier that keeps its answers, for a captured input.
+/// A `verify-jwt` verifier that keeps its answers, for a captured input, and the tokens it was
+/// given, to keep them out of the record.
 struct Recording {
     snapshot: Arc<Snapshot>,
-    answers: std::sync::Mutex<Vec<sandgate_records::VerifyAnswer>>,
+    answers: std::sync::Mutex<(Vec<sandgate_records::VerifyAnswer>, Vec<String>)>,
 }
 
 impl Recording {
     fn new(snapshot: Arc<Snapshot>) -> Self {
-        Recording { snapshot, answers: std::sync::Mutex::new(Vec::new()) }
+        Recording { snapshot, answers: std::sync::Mutex::new((Vec::new(), Vec::new())) }
     }
 
-    fn answers(&self) -> Vec<sandgate_records::VerifyAnswer> {
+    /// The answers, and the tokens asked about.
+    fn answers(&self) -> (Vec<sandgate_records::VerifyAnswer>, Vec<String>) {
         std::mem::take(&mut *self.answers.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -51,7 +55,9 @@ impl Recording {
 impl TokenVerifier for Recording {
     fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
         let answer = self.snapshot.verify(token);
-        self.answers.lock().unwrap_or_else(|e| e.into_inner()).push(sandgate_records::VerifyAnswer::from(&answer));
+        let mut kept = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        kept.0.push(sandgate_records::VerifyAnswer::from(&answer));
+        kept.1.push(token.to_owned());
         answer
     }
 }
@@ -295,8 +301,8 @@ impl Authorizer {
             .cloned()
             .collect();
         let answer = Answer { request_id, evaluation, identity, unset_identity };
-        let verify_jwt = recording.map(|r| r.answers()).unwrap_or_default();
-        let checked = Checked { policy: &policy, check: &check, verify_jwt };
+        let (verify_jwt, verified_tokens) = recording.map(|r| r.answers()).unwrap_or_default();
+        let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens };
         self.record(&original, &answer, Some(&policy.id), &snapshot, Some(checked), now, started);
         answer
     }
@@ -453,44 +459,55 @@ impl Authorizer {
             }
             _ => (None, None, None),
         };
+        // Every token the host verified for this check is kept out of the record, wherever it
+        // appears: a query string, another header, the policy's log lines or its answer.
+        let mut secrets: Vec<&str> = Vec::new();
+        if let Some(c) = &checked {
+            let bearer = c.check.headers.iter().find(|h| h.name == "authorization");
+            secrets.extend(bearer.and_then(|h| h.value.split_once(' ')).map(|(_, token)| token.trim()));
+            secrets.extend(c.verified_tokens.iter().map(String::as_str));
+        }
         let checked = checked.as_ref().map(|c| (c.policy, c.check));
         let credential = checked.map(|(_, c)| match &c.credential {
             Credential::None => "none",
             Credential::Verified(_) => "verified",
             Credential::Rejected(e) => e.reason.as_str(),
         });
-        self.log.write(&DecisionLogEntry {
-            v: sandgate_records::FORMAT_VERSION,
-            ts: now,
-            request_id: &answer.request_id,
-            client_request_id: original.client_request_id.as_deref(),
-            method: bounded(&original.method, 32),
-            host: bounded(&original.host, 256),
-            path: bounded(&original.path, 2048),
-            policy: policy_id,
-            policy_digest: checked.map(|(p, _)| p.module.digest()),
-            policy_source: checked.and_then(|(p, _)| p.source.as_deref()).map(|s| s.pinned.as_str()),
-            snapshot: snapshot.version,
-            key_set: snapshot.keys.version,
-            revocations: snapshot.revocations.version,
-            fleet_revision: snapshot.fleet_revision,
-            data: checked.map(|(p, _)| p.data.version),
-            data_digest: checked.map(|(p, _)| p.data.digest()),
-            credential,
-            subject: checked.and_then(|(_, c)| match &c.credential {
-                Credential::Verified(v) => Some(v.claims.subject.as_str()),
-                _ => None,
-            }),
-            outcome,
-            status: answer.status(),
-            reason: evaluation.reason(),
-            fault: evaluation.fault.as_ref().map(ToString::to_string),
-            policy_logs: &evaluation.logs,
-            latency_us: latency.as_micros() as u64,
-            route,
-            input,
-            decision,
-        });
+        self.log.write_scrubbed(
+            &secrets,
+            &DecisionLogEntry {
+                v: sandgate_records::FORMAT_VERSION,
+                ts: now,
+                request_id: &answer.request_id,
+                client_request_id: original.client_request_id.as_deref(),
+                method: bounded(&original.method, 32),
+                host: bounded(&original.host, 256),
+                path: bounded(&original.path, 2048),
+                policy: policy_id,
+                policy_digest: checked.map(|(p, _)| p.module.digest()),
+                policy_source: checked.and_then(|(p, _)| p.source.as_deref()).map(|s| s.pinned.as_str()),
+                snapshot: snapshot.version,
+                key_set: snapshot.keys.version,
+                revocations: snapshot.revocations.version,
+                fleet_revision: snapshot.fleet_revision,
+                data: checked.map(|(p, _)| p.data.version),
+                data_digest: checked.map(|(p, _)| p.data.digest()),
+                credential,
+                subject: checked.and_then(|(_, c)| match &c.credential {
+                    Credential::Verified(v) => Some(v.claims.subject.as_str()),
+                    _ => None,
+                }),
+                outcome,
+                status: answer.status(),
+                reason: evaluation.reason(),
+                fault: evaluation.fault.as_ref().map(ToString::to_string),
+                policy_logs: &evaluation.logs,
+                latency_us: latency.as_micros() as u64,
+                route,
+                input,
+                decision,
+            },
+        );
     }
 
     /// The metrics label for a reason code: policies choose their own codes, so past

@@ -111,8 +111,14 @@ impl DecisionLog {
         Ok((DecisionLog { shared: shared.clone(), dropped }, LogWriter { shared, thread: Some(thread) }))
     }
 
-    pub(crate) fn write(&self, entry: &DecisionLogEntry<'_>) {
-        self.send(|line| serde_json::to_writer(line, entry));
+    /// Write `entry` with every occurrence of each of `secrets` (the tokens verified for its
+    /// check) replaced by `[redacted]`.
+    pub(crate) fn write_scrubbed(&self, secrets: &[&str], entry: &DecisionLogEntry<'_>) {
+        self.send(|line| {
+            serde_json::to_writer(&mut *line, entry)?;
+            scrub(line, secrets);
+            Ok(())
+        });
     }
 
     pub(crate) fn write_json(&self, value: &serde_json::Value) {
@@ -143,6 +149,31 @@ impl DecisionLog {
                 self.shared.ready.notify_one();
             }
         });
+    }
+}
+
+/// Shorter strings are not treated as secrets: they could match unrelated text.
+const MIN_SECRET: usize = 16;
+
+/// Replace every occurrence of each secret in the JSON `line` by [`sandgate_records::REDACTED`].
+/// Only secrets made of characters JSON writes as they are (a JWT's base64url and dots) are
+/// looked for, so each appears in the line exactly as it is, and the line stays valid JSON.
+fn scrub(line: &mut Vec<u8>, secrets: &[&str]) {
+    let verbatim = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=');
+    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET && s.bytes().all(verbatim)) {
+        let finder = memchr::memmem::Finder::new(secret.as_bytes());
+        if finder.find(line).is_none() {
+            continue;
+        }
+        let mut scrubbed = Vec::with_capacity(line.len());
+        let mut at = 0;
+        for found in finder.find_iter(line) {
+            scrubbed.extend_from_slice(&line[at..found]);
+            scrubbed.extend_from_slice(sandgate_records::REDACTED.as_bytes());
+            at = found + secret.len();
+        }
+        scrubbed.extend_from_slice(&line[at..]);
+        *line = scrubbed;
     }
 }
 
@@ -208,6 +239,25 @@ impl LogWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_occurrence_of_a_secret_is_redacted_and_the_line_stays_json() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl";
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "query": format!("access_token={token}&x=1"),
+            "log": [format!("got {token}"), "other"],
+            "short": "abc",
+        }))
+        .unwrap();
+        scrub(&mut line, &[token, "abc", "has a \" quote and is long"]);
+        let text = String::from_utf8(line).unwrap();
+        assert!(!text.contains(token), "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["query"], "access_token=[redacted]&x=1");
+        assert_eq!(value["log"][0], "got [redacted]");
+        // Too short to be a token: left as it is.
+        assert_eq!(value["short"], "abc");
+    }
 
     /// Lines a sink fails to take (a full disk, a closed pipe) are counted as dropped.
     #[tokio::test]
