@@ -333,11 +333,13 @@ impl Authorizer {
 
     /// Verify a bearer token against `snapshot` at `now`, through the verified-token cache:
     /// the signature check is skipped for a token verified before under the same key-set
-    /// version and not past its `exp`; revocation is checked every time.
+    /// version, not past its `exp`, and whose issuer's fetched keys are not stale; revocation
+    /// is checked every time.
     pub fn verify_token(&self, token: &str, snapshot: &Snapshot, now: u64) -> Result<VerifiedToken, Rejection> {
         let keys = &snapshot.keys;
         let cached = self.token_cache.as_ref().map(|cache| (cache, TokenCache::key(token, keys.version)));
-        let verified = match cached.as_ref().and_then(|(cache, key)| cache.get(key, now)) {
+        let hit = cached.as_ref().and_then(|(cache, key)| cache.get(key, now)).filter(|v| keys.still_valid(v));
+        let verified = match hit {
             Some(verified) => verified,
             None => {
                 let verified = keys.verify_signature(token)?;
