@@ -248,6 +248,16 @@ def test_ambiguous_paths_are_denied_not_routed(sandgate, keys, path):
     assert (status, headers["x-sandgate-reason"]) == (400, "ambiguous_path")
 
 
+def test_a_header_overriding_the_method_is_denied_not_judged_as_the_request_method(sandgate, keys):
+    auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-URI": "/api/orders/7"}
+    # A reader may GET; an upstream honouring the override would run a DELETE.
+    for name in ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method"):
+        status, headers, _ = sandgate.check({**auth, name: "DELETE"})
+        assert (status, headers["x-sandgate-reason"]) == (400, "method_override"), name
+    # Naming the request's own method changes nothing.
+    assert sandgate.check({**auth, "X-HTTP-Method-Override": "get"})[0] == 200
+
+
 def test_the_proxy_setting_decides_which_headers_are_read(start_sandgate, static_issuer, rbac_policy, keys):
     auth = {"Authorization": f"Bearer {keys.token(roles=['reader'])}"}
     nginx = start_sandgate(issuers=[static_issuer], policies=[rbac_policy], server={"proxy": "nginx", "default_policy": "rbac"})

@@ -62,6 +62,9 @@ impl TokenVerifier for Recording {
     }
 }
 
+/// Headers some frameworks take as the request's method instead of its own (lowercase).
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-method-override", "x-http-method"];
+
 /// Distinct reason codes the decision metric keeps as labels; later ones count as `other`.
 const MAX_REASON_LABELS: usize = 256;
 
@@ -225,6 +228,16 @@ impl Authorizer {
                 self.record(&original, &answer, None, &snapshot, None, now, started);
                 return answer;
             }
+        }
+        // A header naming another method: the policy would judge one method while an upstream
+        // that honours the header (Express, Symfony, Spring, Rails) runs the other.
+        if let Some(header) = original.headers.iter().find(|h| {
+            METHOD_OVERRIDES.contains(&h.name.as_str()) && !h.value.trim().eq_ignore_ascii_case(&original.method)
+        }) {
+            let message = format!("`{}` names another method than the request's", header.name);
+            let answer = Answer::host_deny(request_id, 400, "method_override", &message);
+            self.record(&original, &answer, None, &snapshot, None, now, started);
+            return answer;
         }
         let Some((policy_id, _)) = snapshot.route(&original.host, &original.path) else {
             let answer = Answer::host_deny(request_id, 403, "no_route", "no route matches this request");
