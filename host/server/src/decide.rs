@@ -15,7 +15,7 @@ use crate::state::State;
 use opentelemetry::KeyValue;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
 use sandgate_runtime::bindings::sandgate::policy::types::{
-    CheckRequest, Credential, CredentialError, VerifiedCredential,
+    CheckRequest, Credential, CredentialError, Decision, VerifiedCredential,
 };
 use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, TokenVerifier, spec};
 use serde_json::Value;
@@ -60,6 +60,15 @@ impl TokenVerifier for Recording {
         kept.1.push(token.to_owned());
         answer
     }
+}
+
+/// The strings of a policy's answer that a decision record writes.
+fn decision_texts(decision: &Decision) -> impl Iterator<Item = &str> {
+    let (message, headers) = match decision {
+        Decision::Allow(a) => (None, &a.set_headers),
+        Decision::Deny(d) => (Some(d.message.as_str()), &d.headers),
+    };
+    message.into_iter().chain(headers.iter().map(|h| h.value.as_str()))
 }
 
 /// Headers some frameworks take as the request's method instead of its own (lowercase).
@@ -476,11 +485,22 @@ impl Authorizer {
         };
         // Every token the host verified for this check is kept out of the record, wherever it
         // appears: a query string, another header, the policy's log lines or its answer.
+        // The line is searched only if a token is in one of the strings it is written from
+        // (almost never): a string shorter than the token cannot hold it.
         let mut secrets: Vec<&str> = Vec::new();
         if let Some(c) = &checked {
             let bearer = c.check.headers.iter().find(|h| h.name == "authorization");
             secrets.extend(bearer.and_then(|h| h.value.split_once(' ')).map(|(_, token)| token.trim()));
             secrets.extend(c.verified_tokens.iter().map(String::as_str));
+            let holds_one = |text: &str| secrets.iter().any(|s| text.len() >= s.len() && text.contains(s));
+            let texts = c.check.query.iter().map(String::as_str);
+            let texts =
+                texts.chain(c.check.headers.iter().filter(|h| h.name != "authorization").map(|h| h.value.as_str()));
+            let texts = texts.chain(evaluation.logs.iter().map(|l| l.message.as_str()));
+            let mut texts = texts.chain(decision_texts(&evaluation.decision));
+            if !texts.any(holds_one) {
+                secrets.clear();
+            }
         }
         let checked = checked.as_ref().map(|c| (c.policy, c.check));
         let credential = checked.map(|(_, c)| match &c.credential {
