@@ -52,10 +52,10 @@ impl KeySets {
 
     /// Whether a token these key sets verified earlier (a verified-token cache's entry) may
     /// still be taken as verified: not once its issuer's fetched keys have gone stale
-    /// (`jwks_max_stale_secs`), which changes no key-set version. A token refused here is
+    /// (`jwks_max_stale_secs`) at `now`, which changes no key-set version. A token refused here is
     /// verified again, which refuses it (`jwks_stale`) if a fetched key verified it.
-    pub fn still_valid(&self, verified: &VerifiedToken) -> bool {
-        self.issuers.get(&verified.claims.issuer).is_some_and(|issuer| issuer.fetched_keys_fresh(crate::unix_now()))
+    pub fn still_valid(&self, verified: &VerifiedToken, now: u64) -> bool {
+        self.issuers.get(&verified.claims.issuer).is_some_and(|issuer| issuer.fetched_keys_fresh(now))
     }
 
     /// Everything [`KeySets::verify`] checks except revocation: what a verified-token cache
@@ -423,6 +423,16 @@ mod tests {
 
     #[test]
     fn fetched_keys_are_refused_once_older_than_jwks_max_stale_secs() {
+        let mut keys = only_a_fetched_key();
+        let t = token(json!({ "iss": ISSUER, "sub": "a", "exp": later() }));
+        assert_eq!(reason(&keys, &t), "accepted");
+        fetch_long_ago(&mut keys);
+        assert_eq!(reason(&keys, &t), "jwks_stale");
+    }
+
+    /// Key sets whose issuer has only a key fetched from its JWKS endpoint, usable for 60 s
+    /// after a successful fetch.
+    fn only_a_fetched_key() -> KeySets {
         let mut keys = key_sets(&[]);
         let fetched = Key {
             kid: Some("k".into()),
@@ -434,37 +444,26 @@ mod tests {
         issuer.keys.retain(|k| k.from_jwks_url); // only the fetched key
         issuer.max_stale = Some(60);
         keys.issuers.insert(ISSUER.into(), Arc::new(issuer));
-        let t = token(json!({ "iss": ISSUER, "sub": "a", "exp": later() }));
-        assert_eq!(reason(&keys, &t), "accepted");
-        // The endpoint has failed since: the last successful fetch is long past.
+        keys
+    }
+
+    /// The endpoint has failed since: the last successful fetch is long past.
+    fn fetch_long_ago(keys: &mut KeySets) {
         let mut stale = keys.issuers[ISSUER].with_blocked_kid("none", false);
         stale.fetched_at = Some(1_000);
         keys.issuers.insert(ISSUER.into(), Arc::new(stale));
-        assert_eq!(reason(&keys, &t), "jwks_stale");
     }
 
     /// A verified-token cache keyed by key-set version would keep accepting a token verified
     /// while the keys were fresh: staleness changes no version. Its entries are checked.
     #[test]
     fn a_token_verified_while_the_keys_were_fresh_is_not_taken_from_a_cache_once_they_are_stale() {
-        let mut keys = key_sets(&[]);
-        let fetched = Key {
-            kid: Some("k".into()),
-            algorithm: Algorithm::HS256,
-            decoding: jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
-            from_jwks_url: true,
-        };
-        let mut issuer = keys.issuers[ISSUER].with_fetched_keys(vec![fetched]);
-        issuer.keys.retain(|k| k.from_jwks_url);
-        issuer.max_stale = Some(60);
-        keys.issuers.insert(ISSUER.into(), Arc::new(issuer));
+        let mut keys = only_a_fetched_key();
         let t = token(json!({ "iss": ISSUER, "sub": "a", "exp": later() }));
         let verified = keys.verify_signature(&t).unwrap();
-        assert!(keys.still_valid(&verified));
-        let mut stale = keys.issuers[ISSUER].with_blocked_kid("none", false);
-        stale.fetched_at = Some(1_000);
-        keys.issuers.insert(ISSUER.into(), Arc::new(stale));
-        assert!(!keys.still_valid(&verified), "a stale key's earlier verification was still taken");
+        assert!(keys.still_valid(&verified, crate::unix_now()));
+        fetch_long_ago(&mut keys);
+        assert!(!keys.still_valid(&verified, crate::unix_now()), "a stale key's earlier verification was still taken");
         assert_eq!(reason(&keys, &t), "jwks_stale");
     }
 }

@@ -8,7 +8,7 @@ use crate::config::Capture;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
-use crate::original_request::{Bearer, OriginalRequest, canonical_path};
+use crate::original_request::{Bearer, OriginalRequest, bearer_token, canonical_path};
 use crate::otel::{AuthTrace, CheckTrace, EvalTrace, Tracing};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
@@ -360,7 +360,7 @@ impl Authorizer {
     pub fn verify_token(&self, token: &str, snapshot: &Snapshot, now: u64) -> Result<VerifiedToken, Rejection> {
         let keys = &snapshot.keys;
         let cached = self.token_cache.as_ref().map(|cache| (cache, TokenCache::key(token, keys.version)));
-        let hit = cached.as_ref().and_then(|(cache, key)| cache.get(key, now)).filter(|v| keys.still_valid(v));
+        let hit = cached.as_ref().and_then(|(cache, key)| cache.get(key, now)).filter(|v| keys.still_valid(v, now));
         let verified = match hit {
             Some(verified) => verified,
             None => {
@@ -489,8 +489,11 @@ impl Authorizer {
         // (almost never): a string shorter than the token cannot hold it.
         let mut secrets: Vec<&str> = Vec::new();
         if let Some(c) = &checked {
-            let bearer = c.check.headers.iter().find(|h| h.name == "authorization");
-            secrets.extend(bearer.and_then(|h| h.value.split_once(' ')).map(|(_, token)| token.trim()));
+            if let Some(Bearer::Token(token)) =
+                c.check.headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value))
+            {
+                secrets.push(token);
+            }
             secrets.extend(c.verified_tokens.iter().map(String::as_str));
             let holds_one = |text: &str| secrets.iter().any(|s| text.len() >= s.len() && text.contains(s));
             let texts = c.check.query.iter().map(String::as_str);
