@@ -117,3 +117,84 @@ async fn a_check_without_a_client_address_has_no_peer() {
         assert_eq!(sandgate_tests::allowed_header(&answer.evaluation.decision, "x-peer"), seen, "peer {reported:?}");
     }
 }
+
+/// A decision-log sink kept in memory.
+#[derive(Clone, Default)]
+struct Kept(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Kept {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The bearer token, and a token the policy verified, stay out of the record with either
+/// capture: sent in the path (Envoy sends the path itself, in no header), written by the policy
+/// in a log line, or in the path of a check the host refused before any policy ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_reaches_no_record_through_the_path_or_a_policy_log_line() {
+    use sandgate_runtime::bindings::sandgate::policy::types::Header;
+    use sandgate_server::config::Capture;
+    const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
+    let module = sandgate_tests::workspace().join("target/policies/hostile-wasip2-servable.wasm");
+    let text = format!(
+        "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[issuers]]\nissuer = \"https://issuer.test\"\naudiences = [\"app\"]\nalgorithms = [\"HS256\"]\n[[issuers.keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
+        module.display()
+    );
+    let path = std::env::temp_dir().join(format!("sandgate-handlers-secrets-{}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let config = Config::from_file(&path).unwrap();
+    let token = |subject: &str| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("k".into());
+        let claims =
+            serde_json::json!({"iss": "https://issuer.test", "aud": "app", "sub": subject, "exp": 4_000_000_000u64});
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    };
+    let (bearer, id_token) = (token("alice"), token("alice-id"));
+    let request = |path: String, headers: Vec<(&str, String)>| sandgate_server::original_request::OriginalRequest {
+        method: "GET".into(),
+        scheme: "https".into(),
+        host: "app".into(),
+        path,
+        headers: headers.into_iter().map(|(name, value)| Header { name: name.into(), value }).collect(),
+        peer: "10.0.0.7:4000".into(),
+        ..Default::default()
+    };
+    for capture in [Capture::Metadata, Capture::Input] {
+        let state = sandgate_server::State::from_config(&config).await.unwrap();
+        let kept = Kept::default();
+        let dropped = state.metrics.decision_log_dropped.clone();
+        let (log, writer) = sandgate_server::DecisionLog::start(Box::new(kept.clone()), 1 << 20, dropped).unwrap();
+        let authorizer = Arc::new(
+            sandgate_server::Authorizer::new(state, Default::default(), 100, log, tokio_util::task::TaskTracker::new())
+                .with_capture(capture, Vec::new()),
+        );
+        let authorization = || ("authorization", format!("Bearer {bearer}"));
+        let in_path = authorizer.decide(request(format!("/share/{bearer}"), vec![authorization()])).await;
+        assert!(in_path.evaluation.is_allow(), "{capture:?}");
+        let logged = authorizer.decide(request("/log-id-token".into(), vec![("x-id-token", id_token.clone())])).await;
+        assert!(logged.evaluation.is_allow(), "{capture:?}");
+        let refused = authorizer.decide(request(format!("/{bearer}/..;/admin"), vec![authorization()])).await;
+        assert_eq!(refused.evaluation.reason(), "ambiguous_path", "{capture:?}");
+        writer.finish(std::time::Duration::from_secs(10)).await;
+
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            !text.contains(&bearer) && !text.contains(&id_token),
+            "{capture:?}: a token reached the record:\n{text}"
+        );
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3, "{capture:?}");
+        assert_eq!(lines[0]["path"], "/share/[redacted]", "{capture:?}");
+        assert_eq!(lines[1]["policy_logs"][0]["message"], "id token [redacted]: verified", "{capture:?}");
+        assert_eq!(lines[2]["path"], "/[redacted]/..;/admin", "{capture:?}");
+        if capture == Capture::Input {
+            assert_eq!(lines[0]["input"]["path"], "/share/[redacted]");
+        }
+    }
+}

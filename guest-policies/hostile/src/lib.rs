@@ -26,9 +26,12 @@
 //! | `/wasi/handles` | holds 50,000 pollables (host memory outside its own) | deny `policy_trap` (handles are capped) |
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
+//! | `/verify-flood` | asks the host to verify 10,000 tokens | deny `verified_all`, all but the first 16 answered `too_many_verifications` |
+//! | `/verify-huge` | asks the host to verify an 8 MiB token | deny `verified_all`, answered `token_too_large` |
+//! | `/log-id-token` | verifies the `x-id-token` header and writes it in a log line | allow; the decision record holds no token |
 //! | anything else | allows | allow |
 
-use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny, host};
+use sandgate_policy_sdk::{Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +185,13 @@ impl Policy for Hostile {
             // as its time allows, and one token as long as its memory allows.
             "/verify-flood" => verify_all((0..10_000).map(|i| format!("not.a.token{i}"))),
             "/verify-huge" => verify_all(std::iter::once("x".repeat(8 << 20))),
+            // A token the policy verified, written where the record keeps what the policy says.
+            "/log-id-token" => {
+                let token = request.header("x-id-token").unwrap_or_default();
+                let verdict = host::verify_jwt(&token).map_or_else(|e| e.reason, |_| "verified".into());
+                host::log(LogLevel::Info, &format!("id token {token}: {verdict}"));
+                allow()
+            }
             path => wasi(path).unwrap_or_else(allow),
         }
     }

@@ -30,20 +30,21 @@ struct Checked<'a> {
     check: &'a CheckRequest,
     /// The answers of the policy's `verify-jwt` calls (recorded with `capture = "input"`).
     verify_jwt: Vec<sandgate_records::VerifyAnswer>,
-    /// The tokens the policy passed to `verify-jwt`: kept out of the record.
+    /// The tokens the policy passed to `verify-jwt` (with any capture): kept out of the record.
     verified_tokens: Vec<String>,
 }
 
-/// A `verify-jwt` verifier that keeps its answers, for a captured input, and the tokens it was
-/// given, to keep them out of the record.
+/// A `verify-jwt` verifier that keeps the tokens it was given, to keep them out of the record,
+/// and, for a captured input, its answers.
 struct Recording {
     snapshot: Arc<Snapshot>,
+    keep_answers: bool,
     answers: std::sync::Mutex<(Vec<sandgate_records::VerifyAnswer>, Vec<String>)>,
 }
 
 impl Recording {
-    fn new(snapshot: Arc<Snapshot>) -> Self {
-        Recording { snapshot, answers: std::sync::Mutex::new((Vec::new(), Vec::new())) }
+    fn new(snapshot: Arc<Snapshot>, keep_answers: bool) -> Self {
+        Recording { snapshot, keep_answers, answers: std::sync::Mutex::new((Vec::new(), Vec::new())) }
     }
 
     /// The answers, and the tokens asked about.
@@ -56,7 +57,9 @@ impl TokenVerifier for Recording {
     fn verify(&self, token: &str) -> Result<VerifiedCredential, CredentialError> {
         let answer = self.snapshot.verify(token);
         let mut kept = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        kept.0.push(sandgate_records::VerifyAnswer::from(&answer));
+        if self.keep_answers {
+            kept.0.push(sandgate_records::VerifyAnswer::from(&answer));
+        }
         kept.1.push(token.to_owned());
         answer
     }
@@ -64,11 +67,12 @@ impl TokenVerifier for Recording {
 
 /// The strings of a policy's answer that a decision record writes.
 fn decision_texts(decision: &Decision) -> impl Iterator<Item = &str> {
-    let (message, headers) = match decision {
-        Decision::Allow(a) => (None, &a.set_headers),
-        Decision::Deny(d) => (Some(d.message.as_str()), &d.headers),
+    let (texts, headers, removed): (Vec<&str>, _, &[String]) = match decision {
+        Decision::Allow(a) => (Vec::new(), &a.set_headers, &a.remove_headers),
+        Decision::Deny(d) => (vec![d.reason.as_str(), d.message.as_str()], &d.headers, &[]),
     };
-    message.into_iter().chain(headers.iter().map(|h| h.value.as_str()))
+    let headers = headers.iter().flat_map(|h| [h.name.as_str(), h.value.as_str()]);
+    texts.into_iter().chain(headers).chain(removed.iter().map(String::as_str))
 }
 
 /// Headers some frameworks take as the request's method instead of its own (lowercase).
@@ -293,8 +297,10 @@ impl Authorizer {
             now,
             versions: snapshot.versions(&policy),
         });
-        // With `capture = "input"`, the answers of `verify-jwt` are kept for the record.
-        let recording = (self.capture == Capture::Input).then(|| Arc::new(Recording::new(snapshot.clone())));
+        // The tokens given to `verify-jwt` are kept out of the record; with `capture = "input"`,
+        // its answers are kept for it.
+        let recording = (self.capture != Capture::None)
+            .then(|| Arc::new(Recording::new(snapshot.clone(), self.capture == Capture::Input)));
         let verifier: Arc<dyn TokenVerifier> = match &recording {
             Some(recording) => recording.clone(),
             None => snapshot.clone(),
@@ -483,23 +489,31 @@ impl Authorizer {
             }
             _ => (None, None, None),
         };
-        // Every token the host verified for this check is kept out of the record, wherever it
-        // appears: a query string, another header, the policy's log lines or its answer.
-        // The line is searched only if a token is in one of the strings it is written from
-        // (almost never): a string shorter than the token cannot hold it.
+        // The bearer token, and every token the policy passed to `verify-jwt`, is kept out of
+        // the record wherever it appears: the path, a query string, another header, the policy's
+        // log lines or its answer, a fault. The line is searched only if a token is in one of
+        // the strings it is written from (almost never): a string shorter than the token cannot
+        // hold it.
+        let fault = evaluation.fault.as_ref().map(ToString::to_string);
+        let (headers, query) = match &checked {
+            Some(c) => (&c.check.headers, &c.check.query),
+            None => (&original.headers, &original.query),
+        };
         let mut secrets: Vec<&str> = Vec::new();
+        if let Some(Bearer::Token(token)) =
+            headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value))
+        {
+            secrets.push(token);
+        }
         if let Some(c) = &checked {
-            if let Some(Bearer::Token(token)) =
-                c.check.headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value))
-            {
-                secrets.push(token);
-            }
             secrets.extend(c.verified_tokens.iter().map(String::as_str));
+        }
+        if !secrets.is_empty() {
             let holds_one = |text: &str| secrets.iter().any(|s| text.len() >= s.len() && text.contains(s));
-            let texts = c.check.query.iter().map(String::as_str);
-            let texts =
-                texts.chain(c.check.headers.iter().filter(|h| h.name != "authorization").map(|h| h.value.as_str()));
-            let texts = texts.chain(evaluation.logs.iter().map(|l| l.message.as_str()));
+            let texts = [&original.method, &original.host, &original.path].into_iter().map(String::as_str);
+            let texts = texts.chain(original.client_request_id.as_deref()).chain(query.as_deref());
+            let texts = texts.chain(headers.iter().filter(|h| h.name != "authorization").map(|h| h.value.as_str()));
+            let texts = texts.chain(evaluation.logs.iter().map(|l| l.message.as_str())).chain(fault.as_deref());
             let mut texts = texts.chain(decision_texts(&evaluation.decision));
             if !texts.any(holds_one) {
                 secrets.clear();
@@ -538,7 +552,7 @@ impl Authorizer {
                 outcome,
                 status: answer.status(),
                 reason: evaluation.reason(),
-                fault: evaluation.fault.as_ref().map(ToString::to_string),
+                fault,
                 policy_logs: &evaluation.logs,
                 latency_us: latency.as_micros() as u64,
                 route,
