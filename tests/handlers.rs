@@ -134,9 +134,10 @@ impl std::io::Write for Kept {
 
 /// The bearer token, and a token the policy verified, stay out of the record with either
 /// capture: sent in the path (Envoy sends the path itself, in no header), written by the policy
-/// in a log line, or in the path of a check the host refused before any policy ran.
+/// in a log line, in the path of a check the host refused before any policy ran, or in a
+/// forwarded body (which the record holds as base64, where a search of the line cannot find it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_reaches_no_record_through_the_path_or_a_policy_log_line() {
+async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_body() {
     use sandgate_runtime::bindings::sandgate::policy::types::Header;
     use sandgate_server::config::Capture;
     const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
@@ -181,6 +182,11 @@ async fn a_token_reaches_no_record_through_the_path_or_a_policy_log_line() {
         assert!(logged.evaluation.is_allow(), "{capture:?}");
         let refused = authorizer.decide(request(format!("/{bearer}/..;/admin"), vec![authorization()])).await;
         assert_eq!(refused.evaluation.reason(), "ambiguous_path", "{capture:?}");
+        // RFC 6750's form-encoded body parameter, forwarded by the proxy (written as base64).
+        let mut posted = request("/upload".into(), vec![authorization()]);
+        posted.method = "POST".into();
+        posted.body = Some(format!("access_token={bearer}&note=1").into_bytes());
+        assert!(authorizer.decide(posted).await.evaluation.is_allow(), "{capture:?}");
         writer.finish(std::time::Duration::from_secs(10)).await;
 
         let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
@@ -189,12 +195,15 @@ async fn a_token_reaches_no_record_through_the_path_or_a_policy_log_line() {
             "{capture:?}: a token reached the record:\n{text}"
         );
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines.len(), 3, "{capture:?}");
+        assert_eq!(lines.len(), 4, "{capture:?}");
         assert_eq!(lines[0]["path"], "/share/[redacted]", "{capture:?}");
         assert_eq!(lines[1]["policy_logs"][0]["message"], "id token [redacted]: verified", "{capture:?}");
         assert_eq!(lines[2]["path"], "/[redacted]/..;/admin", "{capture:?}");
         if capture == Capture::Input {
+            use base64::Engine;
             assert_eq!(lines[0]["input"]["path"], "/share/[redacted]");
+            let body = base64::engine::general_purpose::STANDARD.decode(lines[3]["input"]["body"].as_str().unwrap());
+            assert_eq!(body.unwrap(), b"access_token=[redacted]&note=1");
         }
     }
 }

@@ -380,13 +380,21 @@ pub struct InputView<'a> {
     check: &'a CheckRequest,
     redact: &'a [String],
     verify_jwt: &'a [VerifyAnswer],
+    body: Option<&'a [u8]>,
 }
 
 impl<'a> InputView<'a> {
     /// `check` as the policy saw it, redacting [`ALWAYS_REDACTED`] and `redact` (lowercase
     /// names), with the answers of its `verify-jwt` calls.
     pub fn new(check: &'a CheckRequest, redact: &'a [String], verify_jwt: &'a [VerifyAnswer]) -> Self {
-        InputView { check, redact, verify_jwt }
+        InputView { check, redact, verify_jwt, body: check.body.as_deref() }
+    }
+
+    /// The same view writing `body` instead of the check's (one with secrets taken out: a
+    /// body is written as base64, where they could not be found afterwards).
+    pub fn with_body(mut self, body: &'a [u8]) -> Self {
+        self.body = Some(body);
+        self
     }
 }
 
@@ -408,7 +416,7 @@ impl Serialize for InputView<'_> {
             Some(peer) => s.serialize_field("peer", peer)?,
             None => s.skip_field("peer")?,
         }
-        match &c.body {
+        match self.body {
             Some(body) => s.serialize_field("body", &Base64(body))?,
             None => s.skip_field("body")?,
         }

@@ -478,17 +478,6 @@ impl Authorizer {
         if self.capture == Capture::None {
             return;
         }
-        let (input, decision, route) = match &checked {
-            Some(c) if self.capture == Capture::Input => {
-                if let Some(archive) = &self.state.archive {
-                    archive.keep(c.policy.data.digest(), || c.policy.data.text().as_bytes().to_vec());
-                }
-                let input = sandgate_records::InputView::new(c.check, &self.redact, &c.verify_jwt);
-                let route = snapshot.route_label(&original.host, &original.path);
-                (Some(input), Some(sandgate_records::DecisionView(&evaluation.decision)), route)
-            }
-            _ => (None, None, None),
-        };
         // The bearer token, and every token the policy passed to `verify-jwt`, is kept out of
         // the record wherever it appears: the path, a query string, another header, the policy's
         // log lines or its answer, a fault. The line is searched only if a token is in one of
@@ -508,6 +497,8 @@ impl Authorizer {
         if let Some(c) = &checked {
             secrets.extend(c.verified_tokens.iter().map(String::as_str));
         }
+        // A forwarded body is written as base64: its tokens are replaced before it is encoded.
+        let mut scrubbed_body = None;
         if !secrets.is_empty() {
             let holds_one = |text: &str| secrets.iter().any(|s| text.len() >= s.len() && text.contains(s));
             let texts = [&original.method, &original.host, &original.path].into_iter().map(String::as_str);
@@ -515,10 +506,27 @@ impl Authorizer {
             let texts = texts.chain(headers.iter().filter(|h| h.name != "authorization").map(|h| h.value.as_str()));
             let texts = texts.chain(evaluation.logs.iter().map(|l| l.message.as_str())).chain(fault.as_deref());
             let mut texts = texts.chain(decision_texts(&evaluation.decision));
-            if !texts.any(holds_one) {
+            let body =
+                checked.as_ref().and_then(|c| c.check.body.as_deref()).filter(|_| self.capture == Capture::Input);
+            scrubbed_body = body.and_then(|body| crate::decision_log::scrubbed(body, &secrets));
+            if scrubbed_body.is_none() && !texts.any(holds_one) {
                 secrets.clear();
             }
         }
+        let (input, decision, route) = match &checked {
+            Some(c) if self.capture == Capture::Input => {
+                if let Some(archive) = &self.state.archive {
+                    archive.keep(c.policy.data.digest(), || c.policy.data.text().as_bytes().to_vec());
+                }
+                let mut input = sandgate_records::InputView::new(c.check, &self.redact, &c.verify_jwt);
+                if let Some(body) = &scrubbed_body {
+                    input = input.with_body(body);
+                }
+                let route = snapshot.route_label(&original.host, &original.path);
+                (Some(input), Some(sandgate_records::DecisionView(&evaluation.decision)), route)
+            }
+            _ => (None, None, None),
+        };
         let checked = checked.as_ref().map(|c| (c.policy, c.check));
         let credential = checked.map(|(_, c)| match &c.credential {
             Credential::None => "none",

@@ -156,25 +156,36 @@ impl DecisionLog {
 const MIN_SECRET: usize = 16;
 
 /// Replace every occurrence of each secret in the JSON `line` by [`sandgate_records::REDACTED`].
-/// Only secrets made of characters JSON writes as they are (a JWT's base64url and dots) are
-/// looked for, so each appears in the line exactly as it is, and the line stays valid JSON.
 fn scrub(line: &mut Vec<u8>, secrets: &[&str]) {
-    let verbatim = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=');
-    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET && s.bytes().all(verbatim)) {
-        let finder = memchr::memmem::Finder::new(secret.as_bytes());
-        if finder.find(line).is_none() {
-            continue;
-        }
-        let mut scrubbed = Vec::with_capacity(line.len());
-        let mut at = 0;
-        for found in finder.find_iter(line) {
-            scrubbed.extend_from_slice(&line[at..found]);
-            scrubbed.extend_from_slice(sandgate_records::REDACTED.as_bytes());
-            at = found + secret.len();
-        }
-        scrubbed.extend_from_slice(&line[at..]);
+    if let Some(scrubbed) = scrubbed(line, secrets) {
         *line = scrubbed;
     }
+}
+
+/// `bytes` with every occurrence of each secret replaced by [`sandgate_records::REDACTED`], or
+/// `None` if it holds none. Only secrets made of characters JSON writes as they are (a JWT's
+/// base64url and dots) are looked for, so each appears in a JSON line exactly as it is, and the
+/// line stays valid JSON.
+pub(crate) fn scrubbed(bytes: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
+    let verbatim = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=');
+    let mut scrubbed: Option<Vec<u8>> = None;
+    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET && s.bytes().all(verbatim)) {
+        let text = scrubbed.as_deref().unwrap_or(bytes);
+        let finder = memchr::memmem::Finder::new(secret.as_bytes());
+        if finder.find(text).is_none() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(text.len());
+        let mut at = 0;
+        for found in finder.find_iter(text) {
+            out.extend_from_slice(&text[at..found]);
+            out.extend_from_slice(sandgate_records::REDACTED.as_bytes());
+            at = found + secret.len();
+        }
+        out.extend_from_slice(&text[at..]);
+        scrubbed = Some(out);
+    }
+    scrubbed
 }
 
 fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>, dropped: &Counter) {
