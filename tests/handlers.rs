@@ -132,32 +132,35 @@ impl std::io::Write for Kept {
     }
 }
 
-/// The bearer token, and a token the policy verified, stay out of the record with either
-/// capture: sent in the path (Envoy sends the path itself, in no header), written by the policy
-/// in a log line, in the path of a check the host refused before any policy ran, or in a
-/// forwarded body (which the record holds as base64, where a search of the line cannot find it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_body() {
-    use sandgate_runtime::bindings::sandgate::policy::types::Header;
-    use sandgate_server::config::Capture;
-    const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
+const RECORDS_SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
+
+/// A sidecar's configuration: the hostile policy behind Envoy, HS256 tokens of `RECORDS_SECRET`.
+fn records_config() -> Config {
     let module = sandgate_tests::workspace().join("target/policies/hostile-wasip2-servable.wasm");
     let text = format!(
-        "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[issuers]]\nissuer = \"https://issuer.test\"\naudiences = [\"app\"]\nalgorithms = [\"HS256\"]\n[[issuers.keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
+        "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[issuers]]\nissuer = \"https://issuer.test\"\naudiences = [\"app\"]\nalgorithms = [\"HS256\"]\n[[issuers.keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{RECORDS_SECRET}\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
         module.display()
     );
-    let path = std::env::temp_dir().join(format!("sandgate-handlers-secrets-{}.toml", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("sandgate-handlers-records-{}-{n}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    let config = Config::from_file(&path).unwrap();
-    let token = |subject: &str| {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        header.kid = Some("k".into());
-        let claims =
-            serde_json::json!({"iss": "https://issuer.test", "aud": "app", "sub": subject, "exp": 4_000_000_000u64});
-        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
-    };
-    let (bearer, id_token) = (token("alice"), token("alice-id"));
-    let request = |path: String, headers: Vec<(&str, String)>| sandgate_server::original_request::OriginalRequest {
+    Config::from_file(&path).unwrap()
+}
+
+/// A token for `subject`, verified by [`records_config`]'s issuer.
+fn records_token(subject: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k".into());
+    let claims =
+        serde_json::json!({"iss": "https://issuer.test", "aud": "app", "sub": subject, "exp": 4_000_000_000u64});
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(RECORDS_SECRET.as_bytes())).unwrap()
+}
+
+/// A `GET` of `path` from 10.0.0.7 with `headers`.
+fn records_request(path: String, headers: Vec<(&str, String)>) -> sandgate_server::OriginalRequest {
+    use sandgate_runtime::bindings::sandgate::policy::types::Header;
+    sandgate_server::OriginalRequest {
         method: "GET".into(),
         scheme: "https".into(),
         host: "app".into(),
@@ -165,25 +168,45 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
         headers: headers.into_iter().map(|(name, value)| Header { name: name.into(), value }).collect(),
         peer: "10.0.0.7:4000".into(),
         ..Default::default()
-    };
+    }
+}
+
+/// An authorizer for `config` writing its records with `capture` into memory; its tasks (shadow
+/// evaluations) tracked by the tracker returned.
+async fn recording_authorizer(
+    config: &Config,
+    capture: sandgate_server::config::Capture,
+) -> (Arc<sandgate_server::Authorizer>, sandgate_server::decision_log::LogWriter, Kept, tokio_util::task::TaskTracker) {
+    let state = sandgate_server::State::from_config(config).await.unwrap();
+    let kept = Kept::default();
+    let dropped = state.metrics.decision_log_dropped.clone();
+    let (log, writer) = sandgate_server::DecisionLog::start(Box::new(kept.clone()), 1 << 20, dropped).unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let authorizer = sandgate_server::Authorizer::new(state, Default::default(), 100, log, tasks.clone());
+    (Arc::new(authorizer.with_capture(capture, Vec::new())), writer, kept, tasks)
+}
+
+/// The bearer token, and a token the policy verified, stay out of the record with either
+/// capture: sent in the path (Envoy sends the path itself, in no header), written by the policy
+/// in a log line, in the path of a check the host refused before any policy ran, or in a
+/// forwarded body (which the record holds as base64, where a search of the line cannot find it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_body() {
+    use sandgate_server::config::Capture;
+    let config = records_config();
+    let (bearer, id_token) = (records_token("alice"), records_token("alice-id"));
     for capture in [Capture::Metadata, Capture::Input] {
-        let state = sandgate_server::State::from_config(&config).await.unwrap();
-        let kept = Kept::default();
-        let dropped = state.metrics.decision_log_dropped.clone();
-        let (log, writer) = sandgate_server::DecisionLog::start(Box::new(kept.clone()), 1 << 20, dropped).unwrap();
-        let authorizer = Arc::new(
-            sandgate_server::Authorizer::new(state, Default::default(), 100, log, tokio_util::task::TaskTracker::new())
-                .with_capture(capture, Vec::new()),
-        );
+        let (authorizer, writer, kept, _) = recording_authorizer(&config, capture).await;
         let authorization = || ("authorization", format!("Bearer {bearer}"));
-        let in_path = authorizer.decide(request(format!("/share/{bearer}"), vec![authorization()])).await;
+        let in_path = authorizer.decide(records_request(format!("/share/{bearer}"), vec![authorization()])).await;
         assert!(in_path.evaluation.is_allow(), "{capture:?}");
-        let logged = authorizer.decide(request("/log-id-token".into(), vec![("x-id-token", id_token.clone())])).await;
+        let logged =
+            authorizer.decide(records_request("/log-id-token".into(), vec![("x-id-token", id_token.clone())])).await;
         assert!(logged.evaluation.is_allow(), "{capture:?}");
-        let refused = authorizer.decide(request(format!("/{bearer}/..;/admin"), vec![authorization()])).await;
+        let refused = authorizer.decide(records_request(format!("/{bearer}/..;/admin"), vec![authorization()])).await;
         assert_eq!(refused.evaluation.reason(), "ambiguous_path", "{capture:?}");
         // RFC 6750's form-encoded body parameter, forwarded by the proxy (written as base64).
-        let mut posted = request("/upload".into(), vec![authorization()]);
+        let mut posted = records_request("/upload".into(), vec![authorization()]);
         posted.method = "POST".into();
         posted.body = Some(format!("access_token={bearer}&note=1").into_bytes());
         assert!(authorizer.decide(posted).await.evaluation.is_allow(), "{capture:?}");
@@ -206,4 +229,35 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
             assert_eq!(body.unwrap(), b"access_token=[redacted]&note=1");
         }
     }
+}
+
+/// A shadow candidate's disagreement line names both answers, and so their headers: the
+/// bearer token the primary echoed upstream is replaced there too. A client's bearer value
+/// that is no JWT (here: its own path) is not a secret, so it cannot hide the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_disagreement_holds_no_token_and_a_client_cannot_redact_its_own_path() {
+    let config = records_config();
+    let (authorizer, writer, kept, tasks) =
+        recording_authorizer(&config, sandgate_server::config::Capture::Metadata).await;
+    let candidate = sandgate_tests::policy_bytes("allow-all");
+    authorizer.state().set_shadow("hostile", Some(candidate.into())).await.unwrap();
+    let bearer = records_token("alice");
+    // The primary echoes every header upstream (the candidate adds none): they disagree.
+    let echoed =
+        authorizer.decide(records_request("/echo".into(), vec![("authorization", format!("Bearer {bearer}"))])).await;
+    assert!(echoed.evaluation.is_allow());
+    let path = "/api/admin/export-all-customers";
+    let hidden =
+        authorizer.decide(records_request(path.into(), vec![("authorization", format!("Bearer {path}"))])).await;
+    assert_eq!(hidden.evaluation.reason(), "allow", "the hostile policy allows any other path");
+    tasks.close();
+    tasks.wait().await;
+    writer.finish(std::time::Duration::from_secs(10)).await;
+
+    let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+    assert!(!text.contains(&bearer), "a token reached the record:\n{text}");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let shadow = lines.iter().find(|l| l["shadow_disagreement"] == true).expect("a disagreement line");
+    assert!(shadow["primary"].as_str().unwrap().contains("Bearer [redacted]"), "{shadow}");
+    assert!(lines.iter().any(|l| l["path"] == path), "the path is recorded as sent:\n{text}");
 }

@@ -15,7 +15,7 @@ use crate::state::State;
 use opentelemetry::KeyValue;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
 use sandgate_runtime::bindings::sandgate::policy::types::{
-    CheckRequest, Credential, CredentialError, Decision, VerifiedCredential,
+    CheckRequest, Credential, CredentialError, Decision, Header, VerifiedCredential,
 };
 use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, TokenVerifier, spec};
 use serde_json::Value;
@@ -73,6 +73,23 @@ fn decision_texts(decision: &Decision) -> impl Iterator<Item = &str> {
     };
     let headers = headers.iter().flat_map(|h| [h.name.as_str(), h.value.as_str()]);
     texts.into_iter().chain(headers).chain(removed.iter().map(String::as_str))
+}
+
+/// A shadow candidate to evaluate beside a check, with the verifier that notes the tokens it
+/// passes to `verify-jwt`.
+struct Shadow {
+    candidate: PolicyModule,
+    policy: String,
+    context: EvalContext,
+    verifier: Arc<Recording>,
+}
+
+/// The bearer token of a check's `Authorization` header, if it has one.
+fn bearer_secret(headers: &[Header]) -> Option<&str> {
+    match headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value)) {
+        Some(Bearer::Token(token)) => Some(token),
+        _ => None,
+    }
 }
 
 /// Headers some frameworks take as the request's method instead of its own (lowercase).
@@ -299,7 +316,7 @@ impl Authorizer {
         });
         // The tokens given to `verify-jwt` are kept out of the record; with `capture = "input"`,
         // its answers are kept for it.
-        let recording = (self.capture != Capture::None)
+        let recording = (self.capture != Capture::None || policy.shadow.is_some())
             .then(|| Arc::new(Recording::new(snapshot.clone(), self.capture == Capture::Input)));
         let verifier: Arc<dyn TokenVerifier> = match &recording {
             Some(recording) => recording.clone(),
@@ -317,9 +334,12 @@ impl Authorizer {
         if evaluation.queued {
             self.state.metrics.queue_waits.inc();
         }
+        let (verify_jwt, verified_tokens) = recording.map(|r| r.answers()).unwrap_or_default();
         if let Some(candidate) = &policy.shadow {
-            let context = EvalContext { data: policy.data.clone(), verifier: Some(snapshot.clone()) };
-            self.shadow_evaluate(candidate.clone(), policy.id.clone(), check.clone(), context, &evaluation);
+            let verifier = Arc::new(Recording::new(snapshot.clone(), false));
+            let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier.clone()) };
+            let shadow = Shadow { candidate: candidate.clone(), policy: policy.id.clone(), context, verifier };
+            self.shadow_evaluate(shadow, check.clone(), &evaluation, verified_tokens.clone());
         }
         let identity = if evaluation.is_allow() { self.identity_headers(&check.credential) } else { Vec::new() };
         let unset_identity = self
@@ -329,7 +349,6 @@ impl Authorizer {
             .cloned()
             .collect();
         let answer = Answer { request_id, evaluation, identity, unset_identity };
-        let (verify_jwt, verified_tokens) = recording.map(|r| r.answers()).unwrap_or_default();
         let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens };
         self.record(&original, &answer, Some(&policy.id), &snapshot, Some(checked), now, started);
         answer
@@ -420,38 +439,40 @@ impl Authorizer {
     }
 
     /// Evaluate a shadow candidate on the same request, after the answer and off its path:
-    /// the candidate never affects it. Disagreements are counted and logged.
-    fn shadow_evaluate(
-        &self,
-        candidate: PolicyModule,
-        policy: String,
-        check: Arc<CheckRequest>,
-        context: EvalContext,
-        primary: &Evaluation,
-    ) {
+    /// the candidate never affects it. Disagreements are counted and logged, without the
+    /// check's tokens (the bearer token, and those either policy passed to `verify-jwt`): an
+    /// outcome names the answer's headers and message.
+    fn shadow_evaluate(&self, shadow: Shadow, check: Arc<CheckRequest>, primary: &Evaluation, verified: Vec<String>) {
         let primary = spec::outcome(&primary.decision);
         let state = self.state.clone();
         let log = self.log.clone();
         self.tasks.spawn(async move {
+            let Shadow { candidate, policy, context, verifier } = shadow;
             // Only on a free instance: a shadow must never make a live check wait.
-            let Some(shadow) = state.runtime.try_check(&candidate, check.clone(), context).await else {
+            let Some(evaluation) = state.runtime.try_check(&candidate, check.clone(), context).await else {
                 state.metrics.shadow.get_or_create(&ShadowLabels { policy, result: "skipped" }).inc();
                 return;
             };
-            let shadow = spec::outcome(&shadow.decision);
-            let agree = shadow == primary;
+            let outcome = spec::outcome(&evaluation.decision);
+            let agree = outcome == primary;
             let result = if agree { "agree" } else { "disagree" };
             state.metrics.shadow.get_or_create(&ShadowLabels { policy: policy.clone(), result }).inc();
             if !agree {
-                log.write_json(&serde_json::json!({
-                    "v": sandgate_records::FORMAT_VERSION,
-                    "shadow_disagreement": true,
-                    "request_id": check.request_id,
-                    "policy": policy,
-                    "candidate_digest": candidate.digest(),
-                    "primary": primary.to_string(),
-                    "candidate": shadow.to_string(),
-                }));
+                let (_, candidate_tokens) = verifier.answers();
+                let mut secrets: Vec<&str> = bearer_secret(&check.headers).into_iter().collect();
+                secrets.extend(verified.iter().chain(&candidate_tokens).map(String::as_str));
+                log.write_json(
+                    &secrets,
+                    &serde_json::json!({
+                        "v": sandgate_records::FORMAT_VERSION,
+                        "shadow_disagreement": true,
+                        "request_id": check.request_id,
+                        "policy": policy,
+                        "candidate_digest": candidate.digest(),
+                        "primary": primary.to_string(),
+                        "candidate": outcome.to_string(),
+                    }),
+                );
             }
         });
     }
@@ -488,15 +509,11 @@ impl Authorizer {
             Some(c) => (&c.check.headers, &c.check.query),
             None => (&original.headers, &original.query),
         };
-        let mut secrets: Vec<&str> = Vec::new();
-        if let Some(Bearer::Token(token)) =
-            headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value))
-        {
-            secrets.push(token);
-        }
+        let mut secrets: Vec<&str> = bearer_secret(headers).into_iter().collect();
         if let Some(c) = &checked {
             secrets.extend(c.verified_tokens.iter().map(String::as_str));
         }
+        secrets.retain(|s| crate::decision_log::is_secret(s));
         // A forwarded body is written as base64: its tokens are replaced before it is encoded.
         let mut scrubbed_body = None;
         if !secrets.is_empty() {
@@ -508,7 +525,7 @@ impl Authorizer {
             let mut texts = texts.chain(decision_texts(&evaluation.decision));
             let body =
                 checked.as_ref().and_then(|c| c.check.body.as_deref()).filter(|_| self.capture == Capture::Input);
-            scrubbed_body = body.and_then(|body| crate::decision_log::scrubbed(body, &secrets));
+            scrubbed_body = body.and_then(|body| crate::decision_log::scrubbed(body, &secrets, false));
             if scrubbed_body.is_none() && !texts.any(holds_one) {
                 secrets.clear();
             }

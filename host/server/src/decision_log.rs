@@ -121,8 +121,13 @@ impl DecisionLog {
         });
     }
 
-    pub(crate) fn write_json(&self, value: &serde_json::Value) {
-        self.send(|line| serde_json::to_writer(line, value));
+    /// Write `value`, with `secrets` replaced as [`DecisionLog::write_scrubbed`] does.
+    pub(crate) fn write_json(&self, secrets: &[&str], value: &serde_json::Value) {
+        self.send(|line| {
+            serde_json::to_writer(&mut *line, value)?;
+            scrub(line, secrets);
+            Ok(())
+        });
     }
 
     fn send(&self, serialize: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
@@ -155,37 +160,59 @@ impl DecisionLog {
 /// Shorter strings are not treated as secrets: they could match unrelated text.
 const MIN_SECRET: usize = 16;
 
+/// Whether `token` is looked for in records: a JWT in compact form, three non-empty base64url
+/// parts. Sandgate verifies nothing else, and a client choosing its bearer value can make only
+/// such text (never a path, a key or a number) disappear from its own record.
+pub(crate) fn is_secret(token: &str) -> bool {
+    token.len() >= MIN_SECRET
+        && token.split('.').count() == 3
+        && token
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
+
 /// Replace every occurrence of each secret in the JSON `line` by [`sandgate_records::REDACTED`].
 fn scrub(line: &mut Vec<u8>, secrets: &[&str]) {
-    if let Some(scrubbed) = scrubbed(line, secrets) {
+    if let Some(scrubbed) = scrubbed(line, secrets, true) {
         *line = scrubbed;
     }
 }
 
-/// `bytes` with every occurrence of each secret replaced by [`sandgate_records::REDACTED`], or
-/// `None` if it holds none. Only secrets made of characters JSON writes as they are (a JWT's
-/// base64url and dots) are looked for, so each appears in a JSON line exactly as it is, and the
-/// line stays valid JSON.
-pub(crate) fn scrubbed(bytes: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
-    let verbatim = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=');
+/// `bytes` with every occurrence of each secret ([`is_secret`]) replaced by
+/// [`sandgate_records::REDACTED`], or `None` if it holds none. A secret's characters are written
+/// by JSON as they are, so it appears in a JSON line exactly as in its source string; in `json`,
+/// an occurrence starting inside an escape sequence (the `t` of `\t`, the digits of `\u001f`)
+/// is not one, and replacing it would break the line.
+pub(crate) fn scrubbed(bytes: &[u8], secrets: &[&str], json: bool) -> Option<Vec<u8>> {
     let mut scrubbed: Option<Vec<u8>> = None;
-    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET && s.bytes().all(verbatim)) {
+    for secret in secrets.iter().filter(|s| is_secret(s)) {
         let text = scrubbed.as_deref().unwrap_or(bytes);
         let finder = memchr::memmem::Finder::new(secret.as_bytes());
-        if finder.find(text).is_none() {
-            continue;
-        }
-        let mut out = Vec::with_capacity(text.len());
-        let mut at = 0;
-        for found in finder.find_iter(text) {
-            out.extend_from_slice(&text[at..found]);
+        let (mut out, mut copied, mut from) = (None::<Vec<u8>>, 0, 0);
+        while let Some(found) = finder.find(&text[from..]).map(|at| at + from) {
+            from = found + 1;
+            if json && in_escape(text, found) {
+                continue;
+            }
+            let out = out.get_or_insert_with(|| Vec::with_capacity(text.len()));
+            out.extend_from_slice(&text[copied..found]);
             out.extend_from_slice(sandgate_records::REDACTED.as_bytes());
-            at = found + secret.len();
+            copied = found + secret.len();
+            from = copied;
         }
-        out.extend_from_slice(&text[at..]);
-        scrubbed = Some(out);
+        if let Some(mut out) = out {
+            out.extend_from_slice(&text[copied..]);
+            scrubbed = Some(out);
+        }
     }
     scrubbed
+}
+
+/// Whether `line[at]` is part of a JSON escape sequence after its backslash: the letter of
+/// `\n`, `\t`, `\u`…, or one of the four digits of `\uXXXX`.
+fn in_escape(line: &[u8], at: usize) -> bool {
+    let escaping = |at: usize| line[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
+    escaping(at) || (1..=4.min(at)).any(|back| line[at - back] == b'u' && escaping(at - back))
 }
 
 fn write_lines(shared: &Shared, mut sink: Box<dyn Write + Send>, dropped: &Counter) {
@@ -270,6 +297,42 @@ mod tests {
         assert_eq!(value["short"], "abc");
     }
 
+    /// A client choosing its bearer value chooses what is searched for: an occurrence inside a
+    /// JSON escape (`\t`, `\u001f`) is no occurrence of the token, and replacing it would make
+    /// the line unreadable; one after a literal backslash (`\\`) is, and is replaced.
+    #[test]
+    fn an_occurrence_inside_an_escape_sequence_is_left_and_the_line_stays_json() {
+        let chosen = "tAAAAAAAAAAAAAAA.BBBB.CCCC";
+        let digits = "001fAAAAAAAAAAAA.BBBB.CCCC";
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl";
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "request_id": "x\tAAAAAAAAAAAAAAA.BBBB.CCCC",
+            "path": "/\u{1f}AAAAAAAAAAAA.BBBB.CCCC",
+            "header": format!("\\{token}"),
+        }))
+        .unwrap();
+        scrub(&mut line, &[chosen, digits, token]);
+        let value: serde_json::Value = serde_json::from_slice(&line).expect("the line is still JSON");
+        assert_eq!(value["request_id"], "x\tAAAAAAAAAAAAAAA.BBBB.CCCC");
+        assert_eq!(value["path"], "/\u{1f}AAAAAAAAAAAA.BBBB.CCCC");
+        assert_eq!(value["header"], "\\[redacted]");
+    }
+
+    /// Only a JWT's shape is a secret: a client's bearer value that is a path, a field name or
+    /// a number cannot make that text disappear from its own record.
+    #[test]
+    fn only_text_shaped_like_a_jwt_is_a_secret() {
+        assert!(is_secret("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"));
+        for chosen in
+            ["/api/admin/export-all", "client_request_id", "12345678901234567890", "aaaaaaaaaaaa..bbbb", "a.b.c"]
+        {
+            assert!(!is_secret(chosen), "{chosen}");
+        }
+        let mut line = serde_json::to_vec(&serde_json::json!({ "path": "/api/admin/export-all" })).unwrap();
+        scrub(&mut line, &["/api/admin/export-all"]);
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&line).unwrap()["path"], "/api/admin/export-all");
+    }
+
     /// Lines a sink fails to take (a full disk, a closed pipe) are counted as dropped.
     #[tokio::test]
     async fn lines_a_sink_fails_to_write_are_counted_as_dropped() {
@@ -285,7 +348,7 @@ mod tests {
         let dropped = Counter::default();
         let (log, writer) = DecisionLog::start(Box::new(Full), QUEUE_BYTES, dropped.clone()).unwrap();
         for n in 0..3 {
-            log.write_json(&serde_json::json!({ "n": n }));
+            log.write_json(&[], &serde_json::json!({ "n": n }));
         }
         writer.finish(Duration::from_secs(5)).await;
         assert_eq!(dropped.get(), 3);
@@ -326,7 +389,7 @@ mod tests {
         let kept = Kept::default();
         let (log, writer) = DecisionLog::start(Box::new(kept.clone()), QUEUE_BYTES, Counter::default()).unwrap();
         for i in 0..1000 {
-            log.write_json(&serde_json::json!({ "n": i }));
+            log.write_json(&[], &serde_json::json!({ "n": i }));
         }
         writer.finish(Duration::from_secs(5)).await;
         let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
@@ -343,7 +406,7 @@ mod tests {
         // Each line is `{"line":"x"}` and a newline: 13 bytes; the queue holds four.
         let (log, _writer) = DecisionLog::start(Box::new(Stalled), 4 * 13, dropped.clone()).unwrap();
         for _ in 0..100 {
-            log.write_json(&serde_json::json!({ "line": "x" }));
+            log.write_json(&[], &serde_json::json!({ "line": "x" }));
         }
         // At most one batch is stuck in the stalled write and four lines wait in the queue;
         // every other line was dropped and counted, and no call blocked.
