@@ -67,12 +67,12 @@ impl TokenVerifier for Recording {
 
 /// The strings of a policy's answer that a decision record writes.
 fn decision_texts(decision: &Decision) -> impl Iterator<Item = &str> {
-    let (texts, headers, removed): (Vec<&str>, _, &[String]) = match decision {
-        Decision::Allow(a) => (Vec::new(), &a.set_headers, &a.remove_headers),
-        Decision::Deny(d) => (vec![d.reason.as_str(), d.message.as_str()], &d.headers, &[]),
+    let (reason, message, headers, removed): (&str, &str, _, &[String]) = match decision {
+        Decision::Allow(a) => ("", "", &a.set_headers, &a.remove_headers),
+        Decision::Deny(d) => (&d.reason, &d.message, &d.headers, &[]),
     };
     let headers = headers.iter().flat_map(|h| [h.name.as_str(), h.value.as_str()]);
-    texts.into_iter().chain(headers).chain(removed.iter().map(String::as_str))
+    [reason, message].into_iter().chain(headers).chain(removed.iter().map(String::as_str))
 }
 
 /// A shadow candidate to evaluate beside a check, with the verifier that notes the tokens it
@@ -499,11 +499,11 @@ impl Authorizer {
         if self.capture == Capture::None {
             return;
         }
-        // The bearer token, and every token the policy passed to `verify-jwt`, is kept out of
-        // the record wherever it appears: the path, a query string, another header, the policy's
-        // log lines or its answer, a fault. The line is searched only if a token is in one of
-        // the strings it is written from (almost never): a string shorter than the token cannot
-        // hold it.
+        // The bearer token, and every token the policy passed to `verify-jwt`, if shaped like a
+        // JWT, is kept out of the record wherever it appears: the path, a query string, another
+        // header, the body, the policy's log lines or its answer, a fault. The line is searched
+        // only if a token is in one of the strings it is written from (almost never): a string
+        // shorter than the token cannot hold it.
         let fault = evaluation.fault.as_ref().map(ToString::to_string);
         let (headers, query) = match &checked {
             Some(c) => (&c.check.headers, &c.check.query),
