@@ -19,10 +19,14 @@ const ADMIN_TOKEN: &str = "an-admin-token-of-at-least-32-characters";
 fn config() -> Config {
     let module = sandgate_tests::workspace().join("target/policies/allow-all.wasm");
     sandgate_tests::policy_bytes("allow-all"); // built if missing
-    let text = format!(
+    config_from(&format!(
         "[server]\nproxy = \"nginx\"\ndefault_policy = \"open\"\n[server.identity_headers]\n\"x-auth-subject\" = \"sub\"\n[[policies]]\nid = \"open\"\nmodule = \"{}\"\n",
         module.display()
-    );
+    ))
+}
+
+/// The configuration `text` says, read from a file of its own.
+fn config_from(text: &str) -> Config {
     // One file per call: the tests run in parallel, and a file rewritten while another test
     // reads it reads as empty.
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -97,22 +101,13 @@ async fn the_admin_api_answers_a_request_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_without_a_client_address_has_no_peer() {
     let module = sandgate_tests::workspace().join("target/policies/hostile-wasip2-servable.wasm");
-    let text = format!(
+    let authorizer = sandgate_tests::authorizer(&config_from(&format!(
         "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
         module.display()
-    );
-    let path = std::env::temp_dir().join(format!("sandgate-handlers-peer-{}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    let authorizer = sandgate_tests::authorizer(&Config::from_file(&path).unwrap());
+    )));
     for (reported, seen) in [("", "-"), ("10.0.0.7", "10.0.0.7")] {
-        let original = sandgate_server::original_request::OriginalRequest {
-            method: "GET".into(),
-            scheme: "https".into(),
-            host: "app".into(),
-            path: "/echo".into(),
-            peer: reported.into(),
-            ..Default::default()
-        };
+        let mut original = records_request("/echo".into(), Vec::new());
+        original.peer = reported.into();
         let answer = authorizer.decide(original).await;
         assert_eq!(sandgate_tests::allowed_header(&answer.evaluation.decision, "x-peer"), seen, "peer {reported:?}");
     }
@@ -137,15 +132,10 @@ const RECORDS_SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
 /// A sidecar's configuration: the hostile policy behind Envoy, HS256 tokens of `RECORDS_SECRET`.
 fn records_config() -> Config {
     let module = sandgate_tests::workspace().join("target/policies/hostile-wasip2-servable.wasm");
-    let text = format!(
+    config_from(&format!(
         "[server]\nproxy = \"envoy\"\ndefault_policy = \"hostile\"\n[[issuers]]\nissuer = \"https://issuer.test\"\naudiences = [\"app\"]\nalgorithms = [\"HS256\"]\n[[issuers.keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{RECORDS_SECRET}\"\n[[policies]]\nid = \"hostile\"\nmodule = \"{}\"\n",
         module.display()
-    );
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("sandgate-handlers-records-{}-{n}.toml", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    Config::from_file(&path).unwrap()
+    ))
 }
 
 /// A token for `subject`, verified by [`records_config`]'s issuer.
@@ -157,7 +147,7 @@ fn records_token(subject: &str) -> String {
     jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(RECORDS_SECRET.as_bytes())).unwrap()
 }
 
-/// A `GET` of `path` from 10.0.0.7 with `headers`.
+/// A `GET` of `https://app` `path` from 10.0.0.7 with `headers`.
 fn records_request(path: String, headers: Vec<(&str, String)>) -> sandgate_server::OriginalRequest {
     use sandgate_runtime::bindings::sandgate::policy::types::Header;
     sandgate_server::OriginalRequest {

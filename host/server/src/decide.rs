@@ -8,7 +8,7 @@ use crate::config::Capture;
 use crate::credential;
 use crate::decision_log::{DecisionLog, DecisionLogEntry};
 use crate::metrics::{DecisionLabels, ShadowLabels};
-use crate::original_request::{Bearer, OriginalRequest, bearer_token, canonical_path};
+use crate::original_request::{Bearer, OriginalRequest, bearer_of, canonical_path};
 use crate::otel::{AuthTrace, CheckTrace, EvalTrace, Tracing};
 use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
@@ -86,8 +86,8 @@ struct Shadow {
 
 /// The bearer token of a check's `Authorization` header, if it has one.
 fn bearer_secret(headers: &[Header]) -> Option<&str> {
-    match headers.iter().find(|h| h.name == "authorization").map(|h| bearer_token(&h.value)) {
-        Some(Bearer::Token(token)) => Some(token),
+    match bearer_of(headers) {
+        Bearer::Token(token) => Some(token),
         _ => None,
     }
 }

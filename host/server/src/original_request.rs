@@ -60,8 +60,7 @@ impl OriginalRequest {
 
     /// The bearer token: the scheme is case-insensitive, the token trimmed.
     pub(crate) fn bearer(&self) -> Bearer<'_> {
-        let Some(value) = self.header("authorization") else { return Bearer::None };
-        bearer_token(value)
+        bearer_of(&self.headers)
     }
 }
 
@@ -156,6 +155,14 @@ pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
         }
     }
     Ok(out)
+}
+
+/// The bearer token of `headers` (lowercase names), as [`OriginalRequest::bearer`] reads it.
+pub(crate) fn bearer_of(headers: &[Header]) -> Bearer<'_> {
+    match headers.iter().find(|h| h.name == "authorization") {
+        Some(h) => bearer_token(&h.value),
+        None => Bearer::None,
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive).
