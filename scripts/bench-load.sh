@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 [ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -r tests/e2e/requirements.txt; }
 ./scripts/build-policies.sh
-cargo build --release --locked -p sandgate --bin sandgate
 cargo build --release --locked -p sandgate-server --features bench-internals --examples
 # `scripts/bench-load.sh reload`: latency during continuous policy reloads instead.
 if [ "${1:-}" = reload ]; then exec .venv/bin/python scripts/bench_reload.py; fi

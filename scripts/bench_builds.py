@@ -5,7 +5,7 @@ second and the sidecar's CPU per check; and on an idle system (one connection, o
 a time), reporting the p50 latency. Rounds alternate which build goes first; the median of the
 per-round ratios (this / baseline) is reported with its range.
 
-    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    ./scripts/build-policies.sh
     BASELINE_SANDGATE=/path/to/other/sandgate .venv/bin/python scripts/bench_builds.py   # ROUNDS (6), DURATION (3 s)
 
 BASELINE_POLICIES=DIR gives the baseline build its own policies (e.g. built against an older

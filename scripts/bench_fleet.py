@@ -5,7 +5,7 @@ the moment the status of every live sidecar reports the write's revision), for e
 for, on this machine; and the resident memory of an idle fleet sidecar.
 
 Starts `nats-server -js` (Debian package) and N `sandgate serve` processes on loopback, all
-stopped at the end. Needs the release build (`cargo build --release -p sandgate`).
+stopped at the end. Needs the release build (`cargo build --release --bin sandgate`).
 
     python3 scripts/bench_fleet.py [WRITES] [N ...]      # default: 200 writes, N = 5 20 50
 """

@@ -7,7 +7,7 @@ MAX_INSTANCES / MEMORY_LIMIT_MIB are set in the environment.
 - RSS with 1,000 idle keep-alive connections open, each having sent one check;
 - the virtual address space reserved (VmSize), which is mostly the instance pool's slots.
 
-    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    ./scripts/build-policies.sh
     .venv/bin/python scripts/bench_memory.py
 """
 

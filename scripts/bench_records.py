@@ -10,7 +10,7 @@ chosen at random by a wrk script.
 Rounds alternate the configurations back to back; the median ratio of each to `none` is
 reported. Prints a Markdown table for docs/BENCHMARKS.md.
 
-    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    ./scripts/build-policies.sh
     .venv/bin/python scripts/bench_records.py          # ROUNDS (5) and DURATION (5 s) from the environment
 """
 

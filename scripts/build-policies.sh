@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 for target in wasm32-unknown-unknown wasm32-wasip2; do
   rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 done
-cargo build --release --locked -p sandgate --bin sandgate
+# Without `-p`: the features of the workspace's default members, as `cargo test` builds them, so
+# the test build reuses every dependency compiled here.
+cargo build --release --locked --bin sandgate
 mkdir -p target/policies
 for policy in rbac tenant scopes hostile allow-all; do
   target/release/sandgate build "guest-policies/$policy" --out "target/policies/$policy.wasm"

@@ -4,7 +4,7 @@ records to a file) while, concurrently, its keys rotate, tokens and subjects are
 unrevoked, its RBAC data document and a module reload; then `sandgate replay` decides every
 record again and must find 0 differences.
 
-    cargo build --release -p sandgate && ./scripts/build-policies.sh
+    ./scripts/build-policies.sh
     .venv/bin/python scripts/replay_proof.py 1000000
 
 Everything runs on 127.0.0.1 and stops by itself. Prints one JSON line of figures.

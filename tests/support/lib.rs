@@ -78,12 +78,12 @@ fn build_fixture(name: &str, dir: &std::path::Path, path: &std::path::Path) {
     std::fs::rename(&partial, path).unwrap();
 }
 
-/// The `sandgate` binary, built by `cargo build --release -p sandgate` when missing.
+/// The `sandgate` binary, built as `scripts/build-policies.sh` builds it when missing.
 pub fn sandgate_binary() -> PathBuf {
     let path = workspace().join("target/release/sandgate");
     if !path.is_file() {
         let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "-p", "sandgate", "--bin", "sandgate"])
+            .args(["build", "--release", "--bin", "sandgate"])
             .current_dir(workspace())
             .status()
             .expect("cargo runs");

@@ -4,7 +4,7 @@
 //! with a verified HS256 token (seven headers, a 200-byte claims document).
 //!
 //! ```sh
-//! cargo bench -p sandgate-records --bench record
+//! cargo bench -p sandgate-records --features bench --bench record
 //! ```
 
 use criterion::{Criterion, criterion_group, criterion_main};

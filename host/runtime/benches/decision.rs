@@ -10,7 +10,7 @@
 //! each build of the same policies (`wasm32-unknown-unknown` and `wasm32-wasip2`), measured in
 //! alternating rounds.
 //!
-//! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench-internals --bench decision`
+//! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench --bench decision`
 //! (JWT verification is not included: the credential is already verified.)
 #![allow(
     clippy::unwrap_used,

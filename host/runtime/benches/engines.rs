@@ -4,7 +4,7 @@
 //! `cedar-policy`. Rule sets: the RBAC example (roles from a data document → methods and path
 //! patterns) and tenant isolation. Before timing, every engine must agree on every input.
 //!
-//! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench-internals --bench engines`. After criterion's
+//! Run: `scripts/build-policies.sh && cargo bench -p sandgate-runtime --features bench --bench engines`. After criterion's
 //! runs, each rule set is timed again with the engines interleaved (see [`interleaved`]): the
 //! figures to compare on a noisy machine.
 //!

@@ -2,7 +2,7 @@
 //! and quick before/after comparisons of runtime or guest changes:
 //!
 //! ```sh
-//! cargo build --release -p sandgate --example profile_decision
+//! cargo build --release -p sandgate-runtime --features bench-internals --example profile_decision
 //! perf record -g target/release/examples/profile_decision target/policies/rbac.wasm 300000
 //! ```
 //!
