@@ -167,6 +167,24 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     tampered.write_text("\n".join(lines) + "\n")
     out = replay(tampered, "--archive", archive, "--json")
     assert out.returncode == 1 and json.loads(out.stdout)["differ"] == 1, out.stdout + out.stderr
+    # So is one whose summary, what reports and log searches read, was changed and its input and
+    # answer left: an allow turned into a deny, another subject, or a decision marked as a shadow
+    # candidate's line to keep it from being replayed.
+    lines = records.read_text().splitlines()
+    allowed_at = next(i for i, l in enumerate(lines) if '"outcome":"allow"' in l)
+    for field, edit in [
+        ("outcome", lambda r: r.update(outcome="deny", status=403, reason="forbidden")),
+        ("subject", lambda r: r.update(subject="mallory")),
+        ("path", lambda r: r.update(path="/api/public")),
+        ("credential", lambda r: r.update(shadow_disagreement=False, credential="none")),
+    ]:
+        record = json.loads(lines[allowed_at])
+        edit(record)
+        tampered.write_text("\n".join(lines[:allowed_at] + [json.dumps(record)] + lines[allowed_at + 1:]) + "\n")
+        out = replay(tampered, "--archive", archive, "--json")
+        report = json.loads(out.stdout)
+        assert out.returncode == 1 and report["differ"] == 1, (field, out.stdout + out.stderr)
+        assert list(report["changes"]) == [f"the record's `{field}` contradicts its input or answer"], (field, report["changes"])
     # Without the archive nothing can be replayed, and the report says so.
     out = replay(records, "--archive", str(tmp_path / "empty"))
     assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
@@ -202,10 +220,60 @@ def test_replay_fetches_a_module_the_archive_lacks_from_its_registry(tmp_path):
         (tmp_path / "archive" / "blobs" / "sha256" / line["policy_digest"]).unlink()
         out = replay(records, "--archive", str(tmp_path / "archive"), "--json")
         assert json.loads(out.stdout)["skipped"] == {"missing_module": 10}, out.stdout
-        out = replay(records, "--archive", str(tmp_path / "archive"), "--fetch", "--json")
+        out = replay(records, "--archive", str(tmp_path / "archive"), "--fetch", "--fetch-from", registry.host, "--json")
         assert out.returncode == 0 and json.loads(out.stdout)["same"] == 10, out.stdout + out.stderr
     finally:
         registry.stop()
+
+
+def test_replay_gives_registry_credentials_only_to_the_registries_it_is_told(tmp_path):
+    """A record names where its module came from, and whoever can write records (the stream's
+    publishers, a file handed to a CI job) chooses it. `replay --fetch` with the operator's
+    registry password must not send it to a registry a record names."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="collector"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        s, records = start(tmp_path)
+        Client(s.port).check("/api/orders/1", mint(1, "hs-a"))
+        s.stop()
+        line = json.loads(records.read_text().splitlines()[0])
+        (tmp_path / "archive" / "blobs" / "sha256" / line["policy_digest"]).unlink()
+        host = f"127.0.0.1:{collector.server_address[1]}"
+        line["policy_source"] = f"oci://{host}/sandgate/rbac@sha256:{line['policy_digest']}"
+        forged = tmp_path / "forged.log"
+        forged.write_text(json.dumps(line) + "\n")
+        env = {**os.environ, "SANDGATE_REGISTRY_PASSWORD": "the-operators-registry-password"}
+        fetch = [str(SANDGATE), "replay", str(forged), "--archive", str(tmp_path / "archive"), "--fetch", "--username", "ci", "--json"]
+        # Told only another registry: the record's is not contacted at all.
+        out = subprocess.run([*fetch, "--fetch-from", "registry.example"], capture_output=True, text=True, timeout=120, env=env)
+        assert json.loads(out.stdout)["skipped"] == {"missing_module": 1}, out.stdout + out.stderr
+        assert f"`{host}` is not a registry given with --fetch-from" in out.stderr, out.stderr
+        assert seen == [], seen
+        # Told none: the same.
+        out = subprocess.run(fetch, capture_output=True, text=True, timeout=120, env=env)
+        assert json.loads(out.stdout)["skipped"] == {"missing_module": 1} and seen == [], out.stdout + out.stderr + str(seen)
+        # The password is read from standard input once; records from standard input too is refused.
+        out = subprocess.run([*fetch[:2], "-", *fetch[3:], "--password-stdin"], input="pw\n", capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "would both read standard input" in out.stderr, out.stdout + out.stderr
+    finally:
+        collector.shutdown()
 
 
 def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):

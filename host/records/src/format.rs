@@ -213,6 +213,25 @@ pub struct Record {
     /// A shadow candidate's disagreement line, not a decision.
     #[serde(default)]
     pub shadow_disagreement: Option<bool>,
+    /// The credential's verdict: `none`, `verified`, or the rejection's reason code.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// The verified credential's subject.
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+/// The longest method, host and path a record's summary carries (its `input` has them whole).
+pub const SUMMARY_BOUNDS: (usize, usize, usize) = (32, 256, 2048);
+
+/// `text` cut to at most `max` bytes, at a character boundary: how a record's summary strings
+/// are cut.
+pub fn bounded(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Reason codes of denials the host made because of its own condition, not the policy's
@@ -821,6 +840,8 @@ mod tests {
             input: None,
             decision: None,
             shadow_disagreement: None,
+            credential: None,
+            subject: None,
         });
         assert_eq!((record.v, record.reason.as_str(), record.input.is_none()), (None, "no_route", true));
     }

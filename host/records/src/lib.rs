@@ -15,5 +15,8 @@ pub mod format;
 pub mod replay;
 
 pub use archive::Archive;
-pub use format::{DecisionRecord, DecisionView, FORMAT_VERSION, Input, InputView, REDACTED, Record, VerifyAnswer};
+pub use format::{
+    DecisionRecord, DecisionView, FORMAT_VERSION, Input, InputView, REDACTED, Record, SUMMARY_BOUNDS, VerifyAnswer,
+    bounded,
+};
 pub use replay::{Replayer, Report, Verdict};

@@ -6,7 +6,9 @@
 //! the recorded one, field for field. With a candidate for a policy, the candidate runs
 //! instead and every answer that differs is a change it would make.
 
-use crate::format::{DecisionRecord, HOST_CONDITIONS, Record, VerifyAnswer};
+use crate::format::{
+    CredentialRecord, DecisionRecord, HOST_CONDITIONS, Input, Record, SUMMARY_BOUNDS, VerifyAnswer, bounded,
+};
 use sandgate_registry::Cache;
 use sandgate_runtime::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
 use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, TokenVerifier};
@@ -30,6 +32,9 @@ pub enum Verdict {
     },
     /// Not replayed, and why (a short code: see [`Report::skipped`]).
     Skipped(&'static str),
+    /// Not replayed: the record's own summary (the field named) contradicts its input or its
+    /// recorded answer, so it was not written as it is. Counted as a difference.
+    Contradicts(&'static str),
 }
 
 /// One example of a difference, for a report.
@@ -100,6 +105,18 @@ impl Report {
                 }
             }
             Verdict::Skipped(why) => *self.skipped.entry(why).or_default() += 1,
+            Verdict::Contradicts(field) => {
+                self.differ += 1;
+                let change =
+                    self.changes.entry(format!("the record's `{field}` contradicts its input or answer")).or_default();
+                change.count += 1;
+                if change.examples.len() < EXAMPLES {
+                    change.examples.push(Example {
+                        request_id: record.request_id.clone(),
+                        request: format!("{} {} {}", record.method, record.host, record.path),
+                    });
+                }
+            }
         }
     }
 
@@ -206,7 +223,9 @@ impl<'a> Replayer<'a> {
 
     /// Decide `record` again and compare.
     pub fn replay(&mut self, record: &Record) -> Verdict {
-        if record.shadow_disagreement.is_some() {
+        // A shadow line carries no input and no answer: a line that does is a decision, whatever
+        // else it says.
+        if record.shadow_disagreement.is_some() && record.input.is_none() && record.decision.is_none() {
             return Verdict::Skipped("not_a_decision");
         }
         if !self.candidates.is_empty() && !record.policy.as_ref().is_some_and(|p| self.candidates.contains_key(p)) {
@@ -215,6 +234,9 @@ impl<'a> Replayer<'a> {
         let (Some(input), Some(recorded)) = (&record.input, &record.decision) else {
             return Verdict::Skipped("no_input");
         };
+        if let Some(field) = contradiction(record, input, recorded) {
+            return Verdict::Contradicts(field);
+        }
         if HOST_CONDITIONS.contains(&record.reason.as_str()) && record.fault.is_some() {
             return Verdict::Skipped("host_condition");
         }
@@ -238,4 +260,32 @@ impl<'a> Replayer<'a> {
         let replayed = DecisionRecord::from(&evaluation.decision);
         if &replayed == recorded { Verdict::Same } else { Verdict::Differs { recorded: recorded.clone(), replayed } }
     }
+}
+
+/// The first of `record`'s summary fields (what reports and log searches read) that is not what
+/// the sidecar writes for its `input` and recorded answer, if any.
+fn contradiction(record: &Record, input: &Input, recorded: &DecisionRecord) -> Option<&'static str> {
+    let (outcome, status, reason) = match recorded {
+        DecisionRecord::Allow { .. } => ("allow", 200, "allow"),
+        DecisionRecord::Deny { status, reason, .. } => ("deny", *status, reason.as_str()),
+    };
+    let (credential, subject) = match &input.credential {
+        CredentialRecord::None => ("none", None),
+        CredentialRecord::Verified(v) => ("verified", Some(v.subject.as_str())),
+        CredentialRecord::Rejected(e) => (e.reason.as_str(), None),
+    };
+    let (method, host, path) = SUMMARY_BOUNDS;
+    [
+        ("outcome", record.outcome == outcome),
+        ("status", record.status == status),
+        ("reason", record.reason == reason),
+        ("policy_digest", record.policy_digest.as_deref() == Some(input.versions.policy_digest.as_str())),
+        ("credential", record.credential.as_deref() == Some(credential)),
+        ("subject", record.subject.as_deref() == subject),
+        ("method", record.method == bounded(&input.method, method)),
+        ("host", record.host == bounded(&input.host, host)),
+        ("path", record.path == bounded(&input.path, path)),
+    ]
+    .into_iter()
+    .find_map(|(field, holds)| (!holds).then_some(field))
 }

@@ -14,6 +14,7 @@ use crate::snapshot::{LoadedPolicy, Snapshot};
 use crate::state::State;
 use opentelemetry::KeyValue;
 use sandgate_auth::{Rejection, TokenCache, VerifiedToken, check_revocation};
+use sandgate_records::{SUMMARY_BOUNDS, bounded};
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, Decision, Header, VerifiedCredential,
 };
@@ -97,15 +98,6 @@ const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-method-overrid
 
 /// Distinct reason codes the decision metric keeps as labels; later ones count as `other`.
 const MAX_REASON_LABELS: usize = 256;
-
-/// At most `max` bytes of `text` (cut at a character boundary), for log fields.
-fn bounded(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
 
 /// The longest a check waits for a JWKS fetch triggered by an unknown `kid`.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
@@ -557,9 +549,9 @@ impl Authorizer {
                 ts: now,
                 request_id: &answer.request_id,
                 client_request_id: original.client_request_id.as_deref(),
-                method: bounded(&original.method, 32),
-                host: bounded(&original.host, 256),
-                path: bounded(&original.path, 2048),
+                method: bounded(&original.method, SUMMARY_BOUNDS.0),
+                host: bounded(&original.host, SUMMARY_BOUNDS.1),
+                path: bounded(&original.path, SUMMARY_BOUNDS.2),
                 policy: policy_id,
                 policy_digest: checked.map(|(p, _)| p.module.digest()),
                 policy_source: checked.and_then(|(p, _)| p.source.as_deref()).map(|s| s.pinned.as_str()),

@@ -31,9 +31,17 @@ pub struct RegistryArgs {
     /// Require a cosign signature by this public key (PEM) over the manifest digest (pull).
     #[arg(long)]
     cosign_key: Vec<PathBuf>,
+    /// The password, once read (standard input is read once, however many registries follow).
+    #[arg(skip)]
+    password: std::sync::OnceLock<String>,
 }
 
 impl RegistryArgs {
+    /// Whether the password is read from standard input.
+    pub fn reads_stdin(&self) -> bool {
+        self.password_stdin
+    }
+
     /// A registry client for `reference`'s registry.
     pub fn registry(&self, reference: &ModuleRef, cache_dir: Option<PathBuf>) -> anyhow::Result<Registry> {
         let settings = match &self.config {
@@ -53,13 +61,19 @@ impl RegistryArgs {
     ) -> anyhow::Result<Registry> {
         let host = reference.registry().to_owned();
         if let Some(username) = &self.username {
-            let password = if self.password_stdin {
-                let mut line = String::new();
-                std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
-                line.trim_end_matches(['\r', '\n']).to_owned()
-            } else {
-                std::env::var("SANDGATE_REGISTRY_PASSWORD")
-                    .context("--username needs --password-stdin or SANDGATE_REGISTRY_PASSWORD")?
+            let password = match self.password.get() {
+                Some(password) => password.clone(),
+                None => {
+                    let password = if self.password_stdin {
+                        let mut line = String::new();
+                        std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+                        line.trim_end_matches(['\r', '\n']).to_owned()
+                    } else {
+                        std::env::var("SANDGATE_REGISTRY_PASSWORD")
+                            .context("--username needs --password-stdin or SANDGATE_REGISTRY_PASSWORD")?
+                    };
+                    self.password.get_or_init(|| password).clone()
+                }
             };
             settings.credentials.insert(host.clone(), Credentials::Basic { username: username.clone(), password });
         }

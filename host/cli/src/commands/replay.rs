@@ -42,6 +42,11 @@ pub struct Args {
     /// archives only.
     #[arg(long)]
     fetch: bool,
+    /// A registry (`host[:port]`) `--fetch` may pull modules from; repeatable. A record naming
+    /// any other registry is not fetched: records are data anyone who can write them chooses,
+    /// and the registry flags' credentials go only to the registries named here.
+    #[arg(long = "fetch-from", value_name = "REGISTRY", requires = "fetch")]
+    fetch_from: Vec<String>,
     /// The fleet's NATS server(s), for `fleet:` modules.
     #[arg(long, requires = "fleet")]
     fleet_url: Option<String>,
@@ -68,11 +73,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if args.fetch && args.registry.reads_stdin() && args.records.iter().any(|p| p.as_os_str() == "-") {
+        bail!("--password-stdin and records from `-` would both read standard input");
+    }
     if args.fetch {
         let (registry, fleet, io) = (&args.registry, (args.fleet_url.clone(), args.fleet.clone()), &io);
+        let allowed = &args.fetch_from;
         let mut nats: Option<async_nats::Client> = None;
         replayer = replayer.with_fetch(Box::new(move |digest, source| {
-            let fetched = io.block_on(fetch(digest, source, registry, &fleet, &mut nats));
+            let fetched = io.block_on(fetch(digest, source, registry, allowed, &fleet, &mut nats));
             fetched.map_err(|e| eprintln!("cannot fetch {digest} from `{source}`: {e:#}")).ok()
         }));
     }
@@ -170,17 +179,23 @@ async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> any
     }
 }
 
-/// Module `digest` from `source`: its OCI registry (pulled by digest, verified) or the fleet's
-/// object store (checked against the digest).
+/// Module `digest` from `source`: its OCI registry, if it is one of `allowed` (pulled by
+/// digest, verified), or the fleet's object store (checked against the digest).
 async fn fetch(
     digest: &str,
     source: &str,
     registry: &super::registry::RegistryArgs,
+    allowed: &[String],
     fleet: &(Option<String>, Option<String>),
     nats: &mut Option<async_nats::Client>,
 ) -> anyhow::Result<Vec<u8>> {
     if sandgate_registry::ModuleRef::is_oci(source) {
         let reference: sandgate_registry::ModuleRef = source.parse()?;
+        // The source is the record's: its registry is contacted, and given credentials, only if
+        // the operator named it.
+        if !allowed.iter().any(|r| r.eq_ignore_ascii_case(reference.registry())) {
+            anyhow::bail!("`{}` is not a registry given with --fetch-from", reference.registry());
+        }
         let pulled =
             registry.registry(&reference, None)?.pull(&reference, sandgate_registry::TagFallback::Never).await?;
         return Ok(pulled.module.to_vec());
