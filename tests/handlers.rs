@@ -140,10 +140,18 @@ fn records_config() -> Config {
 
 /// A token for `subject`, verified by [`records_config`]'s issuer.
 fn records_token(subject: &str) -> String {
+    records_token_with(subject, serde_json::json!({}))
+}
+
+/// [`records_token`] with `extra` claims.
+fn records_token_with(subject: &str, extra: serde_json::Value) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some("k".into());
-    let claims =
+    let mut claims =
         serde_json::json!({"iss": "https://issuer.test", "aud": "app", "sub": subject, "exp": 4_000_000_000u64});
+    if let (Some(claims), serde_json::Value::Object(extra)) = (claims.as_object_mut(), extra) {
+        claims.extend(extra);
+    }
     jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(RECORDS_SECRET.as_bytes())).unwrap()
 }
 
@@ -200,6 +208,12 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
         posted.method = "POST".into();
         posted.body = Some(format!("access_token={bearer}&note=1").into_bytes());
         assert!(authorizer.decide(posted).await.evaluation.is_allow(), "{capture:?}");
+        // A token inside the bearer's claims, which the policy verifies: written nowhere else.
+        let carrier = records_token_with("alice", serde_json::json!({"id_token": id_token}));
+        let in_claims = authorizer
+            .decide(records_request("/verify-claim-token".into(), vec![("authorization", format!("Bearer {carrier}"))]))
+            .await;
+        assert!(in_claims.evaluation.is_allow(), "{capture:?}: {:?}", in_claims.evaluation.decision);
         writer.finish(std::time::Duration::from_secs(10)).await;
 
         let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
@@ -208,7 +222,7 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
             "{capture:?}: a token reached the record:\n{text}"
         );
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines.len(), 4, "{capture:?}");
+        assert_eq!(lines.len(), 5, "{capture:?}");
         assert_eq!(lines[0]["path"], "/share/[redacted]", "{capture:?}");
         assert_eq!(lines[1]["policy_logs"][0]["message"], "id token [redacted]: verified", "{capture:?}");
         assert_eq!(lines[2]["path"], "/[redacted]/..;/admin", "{capture:?}");

@@ -29,6 +29,7 @@
 //! | `/verify-flood` | asks the host to verify 10,000 tokens | deny `verified_all`, all but the first 16 answered `too_many_verifications` |
 //! | `/verify-huge` | asks the host to verify an 8 MiB token | deny `verified_all`, answered `token_too_large` |
 //! | `/log-id-token` | verifies the `x-id-token` header and writes it in a log line | allow; the decision record holds no token |
+//! | `/verify-claim-token` | verifies the token in the bearer's `id_token` claim | allow; the decision record holds no token |
 //! | anything else | allows | allow |
 
 use sandgate_policy_sdk::{Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host};
@@ -191,6 +192,14 @@ impl Policy for Hostile {
                 let verdict = host::verify_jwt(&token).map_or_else(|e| e.reason, |_| "verified".into());
                 host::log(LogLevel::Info, &format!("id token {token}: {verdict}"));
                 allow()
+            }
+            // A token that reaches the policy only inside the verified bearer's claims.
+            "/verify-claim-token" => {
+                let token = request.claim("id_token").and_then(|t| t.as_str().map(str::to_owned)).unwrap_or_default();
+                match host::verify_jwt(&token) {
+                    Ok(_) => allow(),
+                    Err(e) => deny(403, &e.reason),
+                }
             }
             path => wasi(path).unwrap_or_else(allow),
         }

@@ -66,6 +66,24 @@ impl TokenVerifier for Recording {
     }
 }
 
+/// The texts of a check's credential and of its `verify-jwt` answers that a record carries:
+/// every claim (`claims_json` holds them all) and every rejection's message.
+fn credential_texts<'a>(
+    credential: &'a Credential,
+    answers: &'a [sandgate_records::VerifyAnswer],
+) -> impl Iterator<Item = &'a str> {
+    use sandgate_records::VerifyAnswer;
+    let own = match credential {
+        Credential::None => None,
+        Credential::Verified(v) => Some(v.claims_json.as_str()),
+        Credential::Rejected(e) => Some(e.message.as_str()),
+    };
+    own.into_iter().chain(answers.iter().map(|answer| match answer {
+        VerifyAnswer::Verified(v) => v.claims_json.as_str(),
+        VerifyAnswer::Rejected(e) => e.message.as_str(),
+    }))
+}
+
 /// The strings of a policy's answer that a decision record writes.
 fn decision_texts(decision: &Decision) -> impl Iterator<Item = &str> {
     let (reason, message, headers, removed): (&str, &str, _, &[String]) = match decision {
@@ -514,7 +532,11 @@ impl Authorizer {
             let texts = texts.chain(original.client_request_id.as_deref()).chain(query.as_deref());
             let texts = texts.chain(headers.iter().filter(|h| h.name != "authorization").map(|h| h.value.as_str()));
             let texts = texts.chain(evaluation.logs.iter().map(|l| l.message.as_str())).chain(fault.as_deref());
-            let mut texts = texts.chain(decision_texts(&evaluation.decision));
+            let texts = texts.chain(decision_texts(&evaluation.decision));
+            // The claims the record carries: a token may sit inside one (an `id_token` claim a
+            // policy verified), and a rejection's message.
+            let mut texts =
+                texts.chain(checked.iter().flat_map(|c| credential_texts(&c.check.credential, &c.verify_jwt)));
             let body =
                 checked.as_ref().and_then(|c| c.check.body.as_deref()).filter(|_| self.capture == Capture::Input);
             scrubbed_body = body.and_then(|body| crate::decision_log::scrubbed(body, &secrets, false));
