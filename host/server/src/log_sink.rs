@@ -185,6 +185,8 @@ pub struct Spool {
     inner: Mutex<SpoolState>,
     /// Woken when lines are appended.
     pub(crate) appended: tokio::sync::Notify,
+    /// `DIR/lock`, locked for as long as this spool is open: one process a spool.
+    _lock: File,
 }
 
 struct SpoolState {
@@ -221,9 +223,40 @@ impl Spool {
     /// The spool in `dir` (created 0700), holding at most `max_bytes` of unacknowledged lines
     /// and syncing them to disk within `sync_every` of their writing; what an earlier run left
     /// unacknowledged is sent first.
+    ///
+    /// Refused if another process has it open (two writers would reuse each other's segment
+    /// numbers and message ids, and JetStream would drop one's records as duplicates), or if the
+    /// directory belongs to another user or others may write in it (they could plant links
+    /// where segments and the cursor are written, or another spool's id).
     pub fn open(dir: PathBuf, max_bytes: u64, sync_every: Duration, dropped: Counter) -> std::io::Result<Arc<Spool>> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let metadata = std::fs::metadata(&dir)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if metadata.uid() != user || metadata.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the spool directory `{}` must belong to this user (uid {user}) and be writable by it alone \
+                     (it is owned by uid {}, mode {:o})",
+                    dir.display(),
+                    metadata.uid(),
+                    metadata.mode() & 0o7777
+                ),
+            ));
+        }
+        let lock = private().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "the spool directory `{}` is in use by another process ({e}); give each sidecar its own \
+                     `[decision_log.nats] spool_dir`",
+                    dir.display()
+                ),
+            ));
+        }
         let mut segments: Vec<(u64, u64)> = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
@@ -299,6 +332,7 @@ impl Spool {
                 next_segment,
             }),
             appended: tokio::sync::Notify::new(),
+            _lock: lock,
         };
         Ok(Arc::new(spool))
     }
@@ -1039,13 +1073,35 @@ mod tests {
             assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.file_name().to_string_lossy());
             files += 1;
         }
-        assert_eq!(files, 3, "a segment, the cursor and the id");
+        assert_eq!(files, 4, "a segment, the cursor, the id and the lock");
         // A segment an earlier version left readable by others is made private when reopened.
         std::fs::set_permissions(spool_dir.join("0.seg"), std::fs::Permissions::from_mode(0o644)).unwrap();
         drop(spool);
         Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
         let mode = std::fs::metadata(spool_dir.join("0.seg")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_spool_is_open_in_one_process_at_a_time_and_only_in_a_directory_of_its_own() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let open = || Spool::open(spool_dir.clone(), 1 << 30, Duration::ZERO, Counter::default());
+        // Two writers of one spool would reuse segment numbers and message ids: JetStream
+        // would keep one's records and drop the other's as duplicates, uncounted.
+        let first = open().unwrap();
+        let second = open().err().expect("a spool in use is refused");
+        assert!(second.to_string().contains("is in use by another process"), "{second}");
+        drop(first);
+        drop(open().unwrap());
+        // A directory others may write in: they could plant a link named like the next segment
+        // (the records written where they can read them) or another spool's id.
+        std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let shared = open().err().expect("a directory others may write in is refused");
+        assert!(shared.to_string().contains("writable by it alone"), "{shared}");
+        std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        drop(open().unwrap());
     }
 
     #[test]
