@@ -514,6 +514,19 @@ impl Spool {
         if at > start {
             messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
         }
+        // A whole window without a line end: no spooled line is that long, so this is damage (a
+        // power loss that kept later pages of a segment and not earlier ones). It is skipped,
+        // counted as one dropped line, so that the records after it are sent; left, it would
+        // hold up every record behind it, across restarts.
+        if at == offset && want == 2 * MAX_LINE as u64 {
+            tracing::error!(
+                segment,
+                offset,
+                bytes = want,
+                "a damaged run without a line end in the decision-record spool is skipped"
+            );
+            return Ok((messages, (segment, offset + want), skipped + 1));
+        }
         Ok((messages, (segment, at), skipped))
     }
 
@@ -878,6 +891,37 @@ mod tests {
         assert_eq!(std::fs::metadata(&segment).unwrap().len(), 14, "cut back to its whole lines");
         spool.append(b"line-2\n").unwrap();
         assert_eq!(send_all(&spool), "line-0\nline-1\nline-2\n");
+    }
+
+    /// A run of damage in the middle of a segment, longer than any line (a power loss that kept
+    /// later pages and not earlier ones), is skipped and counted: the lines after it are sent.
+    /// (It used to stop the publisher for good, silently, across restarts.)
+    #[test]
+    fn a_damaged_run_inside_a_segment_is_skipped_and_the_lines_after_it_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"line-0\n").unwrap();
+        drop(spool);
+        let mut file = OpenOptions::new().append(true).open(dir.path().join("0.seg")).unwrap();
+        file.write_all(&vec![0u8; 3 * MAX_LINE]).unwrap();
+        file.write_all(b"\nline-1\n").unwrap();
+        drop(file);
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"line-2\n").unwrap();
+        let (mut sent, mut skipped) = (Vec::new(), 0);
+        for _ in 0..10 {
+            let (messages, cursor, skipping) = spool.peek(None, ROOM).unwrap();
+            if messages.is_empty() && skipping == 0 {
+                break;
+            }
+            skipped += skipping;
+            sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
+            spool.advance(cursor).unwrap();
+        }
+        let sent = String::from_utf8_lossy(&sent);
+        assert!(sent.starts_with("line-0\n") && sent.ends_with("\nline-1\nline-2\n"), "{:?}", sent.replace('\0', ""));
+        assert_eq!(skipped, 1);
+        assert_eq!(spool.pending(), 0);
     }
 
     #[test]
