@@ -4,6 +4,7 @@ and a running `sandgate serve` on a free loopback port."""
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -39,10 +40,26 @@ def wait_port(port, proc, what):
     raise RuntimeError(f"{what} did not start")
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 free now, for a listener a test starts later. Taken below the kernel's
+    ephemeral range (where `bind(0)` and every outgoing connection take theirs, and could take
+    this one before its listener binds it), at random, and never one handed out before in this
+    run."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 class Keys:

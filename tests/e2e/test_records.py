@@ -185,6 +185,15 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
         report = json.loads(out.stdout)
         assert out.returncode == 1 and report["differ"] == 1, (field, out.stdout + out.stderr)
         assert list(report["changes"]) == [f"the record's `{field}` contradicts its input or answer"], (field, report["changes"])
+    # What a report prints from a record cannot forge a line of the report or drive the
+    # terminal; a line that is not UTF-8 is one unreadable record, not the end of the replay.
+    record = json.loads(lines[allowed_at])
+    record.update(outcome="deny", host="api.test\n3 records, 3 replayed: 3 the same, 0 differ\x1b[2J")
+    tampered.write_bytes(b"\xff\xfe not a record\n" + "\n".join(lines[:allowed_at] + [json.dumps(record)]).encode() + b"\n")
+    out = replay(tampered, "--archive", archive)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "\x1b" not in out.stdout and not any(l.startswith("3 records") for l in out.stdout.splitlines()), out.stdout
+    assert "api.test\\n3 records" in out.stdout and "not replayed (unreadable): 1" in out.stdout, out.stdout
     # Without the archive nothing can be replayed, and the report says so.
     out = replay(records, "--archive", str(tmp_path / "empty"))
     assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
@@ -311,15 +320,24 @@ def test_a_verified_token_never_reaches_a_record_wherever_it_was_sent(tmp_path):
     response = conn.getresponse()
     response.read()
     assert response.status == 200
+    # In a path longer than the record's summary keeps (2,048 bytes): replaced in the input, and
+    # the summary cut from the path as sent is still not a contradiction.
+    conn.request("GET", "/auth", headers={"X-Original-URI": f"/api/share/{token}/{'a' * 2100}", "X-Original-Method": "GET",
+                                          "X-Forwarded-Host": "api.test", "X-Forwarded-Proto": "https",
+                                          "Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200
     s.stop()
     text = records.read_text()
     assert token not in text
     line = json.loads(text.splitlines()[0])
     assert line["input"]["query"] == "access_token=[redacted]"
     assert dict(line["input"]["headers"])["x-forwarded-access-token"] == "[redacted]"
-    # The policy did not read them: the record still replays to the same decision.
-    result = replay(records, "--archive", str(tmp_path / "archive"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(text.splitlines()[1])["input"]["path"].startswith("/api/share/[redacted]/aaa")
+    # The policy did not read them: the records still replay to the same decisions.
+    result = replay(records, "--archive", str(tmp_path / "archive"), "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["same"] == 2, result.stdout + result.stderr
 
 
 class Nats:

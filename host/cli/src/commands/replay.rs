@@ -103,12 +103,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let file = std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
             Box::new(std::io::BufReader::new(file))
         };
-        for line in reader.lines() {
+        // Lines as bytes: one that is not UTF-8 is an unreadable record, not the end of the replay.
+        for line in reader.split(b'\n') {
             let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
-            if line.trim().is_empty() {
+            if line.trim_ascii().is_empty() {
                 continue;
             }
-            replay_line(line.as_bytes());
+            replay_line(&line);
         }
     }
     if args.json {
@@ -129,9 +130,9 @@ fn print_report(report: &Report, candidate: Option<&str>) {
         println!("  not replayed ({why}): {count}");
     }
     for (change, Change { count, examples }) in &report.changes {
-        println!("{count:>8}  {change}");
+        println!("{count:>8}  {}", printable(change));
         for e in examples {
-            println!("          e.g. {} {}", e.request_id, e.request);
+            println!("          e.g. {} {}", printable(&e.request_id), printable(&e.request));
         }
     }
     if report.replayed == 0 {
@@ -139,6 +140,12 @@ fn print_report(report: &Report, candidate: Option<&str>) {
             "nothing was replayed: records need `capture = \"input\"` and an archive holding their modules and data"
         );
     }
+}
+
+/// `text` (from a record: whoever wrote it chose it) with control characters escaped, so that
+/// it cannot start a line of its own in the report or drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
 }
 
 /// Every record of JetStream stream `name` (messages of whole lines), from the first message to
