@@ -10,7 +10,10 @@ dependencies built differently from the shipped binary's, and makes every build 
 wasmtime and everything above it twice. Such crates belong behind the `bench` features.
 
 Compares the resolved features (`cargo tree`) of every package both builds compile and exits 1
-naming each package the test build compiles with features the binary's build does not. `--self-test` checks that turning on `sandgate-runtime`'s
+naming each package the test build compiles with features the binary's build does not, and
+each workspace crate the binary's build compiles with its test hooks (`bench-internals`,
+`bench`): building for every default member, the binary must not pick up the features the test
+crate asks for. `--self-test` checks that turning on `sandgate-runtime`'s
 `bench` feature in the test build is caught.
 """
 
@@ -51,20 +54,35 @@ def differences(binary, tests):
     )
 
 
+def test_hooks(binary):
+    """The workspace crates the binary's build compiles with their test and benchmark hooks
+    (`bench-internals`, `bench`): those must never ship."""
+    return sorted(
+        package
+        for package, lists in binary.items()
+        if package.startswith("sandgate") and any({"bench", "bench-internals"} & set(l.split(",")) for l in lists)
+    )
+
+
 def main():
     binary = resolved("normal,build")
     if "--self-test" in sys.argv:
         found = differences(binary, resolved("normal,build,dev", ["sandgate-runtime/bench"]))
         if not any(package.startswith("serde_json ") for package, _, _ in found):
             sys.exit("check_build_parity self-test: the benchmarks' serde_json features were not caught")
-        print("check_build_parity self-test: the benchmarks' serde_json features are caught")
+        if not test_hooks(resolved("normal,build", ["sandgate-runtime/bench-internals"])):
+            sys.exit("check_build_parity self-test: a binary built with bench-internals was not caught")
+        print("check_build_parity self-test: the benchmarks' serde_json features and a binary with test hooks are caught")
         return
+    hooks = test_hooks(binary)
+    for package in hooks:
+        print(f"{package}: the binary's build turns on its test hooks")
     found = differences(binary, resolved("normal,build,dev"))
     for package, built, tested in found:
         print(f"{package}: the binary's build has features {built}, the test build {tested}")
-    if found:
-        sys.exit(f"check_build_parity: {len(found)} dependencies are built with other features by the tests")
-    print("check_build_parity: the test build compiles the binary's dependencies as the binary does")
+    if found or hooks:
+        sys.exit(f"check_build_parity: {len(found)} dependencies built with other features by the tests, {len(hooks)} crates with test hooks in the binary")
+    print("check_build_parity: the test build compiles the binary's dependencies as the binary does, and the binary has no test hooks")
 
 
 if __name__ == "__main__":

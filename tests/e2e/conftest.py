@@ -50,7 +50,7 @@ def free_port():
     run."""
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     while True:
-        port = random.randrange(max(1024, low - 12000), low)
+        port = random.randrange(1024, low) if low <= 13024 else random.randrange(low - 12000, low)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:

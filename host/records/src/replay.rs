@@ -60,11 +60,11 @@ pub struct Change {
 pub struct Report {
     /// Lines read.
     pub records: u64,
-    /// Records decided again.
+    /// Records decided again, or found contradicting themselves ([`Verdict::Contradicts`]).
     pub replayed: u64,
     /// Of those, answered the same.
     pub same: u64,
-    /// Of those, answered differently.
+    /// Of those, answered differently, or contradicting themselves.
     pub differ: u64,
     /// Records not replayed, by why: `no_input` (captured without input, or decided by the
     /// host before any policy ran), `host_condition` (overload, instantiation failure),
@@ -106,6 +106,7 @@ impl Report {
             }
             Verdict::Skipped(why) => *self.skipped.entry(why).or_default() += 1,
             Verdict::Contradicts(field) => {
+                self.replayed += 1;
                 self.differ += 1;
                 let change =
                     self.changes.entry(format!("the record's `{field}` contradicts its input or answer")).or_default();

@@ -225,9 +225,10 @@ impl Spool {
     /// unacknowledged is sent first.
     ///
     /// Refused if another process has it open (two writers would reuse each other's segment
-    /// numbers and message ids, and JetStream would drop one's records as duplicates), or if the
-    /// directory belongs to another user or others may write in it (they could plant links
-    /// where segments and the cursor are written, or another spool's id).
+    /// numbers and message ids, and JetStream would drop one's records as duplicates). A
+    /// directory another user owns or may write in is used with a warning (a volume's mount
+    /// point often is one): its files are never opened through a link, so what others plant
+    /// there can drop records but not read them.
     pub fn open(dir: PathBuf, max_bytes: u64, sync_every: Duration, dropped: Counter) -> std::io::Result<Arc<Spool>> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -235,18 +236,15 @@ impl Spool {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let user = unsafe { libc::geteuid() };
         if metadata.uid() != user || metadata.mode() & 0o022 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "the spool directory `{}` must belong to this user (uid {user}) and be writable by it alone \
-                     (it is owned by uid {}, mode {:o})",
-                    dir.display(),
-                    metadata.uid(),
-                    metadata.mode() & 0o7777
-                ),
-            ));
+            tracing::warn!(
+                dir = %dir.display(),
+                owner = metadata.uid(),
+                mode = format!("{:o}", metadata.mode() & 0o7777),
+                "the decision-record spool's directory is not this user's alone: others may drop its records; \
+                 give it a directory only this user can write (a subdirectory of a shared volume)"
+            );
         }
-        let lock = private().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let lock = spool_file().truncate(false).write(true).open(dir.join("lock"))?;
         if let Err(e) = lock.try_lock() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
@@ -390,10 +388,12 @@ impl Spool {
             tracing::error!(error = %e, "cannot sync the decision-record spool to disk");
         }
         if full {
+            // The number is used up even if the open fails (a link planted under it): the next
+            // batch tries the next one.
             let n = state.next_segment;
-            let file = private().append(true).open(self.segment_path(n))?;
-            state.segments.push_back((n, 0));
             state.next_segment = n + 1;
+            let file = spool_file().append(true).open(self.segment_path(n))?;
+            state.segments.push_back((n, 0));
             state.current = Some(file);
         }
         let written = state.segments.back().map_or(0, |(_, len)| *len);
@@ -481,12 +481,15 @@ impl Spool {
         if offset >= end {
             return Ok((Vec::new(), (segment, offset), 0));
         }
-        let mut file = File::open(self.segment_path(segment))?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(self.segment_path(segment))?
+        };
         file.seek(SeekFrom::Start(offset))?;
         // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
         let want = (end - offset).min(2 * MAX_LINE as u64);
         let mut bytes = Vec::with_capacity(want as usize);
-        file.take(want).read_to_end(&mut bytes)?;
+        (&mut file).take(want).read_to_end(&mut bytes)?;
         // Messages are slices of this one buffer: nothing is copied again.
         let bytes = bytes::Bytes::from(bytes);
         let mut messages = Vec::new();
@@ -515,17 +518,31 @@ impl Spool {
             messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
         }
         // A whole window without a line end: no spooled line is that long, so this is damage (a
-        // power loss that kept later pages of a segment and not earlier ones). It is skipped,
-        // counted as one dropped line, so that the records after it are sent; left, it would
-        // hold up every record behind it, across restarts.
+        // power loss that kept later pages of a segment and not earlier ones). It is skipped up
+        // to the next line end, counted as one dropped line, so that the records after it are
+        // sent; left, it would hold up every record behind it, across restarts.
         if at == offset && want == 2 * MAX_LINE as u64 {
+            let mut past = offset + want;
+            let mut chunk = vec![0u8; 64 << 10];
+            while past < end {
+                let room = (end - past).min(chunk.len() as u64) as usize;
+                let n = file.read(&mut chunk[..room])?;
+                if n == 0 {
+                    break;
+                }
+                if let Some(i) = memchr::memchr(b'\n', &chunk[..n]) {
+                    past += i as u64 + 1;
+                    break;
+                }
+                past += n as u64;
+            }
             tracing::error!(
                 segment,
                 offset,
-                bytes = want,
+                bytes = past - offset,
                 "a damaged run without a line end in the decision-record spool is skipped"
             );
-            return Ok((messages, (segment, offset + want), skipped + 1));
+            return Ok((messages, (segment, past), skipped + 1));
         }
         Ok((messages, (segment, at), skipped))
     }
@@ -567,7 +584,7 @@ impl Spool {
         // synced: at full load it moves a hundred times a second. A cursor that lags (after a
         // crash or a power loss) only sends acknowledged lines again: at least once, never lost.
         let temporary = self.dir.join("cursor.tmp");
-        private().write(true).truncate(true).open(&temporary)?.write_all(&bytes)?;
+        spool_file().write(true).truncate(true).open(&temporary)?.write_all(&bytes)?;
         std::fs::rename(&temporary, self.dir.join("cursor"))?;
         // Noted only once written: a failed write is tried again.
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).cursor_written = Some((now, (segment, offset)));
@@ -613,6 +630,14 @@ fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
 
 /// Options creating a file only its owner may read (0600): spooled records hold claims and
 /// headers, and the spool directory may already exist open to others.
+/// [`private`], never through a symbolic link: for the spool's files.
+fn spool_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = private();
+    options.custom_flags(libc::O_NOFOLLOW);
+    options
+}
+
 fn private() -> OpenOptions {
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = OpenOptions::new();
@@ -918,8 +943,7 @@ mod tests {
             sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
             spool.advance(cursor).unwrap();
         }
-        let sent = String::from_utf8_lossy(&sent);
-        assert!(sent.starts_with("line-0\n") && sent.ends_with("\nline-1\nline-2\n"), "{:?}", sent.replace('\0', ""));
+        assert_eq!(String::from_utf8_lossy(&sent), "line-0\nline-1\nline-2\n");
         assert_eq!(skipped, 1);
         assert_eq!(spool.pending(), 0);
     }
@@ -1139,13 +1163,19 @@ mod tests {
         assert!(second.to_string().contains("is in use by another process"), "{second}");
         drop(first);
         drop(open().unwrap());
-        // A directory others may write in: they could plant a link named like the next segment
-        // (the records written where they can read them) or another spool's id.
+        // A directory others may write in (a volume's mount point) is used, but a link planted
+        // under the next segment's name is not followed: the records never land where the
+        // link points, and the batch after the one it cost goes to the next segment.
         std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let shared = open().err().expect("a directory others may write in is refused");
-        assert!(shared.to_string().contains("writable by it alone"), "{shared}");
-        std::fs::set_permissions(&spool_dir, std::fs::Permissions::from_mode(0o750)).unwrap();
-        drop(open().unwrap());
+        let stolen = dir.path().join("stolen");
+        std::fs::write(&stolen, b"").unwrap();
+        let spool = open().unwrap();
+        let next = spool.inner.lock().unwrap().next_segment;
+        std::os::unix::fs::symlink(&stolen, spool_dir.join(format!("{next}.seg"))).unwrap();
+        assert!(spool.append(b"{\"subject\":\"alice\"}\n").is_err());
+        spool.append(b"{\"subject\":\"bob\"}\n").unwrap();
+        assert_eq!(std::fs::read(&stolen).unwrap(), b"");
+        assert_eq!(send_all(&spool), "{\"subject\":\"bob\"}\n");
     }
 
     #[test]

@@ -142,10 +142,15 @@ fn print_report(report: &Report, candidate: Option<&str>) {
     }
 }
 
-/// `text` (from a record: whoever wrote it chose it) with control characters escaped, so that
-/// it cannot start a line of its own in the report or drive the terminal.
+/// `text` (from a record: whoever wrote it chose it) with control characters, line and paragraph
+/// separators and bidirectional controls escaped, so that it cannot start a line of its own in
+/// the report, reorder what follows it, or drive the terminal.
 fn printable(text: &str) -> String {
-    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    text.chars().flat_map(|c| if hidden(c) { c.escape_default().collect() } else { vec![c] }).collect()
 }
 
 /// Every record of JetStream stream `name` (messages of whole lines), from the first message to
