@@ -17,10 +17,12 @@ crate asks for. `--self-test` checks that turning on `sandgate-runtime`'s
 `bench` feature in the test build is caught.
 """
 
+import functools
 import subprocess
 import sys
 
 
+@functools.cache
 def host_target():
     out = subprocess.run(["rustc", "-vV"], check=True, capture_output=True, text=True).stdout
     return next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("host: "))

@@ -41,6 +41,7 @@ def wait_port(port, proc, what):
 
 
 _HANDED_OUT = set()
+_EPHEMERAL_LOW = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 
 
 def free_port():
@@ -48,7 +49,7 @@ def free_port():
     ephemeral range (where `bind(0)` and every outgoing connection take theirs, and could take
     this one before its listener binds it), at random, and never one handed out before in this
     run."""
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    low = _EPHEMERAL_LOW
     while True:
         port = random.randrange(1024, low) if low <= 13024 else random.randrange(low - 12000, low)
         if port in _HANDED_OUT:

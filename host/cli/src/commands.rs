@@ -19,6 +19,20 @@ use sandgate_spec::RequestSpec;
 use std::path::Path;
 use std::sync::Arc;
 
+/// A password for `flag` (`--user`, `--username`): the first line of standard input with
+/// `--password-stdin`, else the environment variable `env`.
+fn password(from_stdin: bool, env: &str, flag: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    } else {
+        std::env::var(env).with_context(|| format!("{flag} needs --password-stdin or {env}"))
+    }
+}
+
 fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} `{}`", path.display()))
 }

@@ -88,36 +88,32 @@ impl Report {
                 self.same += 1;
             }
             Verdict::Differs { recorded, replayed } => {
-                self.replayed += 1;
-                self.differ += 1;
                 let policy = record.policy.as_deref().unwrap_or("-");
                 let key = match &record.route {
                     Some(route) => format!("{route} ({policy}): {} → {}", recorded.summary(), replayed.summary()),
                     None => format!("{policy}: {} → {}", recorded.summary(), replayed.summary()),
                 };
-                let change = self.changes.entry(key).or_default();
-                change.count += 1;
-                if change.examples.len() < EXAMPLES {
-                    change.examples.push(Example {
-                        request_id: record.request_id.clone(),
-                        request: format!("{} {} {}", record.method, record.host, record.path),
-                    });
-                }
+                self.differs(key, record);
             }
             Verdict::Skipped(why) => *self.skipped.entry(why).or_default() += 1,
             Verdict::Contradicts(field) => {
-                self.replayed += 1;
-                self.differ += 1;
-                let change =
-                    self.changes.entry(format!("the record's `{field}` contradicts its input or answer")).or_default();
-                change.count += 1;
-                if change.examples.len() < EXAMPLES {
-                    change.examples.push(Example {
-                        request_id: record.request_id.clone(),
-                        request: format!("{} {} {}", record.method, record.host, record.path),
-                    });
-                }
+                self.differs(format!("the record's `{field}` contradicts its input or answer"), record);
             }
+        }
+    }
+
+    /// Count `record` as replayed and different, under `change`, kept as an example while there
+    /// are fewer than [`EXAMPLES`].
+    fn differs(&mut self, change: String, record: &Record) {
+        self.replayed += 1;
+        self.differ += 1;
+        let change = self.changes.entry(change).or_default();
+        change.count += 1;
+        if change.examples.len() < EXAMPLES {
+            change.examples.push(Example {
+                request_id: record.request_id.clone(),
+                request: format!("{} {} {}", record.method, record.host, record.path),
+            });
         }
     }
 

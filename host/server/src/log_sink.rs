@@ -227,8 +227,8 @@ impl Spool {
     /// Refused if another process has it open (two writers would reuse each other's segment
     /// numbers and message ids, and JetStream would drop one's records as duplicates). A
     /// directory another user owns or may write in is used with a warning (a volume's mount
-    /// point often is one): its files are never opened through a link, so what others plant
-    /// there can drop records but not read them.
+    /// point often is one): it never reads or writes records through a link, nor
+    /// writes its lock or cursor through one, so what others plant there can drop records but not read them.
     pub fn open(dir: PathBuf, max_bytes: u64, sync_every: Duration, dropped: Counter) -> std::io::Result<Arc<Spool>> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -481,10 +481,7 @@ impl Spool {
         if offset >= end {
             return Ok((Vec::new(), (segment, offset), 0));
         }
-        let mut file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(self.segment_path(segment))?
-        };
+        let mut file = no_follow(OpenOptions::new().read(true)).open(self.segment_path(segment))?;
         file.seek(SeekFrom::Start(offset))?;
         // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
         let want = (end - offset).min(2 * MAX_LINE as u64);
@@ -598,7 +595,7 @@ fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
     if len == 0 {
         return Ok(0);
     }
-    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let mut file = no_follow(OpenOptions::new().read(true).write(true)).open(path)?;
     // The common case, a segment ending in a newline, costs one byte read.
     let mut last = [0u8];
     file.seek(SeekFrom::Start(len - 1))?;
@@ -630,12 +627,17 @@ fn whole_lines(path: &std::path::Path, len: u64) -> std::io::Result<u64> {
 
 /// Options creating a file only its owner may read (0600): spooled records hold claims and
 /// headers, and the spool directory may already exist open to others.
-/// [`private`], never through a symbolic link: for the spool's files.
+/// [`private`], never through a symbolic link: for the files of the spool it creates.
 fn spool_file() -> OpenOptions {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut options = private();
-    options.custom_flags(libc::O_NOFOLLOW);
+    no_follow(&mut options);
     options
+}
+
+/// `options`, refusing to open through a symbolic link: every open of a spool file.
+fn no_follow(options: &mut OpenOptions) -> &mut OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_NOFOLLOW)
 }
 
 fn private() -> OpenOptions {

@@ -10,7 +10,6 @@ use sandgate_server::config::{FleetConfig, valid_fleet_name};
 use sandgate_server::fleet::desired::{FLEET_OBJECT, IssuerItem, Key, PolicyItem, RevocationItem, RouteItem};
 use sandgate_server::fleet::status::{NodeStatus, status_store};
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -230,14 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut config = FleetConfig::client(&args.url, &args.name);
     if let Some(user) = &args.user {
         config.user = Some(user.clone());
-        config.password = Some(if args.password_stdin {
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
-            line.trim_end_matches(['\r', '\n']).to_owned()
-        } else {
-            std::env::var("SANDGATE_NATS_PASSWORD")
-                .context("--user needs --password-stdin or SANDGATE_NATS_PASSWORD")?
-        });
+        config.password = Some(super::password(args.password_stdin, "SANDGATE_NATS_PASSWORD", "--user")?);
     }
     config.token_file = args.token_file.clone();
     config.nkey_seed_file = args.nkey_seed_file.clone();

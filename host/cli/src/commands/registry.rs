@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use sandgate_registry::{Credentials, ModuleRef, Registry, RegistrySettings};
-use std::io::BufRead;
 use std::path::PathBuf;
 
 /// Registry connection flags.
@@ -64,15 +63,8 @@ impl RegistryArgs {
             let password = match self.password.get() {
                 Some(password) => password.clone(),
                 None => {
-                    let password = if self.password_stdin {
-                        let mut line = String::new();
-                        std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
-                        line.trim_end_matches(['\r', '\n']).to_owned()
-                    } else {
-                        std::env::var("SANDGATE_REGISTRY_PASSWORD")
-                            .context("--username needs --password-stdin or SANDGATE_REGISTRY_PASSWORD")?
-                    };
-                    self.password.get_or_init(|| password).clone()
+                    let read = super::password(self.password_stdin, "SANDGATE_REGISTRY_PASSWORD", "--username")?;
+                    self.password.get_or_init(|| read).clone()
                 }
             };
             settings.credentials.insert(host.clone(), Credentials::Basic { username: username.clone(), password });
