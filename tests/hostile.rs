@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
-const CASES: [(&str, &str); 7] = [
+const CASES: [(&str, &str); 9] = [
     ("/loop", "policy_timeout"),
     ("/memory-bomb", "policy_out_of_memory"),
     ("/recursion", "policy_stack_overflow"),
@@ -21,6 +21,10 @@ const CASES: [(&str, &str); 7] = [
     ("/abort", "policy_panicked"),
     ("/oversized", "policy_decision_too_large"),
     ("/malformed", "policy_malformed_decision"),
+    // What the host copies out of a policy's memory is bounded (`MAX_TRANSFER`): in its answer,
+    // and in a call into the host. What the host did not copy is in `tests/transfer_bound.rs`.
+    ("/alias-decision", "policy_transfer_too_large"),
+    ("/log-huge", "policy_transfer_too_large"),
 ];
 
 fn reader_request() -> std::sync::Arc<sandgate_runtime::bindings::sandgate::policy::types::CheckRequest> {

@@ -9,7 +9,9 @@
 //! | `/recursion` | recurses without end | deny `policy_stack_overflow` |
 //! | `/panic` | panics | deny `policy_panicked` |
 //! | `/abort` | aborts | deny `policy_panicked` |
-//! | `/oversized` | answers an allow with megabytes of headers | deny `policy_decision_too_large` |
+//! | `/oversized` | answers an allow with 512 headers of 1 KiB | deny `policy_decision_too_large` |
+//! | `/alias-decision` | answers an allow removing 100 headers whose names are one 1 MiB string (100 MiB to copy, 1 MiB of its memory) | deny `policy_transfer_too_large`, the host having copied at most 1 MiB |
+//! | `/log-huge` | writes a 2 MiB log line | deny `policy_transfer_too_large` |
 //! | `/malformed` | answers a deny with status 200 | deny `policy_malformed_decision` |
 //! | `/residue` | reports whether a marker an earlier check wrote to memory is still there, then writes it | allow with `x-residue: clean` |
 //!
@@ -27,7 +29,7 @@
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
 //! | `/verify-flood` | asks the host to verify 10,000 tokens | deny `verified_all`, all but the first 16 answered `too_many_verifications` |
-//! | `/verify-huge` | asks the host to verify an 8 MiB token | deny `verified_all`, answered `token_too_large` |
+//! | `/verify-huge` | asks the host to verify a 512 KiB token | deny `verified_all`, answered `token_too_large` |
 //! | `/log-id-token` | verifies the `x-id-token` header and writes it in a log line | allow; the decision record holds no token |
 //! | `/verify-claim-token` | verifies the token in the bearer's `id_token` claim | allow; the decision record holds no token |
 //! | anything else | allows | allow |
@@ -178,14 +180,19 @@ impl Policy for Hostile {
             "/recursion" => allow().set_header("x-depth", &recurse(0).to_string()),
             "/panic" => panic!("policy gave up"),
             "/abort" => std::process::abort(),
-            "/oversized" => (0..4096).fold(allow(), |d, i| d.set_header(&format!("x-filler-{i}"), &"x".repeat(1024))),
+            "/oversized" => (0..512).fold(allow(), |d, i| d.set_header(&format!("x-filler-{i}"), &"x".repeat(1024))),
+            "/alias-decision" => alias_decision(),
+            "/log-huge" => {
+                host::log(LogLevel::Info, &"x".repeat(2 << 20));
+                allow()
+            }
             "/malformed" => deny(200, "not_really_a_denial"),
             "/residue" => allow().set_header("x-residue", residue()),
             "/echo" => echo(request),
             // Host work the guest asks for outside its own memory: as many token verifications
             // as its time allows, and one token as long as its memory allows.
             "/verify-flood" => verify_all((0..10_000).map(|i| format!("not.a.token{i}"))),
-            "/verify-huge" => verify_all(std::iter::once("x".repeat(8 << 20))),
+            "/verify-huge" => verify_all(std::iter::once("x".repeat(512 << 10))),
             // A token the policy verified, written where the record keeps what the policy says.
             "/log-id-token" => {
                 let token = request.header("x-id-token").unwrap_or_default();
@@ -207,6 +214,19 @@ impl Policy for Hostile {
 }
 
 /// Verify every token; deny, naming how many were verified or rejected for each reason.
+/// An allow removing 100 headers that all name the same 1 MiB string: the list holds 100
+/// pointers to one buffer, so the answer costs the policy 1 MiB of its memory and a host that
+/// copied it whole 100 MiB of its own.
+fn alias_decision() -> Decision {
+    let name = std::mem::ManuallyDrop::new("x".repeat(1 << 20));
+    let names = (0..100)
+        // SAFETY: none, on purpose: a hostile policy. Every `String` claims the same buffer;
+        // none is ever written or freed (the instance is dropped after the check).
+        .map(|_| unsafe { String::from_raw_parts(name.as_ptr().cast_mut(), name.len(), name.capacity()) })
+        .collect();
+    Decision::Allow(sandgate_policy_sdk::AllowResponse { set_headers: Vec::new(), remove_headers: names })
+}
+
 fn verify_all(tokens: impl Iterator<Item = String>) -> Decision {
     let mut answers: Vec<(String, u32)> = Vec::new();
     for token in tokens {

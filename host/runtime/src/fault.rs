@@ -29,6 +29,10 @@ pub enum PolicyFault {
     /// The decision was larger than the host accepts.
     #[error("the policy's decision is too large: {0}")]
     DecisionTooLarge(String),
+    /// One call into the host, or the decision, would have made the host copy more than
+    /// [`MAX_TRANSFER`](crate::MAX_TRANSFER) bytes out of the policy's memory.
+    #[error("the policy passed the host more than {} bytes at once", crate::MAX_TRANSFER)]
+    TransferTooLarge,
     /// The decision broke the contract (e.g. a deny with status 200, a bad header).
     #[error("the policy's decision is malformed: {0}")]
     MalformedDecision(String),
@@ -51,6 +55,7 @@ impl PolicyFault {
             PolicyFault::Exited(_) => "policy_exited",
             PolicyFault::Trap(_) => "policy_trap",
             PolicyFault::DecisionTooLarge(_) => "policy_decision_too_large",
+            PolicyFault::TransferTooLarge => "policy_transfer_too_large",
             PolicyFault::MalformedDecision(_) => "policy_malformed_decision",
             PolicyFault::Overloaded => "overloaded",
             PolicyFault::Instantiate(_) => "policy_instantiation_failed",

@@ -37,4 +37,4 @@ pub use policy::{Contract, LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
 #[cfg(feature = "bench-internals")]
 pub use reused::ReusedInstance;
-pub use runtime::{EvalContext, Runtime, RuntimeConfig};
+pub use runtime::{EvalContext, MAX_TRANSFER, Runtime, RuntimeConfig};

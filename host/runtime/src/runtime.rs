@@ -74,6 +74,15 @@ impl Default for RuntimeConfig {
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 48;
 /// Resource handles one check may hold at once; allocating past it traps (a deny).
 pub(crate) const MAX_HANDLES: usize = 1024;
+/// Bytes the host copies out of a policy's memory for one call into the host (its arguments)
+/// or for its decision: strings, and lists at the size of the host's copy of each element.
+/// Past it the call or the answer traps, a deny `policy_transfer_too_large`, before the host
+/// copies more. Copies happen outside the policy's memory cap and cannot be interrupted by its
+/// timeout: without this bound (wasmtime's default is 128 MiB a call) a decision naming one
+/// string a hundred times made the host copy a hundred times that string. A decision the host
+/// accepts (64 headers, 64 KiB) needs under a tenth of it, a token `verify-jwt` accepts a
+/// sixteenth.
+pub const MAX_TRANSFER: usize = 1 << 20;
 /// Tables one policy component may have.
 const MAX_TABLES_PER_COMPONENT: u32 = 4;
 
@@ -478,6 +487,7 @@ impl Core {
         // Handles to resources (a WASI stream, a pollable, a guest's own resource) cost host
         // memory outside the instance's cap: a policy gets a few, not wasmtime's 100,000.
         store.set_max_component_handles(MAX_HANDLES);
+        store.set_hostcall_fuel(MAX_TRANSFER);
         let ticks = self.config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store
@@ -510,6 +520,13 @@ fn classify_instantiation(error: &wasmtime::Error, store: &Store<HostState>) -> 
     }
 }
 
+/// Whether wasmtime refused to copy more than [`MAX_TRANSFER`] out of the policy's memory. Its
+/// error type is private, so it is told apart by its message (`tests/hostile.rs` holds it to
+/// its reason code).
+fn is_transfer_too_large(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| cause.to_string().contains("fuel allocated for hostcalls has been exhausted"))
+}
+
 fn classify_trap(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFault {
     if store.data().limiter.exceeded() {
         // Growth was refused; the guest's allocator failed and it aborted.
@@ -517,6 +534,9 @@ fn classify_trap(error: &wasmtime::Error, store: &Store<HostState>) -> PolicyFau
     }
     if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return PolicyFault::Exited(exit.0);
+    }
+    if is_transfer_too_large(error) {
+        return PolicyFault::TransferTooLarge;
     }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => PolicyFault::Timeout,
