@@ -34,21 +34,22 @@ def deny(status, reason, message, headers=()):
 
 
 def match_path(pattern, path):
-    """`/api/**` matches any rest, `*` one segment, `{name}` one non-empty segment."""
+    """`/api/**` matches any rest, `*` and `{name}` one non-empty segment; `**` before the end
+    matches nothing (as the Rust SDK's `match_path`)."""
     if not pattern.startswith("/") or not path.startswith("/"):
         return False
     segments = path[1:].split("/")
     parts = pattern[1:].split("/")
     for i, part in enumerate(parts):
         if part == "**":
-            return True
+            return i == len(parts) - 1
         if i >= len(segments):
             return False
         segment = segments[i]
-        if part.startswith("{") and part.endswith("}"):
+        if part == "*" or (part.startswith("{") and part.endswith("}")):
             if not segment:
                 return False
-        elif part != "*" and part != segment:
+        elif part != segment:
             return False
     return len(segments) == len(parts)
 

@@ -2,9 +2,15 @@
 
 /// Match `path` against `pattern`, returning the captured `{name}` segments.
 ///
-/// Patterns are `/`-separated segments: a literal matches itself, `*` matches any one segment,
-/// `{name}` matches any one segment and captures it, and a final `**` matches the rest of the
-/// path (zero or more segments). The query string is never part of `path`.
+/// Patterns are `/`-separated segments: a literal matches itself, `*` matches any one non-empty
+/// segment, `{name}` matches any one non-empty segment and captures it, and a final `**`
+/// matches the rest of the path (zero or more segments). The query string is never part of
+/// `path`.
+///
+/// A pattern with `**` anywhere but at its end matches nothing: `/api/**/read` is not
+/// `/api/**`, and reading it so would allow far more than it says. `*` never matches the empty
+/// segment of a trailing slash: `/users/*` does not match `/users/`, which many upstreams serve
+/// as `/users`.
 ///
 /// ```
 /// use sandgate_policy_sdk::match_path;
@@ -15,9 +21,10 @@
 pub fn match_path<'p, 'a>(pattern: &'p str, path: &'a str) -> Option<Vec<(&'p str, &'a str)>> {
     let mut captures = Vec::new();
     let mut segments = path.strip_prefix('/')?.split('/');
-    for part in pattern.strip_prefix('/')?.split('/') {
+    let mut parts = pattern.strip_prefix('/')?.split('/').peekable();
+    while let Some(part) = parts.next() {
         if part == "**" {
-            return Some(captures);
+            return parts.peek().is_none().then_some(captures);
         }
         let segment = segments.next()?;
         if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
@@ -25,7 +32,11 @@ pub fn match_path<'p, 'a>(pattern: &'p str, path: &'a str) -> Option<Vec<(&'p st
                 return None;
             }
             captures.push((name, segment));
-        } else if part != "*" && part != segment {
+        } else if part == "*" {
+            if segment.is_empty() {
+                return None;
+            }
+        } else if part != segment {
             return None;
         }
     }
@@ -47,5 +58,17 @@ mod tests {
         assert_eq!(match_path("/a/*", "/a"), None);
         assert_eq!(match_path("/a", "a"), None);
         assert_eq!(match_path("/a", "/a/"), None);
+    }
+
+    /// Patterns that would allow more than they say match nothing.
+    #[test]
+    fn a_double_star_not_at_the_end_and_an_empty_segment_match_nothing() {
+        assert_eq!(match_path("/api/**/read", "/api/admin/export"), None);
+        assert_eq!(match_path("/api/**/read", "/api/x/read"), None);
+        assert_eq!(match_path("/**/x", "/x"), None);
+        assert_eq!(match_path("/users/*", "/users/"), None);
+        assert_eq!(match_path("/users/*/orders", "/users//orders"), None);
+        assert_eq!(match_path("/users/*", "/users/7"), Some(vec![]));
+        assert_eq!(match_path("/**", "/"), Some(vec![]));
     }
 }
