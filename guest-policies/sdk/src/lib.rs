@@ -38,7 +38,7 @@ mod request;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
-pub use path::match_path;
+pub use path::{match_path, match_path_ignore_case};
 pub use request::{Request, RequestParts};
 
 /// Bindings generated from `wit/policy.wit`. Policies rarely need them directly.

@@ -19,6 +19,23 @@
 /// assert_eq!(match_path("/api/*", "/api/orders/7"), None);
 /// ```
 pub fn match_path<'p, 'a>(pattern: &'p str, path: &'a str) -> Option<Vec<(&'p str, &'a str)>> {
+    matches(pattern, path, false)
+}
+
+/// [`match_path`] with the pattern's literal segments compared ignoring ASCII case; captures
+/// are the path's own bytes. For an upstream that serves `/Tenants/globex` as
+/// `/tenants/globex`: a policy matching such paths exactly would not see `/Tenants/globex` as
+/// a tenant's path at all.
+///
+/// ```
+/// use sandgate_policy_sdk::match_path_ignore_case;
+/// assert_eq!(match_path_ignore_case("/tenants/{id}/**", "/Tenants/Globex/x"), Some(vec![("id", "Globex")]));
+/// ```
+pub fn match_path_ignore_case<'p, 'a>(pattern: &'p str, path: &'a str) -> Option<Vec<(&'p str, &'a str)>> {
+    matches(pattern, path, true)
+}
+
+fn matches<'p, 'a>(pattern: &'p str, path: &'a str, ignore_case: bool) -> Option<Vec<(&'p str, &'a str)>> {
     let mut captures = Vec::new();
     let mut segments = path.strip_prefix('/')?.split('/');
     let mut parts = pattern.strip_prefix('/')?.split('/').peekable();
@@ -36,7 +53,7 @@ pub fn match_path<'p, 'a>(pattern: &'p str, path: &'a str) -> Option<Vec<(&'p st
             if segment.is_empty() {
                 return None;
             }
-        } else if part != segment {
+        } else if !(part == segment || ignore_case && part.eq_ignore_ascii_case(segment)) {
             return None;
         }
     }
@@ -70,5 +87,14 @@ mod tests {
         assert_eq!(match_path("/users/*/orders", "/users//orders"), None);
         assert_eq!(match_path("/users/*", "/users/7"), Some(vec![]));
         assert_eq!(match_path("/**", "/"), Some(vec![]));
+    }
+
+    #[test]
+    fn ignoring_case_compares_literals_only() {
+        use super::match_path_ignore_case as m;
+        assert_eq!(m("/tenants/{id}/**", "/TENANTS/AcMe/x"), Some(vec![("id", "AcMe")]));
+        assert_eq!(m("/api/*", "/API/x"), Some(vec![]));
+        assert_eq!(m("/api/**/x", "/API/y/x"), None);
+        assert_eq!(match_path("/tenants/{id}/**", "/Tenants/acme"), None);
     }
 }

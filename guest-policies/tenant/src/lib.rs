@@ -1,7 +1,8 @@
 //! Tenant isolation: a caller reaches only its own tenant's resources.
 //!
 //! Paths under `/tenants/{id}/…` are allowed only when `{id}` equals the token's `tenant`
-//! claim. Roles listed in the data document's `cross_tenant_roles` (e.g. platform operators)
+//! claim; `tenants` is matched ignoring case, as a case-insensitive upstream would serve
+//! `/Tenants/{id}`. Roles listed in the data document's `cross_tenant_roles` (e.g. platform operators)
 //! may reach every tenant; the decision log notes each such access. Paths outside `/tenants/`
 //! need only a verified credential. The upstream receives `x-user` and `x-tenant`.
 //!
@@ -9,7 +10,9 @@
 //! { "cross_tenant_roles": ["platform-admin"] }
 //! ```
 
-use sandgate_policy_sdk::{Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host, match_path};
+use sandgate_policy_sdk::{
+    Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host, match_path_ignore_case,
+};
 
 /// The tenant isolation policy.
 pub struct TenantIsolation;
@@ -23,7 +26,7 @@ impl Policy for TenantIsolation {
         let own_tenant = request.claim("tenant").and_then(|t| t.as_str().map(str::to_owned));
         let granted = |tenant: &str| allow().set_header("x-user", &claims.subject).set_header("x-tenant", tenant);
 
-        let Some(captures) = match_path("/tenants/{id}/**", request.path()) else {
+        let Some(captures) = match_path_ignore_case("/tenants/{id}/**", request.path()) else {
             return granted(own_tenant.as_deref().unwrap_or(""));
         };
         let wanted = captures[0].1;
