@@ -213,7 +213,6 @@ impl Policy for Hostile {
     }
 }
 
-/// Verify every token; deny, naming how many were verified or rejected for each reason.
 /// An allow removing 100 headers that all name the same 1 MiB string: the list holds 100
 /// pointers to one buffer, so the answer costs the policy 1 MiB of its memory and a host that
 /// copied it whole 100 MiB of its own.
@@ -227,6 +226,7 @@ fn alias_decision() -> Decision {
     Decision::Allow(sandgate_policy_sdk::AllowResponse { set_headers: Vec::new(), remove_headers: names })
 }
 
+/// Verify every token; deny, naming how many were verified or rejected for each reason.
 fn verify_all(tokens: impl Iterator<Item = String>) -> Decision {
     let mut answers: Vec<(String, u32)> = Vec::new();
     for token in tokens {
