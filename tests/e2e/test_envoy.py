@@ -57,14 +57,37 @@ def envoy(request, tmp_path, start_sandgate, static_issuer, rbac_policy, backend
 def test_allow_reaches_the_backend_with_identity_and_deny_gets_the_policy_answer(envoy, keys):
     base, sandgate = envoy
     token = keys.token(sub="alice", roles=["reader"])
-    status, body = get(f"{base}/api/orders/7?x=1", {"Authorization": f"Bearer {token}", "X-User": "forged"})
+    status, body = get(f"{base}/api/orders/7?x=1", {"Authorization": f"Bearer {token}", "X-User": "forged", "X-Roles": "admin"})
     assert status == 200, body
-    assert json.loads(body) == {"user": "alice", "subject": "alice", "path": "/api/orders/7?x=1"}
+    assert json.loads(body) == {"user": "alice", "subject": "alice", "roles": "reader", "path": "/api/orders/7?x=1"}
     status, body = get(f"{base}/api/orders/7", {"Authorization": f"Bearer {token}"}, method="DELETE")
     assert status == 403 and "no role permits DELETE /api/orders/7" in body
     status, body = get(f"{base}/api/orders/7")
     assert status == 401 and "a bearer token is required" in body
     assert any(l["method"] == "DELETE" for l in sandgate.decision_log())
+
+
+def test_a_header_naming_another_request_is_refused_behind_envoy(envoy, keys):
+    """An upstream honouring `X-HTTP-Method-Override` runs a DELETE for a writer's POST, one
+    honouring `X-Original-URL` serves `/api/…` for `/public/x`, and one reading `X_Auth_Subject`
+    as `X-Auth-Subject` takes the client's identity. Sandgate must see those headers in both
+    modes (the HTTP example forwards them) and refuse each, however it is spelled."""
+    base, sandgate = envoy
+    token = keys.token(sub="alice", roles=["writer"])
+    auth = {"Authorization": f"Bearer {token}"}
+    assert get(f"{base}/api/orders/7", auth, method="POST")[0] == 200
+    cases = [
+        ("POST", "/api/orders/7", {**auth, "X-HTTP-Method-Override": "DELETE"}, "method_override"),
+        ("POST", "/api/orders/7", {**auth, "X_HTTP_Method_Override": "DELETE"}, "method_override"),
+        ("GET", "/public/x", {"X-Original-URL": "/api/orders/7"}, "url_override"),
+        ("GET", "/public/x", {"X_Auth_Subject": "admin"}, "ambiguous_identity"),
+    ]
+    for method, path, headers, reason in cases:
+        status, body = get(f"{base}{path}", headers, method=method)
+        assert status == 400, (headers, status, body)
+        assert "alice" not in body and "admin" not in body, body
+    reasons = [l["reason"] for l in sandgate.decision_log() if l.get("status") == 400]
+    assert reasons == [c[3] for c in cases], reasons
 
 
 def test_sandgate_stopped_means_envoy_denies(envoy, keys):

@@ -33,6 +33,7 @@ class Backend:
             return web.json_response({
                 "user": request.headers.get("X-User", ""),
                 "subject": request.headers.get("X-Auth-Subject", ""),
+                "roles": request.headers.get("X-Roles", ""),
                 "path": request.path_qs,
             })
 
@@ -143,10 +144,11 @@ def test_allowed_requests_reach_the_backend_with_identity_denied_ones_do_not(pro
     token = keys.token(sub="alice", roles=["reader"])
     status, body = get(f"{base}/api/orders/7?page=2", {"Authorization": f"Bearer {token}"})
     assert status == 200
-    assert json.loads(body) == {"user": "alice", "subject": "alice", "path": "/api/orders/7?page=2"}
-    # A client cannot smuggle an identity past the proxy.
-    status, body = get(f"{base}/api/orders/7", {"Authorization": f"Bearer {token}", "X-User": "root"})
+    assert json.loads(body) == {"user": "alice", "subject": "alice", "roles": "reader", "path": "/api/orders/7?page=2"}
+    # A client cannot smuggle an identity past the proxy, nor a header the policy sets.
+    status, body = get(f"{base}/api/orders/7", {"Authorization": f"Bearer {token}", "X-User": "root", "X-Roles": "admin"})
     assert json.loads(body)["user"] == "alice"
+    assert json.loads(body)["roles"] == "reader"
     # A client cannot smuggle another request's method or path past the proxy either: the
     # conventions the proxy does not set are not read.
     spoof = {"Authorization": f"Bearer {token}", "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/orders",

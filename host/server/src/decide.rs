@@ -114,6 +114,59 @@ fn bearer_secret(headers: &[Header]) -> Option<&str> {
 /// Headers some frameworks take as the request's method instead of its own (lowercase).
 const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-method-override", "x-http-method"];
 
+/// Headers some frameworks and servers take as the request's URL instead of its own (Laminas,
+/// Symfony before 5.4, Drupal, IIS's URL rewriting).
+const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Whether header `name` (lowercase, as received) is `wanted`, or is written with `_` where
+/// `wanted` has `-`: Rack before Puma 6.4.3, PHP-FPM, CGI and some WSGI servers turn both into
+/// the same variable (`HTTP_X_HTTP_METHOD_OVERRIDE`), so the upstream reads either spelling as
+/// the header.
+fn names(name: &str, wanted: &str) -> bool {
+    name.len() == wanted.len() && name.bytes().zip(wanted.bytes()).all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+}
+
+/// Why a request must be refused (400) before any policy runs, because the upstream could
+/// read it as another request than the one Sandgate would judge: `(reason, message)`.
+fn misleading_header(
+    original: &OriginalRequest,
+    identity_headers: &BTreeMap<String, String>,
+) -> Option<(&'static str, String)> {
+    for header in &original.headers {
+        let name = header.name.as_str();
+        // A header naming another method: the policy would judge one method while an upstream
+        // that honours the header (Express, Symfony, Spring, Rails) runs the other.
+        if METHOD_OVERRIDES.iter().any(|m| names(name, m))
+            && !header.value.trim().eq_ignore_ascii_case(&original.method)
+        {
+            return Some(("method_override", format!("`{name}` names another method than the request's")));
+        }
+        // The same for the URL: the policy would judge one path, the upstream route another.
+        if URL_OVERRIDES.iter().any(|u| names(name, u)) {
+            let value = header.value.trim();
+            let same = value == original.path
+                || original
+                    .query
+                    .as_deref()
+                    .is_some_and(|q| value.strip_prefix(original.path.as_str()) == Some(&format!("?{q}")));
+            if !same {
+                return Some(("url_override", format!("`{name}` names another URL than the request's")));
+            }
+        }
+        // `X_Auth_Subject` beside (or instead of) the `X-Auth-Subject` the proxy sets: an
+        // upstream reading both as one variable may take the client's.
+        if name.contains('_') && identity_headers.keys().any(|h| names(name, h)) {
+            return Some(("ambiguous_identity", format!("`{name}` is another spelling of an identity header")));
+        }
+        // Envoy joins repeated headers with commas before Sandgate sees them, so two
+        // `Authorization` headers arrive as one; a token never holds a comma.
+        if name == "authorization" && header.value.contains(',') {
+            return Some(("ambiguous_authorization", "the `Authorization` header holds more than one value".into()));
+        }
+    }
+    None
+}
+
 /// Distinct reason codes the decision metric keeps as labels; later ones count as `other`.
 const MAX_REASON_LABELS: usize = 256;
 
@@ -269,13 +322,8 @@ impl Authorizer {
                 return answer;
             }
         }
-        // A header naming another method: the policy would judge one method while an upstream
-        // that honours the header (Express, Symfony, Spring, Rails) runs the other.
-        if let Some(header) = original.headers.iter().find(|h| {
-            METHOD_OVERRIDES.contains(&h.name.as_str()) && !h.value.trim().eq_ignore_ascii_case(&original.method)
-        }) {
-            let message = format!("`{}` names another method than the request's", header.name);
-            let answer = Answer::host_deny(request_id, 400, "method_override", &message);
+        if let Some((reason, message)) = misleading_header(&original, &self.identity_headers) {
+            let answer = Answer::host_deny(request_id, 400, reason, &message);
             self.record(&original, &answer, None, &snapshot, None, now, started);
             return answer;
         }
@@ -639,5 +687,46 @@ impl Authorizer {
             }
         }
         headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: &str, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> OriginalRequest {
+        OriginalRequest {
+            method: method.into(),
+            path: path.into(),
+            query: query.map(Into::into),
+            headers: headers.iter().map(|(n, v)| Header { name: (*n).into(), value: (*v).into() }).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn reason(method: &str, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> Option<&'static str> {
+        let identity = BTreeMap::from([("x-auth-subject".to_owned(), "sub".to_owned())]);
+        misleading_header(&request(method, path, query, headers), &identity).map(|(reason, _)| reason)
+    }
+
+    /// Each header an upstream may read as another request than the one judged is refused,
+    /// however it is spelled; the same header naming the request itself is not.
+    #[test]
+    fn headers_that_name_another_request_are_refused() {
+        assert_eq!(reason("POST", "/a", None, &[("x-http-method-override", "DELETE")]), Some("method_override"));
+        assert_eq!(reason("POST", "/a", None, &[("x_http_method_override", "DELETE")]), Some("method_override"));
+        assert_eq!(reason("POST", "/a", None, &[("x-http-method-override", "post")]), None);
+        assert_eq!(reason("GET", "/public", None, &[("x-original-url", "/admin")]), Some("url_override"));
+        assert_eq!(reason("GET", "/public", None, &[("x_rewrite_url", "/admin")]), Some("url_override"));
+        assert_eq!(reason("GET", "/public", Some("a=1"), &[("x-original-url", "/public?a=1")]), None);
+        assert_eq!(reason("GET", "/public", Some("a=1"), &[("x-original-url", "/public?a=2")]), Some("url_override"));
+        assert_eq!(reason("GET", "/a", None, &[("x_auth_subject", "admin")]), Some("ambiguous_identity"));
+        assert_eq!(reason("GET", "/a", None, &[("x-auth-subject", "admin")]), None);
+        assert_eq!(reason("GET", "/a", None, &[("x_other_header", "1")]), None);
+        assert_eq!(
+            reason("GET", "/a", None, &[("authorization", "Bearer a.b.c,Bearer d.e.f")]),
+            Some("ambiguous_authorization")
+        );
+        assert_eq!(reason("GET", "/a", None, &[("authorization", "Bearer a.b.c")]), None);
     }
 }
