@@ -118,12 +118,13 @@ const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-method-overrid
 /// Symfony before 5.4, Drupal, IIS's URL rewriting).
 const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
-/// Whether header `name` (lowercase, as received) is `wanted`, or is written with `_` where
+/// Whether header `name` is `wanted` (ignoring ASCII case), or is written with `_` where
 /// `wanted` has `-`: Rack before Puma 6.4.3, PHP-FPM, CGI and some WSGI servers turn both into
 /// the same variable (`HTTP_X_HTTP_METHOD_OVERRIDE`), so the upstream reads either spelling as
 /// the header.
 fn names(name: &str, wanted: &str) -> bool {
-    name.len() == wanted.len() && name.bytes().zip(wanted.bytes()).all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    name.len() == wanted.len()
+        && name.bytes().zip(wanted.bytes()).all(|(a, b)| a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-'))
 }
 
 /// Why a request must be refused (400) before any policy runs, because the upstream could
@@ -705,7 +706,7 @@ mod tests {
     }
 
     fn reason(method: &str, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> Option<&'static str> {
-        let identity = BTreeMap::from([("x-auth-subject".to_owned(), "sub".to_owned())]);
+        let identity = BTreeMap::from([("X-Auth-Subject".to_owned(), "sub".to_owned())]);
         misleading_header(&request(method, path, query, headers), &identity).map(|(reason, _)| reason)
     }
 
