@@ -24,7 +24,7 @@ pub struct PolicyData {
     /// Where each node's JSON lies in `text`, by canonical JSON Pointer.
     index: HashMap<Box<str>, Range<usize>>,
     /// Whether every node is in `index` (documents with more than [`MAX_INDEXED_NODES`] nodes
-    /// are indexed in part, and the rest looked up the slow way).
+    /// are indexed in part, their largest nodes, and the rest looked up the slow way).
     complete: bool,
 }
 
@@ -34,8 +34,9 @@ impl Default for PolicyData {
     }
 }
 
-/// Nodes of a data document indexed for `data-get`; the rest of a larger one is found by
-/// walking the document.
+/// Nodes of a data document indexed for `data-get`: in a larger one, those with the longest
+/// text (the root and the large objects); the rest, each no longer than any indexed node, are
+/// found by walking the document.
 pub const MAX_INDEXED_NODES: usize = 100_000;
 
 impl PolicyData {
@@ -53,7 +54,11 @@ impl PolicyData {
             index: HashMap::new(),
             complete: true,
         };
-        data.complete = index_node(&data.value, &mut String::new(), &mut data.text, &mut data.index, max_nodes);
+        let mut ranges = Vec::new();
+        serialize(&data.value, &mut data.text, &mut ranges);
+        let chosen = chosen(&ranges, max_nodes);
+        data.complete = chosen.iter().all(|&c| c);
+        index_chosen(&data.value, &mut String::new(), &ranges, &chosen, &mut 0, &mut data.index);
         data.digest = format!("sha256:{}", crate::sha256_hex(data.text.as_bytes()));
         data
     }
@@ -78,30 +83,12 @@ impl PolicyData {
     }
 }
 
-/// Append `value` to `text` as compact JSON, indexing it and its descendants under `pointer`
-/// (while the index has room). Returns whether every node was indexed.
-fn index_node(
-    value: &Value,
-    pointer: &mut String,
-    text: &mut String,
-    index: &mut HashMap<Box<str>, Range<usize>>,
-    max_nodes: usize,
-) -> bool {
+/// Append `value` to `text` as compact JSON, recording where each node's text lies, in
+/// pre-order (a node before its children, children in order).
+fn serialize(value: &Value, text: &mut String, ranges: &mut Vec<Range<usize>>) {
+    let slot = ranges.len();
+    ranges.push(0..0);
     let start = text.len();
-    let mut complete = true;
-    let mut child = |key: &str, child: &Value, text: &mut String, index: &mut HashMap<_, _>| {
-        let len = pointer.len();
-        pointer.push('/');
-        for c in key.chars() {
-            match c {
-                '~' => pointer.push_str("~0"),
-                '/' => pointer.push_str("~1"),
-                c => pointer.push(c),
-            }
-        }
-        complete &= index_node(child, pointer, text, index, max_nodes);
-        pointer.truncate(len);
-    };
     match value {
         Value::Array(items) => {
             text.push('[');
@@ -109,7 +96,7 @@ fn index_node(
                 if i > 0 {
                     text.push(',');
                 }
-                child(&i.to_string(), item, text, index);
+                serialize(item, text, ranges);
             }
             text.push(']');
         }
@@ -121,18 +108,84 @@ fn index_node(
                 }
                 text.push_str(&Value::from(key.as_str()).to_string());
                 text.push(':');
-                child(key, item, text, index);
+                serialize(item, text, ranges);
             }
             text.push('}');
         }
         leaf => text.push_str(&leaf.to_string()),
     }
-    if index.len() < max_nodes {
-        index.insert(pointer.as_str().into(), start..text.len());
-    } else {
-        complete = false;
+    ranges[slot] = start..text.len();
+}
+
+/// Which nodes (in [`serialize`]'s order) to index: all of them if there are at most
+/// `max_nodes`, else the `max_nodes` with the longest text. A node left out is then never
+/// longer than any indexed one, so looking it up the slow way (walking to it and writing it
+/// out again) costs little: the root and the large objects, the ones costly to write out,
+/// are always in the index.
+fn chosen(ranges: &[Range<usize>], max_nodes: usize) -> Vec<bool> {
+    if ranges.len() <= max_nodes {
+        return vec![true; ranges.len()];
     }
-    complete
+    let mut lengths: Vec<usize> = ranges.iter().map(ExactSizeIterator::len).collect();
+    let threshold = match max_nodes.checked_sub(1) {
+        Some(nth) => *lengths.select_nth_unstable_by(nth, |a, b| b.cmp(a)).1,
+        None => return vec![false; ranges.len()],
+    };
+    // Every node longer than the threshold, then nodes of exactly its length until full.
+    let mut room = max_nodes - ranges.iter().filter(|r| r.len() > threshold).count();
+    ranges
+        .iter()
+        .map(|r| {
+            let take = r.len() > threshold || (r.len() == threshold && room > 0);
+            if r.len() == threshold && take {
+                room -= 1;
+            }
+            take
+        })
+        .collect()
+}
+
+/// Index the chosen nodes of `value` under their JSON Pointers, walking it in [`serialize`]'s
+/// order (`next` counts the nodes visited).
+fn index_chosen(
+    value: &Value,
+    pointer: &mut String,
+    ranges: &[Range<usize>],
+    chosen: &[bool],
+    next: &mut usize,
+    index: &mut HashMap<Box<str>, Range<usize>>,
+) {
+    let node = *next;
+    *next += 1;
+    if chosen[node] {
+        index.insert(pointer.as_str().into(), ranges[node].clone());
+    }
+    let mut child = |key: &str, child: &Value, next: &mut usize, index: &mut HashMap<_, _>| {
+        let len = pointer.len();
+        pointer.push('/');
+        for c in key.chars() {
+            match c {
+                '~' => pointer.push_str("~0"),
+                '/' => pointer.push_str("~1"),
+                c => pointer.push(c),
+            }
+        }
+        index_chosen(child, pointer, ranges, chosen, next, index);
+        pointer.truncate(len);
+    };
+    match value {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                child(&i.to_string(), item, next, index);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                child(key, item, next, index);
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -183,5 +236,34 @@ mod tests {
         assert!(PolicyData::new(value.clone(), 1).complete);
         assert!(!PolicyData::indexed(value, 1, 3).complete);
         assert_eq!(PolicyData::default().get("").as_deref(), Some("null"));
+    }
+
+    /// In a document with more nodes than the index holds, the nodes left out are the smallest:
+    /// never the root or a large object, which `data-get` would otherwise write out again on
+    /// every call, outside the policy's time limit.
+    #[test]
+    fn a_document_indexed_in_part_keeps_its_largest_nodes() {
+        let value = serde_json::json!({
+            "a": (0..50).collect::<Vec<_>>(),
+            "b": { "big": "x".repeat(1000), "small": 1 },
+        });
+        let data = PolicyData::indexed(value.clone(), 1, 4);
+        assert!(!data.complete);
+        let mut indexed: Vec<&str> = data.index.keys().map(|k| &**k).collect();
+        indexed.sort_unstable();
+        assert_eq!(indexed, ["", "/a", "/b", "/b/big"]);
+        for pointer in ["", "/a", "/a/7", "/b", "/b/big", "/b/small", "/c"] {
+            assert_eq!(
+                data.get(pointer).map(Cow::into_owned),
+                value.pointer(pointer).map(Value::to_string),
+                "{pointer:?}"
+            );
+        }
+        // Nodes of the threshold's length are taken in document order until the index is full.
+        let ties = PolicyData::indexed(serde_json::json!([1, 2, 3]), 1, 3);
+        let mut indexed: Vec<&str> = ties.index.keys().map(|k| &**k).collect();
+        indexed.sort_unstable();
+        assert_eq!(indexed, ["", "/0", "/1"]);
+        assert_eq!(PolicyData::indexed(serde_json::json!([1]), 1, 0).get("/0").as_deref(), Some("1"));
     }
 }
