@@ -123,26 +123,14 @@ fn serialize(value: &Value, text: &mut String, ranges: &mut Vec<Range<usize>>) {
 /// out again) costs little: the root and the large objects, the ones costly to write out,
 /// are always in the index.
 fn chosen(ranges: &[Range<usize>], max_nodes: usize) -> Vec<bool> {
-    if ranges.len() <= max_nodes {
-        return vec![true; ranges.len()];
+    // Longest first; a stable sort keeps nodes of equal length in document order.
+    let mut longest: Vec<usize> = (0..ranges.len()).collect();
+    longest.sort_by_key(|&node| std::cmp::Reverse(ranges[node].len()));
+    let mut chosen = vec![false; ranges.len()];
+    for &node in longest.iter().take(max_nodes) {
+        chosen[node] = true;
     }
-    let mut lengths: Vec<usize> = ranges.iter().map(ExactSizeIterator::len).collect();
-    let threshold = match max_nodes.checked_sub(1) {
-        Some(nth) => *lengths.select_nth_unstable_by(nth, |a, b| b.cmp(a)).1,
-        None => return vec![false; ranges.len()],
-    };
-    // Every node longer than the threshold, then nodes of exactly its length until full.
-    let mut room = max_nodes - ranges.iter().filter(|r| r.len() > threshold).count();
-    ranges
-        .iter()
-        .map(|r| {
-            let take = r.len() > threshold || (r.len() == threshold && room > 0);
-            if r.len() == threshold && take {
-                room -= 1;
-            }
-            take
-        })
-        .collect()
+    chosen
 }
 
 /// Index the chosen nodes of `value` under their JSON Pointers, walking it in [`serialize`]'s

@@ -145,11 +145,11 @@ fn misleading_header(
         // The same for the URL: the policy would judge one path, the upstream route another.
         if URL_OVERRIDES.iter().any(|u| names(name, u)) {
             let value = header.value.trim();
-            let same = value == original.path
-                || original
-                    .query
-                    .as_deref()
-                    .is_some_and(|q| value.strip_prefix(original.path.as_str()) == Some(&format!("?{q}")));
+            let same = match value.strip_prefix(original.path.as_str()) {
+                Some("") => true,
+                Some(rest) => rest.strip_prefix('?').is_some_and(|q| original.query.as_deref() == Some(q)),
+                None => false,
+            };
             if !same {
                 return Some(("url_override", format!("`{name}` names another URL than the request's")));
             }
