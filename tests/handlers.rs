@@ -1,4 +1,5 @@
-//! The protocol adapters driven without a socket: a request value in, a response value out.
+//! The protocol adapters driven without a socket: a request value in, a response value out;
+//! and the gRPC listener's bounds on what a peer sends, over a socket.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -264,4 +265,128 @@ async fn a_shadow_disagreement_holds_no_token_and_a_client_cannot_redact_its_own
     let shadow = lines.iter().find(|l| l["shadow_disagreement"] == true).expect("a disagreement line");
     assert!(shadow["primary"].as_str().unwrap().contains("Bearer [redacted]"), "{shadow}");
     assert!(lines.iter().any(|l| l["path"] == path), "the path is recorded as sent:\n{text}");
+}
+
+/// A protobuf length-delimited field.
+fn protobuf_field(tag: u32, payload: &[u8]) -> Vec<u8> {
+    fn varint(mut n: u64, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    varint(u64::from(tag << 3 | 2), &mut out);
+    varint(payload.len() as u64, &mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A whole gRPC `CheckRequest` message (with its 5-byte prefix) for `GET app/x` with `body`.
+fn grpc_check(body: &[u8]) -> Bytes {
+    let http =
+        [protobuf_field(2, b"GET"), protobuf_field(4, b"/x"), protobuf_field(5, b"app"), protobuf_field(11, body)]
+            .concat();
+    let message = protobuf_field(1, &protobuf_field(4, &protobuf_field(2, &http)));
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    Bytes::from(framed)
+}
+
+/// The start of a gRPC message that announces `length` bytes and brings `sent` of them.
+fn grpc_message_start(length: u32, sent: usize) -> Bytes {
+    let mut part = vec![0];
+    part.extend_from_slice(&length.to_be_bytes());
+    part.resize(5 + sent, b'a');
+    Bytes::from(part)
+}
+
+/// Open a `Check` call and send `data`, finished or not.
+async fn grpc_call(
+    client: h2::client::SendRequest<Bytes>,
+    data: Bytes,
+    finished: bool,
+) -> (h2::client::SendRequest<Bytes>, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut client = client.ready().await.unwrap();
+    let request = Request::post("http://sandgate/envoy.service.auth.v3.Authorization/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(data, finished).unwrap();
+    (client, response, send)
+}
+
+/// The call's gRPC status code, from its headers (an error answered at once) or its trailers.
+/// `None` if it is not answered within 10 s (a liveness bound, not a measurement).
+async fn grpc_code(response: h2::client::ResponseFuture) -> Option<u32> {
+    let code = |headers: &hyper::HeaderMap| headers.get("grpc-status").map(|v| v.to_str().unwrap().parse().unwrap());
+    let answered = async {
+        let response = response.await.unwrap();
+        if let Some(code) = code(response.headers()) {
+            return code;
+        }
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+        }
+        code(&body.trailers().await.unwrap().expect("trailers")).expect("grpc-status")
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), answered).await.ok()
+}
+
+/// A peer that opens `Check` calls and never finishes their messages holds neither memory nor
+/// the calls for good. Each call used to wait, its part of a message of up to 1 MiB buffered,
+/// for as long as the connection lived: 200 streams on each connection, ~200 MiB a connection,
+/// none of it bounded in time. Now the listener holds at most `max_receiving_bytes` of bodies
+/// being received, ends a call past it with `RESOURCE_EXHAUSTED`, ends one whose message is
+/// late with `DEADLINE_EXCEEDED` (both a deny at Envoy), and releases what a call held when it
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounded() {
+    use sandgate_server::listener::{self, Limits, Listener};
+    use std::time::Duration;
+    const DEADLINE_EXCEEDED: u32 = 4;
+    const RESOURCE_EXHAUSTED: u32 = 8;
+    let routes = sandgate_server::ext_authz::routes(sandgate_tests::authorizer(&config())).await;
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limits =
+        Limits { body_read_timeout: Duration::from_millis(500), max_receiving_bytes: 2 << 20, ..Limits::default() };
+    let make = move |_| hyper_util::service::TowerToHyperService::new(routes.clone());
+    tokio::spawn(listener::serve("grpc", Listener::Tcp(socket), make, limits, stop.clone(), Duration::from_secs(1)));
+    let (mut client, connection) =
+        h2::client::handshake(tokio::net::TcpStream::connect(address).await.unwrap()).await.unwrap();
+    tokio::spawn(connection);
+
+    // Six calls, each 600 KiB into a message of 1,000,000 bytes: 3.5 MiB against a budget of
+    // 2 MiB. Every one is answered; at least one for the budget.
+    let (mut responses, mut unfinished) = (Vec::new(), Vec::new());
+    for _ in 0..6 {
+        let (next, response, send) = grpc_call(client, grpc_message_start(1_000_000, 600 << 10), false).await;
+        client = next;
+        responses.push(response);
+        unfinished.push(send);
+    }
+    let mut codes = Vec::new();
+    for response in responses {
+        codes.push(grpc_code(response).await.expect("a call past the budget or its deadline is answered"));
+    }
+    assert!(codes.iter().all(|c| [DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED].contains(c)), "{codes:?}");
+    assert!(codes.contains(&RESOURCE_EXHAUSTED), "nothing was refused for the budget: {codes:?}");
+
+    // A call within the budget whose message stops arriving ends at its deadline.
+    let (next, response, send) = grpc_call(client, grpc_message_start(200_000, 100 << 10), false).await;
+    client = next;
+    unfinished.push(send);
+    assert_eq!(grpc_code(response).await, Some(DEADLINE_EXCEEDED));
+
+    // Every byte those calls held was released: a whole 900 KiB check is decided (allowed).
+    let (_, response, _send) = grpc_call(client, grpc_check(&vec![b'b'; 900 << 10]), true).await;
+    assert_eq!(grpc_code(response).await, Some(0));
+    stop.cancel();
 }

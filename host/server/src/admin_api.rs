@@ -23,6 +23,7 @@
 //! lacks a required signature; `500` (logged, the body says nothing more) when the host itself fails.
 //! [`AdminApi::handle`] takes any request body type, so tests call it without a socket.
 
+use crate::listener::BodyRefused;
 use crate::original_request::{Bearer, bearer_token};
 use crate::snapshot::Snapshot;
 use crate::state::{ChangeError, RevocationChange, State};
@@ -90,7 +91,7 @@ impl AdminApi {
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
     where
         B: Body,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if let Some(token) = &self.token {
             let presented =
@@ -106,8 +107,13 @@ impl AdminApi {
         let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e) => {
+                let status = match e.downcast_ref::<BodyRefused>() {
+                    Some(BodyRefused::Late) => StatusCode::REQUEST_TIMEOUT,
+                    Some(BodyRefused::Budget) => StatusCode::SERVICE_UNAVAILABLE,
+                    None => StatusCode::PAYLOAD_TOO_LARGE,
+                };
                 return reply(
-                    StatusCode::PAYLOAD_TOO_LARGE,
+                    status,
                     json!({ "error": format!("cannot read the body (at most {MAX_BODY} bytes): {e}") }),
                 );
             }

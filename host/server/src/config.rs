@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 /// Most clock skew an issuer may allow on `exp`/`nbf`.
 pub const MAX_LEEWAY_SECS: u64 = 300;
 
+/// The least `[server] max_receiving_bytes`: two gRPC check messages of the largest size.
+pub const MIN_RECEIVING_BYTES: usize = 2 << 20;
+
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -533,10 +536,15 @@ pub struct ServerConfig {
     /// Grace period for in-flight checks on SIGTERM, in seconds.
     pub shutdown_grace_secs: u64,
     /// How long a client may take to send a request's headers, and a keep-alive connection may
-    /// stay idle, in milliseconds, before it is closed (every listener).
+    /// stay idle, in milliseconds, before it is closed (every listener); also how long a body
+    /// a listener reads (a gRPC check's message) may take to arrive once its headers have.
     pub header_read_timeout_ms: u64,
     /// Connections open at once on each listener; past it, new ones wait in the backlog.
     pub max_connections: usize,
+    /// Bytes of request bodies still being received that each listener holds at once, over all
+    /// its connections (a gRPC check's message is held until it is whole). Past it, the body
+    /// being read fails: a gRPC check ends `RESOURCE_EXHAUSTED`, which Envoy answers as a deny.
+    pub max_receiving_bytes: usize,
     /// A directory watched for policy modules: `ID.wasm` (with optional data `ID.json`) is
     /// loaded as policy `ID` when it appears or changes, and unloaded when it disappears.
     pub policy_dir: Option<PathBuf>,
@@ -572,6 +580,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 10,
             header_read_timeout_ms: 15_000,
             max_connections: 4096,
+            max_receiving_bytes: 64 << 20,
             policy_dir: None,
             policy_dir_poll_ms: 500,
             token_cache_size: 10_000,
@@ -800,6 +809,11 @@ impl Config {
             };
         }
         let ids: Vec<&str> = self.policies.iter().map(|p| p.id.as_str()).collect();
+        if self.server.max_receiving_bytes < MIN_RECEIVING_BYTES {
+            bail!(
+                "[server] max_receiving_bytes must be at least {MIN_RECEIVING_BYTES}: room for two of the largest gRPC check messages"
+            );
+        }
         if let Some(tracing) = &self.tracing {
             if !tracing.otlp_endpoint.starts_with("http://") && !tracing.otlp_endpoint.starts_with("https://") {
                 bail!("[tracing] otlp_endpoint must be an http:// or https:// URL");
@@ -996,5 +1010,12 @@ mod tests {
         };
         assert_eq!(checked(&issuer(MAX_LEEWAY_SECS)), Ok(()));
         assert!(checked(&issuer(MAX_LEEWAY_SECS + 1)).unwrap_err().contains("leeway_secs"));
+    }
+
+    #[test]
+    fn the_receiving_budget_holds_two_check_messages() {
+        let server = |bytes: usize| format!("[server]\nproxy = \"envoy\"\nmax_receiving_bytes = {bytes}\n");
+        assert_eq!(checked(&server(MIN_RECEIVING_BYTES)), Ok(()));
+        assert!(checked(&server(MIN_RECEIVING_BYTES - 1)).unwrap_err().contains("max_receiving_bytes"));
     }
 }

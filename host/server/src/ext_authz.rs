@@ -10,12 +10,14 @@
 //! (`INVALID_ARGUMENT`, 400 / 431): never allowed.
 
 use crate::decide::{Answer, Authorizer};
+use crate::listener::{BodyRefused, Receiving};
 use crate::original_request::OriginalRequest;
 use envoy_types::ext_authz::v3::pb::{
     CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus,
     OkHttpResponse,
 };
 use envoy_types::pb::google::rpc;
+use http_body_util::BodyExt;
 use sandgate_runtime::bindings::sandgate::policy::types::{Decision, Header};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -164,11 +166,25 @@ where
             return Box::pin(self.health.call(request));
         }
         let check = Check(self.authorizer.clone());
+        // A message refused by the listener (late, or past its budget of bytes being
+        // received) ends the call with a status Envoy answers as a deny.
+        let request = request.map(|body| body.map_err(receive_status));
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
             let mut grpc = tonic::server::Grpc::new(codec).max_decoding_message_size(MAX_MESSAGE_BYTES);
             Ok(grpc.unary(check, request).await)
         })
+    }
+}
+
+/// The gRPC status for a body that failed while being received: the listener's refusals get
+/// their own codes, anything else (a reset stream) passes through as tonic maps it.
+fn receive_status<E: Into<StdError>>(error: E) -> StdError {
+    let error = error.into();
+    match error.downcast_ref::<BodyRefused>() {
+        Some(BodyRefused::Late) => Box::new(tonic::Status::deadline_exceeded(BodyRefused::Late.to_string())),
+        Some(BodyRefused::Budget) => Box::new(tonic::Status::resource_exhausted(BodyRefused::Budget.to_string())),
+        None => error,
     }
 }
 
@@ -341,7 +357,7 @@ pub async fn routes(
     authorizer: Arc<Authorizer>,
 ) -> GrpcService<
     impl Service<
-        http::Request<hyper::body::Incoming>,
+        http::Request<Receiving>,
         Response = http::Response<tonic::body::Body>,
         Error = Infallible,
         Future: Send + 'static,

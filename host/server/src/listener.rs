@@ -1,15 +1,20 @@
 //! The one accept loop every listener runs (forward-auth, gRPC, admin; TCP or a Unix socket):
 //! bounded headers, a header-read timeout (which also closes idle keep-alive connections), a
-//! cap on open connections, back-off on accept errors, and a graceful drain when the sidecar
-//! stops.
+//! cap on open connections, request bodies bounded in time and in bytes held at once
+//! ([`Receiving`]), back-off on accept errors, and a graceful drain when the sidecar stops.
 
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -45,11 +50,128 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Connections open at once; past it, new ones wait in the kernel's backlog.
     pub max_connections: usize,
+    /// How long a request's body may take to arrive once its headers have: past it, reading
+    /// the body fails ([`BodyRefused::Late`]).
+    pub body_read_timeout: Duration,
+    /// Body bytes the listener's services may hold at once from requests still being
+    /// received, over all its connections and streams: past it, reading a body fails
+    /// ([`BodyRefused::Budget`]).
+    pub max_receiving_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { header_read_timeout: Duration::from_secs(15), max_connections: 4096 }
+        Limits {
+            header_read_timeout: Duration::from_secs(15),
+            max_connections: 4096,
+            body_read_timeout: Duration::from_secs(15),
+            max_receiving_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a request body was not read to its end. The services map it to their protocol's answer
+/// (gRPC: `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`), which a proxy treats as a failed check:
+/// a deny, never an allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyRefused {
+    /// The body did not arrive within the listener's body-read timeout.
+    #[error("the request body did not arrive in time")]
+    Late,
+    /// The listener already holds its `max_receiving_bytes` of bodies being received.
+    #[error("too many request bytes are being received at once")]
+    Budget,
+}
+
+/// A request body as every listener hands it to its service: its data frames count against
+/// the listener's budget of bytes held from bodies being received (released when the body is
+/// dropped), and it fails once the body-read timeout has passed since its headers arrived.
+///
+/// Without it a peer could open streams (hyper allows 200 on each HTTP/2 connection) and send
+/// each a gRPC message of up to 1 MiB that never ends: the service buffers every one until the
+/// message is whole, for as long as the connection lives (~200 MiB a connection).
+/// A body nobody reads (forward-auth ignores request bodies) costs one clock read.
+pub struct Receiving<B = Incoming> {
+    inner: B,
+    budget: Arc<AtomicUsize>,
+    limit: usize,
+    held: usize,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Receiving<B> {
+    /// `inner`, due within `limits.body_read_timeout` from now, counted against `budget`.
+    fn new(inner: B, budget: Arc<AtomicUsize>, limits: &Limits) -> Self {
+        Receiving {
+            inner,
+            budget,
+            limit: limits.max_receiving_bytes,
+            held: 0,
+            deadline: tokio::time::Instant::now() + limits.body_read_timeout,
+            timer: None,
+        }
+    }
+
+    /// Count `n` more bytes against the budget, unless that would pass it.
+    fn take(&mut self, n: usize) -> bool {
+        let limit = self.limit;
+        let taken = self.budget.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(n).filter(|total| *total <= limit)
+        });
+        if taken.is_ok() {
+            self.held += n;
+        }
+        taken.is_ok()
+    }
+}
+
+impl<B> Drop for Receiving<B> {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.budget.fetch_sub(self.held, Ordering::AcqRel);
+        }
+    }
+}
+
+impl<B> Body for Receiving<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, Bytes::len);
+                if n > 0 && !this.take(n) {
+                    return Poll::Ready(Some(Err(BodyRefused::Budget.into())));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                // The timer exists only for bodies that make a reader wait.
+                let deadline = this.deadline;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyRefused::Late.into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -65,7 +187,7 @@ pub async fn serve<F, S, B>(
     grace: Duration,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S: hyper::service::Service<Request<Receiving>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -84,6 +206,8 @@ pub async fn serve<F, S, B>(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    // Body bytes held from requests being received, over every connection.
+    let budget = Arc::new(AtomicUsize::new(0));
     let mut backoff = Duration::ZERO;
     // Every open connection, so those still open when the grace period ends can be dropped.
     let mut connections = tokio::task::JoinSet::new();
@@ -105,7 +229,8 @@ pub async fn serve<F, S, B>(
             Ok(Accepted::Tcp(stream, peer)) => {
                 backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
-                let (builder, watcher, service) = (builder.clone(), graceful.watcher(), make(peer));
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let service = Guarded { inner: make(peer), budget: budget.clone(), limits };
                 let wait = limits.header_read_timeout;
                 connections.spawn(async move {
                     if protocol_announced(&stream, wait).await {
@@ -118,7 +243,8 @@ pub async fn serve<F, S, B>(
             Ok(Accepted::Unix(stream)) => {
                 backoff = Duration::ZERO;
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
-                let service = make(SocketAddr::from(([0, 0, 0, 0], 0)));
+                let service =
+                    Guarded { inner: make(SocketAddr::from(([0, 0, 0, 0], 0))), budget: budget.clone(), limits };
                 let wait = limits.header_read_timeout;
                 connections.spawn(async move {
                     if tokio::time::timeout(wait, stream.readable()).await.is_ok_and(|r| r.is_ok()) {
@@ -146,6 +272,26 @@ pub async fn serve<F, S, B>(
         tracing::warn!(listener = name, "grace period over; dropping the remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// A connection's service with every request body wrapped in [`Receiving`].
+struct Guarded<S> {
+    inner: S,
+    budget: Arc<AtomicUsize>,
+    limits: Limits,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Guarded<S>
+where
+    S: hyper::service::Service<Request<Receiving>, Response = Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: Request<Incoming>) -> S::Future {
+        self.inner.call(request.map(|body| Receiving::new(body, self.budget.clone(), &self.limits)))
+    }
 }
 
 /// Whether a TCP peer says within `wait` which protocol it speaks: either bytes that cannot

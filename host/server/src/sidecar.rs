@@ -105,6 +105,7 @@ impl Sidecar {
             None => None,
         };
         let http = bind_tcp(&server.listen, "").await?;
+        warn_beyond_loopback(&http, "forward-auth");
         let ops = match &server.ops_listen {
             Some(address) => Some(bind_tcp(address, " (health and metrics)").await?),
             None => None,
@@ -113,6 +114,9 @@ impl Sidecar {
             Some(grpc) => Some(bind_tcp(&grpc.listen, " (gRPC)").await?),
             None => None,
         };
+        if let Some(grpc) = &grpc {
+            warn_beyond_loopback(grpc, "grpc");
+        }
         let (admin, generated_admin_token) = match &config.admin {
             Some(admin) => {
                 let (listener, token, generated) = bind_admin(admin).await?;
@@ -236,6 +240,8 @@ impl Sidecar {
         let limits = listener::Limits {
             header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
             max_connections: config.server.max_connections,
+            body_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+            max_receiving_bytes: config.server.max_receiving_bytes,
         };
         let authorizer = Arc::new(authorizer);
         let state = authorizer.state().clone();
@@ -319,6 +325,22 @@ async fn bind_tcp(address: &str, what: &str) -> Result<Listener, StartError> {
         .await
         .map_err(|e| StartError::Listen(format!("cannot listen on `{address}`{what}"), e))?;
     Ok(Listener::Tcp(listener))
+}
+
+/// Say so when a listener that answers checks takes connections from beyond this host: it is
+/// meant for the proxy next to Sandgate, and a client that reaches it directly can hold its
+/// connections open (docs/SECURITY.md, "Known gaps").
+fn warn_beyond_loopback(listener: &Listener, name: &'static str) {
+    if let Listener::Tcp(l) = listener
+        && let Ok(address) = l.local_addr()
+        && !address.ip().is_loopback()
+    {
+        tracing::warn!(
+            listener = name,
+            %address,
+            "this listener takes connections from beyond loopback; only the proxy in front should be able to reach it"
+        );
+    }
 }
 
 /// Shortest admin token accepted.
