@@ -242,7 +242,8 @@ def test_the_documented_example_config_parses_and_its_policies_load(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/api/../admin/x", "/api//x", "/api/%2e%2e/admin", "/api/%2E%2E/admin", "/api%2fx", "/api%5Cx", "/./api/x",
-                                  "/public/..;/admin", "/api;x=1/users", "/%252e%252e/admin", "/api/x%00.json"])
+                                  "/public/..;/admin", "/api;x=1/users", "/%252e%252e/admin", "/api/x%00.json",
+                                  "/api/%C0%AE%C0%AE/admin", "/api%EF%BC%8Fadmin", "/%C4%B0nternal"])
 def test_ambiguous_paths_are_denied_not_routed(sandgate, keys, path):
     status, headers, _ = sandgate.check({"Authorization": f"Bearer {keys.token(roles=['reader'])}", "X-Original-URI": path})
     assert (status, headers["x-sandgate-reason"]) == (400, "ambiguous_path")

@@ -90,6 +90,16 @@ pub enum AmbiguousPath {
     /// `//` anywhere.
     #[error("the path has an empty segment")]
     EmptySegment,
+    /// Percent-encoded bytes that are not UTF-8: an overlong form (`%C0%AE`, a `.` to a
+    /// decoder that accepts it), a lone continuation byte, an encoded surrogate, a Latin-1 byte.
+    #[error("the path percent-encodes bytes that are not UTF-8")]
+    NotUtf8,
+    /// A non-ASCII character that Unicode compatibility normalization (NFKC) or case mapping
+    /// turns into ASCII: fullwidth forms (`%EF%BC%8F`, `／`), `K` KELVIN SIGN, `İ`, `ſ`, `²`.
+    /// Upstreams that fold them (IIS's best-fit mapping, NFKC or case-insensitive routing)
+    /// would serve another path than the one routed and judged.
+    #[error("the path has a character that folds into ASCII")]
+    FoldsToAscii,
 }
 
 /// The one canonical form of a request path that Sandgate routes and evaluates on.
@@ -99,6 +109,8 @@ pub enum AmbiguousPath {
 /// server behind the proxy could read differently is refused: a `;` parameter, `%25` (double
 /// encoding), `%00`, a control or raw non-ASCII byte, a backslash raw or encoded, an encoded
 /// reserved character (`%2F`, `%3F`, `%3B`, …), a `.` or `..` segment, an empty segment (`//`).
+/// Percent-encoded non-ASCII bytes must be UTF-8, and no such character may fold into ASCII
+/// ([`AmbiguousPath::FoldsToAscii`]).
 /// A single trailing `/` is kept. Case is kept: routes match path prefixes case-insensitively,
 /// so `/ADMIN` cannot dodge the `/admin` route, and the policy sees the path as sent.
 pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
@@ -108,6 +120,7 @@ pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
         return Err(AmbiguousPath::NotAbsolute);
     }
     let mut out = String::with_capacity(path.len());
+    let mut non_ascii = false;
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         match b {
@@ -133,6 +146,7 @@ pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
                 {
                     return Err(AmbiguousPath::EncodedDelimiter);
                 } else {
+                    non_ascii |= decoded >= 0x80;
                     out.push('%');
                     out.push_str(&format!("{decoded:02X}"));
                 }
@@ -154,7 +168,55 @@ pub fn canonical_path(path: &str) -> Result<String, AmbiguousPath> {
             }
         }
     }
+    if non_ascii {
+        non_ascii_is_plain(&out)?;
+    }
     Ok(out)
+}
+
+/// The percent-encoded non-ASCII characters of a canonical path (every other escape is of an
+/// ASCII byte that stays encoded) are UTF-8 and none folds into ASCII.
+fn non_ascii_is_plain(canonical: &str) -> Result<(), AmbiguousPath> {
+    use unicode_normalization::UnicodeNormalization;
+    let bytes = canonical.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        // `canonical_path` left only `%` + two uppercase hex digits.
+        let byte = if b == b'%' {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            i += 3;
+            match hex {
+                Some(byte) if byte >= 0x80 => byte,
+                // An encoded ASCII byte is not a character of its own here.
+                _ => b'%',
+            }
+        } else {
+            i += 1;
+            b
+        };
+        decoded.push(byte);
+    }
+    let text = std::str::from_utf8(&decoded).map_err(|_| AmbiguousPath::NotUtf8)?;
+    // Simple case mappings, one character to one (what Java's `equalsIgnoreCase` and .NET's
+    // `OrdinalIgnoreCase` compare with); U+0130 `İ`'s is `i`, though its full lowercase is
+    // `i̇`. `ß` (uppercase `SS`, no simple mapping) stays allowed.
+    let single_ascii =
+        |mut mapped: std::char::ToLowercase| matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii());
+    let single_ascii_upper =
+        |mut mapped: std::char::ToUppercase| matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii());
+    let folds = |c: char| c == '\u{130}' || single_ascii(c.to_lowercase()) || single_ascii_upper(c.to_uppercase());
+    if text.chars().any(|c| !c.is_ascii() && folds(c)) {
+        return Err(AmbiguousPath::FoldsToAscii);
+    }
+    // Compatibility normalization of each run of non-ASCII characters: a run, not a
+    // character, so that a base letter and its combining mark compose as NFKC composes them.
+    for run in text.split(|c: char| c.is_ascii()).filter(|run| !run.is_empty()) {
+        if run.nfkc().any(|c| c.is_ascii()) {
+            return Err(AmbiguousPath::FoldsToAscii);
+        }
+    }
+    Ok(())
 }
 
 /// The bearer token of `headers` (lowercase names), as [`OriginalRequest::bearer`] reads it.
@@ -226,6 +288,24 @@ mod tests {
             ("/a b", Byte),
             ("/a{b}", Byte),
             ("admin", NotAbsolute),
+            // Overlong `.` and `/`, a lone continuation byte, an encoded surrogate, Latin-1.
+            ("/%C0%AE%C0%AE/admin", NotUtf8),
+            ("/a%C0%AFadmin", NotUtf8),
+            ("/a%80", NotUtf8),
+            ("/%ED%A0%80", NotUtf8),
+            ("/caf%E9", NotUtf8),
+            // Fullwidth `／` and `ａ`, KELVIN SIGN (lowercase `k`), `İ` (simple lowercase `i`),
+            // dotless `ı` (uppercase `I`), long `ſ` (uppercase `S`), `²` (NFKC `2`), ONE DOT
+            // LEADER (NFKC `.`), the ligature `ﬁ` (NFKC `fi`).
+            ("/api%EF%BC%8Fadmin", FoldsToAscii),
+            ("/%EF%BD%81dmin", FoldsToAscii),
+            ("/%E2%84%AAey", FoldsToAscii),
+            ("/%C4%B0nternal", FoldsToAscii),
+            ("/adm%C4%B1n", FoldsToAscii),
+            ("/%C5%BFecret", FoldsToAscii),
+            ("/v%C2%B2", FoldsToAscii),
+            ("/%E2%80%A4%E2%80%A4/admin", FoldsToAscii),
+            ("/%EF%AC%81les", FoldsToAscii),
         ];
         for (path, why) in cases {
             assert_eq!(canonical_path(path), Err(why), "{path:?}");
@@ -241,6 +321,23 @@ mod tests {
         assert_eq!(canonical_path("/api/orders/").as_deref(), Ok("/api/orders/"));
         assert_eq!(canonical_path("/a.b/c..d/.e").as_deref(), Ok("/a.b/c..d/.e"));
         assert_eq!(canonical_path("/ADMIN").as_deref(), Ok("/ADMIN"));
+    }
+
+    /// Non-ASCII text that folds into nothing ASCII is a path like any other: accented letters
+    /// (precomposed, or a letter and a combining mark), `ß`, CJK, Cyrillic, an encoded `%`-free
+    /// ASCII escape beside them.
+    #[test]
+    fn plain_non_ascii_characters_are_kept() {
+        for path in [
+            "/caf%C3%A9",
+            "/cafe%CC%81",
+            "/stra%C3%9Fe",
+            "/%E4%B8%AD%E6%96%87/%D0%BF%D1%83%D1%82%D1%8C",
+            "/a%20%C3%A9",
+            "/%CE%A9",
+        ] {
+            assert_eq!(canonical_path(path).as_deref(), Ok(path), "{path:?}");
+        }
     }
 
     mod properties {
