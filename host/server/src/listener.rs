@@ -150,6 +150,11 @@ where
                 if n > 0 && !this.take(n) {
                     return Poll::Ready(Some(Err(BodyRefused::Budget.into())));
                 }
+                // A body whose frames are always ready when asked for is held to the deadline
+                // too.
+                if tokio::time::Instant::now() >= this.deadline {
+                    return Poll::Ready(Some(Err(BodyRefused::Late.into())));
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
