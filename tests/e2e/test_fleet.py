@@ -434,3 +434,42 @@ def test_a_watch_whose_consumer_is_lost_is_made_anew(tmp_path, nats, registry):
         assert answer(s, jti="before") == (401, "token_revoked")
     finally:
         f.stop()
+
+
+def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_path, nats, registry):
+    """A bucket deleted and made again (lost NATS storage, a rebuild) numbers its revisions
+    anew. A sidecar away meanwhile that comes back once the new bucket has passed its cached
+    revision used to watch on from that revision: it never read the new bucket's first items,
+    a revocation among them, kept the old bucket's, and reported itself in sync."""
+    f = Fleet(tmp_path, nats, 1)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        for jti in ["old-0", "old-1", "old-2"]:
+            fleet(nats, "revoke", "--jti", jti)
+        fleet(nats, "revoke", "--jti", "old-3", "--wait")
+        assert answer(f.sidecars[0], jti="old-3") == (401, "token_revoked")
+        f.sidecars[0].stop()
+
+        reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
+        assert reply.get("success"), reply
+        # The new bucket: other data at the old data's revision (1), the revocation, then
+        # enough writes to pass revision 6.
+        data = tmp_path / "rbac-data-2.json"
+        data.write_text(json.dumps({"roles": {"reader": [{"methods": ["GET"], "paths": ["/other/**"]}]}}))
+        fleet(nats, "put-data", "rbac", str(data))
+        fleet(nats, "revoke", "--jti", "mallory")
+        fleet(nats, "put-policy", "rbac", registry.ref("sandgate/rbac", "v1"))
+        for i in range(5):
+            fleet(nats, "revoke", "--jti", f"filler-{i}")
+
+        f.sidecars[0] = f.start(0)
+        # Ready at once, from its cached state; then it reads the bucket.
+        assert wait_until(lambda: answer(f.sidecars[0], jti="filler-4") == (401, "token_revoked"), timeout=15)
+        assert answer(f.sidecars[0], jti="mallory") == (401, "token_revoked")
+        # What only the old bucket had is gone with it, and the data is the new bucket's,
+        # though written at the same revision number as the old one.
+        assert answer(f.sidecars[0], jti="old-3") == (403, "forbidden")
+        status, headers, _ = f.sidecars[0].check({"Authorization": f"Bearer {token('probe')}", "X-Original-URI": "/other/x"})
+        assert status == 200, headers
+    finally:
+        f.stop()

@@ -292,7 +292,10 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
             for algorithm in &algorithms {
                 sandgate_auth::parse_algorithm(algorithm)?;
             }
-            let value = serde_json::to_vec(&IssuerItem { audiences, algorithms, leeway_secs, jwks })?;
+            let item = IssuerItem { audiences, algorithms, leeway_secs, jwks };
+            sandgate_server::fleet::apply::check_issuer_item(&item)
+                .map_err(|e| anyhow::anyhow!("issuer `{iss}`: {e}"))?;
+            let value = serde_json::to_vec(&item)?;
             let key = Key::Issuer(iss.clone()).encode();
             let (key, revision) = put(key, value, format!("issuer `{iss}`")).await?;
             (key, revision, wait)

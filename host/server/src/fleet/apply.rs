@@ -4,6 +4,7 @@
 //! version and is reported.
 
 use super::desired::{DesiredState, FLEET_OBJECT, IssuerItem, Key, PolicyItem, RevocationItem, RouteItem};
+use crate::config::MAX_LEEWAY_SECS;
 use crate::snapshot::{LoadedPolicy, OciSource, Route};
 use crate::state::State;
 use sandgate_auth::{Issuer, IssuerConfig, KeySets, Revocations};
@@ -38,12 +39,26 @@ struct FleetKeys {
     keys: HashMap<String, SharedKeys>,
 }
 
+/// When a desired state is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// At start, from the cached state, before anything is served and before NATS is
+    /// reached: a tag whose registry cannot be reached falls back to the digest it last
+    /// resolved to, and an item that fails is tried again on the next apply.
+    Start,
+    /// From the watch: a tag is resolved at its registry or the item fails (the version
+    /// serving now stays), and an item that failed is not tried again until it is written
+    /// again.
+    Live,
+}
+
 impl State {
     /// Publish the snapshot `desired` describes, with `fleet_revision = desired.revision`;
     /// revocations whose `until` is not after `now` are left out. Returns the items that could
     /// not be applied (each keeps its previous version).
-    pub async fn apply_desired(&self, desired: &DesiredState, now: u64) -> Vec<ItemError> {
+    pub async fn apply_desired(&self, desired: &DesiredState, now: u64, phase: Phase) -> Vec<ItemError> {
         let Some(fleet) = self.fleet.clone() else { return Vec::new() };
+        let reparse_data = fleet.reparse_data.swap(false, std::sync::atomic::Ordering::AcqRel);
         let _writes = self.module_writes.lock().await;
         let current = self.store.load();
         let mut errors = Vec::new();
@@ -58,7 +73,7 @@ impl State {
         for (key, (value, revision)) in &desired.items {
             let fail = |error: String| ItemError { key: key.clone(), revision: *revision, error };
             match Key::parse(key) {
-                Some(Key::Policy(id)) => match self.fleet_module(key, *revision, value, &mut referenced).await {
+                Some(Key::Policy(id)) => match self.fleet_module(key, *revision, value, &mut referenced, phase).await {
                     Ok(module) => {
                         modules.insert(id, module);
                     }
@@ -70,7 +85,7 @@ impl State {
                         errors.push(fail(error));
                     }
                 },
-                Some(Key::Shadow(id)) => match self.fleet_module(key, *revision, value, &mut referenced).await {
+                Some(Key::Shadow(id)) => match self.fleet_module(key, *revision, value, &mut referenced, phase).await {
                     Ok((module, _)) => {
                         shadows.insert(id, module);
                     }
@@ -84,7 +99,7 @@ impl State {
                 Some(Key::Data(id)) => {
                     let old = current.policies.get(&id).map(|p| p.data.clone());
                     match old {
-                        Some(old) if old.version == *revision => {
+                        Some(old) if old.version == *revision && !reparse_data => {
                             data.insert(id, old);
                         }
                         _ => match serde_json::from_str(value) {
@@ -253,6 +268,7 @@ impl State {
         revision: u64,
         value: &str,
         referenced: &mut HashSet<String>,
+        phase: Phase,
     ) -> Result<Resolved, String> {
         let Some(fleet) = &self.fleet else { return Err("not in a fleet".into()) };
         let item: PolicyItem = serde_json::from_str(value)
@@ -268,22 +284,25 @@ impl State {
         }
         let result = match item.module.strip_prefix(FLEET_OBJECT) {
             Some(digest) => self.fleet_object(fleet, digest).await,
-            None => self.pull_and_compile(&item.module).await,
+            None => self.pull_and_compile(&item.module, phase).await,
         };
         match &result {
             Ok(resolved) => fleet.remember_resolved(&item.module, resolved.clone()),
-            Err(error) => fleet.remember_failure(key, revision, error),
+            Err(error) if phase == Phase::Live => fleet.remember_failure(key, revision, error),
+            Err(_) => {}
         }
         result
     }
 
-    async fn pull_and_compile(&self, module: &str) -> Result<Resolved, String> {
+    async fn pull_and_compile(&self, module: &str, phase: Phase) -> Result<Resolved, String> {
         let reference: ModuleRef = module.parse().map_err(|e: sandgate_registry::BadReference| e.to_string())?;
-        let pulled = self
-            .registry
-            .pull(&reference, TagFallback::WhenUnreachable)
-            .await
-            .map_err(|e| sandgate_auth::error_chain(&e))?;
+        // Only at start may a tag stand for the digest it last resolved to: a tag written to
+        // the bucket while its registry is down must not load whatever that tag once was.
+        let fallback = match phase {
+            Phase::Start => TagFallback::WhenUnreachable,
+            Phase::Live => TagFallback::Never,
+        };
+        let pulled = self.registry.pull(&reference, fallback).await.map_err(|e| sandgate_auth::error_chain(&e))?;
         let module = self
             .compile(pulled.module.clone(), Some(&pulled.manifest_digest))
             .await
@@ -368,6 +387,7 @@ fn fleet_issuer(iss: &str, value: &str, local: &HashMap<String, Arc<Issuer>>) ->
     if item.audiences.is_empty() {
         return Err("an issuer needs at least one audience".into());
     }
+    check_issuer_item(&item)?;
     let config = IssuerConfig {
         issuer: iss.to_owned(),
         audiences: item.audiences,
@@ -383,6 +403,23 @@ fn fleet_issuer(iss: &str, value: &str, local: &HashMap<String, Arc<Issuer>>) ->
     let issuer = Issuer::from_config(&config).map_err(|e| sandgate_auth::error_chain(&e))?;
     let keys = static_keys(&serde_json::to_string(&item.jwks).map_err(|e| e.to_string())?)?;
     Ok(issuer.with_shared_static_keys(keys))
+}
+
+/// What a configured issuer is held to (`Config::check`) and serde cannot say: a bounded
+/// clock leeway and at least one algorithm. Without it a fleet item's leeway of years would
+/// keep expired tokens valid, and one past the current time would overflow the expiry check.
+/// `sandgate fleet issuer` checks it before writing.
+pub fn check_issuer_item(item: &IssuerItem) -> Result<(), String> {
+    if item.leeway_secs > MAX_LEEWAY_SECS {
+        return Err(format!(
+            "leeway_secs {} is more than {MAX_LEEWAY_SECS}: an expired token would stay valid that long",
+            item.leeway_secs
+        ));
+    }
+    if item.algorithms.is_empty() {
+        return Err("an issuer needs at least one algorithm".into());
+    }
+    Ok(())
 }
 
 /// The public keys of a JWKS item; shared secrets are refused.
@@ -482,6 +519,23 @@ mod tests {
         assert!(
             fleet_issuer("https://fleet.example", &issuer("[]"), &none).err().unwrap_or_default().contains("audience")
         );
+        // A leeway past the configured cap, or no algorithm, is refused as in a configuration
+        // file (both were taken before).
+        let with = |leeway: u64, algorithms: &str| {
+            format!(
+                r#"{{"audiences": ["api"], "algorithms": {algorithms}, "leeway_secs": {leeway}, "jwks": {{"keys": [{ec}]}}}}"#
+            )
+        };
+        assert!(fleet_issuer("https://fleet.example", &with(MAX_LEEWAY_SECS, r#"["ES256"]"#), &none).is_ok());
+        for (leeway, algorithms, why) in [
+            (MAX_LEEWAY_SECS + 1, r#"["ES256"]"#, "leeway_secs"),
+            (315_360_000, r#"["ES256"]"#, "leeway_secs"),
+            (0, "[]", "algorithm"),
+        ] {
+            let refused =
+                fleet_issuer("https://fleet.example", &with(leeway, algorithms), &none).err().unwrap_or_default();
+            assert!(refused.contains(why), "{leeway} {algorithms}: {refused}");
+        }
         let local = HashMap::from([("https://fleet.example".to_owned(), Arc::new(made))]);
         let refused = fleet_issuer("https://fleet.example", &issuer(r#"["api"]"#), &local).err().unwrap_or_default();
         assert!(refused.contains("configuration, which wins"), "{refused}");

@@ -169,6 +169,11 @@ pub struct DesiredState {
     pub revision: u64,
     /// Key → (value, the revision it was written at).
     pub items: BTreeMap<String, (String, u64)>,
+    /// Which bucket the revisions are of: its stream's creation time (nanoseconds since the
+    /// epoch). A bucket deleted and made again numbers its revisions anew, so a revision means
+    /// something only with this; absent in a state cached before it was recorded.
+    #[serde(default)]
+    pub bucket: Option<String>,
 }
 
 impl DesiredState {

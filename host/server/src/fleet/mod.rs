@@ -25,6 +25,7 @@
 //! still applied (every other item of it is live).
 
 pub mod apply;
+pub use apply::Phase;
 pub mod desired;
 pub mod status;
 
@@ -86,6 +87,9 @@ pub struct FleetHealth {
     pub(crate) keys_applied: Mutex<Option<(Vec<(String, u64)>, Vec<ItemError>)>>,
     /// Modules resolved from the references the fleet names, while it names them.
     resolved: Mutex<std::collections::HashMap<String, apply::Resolved>>,
+    /// Set when the bucket was found reset: the next apply parses every data item again
+    /// rather than keep a document whose revision number matches.
+    pub(crate) reparse_data: AtomicBool,
     /// Servers of a cluster that keep the status bucket, when this sidecar creates it.
     pub(crate) replicas: usize,
     /// The NATS client, once the fleet watch has one (for the object store).
@@ -117,9 +121,18 @@ impl FleetHealth {
             local_issuers: issuers,
             keys_applied: Mutex::new(None),
             resolved: Mutex::new(std::collections::HashMap::new()),
+            reparse_data: AtomicBool::new(false),
             client: std::sync::OnceLock::new(),
             replicas: config.replicas,
         }
+    }
+
+    /// Forget everything remembered by revision number (failed items, the key sets'
+    /// fingerprint, data documents): the bucket was reset and its numbers start again.
+    fn forget_revisions(&self) {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.keys_applied.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.reparse_data.store(true, Ordering::Release);
     }
 
     pub(crate) fn resolved(&self, reference: &str) -> Option<apply::Resolved> {
@@ -331,7 +344,7 @@ fn save_cached(path: &std::path::Path, desired: &DesiredState) {
 
 /// Apply `desired` now (at start, before anything is served) and record it.
 pub async fn apply_initial(state: &State, health: &FleetHealth, desired: &DesiredState) {
-    let errors = state.apply_desired(desired, crate::decide::unix_now()).await;
+    let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Start).await;
     report_errors(&errors);
     health.applied_now(desired.revision, errors);
 }
@@ -360,6 +373,14 @@ pub async fn run(
         }
     };
     let _ = health.client.set(client.clone());
+    // What could not be applied at start (a module only NATS or a registry has, neither
+    // reachable then) is tried again now that the client is up, whether or not the bucket has
+    // anything new.
+    if desired.revision > 0 {
+        let errors = state.apply_desired(&desired, crate::decide::unix_now(), Phase::Live).await;
+        report_errors(&errors);
+        health.applied_now(desired.revision, errors);
+    }
     let heartbeat =
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
@@ -400,14 +421,18 @@ async fn watch(
     let nats = |e: &dyn std::fmt::Display| FleetError::Nats(e.to_string());
     let js = async_nats::jetstream::new(client.clone());
     let kv = js.get_key_value(bucket(&health.name)).await.map_err(|e| nats(&e))?;
-    let last =
-        last_revision(&js, &health.name).await.ok_or_else(|| FleetError::Nats("cannot read the bucket".into()))?;
-    if last < desired.revision {
-        // The bucket is younger than what this sidecar applied (deleted and recreated, new
-        // NATS storage): its revisions mean something else now. Start over from it.
+    let (last, created) =
+        bucket_state(&js, &health.name).await.ok_or_else(|| FleetError::Nats("cannot read the bucket".into()))?;
+    // The bucket is not the one this sidecar applied (deleted and made again, new NATS
+    // storage): its revisions mean something else now, even where the new one has already
+    // passed the old revision. Start over from it.
+    let other_bucket = desired.bucket.as_ref().is_some_and(|b| *b != created);
+    if last < desired.revision || other_bucket {
         tracing::warn!(cached = desired.revision, bucket = last, "the fleet bucket was reset; reading it whole");
         *desired = DesiredState::default();
+        health.forget_revisions();
     }
+    desired.bucket = Some(created);
     // From a revision: every change since, in order. From nothing: the current value of
     // every key (not the history).
     let mut updates = if desired.revision == 0 {
@@ -462,7 +487,7 @@ async fn watch(
                 // A revocation that expired is dropped from the snapshot (same revision).
                 let now = crate::decide::unix_now();
                 if next_expiry.is_some_and(|t| t <= now) {
-                    let errors = state.apply_desired(desired, now).await;
+                    let errors = state.apply_desired(desired, now, Phase::Live).await;
                     health.applied_now(desired.revision, errors);
                     next_expiry = self::next_expiry(desired, now);
                 }
@@ -486,7 +511,7 @@ async fn watch(
                 if entry.delta == 0 {
                     initial = false;
                     let now = crate::decide::unix_now();
-                    let errors = state.apply_desired(desired, now).await;
+                    let errors = state.apply_desired(desired, now, Phase::Live).await;
                     report_errors(&errors);
                     health.applied_now(desired.revision, errors);
                     health.contact();
@@ -542,8 +567,14 @@ pub async fn fetch_object(
 
 /// The fleet bucket's last revision, asked of NATS now (`None` if it does not answer).
 pub async fn last_revision(js: &async_nats::jetstream::Context, fleet: &str) -> Option<u64> {
+    bucket_state(js, fleet).await.map(|(last, _)| last)
+}
+
+/// The bucket's last revision and its identity (its stream's creation time, in nanoseconds).
+async fn bucket_state(js: &async_nats::jetstream::Context, fleet: &str) -> Option<(u64, String)> {
     let mut stream = js.get_stream(format!("KV_{}", bucket(fleet))).await.ok()?;
-    stream.info().await.ok().map(|info| info.state.last_sequence)
+    let info = stream.info().await.ok()?;
+    Some((info.state.last_sequence, info.created.unix_timestamp_nanos().to_string()))
 }
 
 /// The earliest `until` of a revocation still in force at `now`.
