@@ -338,8 +338,8 @@ async fn grpc_code(response: h2::client::ResponseFuture) -> Option<u32> {
     tokio::time::timeout(std::time::Duration::from_secs(10), answered).await.ok()
 }
 
-/// A peer that opens `Check` calls and never finishes their messages holds neither memory nor
-/// the calls for good. Each call used to wait, its part of a message of up to 1 MiB buffered,
+/// A peer that opens `Check` calls and never finishes their messages (or never starts them)
+/// holds neither memory nor the calls for good. Each call used to wait, its part of a message of up to 1 MiB buffered,
 /// for as long as the connection lived: 200 streams on each connection, ~200 MiB a connection,
 /// none of it bounded in time. Now the listener holds at most `max_receiving_bytes` of bodies
 /// being received, ends a call past it with `RESOURCE_EXHAUSTED`, ends one whose message is
@@ -385,8 +385,44 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
     unfinished.push(send);
     assert_eq!(grpc_code(response).await, Some(DEADLINE_EXCEEDED));
 
+    // Calls whose message never starts hold their headers and streams: each is charged for
+    // itself, so 150 of them do not all wait for their deadline (they did).
+    let mut responses = Vec::new();
+    for _ in 0..150 {
+        let mut ready = client.ready().await.unwrap();
+        let request = Request::post("http://sandgate/envoy.service.auth.v3.Authorization/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, send) = ready.send_request(request, false).unwrap();
+        client = ready;
+        responses.push(response);
+        unfinished.push(send);
+    }
+    let mut codes = Vec::new();
+    for response in responses {
+        codes.push(grpc_code(response).await.expect("answered"));
+    }
+    assert!(codes.iter().all(|c| [DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED].contains(c)), "{codes:?}");
+    assert!(codes.contains(&RESOURCE_EXHAUSTED), "no call was refused for the budget: {codes:?}");
+
     // Every byte those calls held was released: a whole 900 KiB check is decided (allowed).
-    let (_, response, _send) = grpc_call(client, grpc_check(&vec![b'b'; 900 << 10]), true).await;
+    let (next, response, _send) = grpc_call(client, grpc_check(&vec![b'b'; 900 << 10]), true).await;
     assert_eq!(grpc_code(response).await, Some(0));
+    // A whole message is decided even if its stream is never ended: the call used to wait
+    // for its deadline holding the decoded message, and end DEADLINE_EXCEEDED.
+    let (next, response, _open) = grpc_call(next, grpc_check(b""), false).await;
+    assert_eq!(grpc_code(response).await, Some(0));
+    // A health watch, whose answer never ends, is not served.
+    let mut ready = next.ready().await.unwrap();
+    let watch = Request::post("http://sandgate/grpc.health.v1.Health/Watch")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = ready.send_request(watch, false).unwrap();
+    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    assert_eq!(grpc_code(response).await, Some(12), "UNIMPLEMENTED");
     stop.cancel();
 }

@@ -12,6 +12,7 @@
 use crate::decide::{Answer, Authorizer};
 use crate::listener::{BodyRefused, Receiving};
 use crate::original_request::OriginalRequest;
+use bytes::Bytes;
 use envoy_types::ext_authz::v3::pb::{
     CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse, HttpStatus,
     OkHttpResponse,
@@ -37,6 +38,8 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// The gRPC service and method of ext_authz.
 const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+/// `grpc.health.v1.Health/Watch`, refused: only `Check` is served.
+const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
 /// gRPC status codes used here (google.rpc.Code).
 mod code {
@@ -150,7 +153,7 @@ impl<H, B> Service<http::Request<B>> for GrpcService<H>
 where
     H: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
     H::Future: Send + 'static,
-    B: Body + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -162,18 +165,92 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() == WATCH_PATH {
+            // A health watch's answer never ends: each would hold a stream for good.
+            let status = tonic::Status::unimplemented("use grpc.health.v1.Health/Check");
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
         if request.uri().path() != CHECK_PATH {
             return Box::pin(self.health.call(request));
         }
         let check = Check(self.authorizer.clone());
         // A message refused by the listener (late, or past its budget of bytes being
-        // received) ends the call with a status Envoy answers as a deny.
-        let request = request.map(|body| body.map_err(receive_status));
+        // received) ends the call with a status Envoy answers as a deny. The body ends with
+        // the message: a peer that never ends the stream does not hold the decoded message
+        // until its deadline.
+        let request = request.map(|body| OneMessage::new(body.map_err(receive_status)));
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<CheckResponse, wire::CheckRequest>::default();
             let mut grpc = tonic::server::Grpc::new(codec).max_decoding_message_size(MAX_MESSAGE_BYTES);
             Ok(grpc.unary(check, request).await)
         })
+    }
+}
+
+/// A unary gRPC request body cut at the end of its one message (a 5-byte prefix, then the
+/// length it gives): what follows is never read, and the body ends there even if the peer
+/// never ends its stream.
+struct OneMessage<B> {
+    inner: B,
+    /// The prefix as far as it has arrived.
+    prefix: Vec<u8>,
+    /// Bytes of the message still to come, once the prefix is whole.
+    remaining: Option<usize>,
+}
+
+impl<B> OneMessage<B> {
+    fn new(inner: B) -> Self {
+        OneMessage { inner, prefix: Vec::with_capacity(5), remaining: None }
+    }
+
+    fn done(&self) -> bool {
+        self.remaining == Some(0)
+    }
+}
+
+impl<B> Body for OneMessage<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if this.done() {
+            return Poll::Ready(None);
+        }
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let Ok(mut data) = frame.into_data() else {
+            // Trailers before the message is whole: tonic reports the message missing.
+            return Poll::Ready(None);
+        };
+        let mut keep = 0;
+        if this.remaining.is_none() {
+            let take = (5 - this.prefix.len()).min(data.len());
+            this.prefix.extend_from_slice(&data[..take]);
+            keep += take;
+            if let [_, a, b, c, d] = this.prefix[..] {
+                this.remaining = Some(u32::from_be_bytes([a, b, c, d]) as usize);
+            }
+        }
+        if let Some(remaining) = &mut this.remaining {
+            let take = (*remaining).min(data.len() - keep);
+            *remaining -= take;
+            keep += take;
+        }
+        data.truncate(keep);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done() || self.inner.is_end_stream()
     }
 }
 
@@ -232,11 +309,13 @@ fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16
     let attributes = request.attributes.ok_or((400, "malformed check request: no attributes"))?;
     let http =
         attributes.request.and_then(|r| r.http).ok_or((400, "malformed check request: no attributes.request.http"))?;
-    let size: usize = http.headers.iter().map(|h| h.key.len() + h.value.len()).sum::<usize>()
+    // Counted as HTTP/2 counts a header list (RFC 7541 §4.1): 32 bytes an entry besides its
+    // name and value, so that many empty entries are not free.
+    let size: usize = http.headers.iter().map(|h| h.key.len() + h.value.len() + 32).sum::<usize>()
         + http
             .header_map
             .as_ref()
-            .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len()).sum());
+            .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len() + 32).sum());
     if size > MAX_HEADER_BYTES {
         return Err((431, "request headers too large"));
     }
@@ -477,6 +556,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(original_request(decoded(&with_http(http))).err().map(|e| e.0), Some(400));
+    }
+
+    /// Many empty header entries count: each decodes to far more than its 2 bytes on the
+    /// wire, and 40,000 of them used to count as 0 bytes and be sorted and handed to a policy.
+    #[test]
+    fn empty_header_entries_count_towards_the_header_limit() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue as EnvoyHeader};
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context;
+        let http = attribute_context::HttpRequest {
+            path: "/x".into(),
+            header_map: Some(HeaderMap { headers: vec![EnvoyHeader::default(); 40_000] }),
+            ..Default::default()
+        };
+        assert_eq!(original_request(decoded(&with_http(http))).err(), Some((431, "request headers too large")));
     }
 
     /// The lean message reads Envoy's full `CheckRequest` (with fields it skips: the

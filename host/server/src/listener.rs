@@ -89,25 +89,37 @@ pub enum BodyRefused {
 ///
 /// Without it a peer could open streams (hyper allows 200 on each HTTP/2 connection) and send
 /// each a gRPC message of up to 1 MiB that never ends: the service buffers every one until the
-/// message is whole, for as long as the connection lives (~200 MiB a connection).
+/// message is whole, for as long as the connection lives (~200 MiB a connection). A request
+/// whose body is read is also charged for itself (its headers, its stream's buffers) from its
+/// first read until it is dropped, so streams whose message never starts are bounded too.
 /// A body nobody reads (forward-auth ignores request bodies) costs one clock read.
 pub struct Receiving<B = Incoming> {
     inner: B,
     budget: Arc<AtomicUsize>,
     limit: usize,
     held: usize,
+    /// What the request itself is charged once its body is first read, and `0` after.
+    request_cost: usize,
     deadline: tokio::time::Instant,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// What a request whose body is being read is charged against the budget besides its body's
+/// bytes: its share of the stream's state and buffers, and its headers (decoded, an HTTP/2
+/// header list of 64 KiB can take several times that in memory).
+const REQUEST_COST: usize = 16 << 10;
+const HEADER_COST: usize = 96;
+
 impl<B> Receiving<B> {
-    /// `inner`, due within `limits.body_read_timeout` from now, counted against `budget`.
-    fn new(inner: B, budget: Arc<AtomicUsize>, limits: &Limits) -> Self {
+    /// `inner`, due within `limits.body_read_timeout` from now, counted against `budget`;
+    /// `headers` is how many header fields came with it.
+    fn new(inner: B, budget: Arc<AtomicUsize>, limits: &Limits, headers: usize) -> Self {
         Receiving {
             inner,
             budget,
             limit: limits.max_receiving_bytes,
             held: 0,
+            request_cost: REQUEST_COST + HEADER_COST * headers,
             deadline: tokio::time::Instant::now() + limits.body_read_timeout,
             timer: None,
         }
@@ -144,6 +156,14 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // A request whose body is read holds its headers and stream while it is received:
+        // charged at the first read, so that a body nobody reads (forward-auth) costs nothing.
+        if this.request_cost > 0 {
+            let cost = std::mem::take(&mut this.request_cost);
+            if !this.take(cost) {
+                return Poll::Ready(Some(Err(BodyRefused::Budget.into())));
+            }
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let n = frame.data_ref().map_or(0, Bytes::len);
@@ -295,7 +315,8 @@ where
     type Future = S::Future;
 
     fn call(&self, request: Request<Incoming>) -> S::Future {
-        self.inner.call(request.map(|body| Receiving::new(body, self.budget.clone(), &self.limits)))
+        let headers = request.headers().len();
+        self.inner.call(request.map(|body| Receiving::new(body, self.budget.clone(), &self.limits, headers)))
     }
 }
 
