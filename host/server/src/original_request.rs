@@ -95,9 +95,11 @@ pub enum AmbiguousPath {
     #[error("the path percent-encodes bytes that are not UTF-8")]
     NotUtf8,
     /// A non-ASCII character that Unicode compatibility normalization (NFKC) or case mapping
-    /// turns into ASCII: fullwidth forms (`%EF%BC%8F`, `／`), `K` KELVIN SIGN, `İ`, `ſ`, `²`.
-    /// Upstreams that fold them (IIS's best-fit mapping, NFKC or case-insensitive routing)
-    /// would serve another path than the one routed and judged.
+    /// turns into ASCII: fullwidth forms (`%EF%BC%8F`, `／`), `K` KELVIN SIGN, `İ`, `ſ`, `²`;
+    /// an invisible one some upstreams drop (soft hyphen, zero-width space); a look-alike of
+    /// `/`, `\`, `:` or `%` (`∕`). Upstreams that fold them (NFKC or case-insensitive
+    /// routing, Windows' best-fit mapping of the delimiters) would serve another path than the
+    /// one routed and judged.
     #[error("the path has a character that folds into ASCII")]
     FoldsToAscii,
 }
@@ -206,7 +208,7 @@ fn non_ascii_is_plain(canonical: &str) -> Result<(), AmbiguousPath> {
     let single_ascii_upper =
         |mut mapped: std::char::ToUppercase| matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii());
     let folds = |c: char| c == '\u{130}' || single_ascii(c.to_lowercase()) || single_ascii_upper(c.to_uppercase());
-    if text.chars().any(|c| !c.is_ascii() && folds(c)) {
+    if text.chars().any(|c| !c.is_ascii() && (folds(c) || invisible_or_delimiter(c))) {
         return Err(AmbiguousPath::FoldsToAscii);
     }
     // Compatibility normalization of each run of non-ASCII characters: a run, not a
@@ -217,6 +219,40 @@ fn non_ascii_is_plain(canonical: &str) -> Result<(), AmbiguousPath> {
         }
     }
     Ok(())
+}
+
+/// A character that some upstream drops or reads as a path delimiter, though NFKC keeps it:
+/// the default-ignorable code points (soft hyphen, zero-width and bidirectional controls,
+/// variation selectors, tags: NFKC_Casefold and some file systems drop them), and the
+/// look-alikes of `/`, `\`, `:` and `%` that Windows' best-fit mappings turn into them
+/// (`∕` `⁄` `∖` `։` `∶` `٪`).
+fn invisible_or_delimiter(c: char) -> bool {
+    matches!(
+        c,
+        '\u{AD}'
+            | '\u{34F}'
+            | '\u{61C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+            | '\u{2215}'
+            | '\u{2044}'
+            | '\u{2216}'
+            | '\u{589}'
+            | '\u{2236}'
+            | '\u{66A}'
+    )
 }
 
 /// The bearer token of `headers` (lowercase names), as [`OriginalRequest::bearer`] reads it.
@@ -306,6 +342,14 @@ mod tests {
             ("/v%C2%B2", FoldsToAscii),
             ("/%E2%80%A4%E2%80%A4/admin", FoldsToAscii),
             ("/%EF%AC%81les", FoldsToAscii),
+            // Dropped by NFKC_Casefold (soft hyphen, zero-width space, BOM), and best-fit
+            // look-alikes of `/` and `\` (DIVISION SLASH, FRACTION SLASH, SET MINUS).
+            ("/ad%C2%ADmin", FoldsToAscii),
+            ("/ad%E2%80%8Bmin", FoldsToAscii),
+            ("/%EF%BB%BFadmin", FoldsToAscii),
+            ("/static/..%E2%88%95admin", FoldsToAscii),
+            ("/a%E2%81%84b", FoldsToAscii),
+            ("/a%E2%88%96b", FoldsToAscii),
         ];
         for (path, why) in cases {
             assert_eq!(canonical_path(path), Err(why), "{path:?}");
