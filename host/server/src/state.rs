@@ -138,6 +138,9 @@ pub struct State {
     /// Serialises module uploads from compile to publish, so a quick upload (a cached
     /// rollback) cannot be overtaken by a slower one that started before it.
     pub(crate) module_writes: tokio::sync::Mutex<()>,
+    /// Key ids blocked on this sidecar, by issuer: kept apart from the key sets, so that a
+    /// fleet issuer that leaves the fleet's items and comes back is blocked as before.
+    pub(crate) blocked_kids: std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     compiler: Compiler,
     /// In a fleet: what this sidecar applied and how long it has been out of touch.
     pub fleet: Option<Arc<crate::fleet::FleetHealth>>,
@@ -276,6 +279,7 @@ impl State {
             allowed_digests,
             recent_modules: RecentModules::default(),
             module_writes: tokio::sync::Mutex::new(()),
+            blocked_kids: std::sync::Mutex::new(HashMap::new()),
             compiler: Compiler::start().map_err(StartError::Compiler)?,
             fleet,
             archive,
@@ -455,6 +459,13 @@ impl State {
                 return Err(ChangeError::NotFound(format!("no issuer `{issuer}`")));
             }
             s.keys = Arc::new(s.keys.with_issuer(issuer, |current| current.with_blocked_kid(kid, blocked)));
+            let mut registry = self.blocked_kids.lock().unwrap_or_else(|e| e.into_inner());
+            let kids = registry.entry(issuer.to_owned()).or_default();
+            if blocked {
+                kids.insert(kid.to_owned());
+            } else {
+                kids.remove(kid);
+            }
             Ok(())
         })
     }

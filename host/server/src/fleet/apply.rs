@@ -10,7 +10,7 @@ use crate::state::State;
 use sandgate_auth::{Issuer, IssuerConfig, KeySets, Revocations};
 use sandgate_registry::{ModuleRef, TagFallback};
 use sandgate_runtime::{PolicyData, PolicyModule};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -200,7 +200,8 @@ impl State {
                 .chain(fleet.local_routes.iter().cloned())
                 .collect();
             if let Some(fleet_keys) = fleet_keys {
-                s.keys = Arc::new(key_sets(&s.keys, &fleet.local_issuers, fleet_keys));
+                let blocked = self.blocked_kids.lock().unwrap_or_else(|e| e.into_inner());
+                s.keys = Arc::new(key_sets(&s.keys, &fleet.local_issuers, fleet_keys, &blocked));
             }
             if s.revocations.jtis != jtis || s.revocations.subjects != subjects {
                 s.revocations = Arc::new(Revocations { version: s.revocations.version + 1, jtis, subjects });
@@ -440,7 +441,13 @@ fn static_keys(value: &str) -> Result<SharedKeys, String> {
 
 /// The key sets after `current`: the configured issuers (their JWKS-endpoint keys as fetched
 /// so far, their static keys from a `keys.<iss>` item if there is one), then the fleet's.
-fn key_sets(current: &KeySets, local: &HashMap<String, Arc<Issuer>>, mut fleet: FleetKeys) -> KeySets {
+/// `blocked` is every key id blocked on this sidecar, by issuer.
+fn key_sets(
+    current: &KeySets,
+    local: &HashMap<String, Arc<Issuer>>,
+    mut fleet: FleetKeys,
+    blocked: &HashMap<String, BTreeSet<String>>,
+) -> KeySets {
     let mut issuers = HashMap::new();
     for (iss, configured) in local {
         let live = current.issuers.get(iss).unwrap_or(configured);
@@ -452,9 +459,10 @@ fn key_sets(current: &KeySets, local: &HashMap<String, Arc<Issuer>>, mut fleet: 
             Some(keys) => issuer.with_shared_static_keys(keys),
             None => issuer,
         };
-        // A key blocked on this sidecar stays blocked.
-        if let Some(live) = current.issuers.get(&issuer.issuer) {
-            issuer.blocked_kids = live.blocked_kids.clone();
+        // A key blocked on this sidecar stays blocked, even if its issuer left the fleet's
+        // items meanwhile (a removal, or one malformed write) and came back.
+        if let Some(kids) = blocked.get(&issuer.issuer) {
+            issuer.blocked_kids = kids.clone();
         }
         issuers.insert(issuer.issuer.clone(), Arc::new(issuer));
     }
@@ -536,6 +544,17 @@ mod tests {
                 fleet_issuer("https://fleet.example", &with(leeway, algorithms), &none).err().unwrap_or_default();
             assert!(refused.contains(why), "{leeway} {algorithms}: {refused}");
         }
+        // A key blocked on this sidecar stays blocked when its fleet issuer leaves the items
+        // and comes back (it used to be taken from the live key sets, where the issuer no
+        // longer was).
+        let blocked = HashMap::from([("https://fleet.example".to_owned(), BTreeSet::from(["k1".to_owned()]))]);
+        let fleet_keys = |issuers: Vec<Issuer>| FleetKeys { issuers, keys: HashMap::new() };
+        let empty = KeySets { version: 1, issuers: HashMap::new() };
+        let without = key_sets(&empty, &none, fleet_keys(Vec::new()), &blocked);
+        assert!(without.issuers.is_empty());
+        let again = fleet_issuer("https://fleet.example", &issuer(r#"["api"]"#), &none).unwrap();
+        let with = key_sets(&without, &none, fleet_keys(vec![again]), &blocked);
+        assert!(with.issuers["https://fleet.example"].blocked_kids.contains("k1"));
         let local = HashMap::from([("https://fleet.example".to_owned(), Arc::new(made))]);
         let refused = fleet_issuer("https://fleet.example", &issuer(r#"["api"]"#), &local).err().unwrap_or_default();
         assert!(refused.contains("configuration, which wins"), "{refused}");
