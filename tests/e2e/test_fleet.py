@@ -440,8 +440,9 @@ def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_pat
     """A bucket deleted and made again (lost NATS storage, a rebuild) numbers its revisions
     anew. A sidecar away meanwhile that comes back once the new bucket has passed its cached
     revision used to watch on from that revision: it never read the new bucket's first items,
-    a revocation among them, kept the old bucket's, and reported itself in sync."""
-    f = Fleet(tmp_path, nats, 1)
+    a revocation among them, kept the old bucket's, and reported itself in sync. A sidecar
+    connected all along gets the same new bucket."""
+    f = Fleet(tmp_path, nats, 2)
     try:
         deploy_rbac(tmp_path, nats, registry)
         for jti in ["old-0", "old-1", "old-2"]:
@@ -449,6 +450,7 @@ def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_pat
         fleet(nats, "revoke", "--jti", "old-3", "--wait")
         assert answer(f.sidecars[0], jti="old-3") == (401, "token_revoked")
         f.sidecars[0].stop()
+        # The second sidecar stays connected throughout.
 
         reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
         assert reply.get("success"), reply
@@ -463,13 +465,43 @@ def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_pat
             fleet(nats, "revoke", "--jti", f"filler-{i}")
 
         f.sidecars[0] = f.start(0)
-        # Ready at once, from its cached state; then it reads the bucket.
-        assert wait_until(lambda: answer(f.sidecars[0], jti="filler-4") == (401, "token_revoked"), timeout=15)
-        assert answer(f.sidecars[0], jti="mallory") == (401, "token_revoked")
-        # What only the old bucket had is gone with it, and the data is the new bucket's,
-        # though written at the same revision number as the old one.
-        assert answer(f.sidecars[0], jti="old-3") == (403, "forbidden")
-        status, headers, _ = f.sidecars[0].check({"Authorization": f"Bearer {token('probe')}", "X-Original-URI": "/other/x"})
-        assert status == 200, headers
+        for s in f.sidecars:
+            # Ready at once, from its cached state (or connected all along); then it reads
+            # the new bucket.
+            assert wait_until(lambda: answer(s, jti="filler-4") == (401, "token_revoked"), timeout=15)
+            assert answer(s, jti="mallory") == (401, "token_revoked")
+            # What only the old bucket had is gone with it, and the data is the new bucket's,
+            # though written at the same revision number as the old one.
+            assert answer(s, jti="old-3") == (403, "forbidden")
+            status, headers, _ = s.check({"Authorization": f"Bearer {token('probe')}", "X-Original-URI": "/other/x"})
+            assert status == 200, headers
+    finally:
+        f.stop()
+
+
+def test_a_bucket_made_again_below_the_applied_revision_is_noticed_by_a_connected_sidecar(tmp_path, nats, registry):
+    """A bucket made again that stays below the revision a connected sidecar applied: the
+    watch's consumer makes itself again on the new stream from the old revision, so nothing
+    arrives, and NATS answers that the bucket is not ahead. The sidecar stayed fresh on the old
+    bucket's state until the watch failed its heartbeats, allowing a token the new bucket
+    revokes."""
+    f = Fleet(tmp_path, nats, 1)
+    try:
+        deploy_rbac(tmp_path, nats, registry)
+        for jti in ["old-0", "old-1", "old-2"]:
+            fleet(nats, "revoke", "--jti", jti)
+        fleet(nats, "revoke", "--jti", "old-3", "--wait")
+        reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
+        assert reply.get("success"), reply
+        # Three revisions, below the six applied.
+        data = tmp_path / "rbac-data.json"
+        fleet(nats, "put-data", "rbac", str(data))
+        fleet(nats, "put-policy", "rbac", registry.ref("sandgate/rbac", "v1"))
+        fleet(nats, "revoke", "--jti", "mallory")
+        # Asked every 500 ms; the old code noticed only when its watch failed its heartbeats
+        # (over 10 s here), allowing `mallory` meanwhile.
+        s = f.sidecars[0]
+        assert wait_until(lambda: answer(s, jti="mallory") == (401, "token_revoked"), timeout=5)
+        assert answer(s, jti="old-3") == (200, None)
     finally:
         f.stop()

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest module or document the admin API accepts.
-const MAX_BODY: usize = 32 << 20;
+pub(crate) const MAX_BODY: usize = 32 << 20;
 
 /// The live snapshot as JSON.
 pub fn snapshot_json(s: &Snapshot) -> Value {

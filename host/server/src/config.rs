@@ -544,6 +544,7 @@ pub struct ServerConfig {
     /// Bytes of request bodies still being received that each listener holds at once, over all
     /// its connections (a gRPC check's message is held until it is whole). Past it, the body
     /// being read fails: a gRPC check ends `RESOURCE_EXHAUSTED`, which Envoy answers as a deny.
+    /// The admin listener's is at least 65 MiB, two of its largest bodies.
     pub max_receiving_bytes: usize,
     /// A directory watched for policy modules: `ID.wasm` (with optional data `ID.json`) is
     /// loaded as policy `ID` when it appears or changes, and unloaded when it disappears.

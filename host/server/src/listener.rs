@@ -159,10 +159,10 @@ where
         // A request whose body is read holds its headers and stream while it is received:
         // charged at the first read, so that a body nobody reads (forward-auth) costs nothing.
         if this.request_cost > 0 {
-            let cost = std::mem::take(&mut this.request_cost);
-            if !this.take(cost) {
+            if !this.take(this.request_cost) {
                 return Poll::Ready(Some(Err(BodyRefused::Budget.into())));
             }
+            this.request_cost = 0;
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -254,7 +254,13 @@ impl Sidecar {
                     async move { Ok::<_, Infallible>(api.handle(request).await) }
                 })
             };
-            tasks.spawn(listener::serve("admin", listener, make, limits, stop.clone(), grace));
+            // Room for two of the largest admin bodies (a module upload) whatever the check
+            // listeners' budget is.
+            let admin_limits = listener::Limits {
+                max_receiving_bytes: limits.max_receiving_bytes.max(2 * crate::admin_api::MAX_BODY + (1 << 20)),
+                ..limits
+            };
+            tasks.spawn(listener::serve("admin", listener, make, admin_limits, stop.clone(), grace));
         }
         if let Some(listener) = grpc {
             let routes = crate::ext_authz::routes(authorizer.clone()).await;

@@ -90,6 +90,9 @@ pub struct FleetHealth {
     /// Set when the bucket was found reset: the next apply parses every data item again
     /// rather than keep a document whose revision number matches.
     pub(crate) reparse_data: AtomicBool,
+    /// Set when the apply at start had errors: the state is applied again once NATS is
+    /// reached.
+    retry_start: AtomicBool,
     /// Servers of a cluster that keep the status bucket, when this sidecar creates it.
     pub(crate) replicas: usize,
     /// The NATS client, once the fleet watch has one (for the object store).
@@ -122,6 +125,7 @@ impl FleetHealth {
             keys_applied: Mutex::new(None),
             resolved: Mutex::new(std::collections::HashMap::new()),
             reparse_data: AtomicBool::new(false),
+            retry_start: AtomicBool::new(false),
             client: std::sync::OnceLock::new(),
             replicas: config.replicas,
         }
@@ -345,6 +349,7 @@ fn save_cached(path: &std::path::Path, desired: &DesiredState) {
 /// Apply `desired` now (at start, before anything is served) and record it.
 pub async fn apply_initial(state: &State, health: &FleetHealth, desired: &DesiredState) {
     let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Start).await;
+    health.retry_start.store(!errors.is_empty(), Ordering::Release);
     report_errors(&errors);
     health.applied_now(desired.revision, errors);
 }
@@ -373,14 +378,6 @@ pub async fn run(
         }
     };
     let _ = health.client.set(client.clone());
-    // What could not be applied at start (a module only NATS or a registry has, neither
-    // reachable then) is tried again now that the client is up, whether or not the bucket has
-    // anything new.
-    if desired.revision > 0 {
-        let errors = state.apply_desired(&desired, crate::decide::unix_now(), Phase::Live).await;
-        report_errors(&errors);
-        health.applied_now(desired.revision, errors);
-    }
     let heartbeat =
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
@@ -427,12 +424,28 @@ async fn watch(
     // storage): its revisions mean something else now, even where the new one has already
     // passed the old revision. Start over from it.
     let other_bucket = desired.bucket.as_ref().is_some_and(|b| *b != created);
-    if last < desired.revision || other_bucket {
+    let reset = last < desired.revision || other_bucket;
+    if reset {
         tracing::warn!(cached = desired.revision, bucket = last, "the fleet bucket was reset; reading it whole");
         *desired = DesiredState::default();
         health.forget_revisions();
     }
+    let identified = desired.bucket.is_none();
     desired.bucket = Some(created);
+    if identified {
+        save_cached(cache_file, desired);
+    }
+    // NATS is reached: what could not be applied at start (a module only NATS or a registry
+    // has, neither reachable then) is tried again, whether or not the bucket has anything new.
+    // And a bucket found reset and empty delivers nothing to apply: what only the old one had
+    // goes now.
+    let retry = health.retry_start.swap(false, Ordering::AcqRel);
+    if (retry && desired.revision > 0) || (reset && last == 0) {
+        let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Live).await;
+        report_errors(&errors);
+        health.applied_now(desired.revision, errors);
+        save_cached(cache_file, desired);
+    }
     // From a revision: every change since, in order. From nothing: the current value of
     // every key (not the history).
     let mut updates = if desired.revision == 0 {
@@ -462,7 +475,16 @@ async fn watch(
             _ = tick.tick() => {
                 // Fresh only while NATS answers that the bucket has nothing this sidecar has not
                 // applied (asked now: `Store::status` would answer from a cache).
-                let last = tokio::time::timeout(Duration::from_secs(1), last_revision(&js, &health.name)).await;
+                let state_now = tokio::time::timeout(Duration::from_secs(1), bucket_state(&js, &health.name)).await;
+                // A bucket made again while this watch was open (NATS lost its storage; the
+                // watch's consumer re-creates itself on the new stream from the old sequence):
+                // the watch is made anew, which reads the new bucket whole.
+                if let Ok(Some((_, created))) = &state_now
+                    && desired.bucket.as_ref().is_some_and(|b| b != created)
+                {
+                    return Err(FleetError::Nats("the fleet bucket was made again".into()));
+                }
+                let last = state_now.map(|s| s.map(|(last, _)| last));
                 match last {
                     Ok(Some(last)) if last <= desired.revision => {
                         health.contact();
