@@ -55,10 +55,38 @@ fn current(state: &State) -> Option<NodeStatus> {
                 (p.id.clone(), module)
             })
             .collect(),
-        errors,
+        errors: bounded(errors),
         heartbeat_ms: super::unix_ms(),
         heartbeat_every_ms: health.heartbeat_every.as_millis() as u64,
     })
+}
+
+/// Errors a status lists, and bytes of each error's text it keeps.
+const MAX_ERRORS: usize = 64;
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// `errors` cut to what a status carries: a registry's long error body, or many failing items,
+/// must not make the status larger than NATS takes (the sidecar would then drop out of the
+/// live ones `--wait` waits for, while it keeps serving). A cut is said in the text.
+fn bounded(mut errors: Vec<super::ItemError>) -> Vec<super::ItemError> {
+    let more = errors.len().saturating_sub(MAX_ERRORS);
+    errors.truncate(MAX_ERRORS);
+    for e in &mut errors {
+        if e.error.len() > MAX_ERROR_TEXT {
+            let mut end = MAX_ERROR_TEXT;
+            while !e.error.is_char_boundary(end) {
+                end -= 1;
+            }
+            e.error.truncate(end);
+            e.error.push_str(" … (cut)");
+        }
+    }
+    if more > 0
+        && let Some(last) = errors.last_mut()
+    {
+        last.error.push_str(&format!(" (and {more} more items not applied)"));
+    }
+    errors
 }
 
 /// Open (or create) the status bucket.
@@ -115,5 +143,28 @@ pub async fn heartbeat(
             _ = tick.tick() => {}
         }
         let _ = tokio::time::timeout(every.max(Duration::from_secs(2)), publish(&state, &client)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::ItemError;
+
+    /// A status listing every error in full grew with them: 200 items failing with a
+    /// registry's 1 MiB error body made a status NATS refuses (its default `max_payload` is
+    /// 1 MiB).
+    #[test]
+    fn a_status_lists_a_bounded_number_of_errors_each_cut_short() {
+        let long = "é".repeat(512 << 10);
+        let errors: Vec<ItemError> =
+            (0..200).map(|i| ItemError { key: format!("policy.p{i}"), revision: i, error: long.clone() }).collect();
+        let kept = bounded(errors);
+        assert_eq!(kept.len(), MAX_ERRORS);
+        assert!(kept.iter().all(|e| e.error.len() <= MAX_ERROR_TEXT + 64 && e.error.contains("(cut)")));
+        assert!(kept[MAX_ERRORS - 1].error.ends_with("(and 136 more items not applied)"));
+        assert!(serde_json::to_vec(&kept).unwrap().len() < 128 << 10);
+        let short = vec![ItemError { key: "route.r".into(), revision: 1, error: "no policy `p`".into() }];
+        assert_eq!(bounded(short.clone()), short);
     }
 }
