@@ -303,21 +303,46 @@ fn grpc_message_start(length: u32, sent: usize) -> Bytes {
     Bytes::from(part)
 }
 
+/// The ext_authz `Check` method's path.
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+/// gRPC status codes.
+const DEADLINE_EXCEEDED: u32 = 4;
+const RESOURCE_EXHAUSTED: u32 = 8;
+
+/// Open a gRPC call to `path`, sending nothing yet.
+async fn grpc_open(
+    client: h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (h2::client::SendRequest<Bytes>, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut client = client.ready().await.unwrap();
+    let request = Request::post(format!("http://sandgate{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, send) = client.send_request(request, false).unwrap();
+    (client, response, send)
+}
+
 /// Open a `Check` call and send `data`, finished or not.
 async fn grpc_call(
     client: h2::client::SendRequest<Bytes>,
     data: Bytes,
     finished: bool,
 ) -> (h2::client::SendRequest<Bytes>, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
-    let mut client = client.ready().await.unwrap();
-    let request = Request::post("http://sandgate/envoy.service.auth.v3.Authorization/Check")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(request, false).unwrap();
+    let (client, response, mut send) = grpc_open(client, CHECK).await;
     send.send_data(data, finished).unwrap();
     (client, response, send)
+}
+
+/// Calls that each end past the budget or at their deadline, at least one for the budget.
+async fn refused(responses: Vec<h2::client::ResponseFuture>) {
+    let mut codes = Vec::new();
+    for response in responses {
+        codes.push(grpc_code(response).await.expect("a call past the budget or its deadline is answered"));
+    }
+    assert!(codes.iter().all(|c| [DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED].contains(c)), "{codes:?}");
+    assert!(codes.contains(&RESOURCE_EXHAUSTED), "nothing was refused for the budget: {codes:?}");
 }
 
 /// The call's gRPC status code, from its headers (an error answered at once) or its trailers.
@@ -349,8 +374,6 @@ async fn grpc_code(response: h2::client::ResponseFuture) -> Option<u32> {
 async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounded() {
     use sandgate_server::listener::{self, Limits, Listener};
     use std::time::Duration;
-    const DEADLINE_EXCEEDED: u32 = 4;
-    const RESOURCE_EXHAUSTED: u32 = 8;
     let routes = sandgate_server::ext_authz::routes(sandgate_tests::authorizer(&config())).await;
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = socket.local_addr().unwrap();
@@ -372,12 +395,7 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
         responses.push(response);
         unfinished.push(send);
     }
-    let mut codes = Vec::new();
-    for response in responses {
-        codes.push(grpc_code(response).await.expect("a call past the budget or its deadline is answered"));
-    }
-    assert!(codes.iter().all(|c| [DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED].contains(c)), "{codes:?}");
-    assert!(codes.contains(&RESOURCE_EXHAUSTED), "nothing was refused for the budget: {codes:?}");
+    refused(responses).await;
 
     // A call within the budget whose message stops arriving ends at its deadline.
     let (next, response, send) = grpc_call(client, grpc_message_start(200_000, 100 << 10), false).await;
@@ -389,23 +407,12 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
     // itself, so 150 of them do not all wait for their deadline (they did).
     let mut responses = Vec::new();
     for _ in 0..150 {
-        let mut ready = client.ready().await.unwrap();
-        let request = Request::post("http://sandgate/envoy.service.auth.v3.Authorization/Check")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, send) = ready.send_request(request, false).unwrap();
-        client = ready;
+        let (next, response, send) = grpc_open(client, CHECK).await;
+        client = next;
         responses.push(response);
         unfinished.push(send);
     }
-    let mut codes = Vec::new();
-    for response in responses {
-        codes.push(grpc_code(response).await.expect("answered"));
-    }
-    assert!(codes.iter().all(|c| [DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED].contains(c)), "{codes:?}");
-    assert!(codes.contains(&RESOURCE_EXHAUSTED), "no call was refused for the budget: {codes:?}");
+    refused(responses).await;
 
     // Every byte those calls held was released: a whole 900 KiB check is decided (allowed).
     let (next, response, _send) = grpc_call(client, grpc_check(&vec![b'b'; 900 << 10]), true).await;
@@ -415,13 +422,7 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
     let (next, response, _open) = grpc_call(next, grpc_check(b""), false).await;
     assert_eq!(grpc_code(response).await, Some(0));
     // A health watch, whose answer never ends, is not served.
-    let mut ready = next.ready().await.unwrap();
-    let watch = Request::post("http://sandgate/grpc.health.v1.Health/Watch")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut send) = ready.send_request(watch, false).unwrap();
+    let (_, response, mut send) = grpc_open(next, "/grpc.health.v1.Health/Watch").await;
     send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
     assert_eq!(grpc_code(response).await, Some(12), "UNIMPLEMENTED");
     stop.cancel();

@@ -436,6 +436,18 @@ def test_a_watch_whose_consumer_is_lost_is_made_anew(tmp_path, nats, registry):
         f.stop()
 
 
+def old_bucket_then_deleted(tmp_path, nats, registry, before_delete=lambda: None):
+    """The RBAC policy and four revocations (revisions 1–6, every live sidecar waited for),
+    then `before_delete()`, then the bucket deleted."""
+    deploy_rbac(tmp_path, nats, registry)
+    for jti in ["old-0", "old-1", "old-2"]:
+        fleet(nats, "revoke", "--jti", jti)
+    fleet(nats, "revoke", "--jti", "old-3", "--wait")
+    before_delete()
+    reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
+    assert reply.get("success"), reply
+
+
 def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_path, nats, registry):
     """A bucket deleted and made again (lost NATS storage, a rebuild) numbers its revisions
     anew. A sidecar away meanwhile that comes back once the new bucket has passed its cached
@@ -444,16 +456,12 @@ def test_a_bucket_made_again_is_read_whole_even_past_the_cached_revision(tmp_pat
     connected all along gets the same new bucket."""
     f = Fleet(tmp_path, nats, 2)
     try:
-        deploy_rbac(tmp_path, nats, registry)
-        for jti in ["old-0", "old-1", "old-2"]:
-            fleet(nats, "revoke", "--jti", jti)
-        fleet(nats, "revoke", "--jti", "old-3", "--wait")
-        assert answer(f.sidecars[0], jti="old-3") == (401, "token_revoked")
-        f.sidecars[0].stop()
-        # The second sidecar stays connected throughout.
+        def away():
+            assert answer(f.sidecars[0], jti="old-3") == (401, "token_revoked")
+            # The second sidecar stays connected throughout.
+            f.sidecars[0].stop()
 
-        reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
-        assert reply.get("success"), reply
+        old_bucket_then_deleted(tmp_path, nats, registry, away)
         # The new bucket: other data at the old data's revision (1), the revocation, then
         # enough writes to pass revision 6.
         data = tmp_path / "rbac-data-2.json"
@@ -487,12 +495,7 @@ def test_a_bucket_made_again_below_the_applied_revision_is_noticed_by_a_connecte
     revokes."""
     f = Fleet(tmp_path, nats, 1)
     try:
-        deploy_rbac(tmp_path, nats, registry)
-        for jti in ["old-0", "old-1", "old-2"]:
-            fleet(nats, "revoke", "--jti", jti)
-        fleet(nats, "revoke", "--jti", "old-3", "--wait")
-        reply = json.loads(nats_request(nats, "$JS.API.STREAM.DELETE.KV_sandgate_prod"))
-        assert reply.get("success"), reply
+        old_bucket_then_deleted(tmp_path, nats, registry)
         # Three revisions, below the six applied.
         data = tmp_path / "rbac-data.json"
         fleet(nats, "put-data", "rbac", str(data))

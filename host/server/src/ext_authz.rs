@@ -192,15 +192,16 @@ where
 /// never ends its stream.
 struct OneMessage<B> {
     inner: B,
-    /// The prefix as far as it has arrived.
-    prefix: Vec<u8>,
+    /// The prefix, its first `prefix_len` bytes arrived.
+    prefix: [u8; 5],
+    prefix_len: usize,
     /// Bytes of the message still to come, once the prefix is whole.
     remaining: Option<usize>,
 }
 
 impl<B> OneMessage<B> {
     fn new(inner: B) -> Self {
-        OneMessage { inner, prefix: Vec::with_capacity(5), remaining: None }
+        OneMessage { inner, prefix: [0; 5], prefix_len: 0, remaining: None }
     }
 
     fn done(&self) -> bool {
@@ -233,10 +234,12 @@ where
         };
         let mut keep = 0;
         if this.remaining.is_none() {
-            let take = (5 - this.prefix.len()).min(data.len());
-            this.prefix.extend_from_slice(&data[..take]);
+            let take = (5 - this.prefix_len).min(data.len());
+            this.prefix[this.prefix_len..this.prefix_len + take].copy_from_slice(&data[..take]);
+            this.prefix_len += take;
             keep += take;
-            if let [_, a, b, c, d] = this.prefix[..] {
+            if this.prefix_len == 5 {
+                let [_, a, b, c, d] = this.prefix;
                 this.remaining = Some(u32::from_be_bytes([a, b, c, d]) as usize);
             }
         }

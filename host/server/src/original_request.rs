@@ -203,11 +203,10 @@ fn non_ascii_is_plain(canonical: &str) -> Result<(), AmbiguousPath> {
     // Simple case mappings, one character to one (what Java's `equalsIgnoreCase` and .NET's
     // `OrdinalIgnoreCase` compare with); U+0130 `İ`'s is `i`, though its full lowercase is
     // `i̇`. `ß` (uppercase `SS`, no simple mapping) stays allowed.
-    let single_ascii =
-        |mut mapped: std::char::ToLowercase| matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii());
-    let single_ascii_upper =
-        |mut mapped: std::char::ToUppercase| matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii());
-    let folds = |c: char| c == '\u{130}' || single_ascii(c.to_lowercase()) || single_ascii_upper(c.to_uppercase());
+    fn single_ascii(mut mapped: impl Iterator<Item = char>) -> bool {
+        matches!((mapped.next(), mapped.next()), (Some(m), None) if m.is_ascii())
+    }
+    let folds = |c: char| c == '\u{130}' || single_ascii(c.to_lowercase()) || single_ascii(c.to_uppercase());
     if text.chars().any(|c| !c.is_ascii() && (folds(c) || invisible_or_delimiter(c))) {
         return Err(AmbiguousPath::FoldsToAscii);
     }

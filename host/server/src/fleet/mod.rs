@@ -430,11 +430,9 @@ async fn watch(
         *desired = DesiredState::default();
         health.forget_revisions();
     }
-    let identified = desired.bucket.is_none();
+    // A state cached without its bucket's identity is saved with it at once.
+    let mut save = desired.bucket.is_none();
     desired.bucket = Some(created);
-    if identified {
-        save_cached(cache_file, desired);
-    }
     // NATS is reached: what could not be applied at start (a module only NATS or a registry
     // has, neither reachable then) is tried again, whether or not the bucket has anything new.
     // And a bucket found reset and empty delivers nothing to apply: what only the old one had
@@ -444,6 +442,9 @@ async fn watch(
         let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Live).await;
         report_errors(&errors);
         health.applied_now(desired.revision, errors);
+        save = true;
+    }
+    if save {
         save_cached(cache_file, desired);
     }
     // From a revision: every change since, in order. From nothing: the current value of
