@@ -436,6 +436,61 @@ def test_a_watch_whose_consumer_is_lost_is_made_anew(tmp_path, nats, registry):
         f.stop()
 
 
+def test_a_module_that_failed_is_tried_again_until_it_loads(tmp_path, nats, registry):
+    """A module the registry cannot serve (it is down) is tried again in the background, with
+    back-off, and served once the registry is back, without the item being written again:
+    written while the sidecar runs, and named by its cached state when the sidecar starts with
+    an empty module cache (NATS up, the registry still down). Before, both stayed failed until
+    the item was written again. And a tag written while its registry is down is not taken for
+    the digest it resolved to before (it may have moved since)."""
+    push(registry.ref("sandgate/live", "v1"), "versioned-v1")
+    push(registry.ref("sandgate/live", "v2"), "versioned-v2")
+    push(registry.ref("sandgate/live", "stable"), "versioned-v2")
+    stable = registry.ref("sandgate/live", "stable")
+    f = Fleet(tmp_path, nats, 1)
+    try:
+        s = f.sidecars[0]
+        deploy_rbac(tmp_path, nats, registry)
+        # Written as a tag (`--no-verify`: the CLI would pin it to its digest), resolved by the
+        # sidecar, which remembers what it resolved to.
+        fleet(nats, "put-policy", "live", stable, "--no-verify", "--wait")
+        assert version(s) == (200, "2")
+        fleet(nats, "put-policy", "live", registry.ref("sandgate/live", "v1"), "--wait")
+        assert version(s) == (200, "1")
+        # `stable` moves to v1, and the registry goes down: the fleet names `stable` again.
+        push(stable, "versioned-v1")
+        registry.stop()
+        out = fleet(nats, "put-policy", "live", stable, "--no-verify", "--wait", check=False)
+        assert out.returncode == 1 and "1 of 1 live sidecars refused" in out.stderr, out.stderr
+        assert version(s) == (200, "1"), "the tag was taken for what it resolved to before"
+        registry.start()
+        assert wait_until(lambda: fleet_status(nats, "node-0")["errors"] == [], timeout=15), fleet_status(nats, "node-0")
+        assert version(s) == (200, "1")
+
+        registry.stop()
+        out = fleet(nats, "put-policy", "live", registry.ref("sandgate/live", "v2"), "--no-verify", "--wait", check=False)
+        assert out.returncode == 1 and "1 of 1 live sidecars refused" in out.stderr, out.stderr
+        assert version(s) == (200, "1")
+        registry.start()
+        assert wait_until(lambda: version(s) == (200, "2"), timeout=15), "v2 was not loaded once the registry was back"
+        assert wait_until(lambda: fleet_status(nats, "node-0")["errors"] == [], timeout=5), fleet_status(nats, "node-0")
+
+        # Started with its module cache gone and the registry down: nothing to serve, then
+        # everything once the registry is back.
+        s.stop()
+        shutil.rmtree(tmp_path / "node-0" / "oci")
+        registry.stop()
+        s = f.sidecars[0] = f.start(0)
+        assert wait_until(lambda: any(e["key"] == "policy.live" for e in fleet_status(nats, "node-0").get("errors", [])), timeout=10)
+        assert version(s)[0] != 200 and answer(s)[0] != 200
+        time.sleep(2)
+        registry.start()
+        assert wait_until(lambda: version(s) == (200, "2") and answer(s) == (200, None), timeout=15), \
+            f"not loaded once the registry was back: {fleet_status(nats, 'node-0')}"
+    finally:
+        f.stop()
+
+
 def old_bucket_then_deleted(tmp_path, nats, registry, before_delete=lambda: None):
     """The RBAC policy and four revocations (revisions 1–6, every live sidecar waited for),
     then `before_delete()`, then the bucket deleted."""

@@ -47,8 +47,9 @@ pub enum Phase {
     /// resolved to, and an item that fails is tried again on the next apply.
     Start,
     /// From the watch: a tag is resolved at its registry or the item fails (the version
-    /// serving now stays), and an item that failed is not tried again until it is written
-    /// again.
+    /// serving now stays). An item that failed is not pulled again by later applies (a
+    /// revocation must not wait out a registry's timeouts); its module is tried again in the
+    /// background, with back-off, until it resolves or the item is written again.
     Live,
 }
 
@@ -279,7 +280,8 @@ impl State {
             return Ok(resolved);
         }
         // An item that failed is not pulled again for every later batch (a revocation must not
-        // wait out a registry's timeouts each time): it is tried again when it is written again.
+        // wait out a registry's timeouts each time): it is tried again when it is written again,
+        // and its module in the background (`retry_modules`).
         if let Some(error) = fleet.failed_item(key, revision) {
             return Err(error);
         }
@@ -293,6 +295,34 @@ impl State {
             Err(_) => {}
         }
         result
+    }
+
+    /// Try again the modules of `items` (the `(key, value)` of `policy.*` and `shadow.*` items
+    /// whose module failed: a registry or the object store out of reach, a module not yet
+    /// pushed). Each one that resolves now is remembered for the next apply, which takes it
+    /// without pulling. Nothing is applied here: returns how many resolved.
+    pub(crate) async fn retry_modules(&self, items: &[(String, String)]) -> usize {
+        let Some(fleet) = self.fleet.clone() else { return 0 };
+        let mut resolved = 0;
+        for (key, value) in items {
+            let Ok(item) = serde_json::from_str::<PolicyItem>(value) else { continue };
+            if fleet.resolved(&item.module).is_some() {
+                continue;
+            }
+            let result = match item.module.strip_prefix(FLEET_OBJECT) {
+                Some(digest) => self.fleet_object(&fleet, digest).await,
+                None => self.pull_and_compile(&item.module, Phase::Live).await,
+            };
+            match result {
+                Ok(module) => {
+                    tracing::info!(key = %key, module = %item.module, "a fleet module that had failed resolved on a retry");
+                    fleet.remember_resolved(&item.module, module);
+                    resolved += 1;
+                }
+                Err(error) => tracing::debug!(key = %key, error = %error, "a fleet module still fails"),
+            }
+        }
+        resolved
     }
 
     async fn pull_and_compile(&self, module: &str, phase: Phase) -> Result<Resolved, String> {

@@ -22,7 +22,9 @@
 //!
 //! A module that fails to pull, compile or probe, or a data document that is not JSON, keeps
 //! the previous version of that item serving and is reported in the status; the revision is
-//! still applied (every other item of it is live).
+//! still applied (every other item of it is live). A module that failed is tried again in the
+//! background, after 1 s and then twice as long each time up to 5 minutes, and applied once it
+//! resolves.
 
 pub mod apply;
 pub use apply::Phase;
@@ -381,8 +383,9 @@ pub async fn run(
     let heartbeat =
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
+    let mut retry = Retry::default();
     loop {
-        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop, &mut failing).await;
+        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop, &mut failing, &mut retry).await;
         health.watching.store(false, Ordering::Relaxed);
         health.synced.store(false, Ordering::Relaxed);
         if stop.is_cancelled() {
@@ -406,14 +409,75 @@ pub async fn run(
 /// made anew.
 const STUCK_WATCH: Duration = Duration::from_secs(3);
 
+/// The first wait before the modules of failed items are tried again, and the longest: the
+/// wait doubles after each try that leaves one failing.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Trying again, off the watch, the modules of items that failed (a registry or the object
+/// store out of reach, a tag not yet pushed): a sidecar started or written to during an outage
+/// catches up by itself when it ends, without the item being written again.
+struct Retry {
+    /// The try under way: how many modules it resolved.
+    task: Option<tokio::task::JoinHandle<usize>>,
+    /// When the next try is due, once an item is failing.
+    due: Option<tokio::time::Instant>,
+    /// The wait after the next try.
+    backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { task: None, due: None, backoff: RETRY_FIRST }
+    }
+}
+
+impl Retry {
+    /// Start a try if one is due: the modules of the `policy.*` and `shadow.*` items that
+    /// failed in the last apply, as `desired` holds them now.
+    fn start_if_due(&mut self, state: &Arc<State>, health: &FleetHealth, desired: &DesiredState) {
+        if self.task.is_some() {
+            return;
+        }
+        let (_, errors) = health.applied_with_errors();
+        let failed: Vec<(String, String)> = errors
+            .iter()
+            .filter(|e| matches!(Key::parse(&e.key), Some(Key::Policy(_) | Key::Shadow(_))))
+            .filter_map(|e| {
+                let (value, revision) = desired.items.get(&e.key)?;
+                (*revision == e.revision).then(|| (e.key.clone(), value.clone()))
+            })
+            .collect();
+        if failed.is_empty() {
+            *self = Retry::default();
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if *self.due.get_or_insert(now + self.backoff) > now {
+            return;
+        }
+        let state = state.clone();
+        self.task = Some(tokio::spawn(async move { state.retry_modules(&failed).await }));
+    }
+
+    /// The try under way has ended: the next one waits twice as long.
+    fn ended(&mut self) {
+        self.task = None;
+        self.due = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn watch(
-    state: &State,
+    state: &Arc<State>,
     health: &FleetHealth,
     client: &async_nats::Client,
     cache_file: &std::path::Path,
     desired: &mut DesiredState,
     stop: &CancellationToken,
     failing: &mut bool,
+    retry: &mut Retry,
 ) -> Result<(), FleetError> {
     let nats = |e: &dyn std::fmt::Display| FleetError::Nats(e.to_string());
     let js = async_nats::jetstream::new(client.clone());
@@ -437,8 +501,8 @@ async fn watch(
     // has, neither reachable then) is tried again, whether or not the bucket has anything new.
     // And a bucket found reset and empty delivers nothing to apply: what only the old one had
     // goes now.
-    let retry = health.retry_start.swap(false, Ordering::AcqRel);
-    if (retry && desired.revision > 0) || (reset && last == 0) {
+    let start_failed = health.retry_start.swap(false, Ordering::AcqRel);
+    if (start_failed && desired.revision > 0) || (reset && last == 0) {
         let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Live).await;
         report_errors(&errors);
         health.applied_now(desired.revision, errors);
@@ -513,6 +577,22 @@ async fn watch(
                     let errors = state.apply_desired(desired, now, Phase::Live).await;
                     health.applied_now(desired.revision, errors);
                     next_expiry = self::next_expiry(desired, now);
+                }
+                retry.start_if_due(state, health, desired);
+            }
+            resolved = async {
+                match retry.task.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if retry.task.is_some() => {
+                retry.ended();
+                // What resolved is taken by this apply; what still fails keeps its version.
+                if resolved.unwrap_or(0) > 0 {
+                    let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Live).await;
+                    report_errors(&errors);
+                    health.applied_now(desired.revision, errors);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), status::publish(state, client)).await;
                 }
             }
             entry = updates.next() => {
