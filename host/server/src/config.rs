@@ -539,7 +539,8 @@ pub struct ServerConfig {
     /// stay idle, in milliseconds, before it is closed (every listener); also how long a body
     /// a listener reads (a gRPC check's message) may take to arrive once its headers have.
     pub header_read_timeout_ms: u64,
-    /// Connections open at once on each listener; past it, new ones wait in the backlog.
+    /// Connections open at once on each listener. At the cap a new connection closes the open
+    /// one idle the longest, gracefully; it waits in the backlog only while none is idle.
     pub max_connections: usize,
     /// Bytes of request bodies still being received that each listener holds at once, over all
     /// its connections (a gRPC check's message is held until it is whole). Past it, the body

@@ -1,19 +1,20 @@
 //! The one accept loop every listener runs (forward-auth, gRPC, admin; TCP or a Unix socket):
 //! bounded headers, a header-read timeout (which also closes idle keep-alive connections), a
-//! cap on open connections, request bodies bounded in time and in bytes held at once
-//! ([`Receiving`]), back-off on accept errors, and a graceful drain when the sidecar stops.
+//! cap on open connections at which the longest-idle one is closed to make room, request
+//! bodies bounded in time and in bytes held at once ([`Receiving`]), back-off on accept errors,
+//! and a graceful drain when the sidecar stops.
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +49,9 @@ pub struct Limits {
     /// How long a client may take to send a request's headers, and how long a keep-alive
     /// connection may sit idle, before it is closed.
     pub header_read_timeout: Duration,
-    /// Connections open at once; past it, new ones wait in the kernel's backlog.
+    /// Connections open at once. At the cap, a new connection closes the open one idle the
+    /// longest (no request in flight), gracefully; with none idle, new ones wait in the
+    /// kernel's backlog.
     pub max_connections: usize,
     /// How long a request's body may take to arrive once its headers have: past it, reading
     /// the body fails ([`BodyRefused::Late`]).
@@ -219,7 +222,6 @@ pub async fn serve<F, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     // Bounded headers: an oversized request is answered 431 by hyper, never buffered.
     builder.http1().max_buf_size(64 << 10).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
@@ -233,52 +235,26 @@ pub async fn serve<F, S, B>(
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     // Body bytes held from requests being received, over every connection.
     let budget = Arc::new(AtomicUsize::new(0));
+    // Every open connection, by id, to find the longest idle when the cap is reached.
+    let tracked = Arc::new(Tracked::new());
+    // Cancelled when the sidecar stops: every connection then closes gracefully.
+    let draining = CancellationToken::new();
     let mut backoff = Duration::ZERO;
-    // Every open connection, so those still open when the grace period ends can be dropped.
+    // Every open connection's task, so those still open when the grace period ends can be
+    // dropped.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        // A free connection slot first: at the cap, new connections wait in the backlog.
-        let slot = tokio::select! {
-            () = stop.cancelled() => break,
-            slot = open.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = accept(&listener) => accepted,
         };
-        match accepted {
+        let (io, peer) = match accepted {
             Ok(Accepted::Tcp(stream, peer)) => {
-                backoff = Duration::ZERO;
                 let _ = stream.set_nodelay(true);
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
-                let service = Guarded { inner: make(peer), budget: budget.clone(), limits };
-                let wait = limits.header_read_timeout;
-                connections.spawn(async move {
-                    if protocol_announced(&stream, wait).await {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        let _ = watcher.watch(connection).await;
-                    }
-                    drop(slot);
-                });
+                (Io::Tcp(stream), peer)
             }
-            Ok(Accepted::Unix(stream)) => {
-                backoff = Duration::ZERO;
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
-                let service =
-                    Guarded { inner: make(SocketAddr::from(([0, 0, 0, 0], 0))), budget: budget.clone(), limits };
-                let wait = limits.header_read_timeout;
-                connections.spawn(async move {
-                    if tokio::time::timeout(wait, stream.readable()).await.is_ok_and(|r| r.is_ok()) {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        let _ = watcher.watch(connection).await;
-                    }
-                    drop(slot);
-                });
-            }
+            Ok(Accepted::Unix(stream)) => (Io::Unix(stream), SocketAddr::from(([0, 0, 0, 0], 0))),
             Err(e) => {
                 // Out of file descriptors, or the peer gave up: wait before the next accept
                 // rather than spin, and never stop serving.
@@ -288,15 +264,238 @@ pub async fn serve<F, S, B>(
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(backoff) => {}
                 }
+                continue;
             }
-        }
+        };
+        backoff = Duration::ZERO;
+        // A free connection slot. At the cap, the connection idle the longest is asked to
+        // close (gracefully: what it has in flight is answered first) and its slot goes to
+        // this one; with none idle, this one waits, and those after it in the backlog.
+        let slot = match open.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let waited = loop {
+                    // Asked again while it waits: a connection busy now may be idle soon.
+                    tracked.make_room();
+                    tokio::select! {
+                        () = stop.cancelled() => break None,
+                        slot = open.clone().acquire_owned() => break slot.ok(),
+                        () = tokio::time::sleep(MAKING_ROOM_EVERY) => {}
+                    }
+                };
+                match waited {
+                    Some(slot) => slot,
+                    None => break,
+                }
+            }
+        };
+        let connection = tracked.add(draining.child_token());
+        let service = Guarded { inner: make(peer), budget: budget.clone(), limits, connection: connection.clone() };
+        let (builder, tracked, draining, wait) =
+            (builder.clone(), tracked.clone(), draining.clone(), limits.header_read_timeout);
+        connections.spawn(async move {
+            let announced = tokio::select! {
+                announced = io.announced(wait) => announced,
+                () = connection.close.cancelled() => false,
+            };
+            if announced {
+                let served = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                let mut served = std::pin::pin!(served);
+                tokio::select! {
+                    _ = served.as_mut() => {}
+                    () = connection.close.cancelled() => {
+                        served.as_mut().graceful_shutdown();
+                        if draining.is_cancelled() {
+                            // The sidecar stops: the grace period bounds this.
+                            let _ = served.await;
+                        } else {
+                            // Closed to make room: it had nothing in flight. An HTTP/2 peer
+                            // that does not acknowledge the GOAWAY's ping would hold it open.
+                            let _ = tokio::time::timeout(MAKING_ROOM_GRACE, served).await;
+                        }
+                    }
+                }
+            }
+            tracked.remove(connection.id);
+            drop(slot);
+        });
     }
     drop(listener);
     tracing::info!(listener = name, "no longer accepting; finishing open connections");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    draining.cancel();
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
         tracing::warn!(listener = name, "grace period over; dropping the remaining connections");
     }
     connections.shutdown().await;
+}
+
+/// How long a connection closed to make room at the cap may take to finish.
+const MAKING_ROOM_GRACE: Duration = Duration::from_secs(2);
+/// How often a connection waiting at the cap looks for one that became idle.
+const MAKING_ROOM_EVERY: Duration = Duration::from_millis(20);
+
+/// A connection's stream.
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Io {
+    /// Whether the peer sends something within `wait` (a TCP peer: says which protocol it
+    /// speaks; see [`protocol_announced`]).
+    async fn announced(&self, wait: Duration) -> bool {
+        match self {
+            Io::Tcp(stream) => protocol_announced(stream, wait).await,
+            Io::Unix(stream) => tokio::time::timeout(wait, stream.readable()).await.is_ok_and(|r| r.is_ok()),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One open connection as the accept loop sees it.
+struct Connection {
+    id: u64,
+    /// Requests in flight on it.
+    in_flight: AtomicUsize,
+    /// Since when it has had nothing in flight: milliseconds since `epoch`.
+    idle_since: AtomicU64,
+    /// When the listener started.
+    epoch: std::time::Instant,
+    /// Cancelled to close it gracefully: when the sidecar stops, or to make room at the cap.
+    close: CancellationToken,
+}
+
+impl Connection {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// The open connections of a listener.
+struct Tracked {
+    epoch: std::time::Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Connection>>>,
+}
+
+impl Tracked {
+    fn new() -> Self {
+        Tracked { epoch: std::time::Instant::now(), next_id: AtomicU64::new(0), open: Mutex::new(HashMap::new()) }
+    }
+
+    fn add(&self, close: CancellationToken) -> Arc<Connection> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connection = Arc::new(Connection {
+            id,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            epoch: self.epoch,
+            close,
+        });
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).insert(id, connection.clone());
+        connection
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// Ask the connection with nothing in flight for the longest to close, unless one is
+    /// closing already.
+    fn make_room(&self) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.values().any(|c| c.close.is_cancelled()) {
+            return;
+        }
+        let idle = open
+            .values()
+            .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+            .min_by_key(|c| c.idle_since.load(Ordering::Relaxed));
+        if let Some(connection) = idle {
+            connection.close.cancel();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer being made: counted in flight on its connection until it is
+    /// answered or dropped.
+    struct InFlight<F> {
+        #[pin]
+        inner: F,
+        connection: Arc<Connection>,
+    }
+
+    impl<F> PinnedDrop for InFlight<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if this.connection.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+                this.connection.idle_since.store(this.connection.now_ms(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for InFlight<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
 }
 
 /// A connection's service with every request body wrapped in [`Receiving`].
@@ -304,6 +503,8 @@ struct Guarded<S> {
     inner: S,
     budget: Arc<AtomicUsize>,
     limits: Limits,
+    /// The connection it serves, whose requests in flight it counts.
+    connection: Arc<Connection>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Guarded<S>
@@ -312,11 +513,14 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = InFlight<S::Future>;
 
-    fn call(&self, request: Request<Incoming>) -> S::Future {
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
         let headers = request.headers().len();
-        self.inner.call(request.map(|body| Receiving::new(body, self.budget.clone(), &self.limits, headers)))
+        self.connection.in_flight.fetch_add(1, Ordering::AcqRel);
+        let inner =
+            self.inner.call(request.map(|body| Receiving::new(body, self.budget.clone(), &self.limits, headers)));
+        InFlight { inner, connection: self.connection.clone() }
     }
 }
 
@@ -429,19 +633,104 @@ mod tests {
         stop.cancel();
     }
 
+    /// A listener answering 200, but only once `release` is notified for requests to
+    /// `/hold`; returns its address.
+    async fn holding(limits: Limits, release: Arc<tokio::sync::Notify>) -> (SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let make = move |_| {
+            let release = release.clone();
+            hyper::service::service_fn(move |request: Request<Receiving>| {
+                let release = release.clone();
+                async move {
+                    if request.uri().path() == "/hold" {
+                        release.notified().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"ok"),
+                    )))
+                }
+            })
+        };
+        tokio::spawn(serve("test", Listener::Tcp(listener), make, limits, stop.clone(), Duration::from_secs(1)));
+        (address, stop)
+    }
+
+    async fn get(stream: &mut tokio::net::TcpStream, path: &str) {
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    }
+
+    /// At the cap, a new connection waits while every open one has a request in flight, and
+    /// is served once one of them is idle.
     #[tokio::test]
-    async fn connections_past_the_cap_wait_until_one_closes() {
+    async fn connections_past_the_cap_wait_while_none_is_idle() {
+        let release = Arc::new(tokio::sync::Notify::new());
         let limits = Limits { max_connections: 1, ..Limits::default() };
-        let (address, stop) = answering(limits).await;
+        let (address, stop) = holding(limits, release.clone()).await;
         let mut first = tokio::net::TcpStream::connect(address).await.unwrap();
-        first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        assert!(read_some(&mut first, Duration::from_secs(5)).await.is_some_and(|a| a.starts_with(b"HTTP/1.1 200")));
+        get(&mut first, "/hold").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut second = tokio::net::TcpStream::connect(address).await.unwrap();
-        second.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        get(&mut second, "/").await;
         assert!(read_some(&mut second, Duration::from_millis(300)).await.is_none(), "served past the cap");
-        drop(first);
+        release.notify_one();
+        let answer = read_some(&mut first, Duration::from_secs(5)).await.expect("the held request answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         let answer = read_some(&mut second, Duration::from_secs(5)).await.expect("served once a slot was free");
         assert!(answer.starts_with(b"HTTP/1.1 200"));
+        stop.cancel();
+    }
+
+    /// At the cap, the connection idle the longest is closed to make room: an HTTP/2
+    /// connection with no stream, kept open for good, or a keep-alive HTTP/1 one. Before,
+    /// `max_connections` idle HTTP/2 connections, which answer pings, shut every new
+    /// connection out.
+    #[tokio::test]
+    async fn an_idle_connection_makes_room_at_the_cap() {
+        const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+        let release = Arc::new(tokio::sync::Notify::new());
+        let limits = Limits { max_connections: 2, ..Limits::default() };
+        let (address, stop) = holding(limits, release.clone()).await;
+        // Idle the longest: an HTTP/2 connection that never opens a stream.
+        let mut idle_h2 = tokio::net::TcpStream::connect(address).await.unwrap();
+        idle_h2.write_all(PREFACE_AND_SETTINGS).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Busy: a request in flight.
+        let mut busy = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut busy, "/hold").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A third connection takes the idle one's slot, not the busy one's.
+        let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut third, "/").await;
+        let answer = read_some(&mut third, Duration::from_secs(5)).await.expect("served at the cap");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        let mut closed = false;
+        for _ in 0..20 {
+            match read_some(&mut idle_h2, Duration::from_secs(5)).await {
+                Some(bytes) if bytes.is_empty() => {
+                    closed = true;
+                    break;
+                }
+                Some(_) => continue, // SETTINGS, GOAWAY, PING
+                None => break,
+            }
+        }
+        assert!(closed, "the idle HTTP/2 connection was not closed");
+        // The third is now idle (keep-alive) and the busy one still is busy: a fourth
+        // connection closes the third, and the held request is still answered.
+        let mut fourth = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut fourth, "/").await;
+        let answer = read_some(&mut fourth, Duration::from_secs(5)).await.expect("served at the cap");
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(
+            read_some(&mut third, Duration::from_secs(5)).await,
+            Some(Vec::new()),
+            "the idle HTTP/1 connection closed"
+        );
+        release.notify_one();
+        let answer = read_some(&mut busy, Duration::from_secs(5)).await.expect("the held request answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         stop.cancel();
     }
 }
