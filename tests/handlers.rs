@@ -381,7 +381,15 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
     let limits =
         Limits { body_read_timeout: Duration::from_millis(500), max_receiving_bytes: 2 << 20, ..Limits::default() };
     let make = move |_| hyper_util::service::TowerToHyperService::new(routes.clone());
-    tokio::spawn(listener::serve("grpc", Listener::Tcp(socket), make, limits, stop.clone(), Duration::from_secs(1)));
+    tokio::spawn(listener::serve(
+        "grpc",
+        Listener::Tcp(socket),
+        make,
+        limits,
+        listener::ConnectionMetrics::default(),
+        stop.clone(),
+        Duration::from_secs(1),
+    ));
     let (mut client, connection) =
         h2::client::handshake(tokio::net::TcpStream::connect(address).await.unwrap()).await.unwrap();
     tokio::spawn(connection);

@@ -73,6 +73,17 @@ impl Default for Limits {
     }
 }
 
+/// What a listener counts of its connections, for `/metrics`.
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: prometheus_client::metrics::gauge::Gauge,
+    /// New connections that found the listener at `max_connections`.
+    pub at_cap: prometheus_client::metrics::counter::Counter,
+    /// Idle connections closed to make room at `max_connections`.
+    pub closed_for_room: prometheus_client::metrics::counter::Counter,
+}
+
 /// Why a request body was not read to its end. The services map it to their protocol's answer
 /// (gRPC: `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`), which a proxy treats as a failed check:
 /// a deny, never an allow.
@@ -205,12 +216,13 @@ where
 
 /// Serve connections from `listener` with the service `make(peer)` builds for each (Unix
 /// peers are `0.0.0.0:0`) until `stop` is cancelled; then stop accepting and give open
-/// connections `grace` to finish.
+/// connections `grace` to finish. Connections are counted in `metrics`.
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: Listener,
     make: F,
     limits: Limits,
+    metrics: ConnectionMetrics,
     stop: CancellationToken,
     grace: Duration,
 ) where
@@ -274,9 +286,12 @@ pub async fn serve<F, S, B>(
         let slot = match open.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
+                metrics.at_cap.inc();
                 let waited = loop {
                     // Asked again while it waits: a connection busy now may be idle soon.
-                    tracked.make_room();
+                    if tracked.make_room() {
+                        metrics.closed_for_room.inc();
+                    }
                     tokio::select! {
                         () = stop.cancelled() => break None,
                         slot = open.clone().acquire_owned() => break slot.ok(),
@@ -293,6 +308,8 @@ pub async fn serve<F, S, B>(
         let service = Guarded { inner: make(peer), budget: budget.clone(), limits, connection: connection.clone() };
         let (builder, tracked, draining, wait) =
             (builder.clone(), tracked.clone(), draining.clone(), limits.header_read_timeout);
+        let open_now = metrics.open.clone();
+        open_now.inc();
         connections.spawn(async move {
             let announced = tokio::select! {
                 announced = io.announced(wait) => announced,
@@ -317,6 +334,7 @@ pub async fn serve<F, S, B>(
                 }
             }
             tracked.remove(connection.id);
+            open_now.dec();
             drop(slot);
         });
     }
@@ -455,11 +473,11 @@ impl Tracked {
     }
 
     /// Ask the connection with nothing in flight for the longest to close, unless one is
-    /// closing already.
-    fn make_room(&self) {
+    /// closing already; whether one was asked.
+    fn make_room(&self) -> bool {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.values().any(|c| c.close.is_cancelled()) {
-            return;
+            return false;
         }
         let idle = open
             .values()
@@ -467,7 +485,9 @@ impl Tracked {
             .min_by_key(|c| c.idle_since.load(Ordering::Relaxed));
         if let Some(connection) = idle {
             connection.close.cancel();
+            return true;
         }
+        false
     }
 }
 
@@ -584,7 +604,15 @@ mod tests {
                 ))))
             })
         };
-        tokio::spawn(serve("test", Listener::Tcp(listener), make, limits, stop.clone(), Duration::from_secs(1)));
+        tokio::spawn(serve(
+            "test",
+            Listener::Tcp(listener),
+            make,
+            limits,
+            ConnectionMetrics::default(),
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
         (address, stop)
     }
 
@@ -635,7 +663,10 @@ mod tests {
 
     /// A listener answering 200, but only once `release` is notified for requests to
     /// `/hold`; returns its address.
-    async fn holding(limits: Limits, release: Arc<tokio::sync::Notify>) -> (SocketAddr, CancellationToken) {
+    async fn holding(
+        limits: Limits,
+        release: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, CancellationToken, ConnectionMetrics) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -653,8 +684,17 @@ mod tests {
                 }
             })
         };
-        tokio::spawn(serve("test", Listener::Tcp(listener), make, limits, stop.clone(), Duration::from_secs(1)));
-        (address, stop)
+        let metrics = ConnectionMetrics::default();
+        tokio::spawn(serve(
+            "test",
+            Listener::Tcp(listener),
+            make,
+            limits,
+            metrics.clone(),
+            stop.clone(),
+            Duration::from_secs(1),
+        ));
+        (address, stop, metrics)
     }
 
     async fn get(stream: &mut tokio::net::TcpStream, path: &str) {
@@ -667,7 +707,7 @@ mod tests {
     async fn connections_past_the_cap_wait_while_none_is_idle() {
         let release = Arc::new(tokio::sync::Notify::new());
         let limits = Limits { max_connections: 1, ..Limits::default() };
-        let (address, stop) = holding(limits, release.clone()).await;
+        let (address, stop, metrics) = holding(limits, release.clone()).await;
         let mut first = tokio::net::TcpStream::connect(address).await.unwrap();
         get(&mut first, "/hold").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -679,6 +719,7 @@ mod tests {
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         let answer = read_some(&mut second, Duration::from_secs(5)).await.expect("served once a slot was free");
         assert!(answer.starts_with(b"HTTP/1.1 200"));
+        assert_eq!((metrics.open.get(), metrics.at_cap.get(), metrics.closed_for_room.get()), (1, 1, 1));
         stop.cancel();
     }
 
@@ -691,7 +732,7 @@ mod tests {
         const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
         let release = Arc::new(tokio::sync::Notify::new());
         let limits = Limits { max_connections: 2, ..Limits::default() };
-        let (address, stop) = holding(limits, release.clone()).await;
+        let (address, stop, metrics) = holding(limits, release.clone()).await;
         // Idle the longest: an HTTP/2 connection that never opens a stream.
         let mut idle_h2 = tokio::net::TcpStream::connect(address).await.unwrap();
         idle_h2.write_all(PREFACE_AND_SETTINGS).await.unwrap();
@@ -731,6 +772,7 @@ mod tests {
         release.notify_one();
         let answer = read_some(&mut busy, Duration::from_secs(5)).await.expect("the held request answered");
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        assert_eq!((metrics.open.get(), metrics.at_cap.get(), metrics.closed_for_room.get()), (2, 2, 2));
         stop.cancel();
     }
 }

@@ -34,6 +34,13 @@ pub struct ShadowLabels {
     pub result: &'static str,
 }
 
+/// Labels of a listener's connection counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `forward-auth`, `grpc`, `admin` or `ops`.
+    pub listener: &'static str,
+}
+
 /// Every metric Sandgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +64,12 @@ pub struct Metrics {
     pub fleet_revision: Gauge,
     /// With the NATS sink: bytes of decision records in the spool, not yet acknowledged.
     pub decision_spool_bytes: Gauge,
+    /// Connections open, by listener.
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// New connections that found their listener at `max_connections`, by listener.
+    pub connections_at_cap: Family<ListenerLabels, Counter>,
+    /// Idle connections closed to make room at `max_connections`, by listener.
+    pub connections_closed_for_room: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,6 +107,20 @@ impl Default for Metrics {
             "Bytes of decision records waiting in the spool for NATS to acknowledge them",
             decision_spool_bytes.clone(),
         );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register("connections_open", "Connections open, by listener", connections_open.clone());
+        let connections_at_cap = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_at_cap",
+            "New connections that found their listener at max_connections",
+            connections_at_cap.clone(),
+        );
+        let connections_closed_for_room = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_closed_for_room",
+            "Idle connections closed to make room at max_connections",
+            connections_closed_for_room.clone(),
+        );
         Metrics {
             registry,
             decisions,
@@ -106,11 +133,24 @@ impl Default for Metrics {
             fleet_staleness,
             fleet_revision,
             decision_spool_bytes,
+            connections_open,
+            connections_at_cap,
+            connections_closed_for_room,
         }
     }
 }
 
 impl Metrics {
+    /// The connection counts of listener `name`.
+    pub fn listener(&self, name: &'static str) -> crate::listener::ConnectionMetrics {
+        let labels = ListenerLabels { listener: name };
+        crate::listener::ConnectionMetrics {
+            open: self.connections_open.get_or_create(&labels).clone(),
+            at_cap: self.connections_at_cap.get_or_create(&labels).clone(),
+            closed_for_room: self.connections_closed_for_room.get_or_create(&labels).clone(),
+        }
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -260,12 +260,14 @@ impl Sidecar {
                 max_receiving_bytes: limits.max_receiving_bytes.max(2 * crate::admin_api::MAX_BODY + (1 << 20)),
                 ..limits
             };
-            tasks.spawn(listener::serve("admin", listener, make, admin_limits, stop.clone(), grace));
+            let metrics = state.metrics.listener("admin");
+            tasks.spawn(listener::serve("admin", listener, make, admin_limits, metrics, stop.clone(), grace));
         }
         if let Some(listener) = grpc {
             let routes = crate::ext_authz::routes(authorizer.clone()).await;
             let make = move |_| hyper_util::service::TowerToHyperService::new(routes.clone());
-            tasks.spawn(listener::serve("grpc", listener, make, limits, stop.clone(), grace));
+            let metrics = state.metrics.listener("grpc");
+            tasks.spawn(listener::serve("grpc", listener, make, limits, metrics, stop.clone(), grace));
         }
         if let Err(e) = state.fetcher.fetch_all().await {
             tracing::warn!(error = %sandgate_auth::error_chain(&e), "initial JWKS fetch failed; will retry on demand");
@@ -291,7 +293,8 @@ impl Sidecar {
                     async move { Ok::<_, Infallible>(ops_service.handle_ops(&request)) }
                 })
             };
-            tasks.spawn(listener::serve("ops", listener, make, limits, stop.clone(), grace));
+            let metrics = state.metrics.listener("ops");
+            tasks.spawn(listener::serve("ops", listener, make, limits, metrics, stop.clone(), grace));
         }
         let forward_auth = Arc::new(forward_auth);
         let make = move |peer| {
@@ -301,7 +304,8 @@ impl Sidecar {
                 async move { Ok::<_, Infallible>(forward_auth.handle(request, peer).await) }
             })
         };
-        tasks.spawn(listener::serve("forward-auth", http, make, limits, stop.clone(), grace));
+        let metrics = state.metrics.listener("forward-auth");
+        tasks.spawn(listener::serve("forward-auth", http, make, limits, metrics, stop.clone(), grace));
         ready.store(true, Ordering::SeqCst);
         tracing::info!("sandgate ready");
 
