@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ISSUER, POLICIES, SANDGATE, free_port
+from conftest import ISSUER, POLICIES, ROOT, SANDGATE, free_port
 
 TOKEN = "admin-test-token-0123456789-abcdefghij"
 
@@ -197,6 +197,11 @@ def test_shadow_candidate_never_changes_answers_and_disagreements_are_counted(sa
     assert 'sandgate_shadow_evaluations_total{policy="live",result="disagree"} 20' in metrics
     disagreements = [l for l in sandgate.decision_log() if l.get("shadow_disagreement")]
     assert len(disagreements) == 20 and "x-policy-version" in disagreements[0]["candidate"]
+    # Every line, the disagreements among them, is what the published schema describes.
+    import jsonschema
+    schema = json.loads((ROOT / "docs" / "decision-record.schema.json").read_text())
+    for line in sandgate.decision_log():
+        jsonschema.validate(line, schema)
     assert admin(sandgate, "DELETE", "/v1/policies/live/shadow")[0] == 200
 
 

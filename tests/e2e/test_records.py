@@ -149,6 +149,10 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     archive = str(tmp_path / "archive")
     out = replay(records, "--archive", archive, "--candidate", f"rbac={POLICIES / 'rbac.wasm'}")
     assert out.returncode == 0 and "0 would change" in out.stdout, out.stdout + out.stderr
+    # A candidate for a policy no record names (a typo) changes nothing because it ran on
+    # nothing: the gate must not pass (it used to exit 0).
+    out = replay(records, "--archive", archive, "--candidate", f"rbca={POLICIES / 'allow-all.wasm'}")
+    assert out.returncode == 3 and "nothing was replayed" in out.stderr and "`rbca`" in out.stderr, out.stdout + out.stderr
     out = replay(records, "--archive", archive, "--candidate", f"rbac={POLICIES / 'allow-all.wasm'}", "--json")
     assert out.returncode == 1, out.stdout + out.stderr
     report = json.loads(out.stdout)
@@ -194,9 +198,21 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "\x1b" not in out.stdout and not any(l.startswith("3 records") for l in out.stdout.splitlines()), out.stdout
     assert "api.test\\n3 records" in out.stdout and "not replayed (unreadable): 1" in out.stdout, out.stdout
-    # Without the archive nothing can be replayed, and the report says so.
+    # Without the archive nothing can be replayed: the report says so, and the replay does not
+    # pass (it used to exit 0, as if every record had come out the same).
     out = replay(records, "--archive", str(tmp_path / "empty"))
-    assert out.returncode == 0 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
+    assert out.returncode == 3 and "missing_module" in out.stdout and "nothing was replayed" in out.stdout, out.stdout
+    assert "replay incomplete" in out.stderr, out.stderr
+    out = replay(records, "--archive", str(tmp_path / "empty"), "--allow-skipped")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # A record of a format version this build does not know is not replayed as if it were
+    # version 1: counted, and the replay is incomplete.
+    future = tmp_path / "future.log"
+    record = json.loads(lines[allowed_at])
+    record["v"] = 2
+    future.write_text("\n".join(lines[:allowed_at] + [json.dumps(record)]) + "\n")
+    out = replay(future, "--archive", archive)
+    assert out.returncode == 3 and "not replayed (unsupported_version): 1" in out.stdout, out.stdout + out.stderr
 
 
 def test_replay_fetches_a_module_the_archive_lacks_from_its_registry(tmp_path):

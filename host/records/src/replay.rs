@@ -69,7 +69,8 @@ pub struct Report {
     /// Records not replayed, by why: `no_input` (captured without input, or decided by the
     /// host before any policy ran), `host_condition` (overload, instantiation failure),
     /// `missing_module`, `missing_data`, `bad_input`, `not_a_decision` (a shadow line),
-    /// `other_policy` (with a candidate: a record of another policy), `unreadable`.
+    /// `other_policy` (with a candidate: a record of another policy), `unsupported_version`
+    /// (a format version this build does not know), `unreadable`.
     pub skipped: BTreeMap<&'static str, u64>,
     /// Differences by `route (policy): then → now`.
     pub changes: BTreeMap<String, Change>,
@@ -121,6 +122,25 @@ impl Report {
     pub fn unreadable(&mut self) {
         self.records += 1;
         *self.skipped.entry("unreadable").or_default() += 1;
+    }
+
+    /// Why this replay proves less than it seems to, if it does: nothing was replayed, or
+    /// records that were meant to be replayed could not be (a module or data document no
+    /// archive holds, an input that does not make a check, a line that is not a record, a
+    /// format version this build does not know). Records skipped by design (no input, the
+    /// host's own condition, shadow lines, other policies than a candidate's) do not count.
+    pub fn incomplete(&self) -> Option<String> {
+        const UNVERIFIED: [&str; 5] =
+            ["missing_module", "missing_data", "bad_input", "unreadable", "unsupported_version"];
+        let unverified: Vec<String> =
+            UNVERIFIED.iter().filter_map(|why| self.skipped.get(why).map(|n| format!("{n} {why}"))).collect();
+        if self.replayed == 0 {
+            Some("nothing was replayed".into())
+        } else if !unverified.is_empty() {
+            Some(format!("records that could not be replayed: {}", unverified.join(", ")))
+        } else {
+            None
+        }
     }
 }
 
@@ -220,6 +240,10 @@ impl<'a> Replayer<'a> {
 
     /// Decide `record` again and compare.
     pub fn replay(&mut self, record: &Record) -> Verdict {
+        // Version 1, or a line from before versions: what this build knows how to read.
+        if record.v.is_some_and(|v| v != 1) {
+            return Verdict::Skipped("unsupported_version");
+        }
         // A shadow line carries no input and no answer: a line that does is a decision, whatever
         // else it says.
         if record.shadow_disagreement.is_some() && record.input.is_none() && record.decision.is_none() {

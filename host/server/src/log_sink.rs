@@ -26,13 +26,19 @@ use std::time::{Duration, Instant};
 
 /// A file that is renamed to `NAME.1` (and `NAME.1` to `NAME.2`, …, up to `keep`) once it
 /// would grow past `max_bytes`. Batches of whole lines go in whole, so no line is split
-/// between two files. Files it creates are 0600: records hold claims and headers.
+/// between two files. Files it creates are 0600: records hold claims and headers. A file
+/// removed or renamed by someone else (an operator, a log rotator without a signal) is made
+/// anew within a second, and a rotation that finds it gone shifts nothing: no kept file is
+/// lost to it.
 pub struct RotatingFile {
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
     file: File,
     size: u64,
+    /// When `path` was last checked to still be `file`.
+    checked: Instant,
+    recheck_every: Duration,
 }
 
 impl RotatingFile {
@@ -43,7 +49,15 @@ impl RotatingFile {
         }
         let file = private().append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingFile { path, max_bytes: max_bytes.max(1), keep, file, size })
+        Ok(RotatingFile {
+            path,
+            max_bytes: max_bytes.max(1),
+            keep,
+            file,
+            size,
+            checked: Instant::now(),
+            recheck_every: Duration::from_secs(1),
+        })
     }
 
     fn numbered(&self, n: u32) -> PathBuf {
@@ -52,16 +66,38 @@ impl RotatingFile {
         PathBuf::from(name)
     }
 
+    /// Whether `path` is still the file being written.
+    fn still_there(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
+            _ => false,
+        }
+    }
+
+    /// Write to `path` anew, as it is now (created if it is gone).
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.file = private().append(true).open(&self.path)?;
+        self.size = self.file.metadata()?.len();
+        Ok(())
+    }
+
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()?;
+        // Best effort: a file that cannot be synced is still rotated.
+        let _ = self.file.sync_data();
         if self.keep == 0 {
-            self.file = OpenOptions::new().write(true).truncate(true).open(&self.path)?;
+            self.file = private().write(true).truncate(true).open(&self.path)?;
         } else {
-            let _ = std::fs::remove_file(self.numbered(self.keep));
-            for n in (1..self.keep).rev() {
-                let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+            // Shift the kept files only when there is a file to take their place: a rotation
+            // that failed must not shift again on every later batch, dropping one kept file
+            // each time.
+            if std::fs::symlink_metadata(&self.path).is_ok() {
+                let _ = std::fs::remove_file(self.numbered(self.keep));
+                for n in (1..self.keep).rev() {
+                    let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+                }
+                std::fs::rename(&self.path, self.numbered(1))?;
             }
-            std::fs::rename(&self.path, self.numbered(1))?;
             self.file = private().append(true).open(&self.path)?;
         }
         self.size = 0;
@@ -71,6 +107,12 @@ impl RotatingFile {
 
 impl Write for RotatingFile {
     fn write(&mut self, batch: &[u8]) -> std::io::Result<usize> {
+        if self.checked.elapsed() >= self.recheck_every {
+            self.checked = Instant::now();
+            if !self.still_there() {
+                self.reopen()?;
+            }
+        }
         if self.size > 0 && self.size + batch.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
@@ -886,6 +928,46 @@ mod tests {
             assert!(text.len() <= 100);
         }
         assert!(now.contains(&format!("{:040}", 9)) && two.contains(&format!("{:040}", 4)));
+    }
+
+    /// A decision file removed while it is written (by an operator, or a rotator that moves
+    /// it without telling the sidecar): the next rotation used to shift the kept files and
+    /// then fail to rename the missing one, on every batch after it, until no kept file was
+    /// left and nothing more was written.
+    #[test]
+    fn a_rotating_file_removed_underneath_loses_no_kept_file_and_is_made_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.log");
+        let mut file = RotatingFile::open(path.clone(), 100, 2).unwrap();
+        let batch = |i: usize| format!("{{\"n\":{i:054}}}\n");
+        for i in 0..3 {
+            file.write_all(batch(i).as_bytes()).unwrap();
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        assert_eq!((read("decisions.log.2"), read("decisions.log.1")), (batch(0), batch(1)));
+        std::fs::remove_file(&path).unwrap();
+        // A rotation that finds the file gone: the kept files stay, the file is made anew.
+        file.write_all(batch(3).as_bytes()).unwrap();
+        assert_eq!(
+            (read("decisions.log.2"), read("decisions.log.1"), read("decisions.log")),
+            (batch(0), batch(1), batch(3))
+        );
+        // Rotations after it shift as usual.
+        file.write_all(batch(4).as_bytes()).unwrap();
+        assert_eq!(
+            (read("decisions.log.2"), read("decisions.log.1"), read("decisions.log")),
+            (batch(1), batch(3), batch(4))
+        );
+        // Removed again, with room left in it: made anew at the next check.
+        file.recheck_every = Duration::ZERO;
+        file.max_bytes = 1000;
+        std::fs::remove_file(&path).unwrap();
+        file.write_all(batch(5).as_bytes()).unwrap();
+        assert_eq!(read("decisions.log"), batch(5));
+        // Renamed away by a rotator: the records after it go to a new file by the name.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        file.write_all(batch(6).as_bytes()).unwrap();
+        assert_eq!((read("moved"), read("decisions.log")), (batch(5), batch(6)));
     }
 
     /// Send and acknowledge everything the spool holds; the lines sent.

@@ -4,7 +4,10 @@
 //! Without a candidate, every record must come out as it was recorded: a difference means a
 //! check was not the pure function it is promised to be (exit 1). With a candidate, the
 //! differences are the decisions the candidate would change, grouped by policy and answer
-//! (exit 1 when there is any, for gating a roll-out in CI).
+//! (exit 1 when there is any, for gating a roll-out in CI). A replay that proves less than it
+//! seems to (nothing replayed, or records that could not be: a module no archive holds, an
+//! unreadable line) exits 3 unless `--allow-skipped`: a gate must not pass on a candidate id
+//! no record names, or on an archive that holds nothing.
 
 use anyhow::{Context, bail};
 use sandgate_records::replay::Change;
@@ -36,6 +39,10 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Exit 0 (not 3) when nothing differs even though nothing was replayed, or some records
+    /// could not be (a module or data document no archive holds, an unreadable line).
+    #[arg(long)]
+    allow_skipped: bool,
     /// Fetch a module no archive has from where its record says it came from: an
     /// `oci://…@sha256:…` source from its registry (the flags below), a `fleet:sha256:…` source
     /// from the fleet's object store (`--fleet-url`, `--fleet`). Data documents come from the
@@ -117,7 +124,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_report(&report, candidate.as_deref());
     }
-    Ok(if report.differ == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    if report.differ > 0 {
+        return Ok(ExitCode::from(1));
+    }
+    match report.incomplete() {
+        Some(why) if !args.allow_skipped => {
+            let whose = candidate.map(|id| format!(" of policy `{id}`")).unwrap_or_default();
+            eprintln!("replay incomplete{whose}: {why} (exit 3; --allow-skipped accepts it)");
+            Ok(ExitCode::from(3))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 fn print_report(report: &Report, candidate: Option<&str>) {
