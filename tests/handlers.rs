@@ -236,6 +236,44 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
     }
 }
 
+/// A token where a record's bound cuts the text it is in: the path's summary (2,048 bytes), the
+/// client's request id (128) and a policy's log line (1,024). A search for the whole token does
+/// not find the part before the cut; it used to stay in the record, all of the token but its
+/// last characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cut_by_a_records_bound_leaves_no_part_of_it() {
+    use sandgate_server::config::Capture;
+    let config = records_config();
+    let bearer = records_token("alice");
+    // An id token long enough that the policy's line `id token <token>: verified` is cut in its
+    // signature.
+    let id_token = (0..2000)
+        .map(|pad| records_token_with("alice-id", serde_json::json!({"pad": "p".repeat(pad)})))
+        .find(|t| "id token ".len() + t.len() > sandgate_runtime::MAX_LOG_LINE + 5)
+        .unwrap();
+    for capture in [Capture::Metadata, Capture::Input] {
+        let (authorizer, writer, kept, _) = recording_authorizer(&config, capture).await;
+        let authorization = || ("authorization", format!("Bearer {bearer}"));
+        let path = format!("/share/{}{bearer}", "a".repeat(2048 - "/share/".len() - (bearer.len() - 3)));
+        let request =
+            records_request(path, vec![authorization(), ("x-request-id", format!("{}{bearer}", "r".repeat(100)))]);
+        assert!(authorizer.decide(request).await.evaluation.is_allow(), "{capture:?}");
+        let logged = records_request("/log-id-token".into(), vec![authorization(), ("x-id-token", id_token.clone())]);
+        assert!(authorizer.decide(logged).await.evaluation.is_allow(), "{capture:?}");
+        writer.finish(std::time::Duration::from_secs(10)).await;
+
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        for token in [&bearer, &id_token] {
+            let part = (0..token.len() - 24).step_by(4).find(|&at| text.contains(&token[at..at + 24]));
+            assert!(part.is_none(), "{capture:?}: part of a token reached the record at {part:?}:\n{text}");
+        }
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["path"], format!("/share/{}", "a".repeat(2048 - "/share/".len() - (bearer.len() - 3))));
+        assert_eq!(lines[0]["client_request_id"], "r".repeat(100), "{capture:?}");
+        assert_eq!(lines[1]["policy_logs"][0]["message"], "id token [redacted]", "{capture:?}");
+    }
+}
+
 /// A shadow candidate's disagreement line names both answers, and so their headers: the
 /// bearer token the primary echoed upstream is replaced there too. A client's bearer value
 /// that is no JWT (here: its own path) is not a secret, so it cannot hide the path.

@@ -18,7 +18,7 @@ use sandgate_records::{SUMMARY_BOUNDS, bounded};
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, Decision, Header, VerifiedCredential,
 };
-use sandgate_runtime::{EvalContext, Evaluation, PolicyModule, TokenVerifier, spec};
+use sandgate_runtime::{EvalContext, Evaluation, PolicyLog, PolicyModule, TokenVerifier, spec};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -101,6 +101,64 @@ struct Shadow {
     policy: String,
     context: EvalContext,
     verifier: Arc<Recording>,
+}
+/// `text` cut to at most `max` bytes as [`bounded`] cuts it, but never inside one of
+/// `secrets`: a secret the cut would split ends the text where it starts (whole ones are
+/// replaced when the line is written; a part of one would not be found).
+fn bounded_clear<'t>(text: &'t str, max: usize, secrets: &[&str]) -> &'t str {
+    let mut end = bounded(text, max).len();
+    if end == text.len() {
+        return text;
+    }
+    // Moving the end back can put it inside another occurrence: until none straddles it.
+    loop {
+        let straddling = secrets.iter().filter(|s| !s.is_empty()).find_map(|secret| {
+            let from = end.saturating_sub(secret.len() - 1);
+            let to = (end + secret.len() - 1).min(text.len());
+            memchr::memmem::find_iter(&text.as_bytes()[from..to], secret.as_bytes())
+                .map(|at| from + at)
+                .find(|&start| start < end && start + secret.len() > end)
+        });
+        match straddling {
+            Some(start) => end = start,
+            None => break,
+        }
+    }
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The shortest end of a secret that is worth hiding: a shorter one is part of every JWT's
+/// header.
+const PARTIAL_SECRET: usize = 8;
+
+/// `logs` with a message that ends in the beginning of one of `secrets` (a line cut at its
+/// bound in the middle of a token) ending in [`REDACTED`] instead; `None` if none does.
+fn logs_clear_of(logs: &[PolicyLog], secrets: &[&str]) -> Option<Vec<PolicyLog>> {
+    let partial = |message: &str| {
+        secrets
+            .iter()
+            .filter_map(|secret| {
+                (PARTIAL_SECRET..secret.len().min(message.len() + 1)).rev().find(|&n| message.ends_with(&secret[..n]))
+            })
+            .max()
+    };
+    if secrets.is_empty() || !logs.iter().any(|l| partial(&l.message).is_some()) {
+        return None;
+    }
+    Some(
+        logs.iter()
+            .map(|log| match partial(&log.message) {
+                Some(n) => PolicyLog {
+                    level: log.level,
+                    message: format!("{}{}", &log.message[..log.message.len() - n], sandgate_records::REDACTED),
+                },
+                None => log.clone(),
+            })
+            .collect(),
+    )
 }
 
 /// The bearer token of a check's `Authorization` header, if it has one.
@@ -306,7 +364,8 @@ impl Authorizer {
         // Sandgate's own id names the check everywhere; the client's, which anyone can send,
         // is only logged beside it.
         let request_id = self.new_request_id();
-        original.client_request_id = original.header("x-request-id").map(|id| bounded(id, 128).to_owned());
+        // Cut to its bound only when written, where a token the cut would split is known.
+        original.client_request_id = original.header("x-request-id").map(str::to_owned);
 
         let mut snapshot = self.state.store.load();
         // Fail closed on a state that may have missed revocations.
@@ -575,7 +634,11 @@ impl Authorizer {
         secrets.retain(|s| crate::decision_log::is_secret(s));
         // A forwarded body is written as base64: its tokens are replaced before it is encoded.
         let mut scrubbed_body = None;
+        // A log line cut at its bound may end in part of a token, which a search for the whole
+        // token does not find.
+        let mut cut_logs = None;
         if !secrets.is_empty() {
+            cut_logs = logs_clear_of(&evaluation.logs, &secrets);
             let holds_one = |text: &str| secrets.iter().any(|s| text.len() >= s.len() && text.contains(s));
             let texts = [&original.method, &original.host, &original.path].into_iter().map(String::as_str);
             let texts = texts.chain(original.client_request_id.as_deref()).chain(query.as_deref());
@@ -589,7 +652,7 @@ impl Authorizer {
             let body =
                 checked.as_ref().and_then(|c| c.check.body.as_deref()).filter(|_| self.capture == Capture::Input);
             scrubbed_body = body.and_then(|body| crate::decision_log::scrubbed(body, &secrets, false));
-            if scrubbed_body.is_none() && !texts.any(holds_one) {
+            if scrubbed_body.is_none() && cut_logs.is_none() && !texts.any(holds_one) {
                 secrets.clear();
             }
         }
@@ -619,10 +682,10 @@ impl Authorizer {
                 v: sandgate_records::FORMAT_VERSION,
                 ts: now,
                 request_id: &answer.request_id,
-                client_request_id: original.client_request_id.as_deref(),
-                method: bounded(&original.method, SUMMARY_BOUNDS.0),
-                host: bounded(&original.host, SUMMARY_BOUNDS.1),
-                path: bounded(&original.path, SUMMARY_BOUNDS.2),
+                client_request_id: original.client_request_id.as_deref().map(|id| bounded_clear(id, 128, &secrets)),
+                method: bounded_clear(&original.method, SUMMARY_BOUNDS.0, &secrets),
+                host: bounded_clear(&original.host, SUMMARY_BOUNDS.1, &secrets),
+                path: bounded_clear(&original.path, SUMMARY_BOUNDS.2, &secrets),
                 policy: policy_id,
                 policy_digest: checked.map(|(p, _)| p.module.digest()),
                 policy_source: checked.and_then(|(p, _)| p.source.as_deref()).map(|s| s.pinned.as_str()),
@@ -641,7 +704,7 @@ impl Authorizer {
                 status: answer.status(),
                 reason: evaluation.reason(),
                 fault,
-                policy_logs: &evaluation.logs,
+                policy_logs: cut_logs.as_deref().unwrap_or(&evaluation.logs),
                 latency_us: latency.as_micros() as u64,
                 route,
                 input,
