@@ -208,6 +208,10 @@ const MAX_LINE: usize = 1000 << 10;
 /// A spool segment grows to this size before the next one is started.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
+/// Segments whose files the spool keeps open (2 GiB of them), the first and the one being
+/// appended to always among them: removing the name of an open one loses nothing.
+const MAX_HELD_READERS: usize = 256;
+
 /// The cursor file is written at most this often (and when the publisher stops): a cursor
 /// that lags only sends acknowledged lines again.
 const CURSOR_EVERY: Duration = Duration::from_millis(200);
@@ -234,6 +238,10 @@ pub struct Spool {
 struct SpoolState {
     /// Segments in order: (number, length in bytes).
     segments: VecDeque<(u64, u64)>,
+    /// Each segment's file, open for reading from when it was found or made until it is
+    /// removed: a segment whose name is removed by someone else (a cache cleaner) is still
+    /// sent whole, and the lines appended to it after that too.
+    readers: std::collections::HashMap<u64, Arc<File>>,
     /// The first unacknowledged byte of the first segment.
     offset: u64,
     /// The segment being appended to.
@@ -344,6 +352,10 @@ impl Spool {
                 offset = cursor.offset.min(*len);
             }
         }
+        let mut readers = std::collections::HashMap::new();
+        for (n, _) in segments.iter().take(MAX_HELD_READERS) {
+            readers.insert(*n, Arc::new(no_follow(OpenOptions::new().read(true)).open(dir.join(format!("{n}.seg")))?));
+        }
         let id = match std::fs::read_to_string(dir.join("id")) {
             Ok(id) if id.trim().len() == 32 && id.trim().bytes().all(|b| b.is_ascii_hexdigit()) => id.trim().to_owned(),
             _ => {
@@ -363,6 +375,7 @@ impl Spool {
             dropped,
             inner: Mutex::new(SpoolState {
                 segments: segments.into(),
+                readers,
                 offset,
                 current: None,
                 unsynced: false,
@@ -434,8 +447,18 @@ impl Spool {
             // batch tries the next one.
             let n = state.next_segment;
             state.next_segment = n + 1;
-            let file = spool_file().append(true).open(self.segment_path(n))?;
+            let file = spool_file().append(true).read(true).open(self.segment_path(n))?;
+            let reader = Arc::new(file.try_clone()?);
+            // Past the bound, the segment just finished gives its reader up (never the first:
+            // it is being sent).
+            if state.readers.len() >= MAX_HELD_READERS
+                && let Some(&(last, _)) = state.segments.back()
+                && state.segments.front().is_some_and(|(first, _)| *first != last)
+            {
+                state.readers.remove(&last);
+            }
             state.segments.push_back((n, 0));
+            state.readers.insert(n, reader);
             state.current = Some(file);
         }
         let written = state.segments.back().map_or(0, |(_, len)| *len);
@@ -507,12 +530,12 @@ impl Spool {
     /// publisher once the cursor moves past it (a batch peeked again after a failed send must
     /// not count it twice).
     fn peek(&self, limit: Option<(u64, u64)>, room: usize) -> std::io::Result<Peeked> {
-        let (segment, offset, len) = {
+        let (segment, offset, len, file) = {
             let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             // A segment sent whole while it was the last one is left when the next one starts.
             self.remove_finished(&mut state);
             match state.segments.front() {
-                Some((n, len)) => (*n, state.offset, *len),
+                Some((n, len)) => (*n, state.offset, *len, state.readers.get(n).cloned()),
                 None => return Ok((Vec::new(), (0, 0), 0)),
             }
         };
@@ -523,12 +546,29 @@ impl Spool {
         if offset >= end {
             return Ok((Vec::new(), (segment, offset), 0));
         }
-        let mut file = no_follow(OpenOptions::new().read(true)).open(self.segment_path(segment))?;
-        file.seek(SeekFrom::Start(offset))?;
+        let file = match file {
+            Some(file) => file,
+            None => match no_follow(OpenOptions::new().read(true)).open(self.segment_path(segment)) {
+                Ok(file) => Arc::new(file),
+                // Removed by someone else before it was opened: what it held is lost. Moving
+                // past it keeps the records after it flowing; left, it would hold them all up.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::error!(
+                        segment,
+                        bytes = end - offset,
+                        "a decision-record spool segment was removed by someone else before it was sent; \
+                         its records are lost"
+                    );
+                    return Ok((Vec::new(), (segment, end), 0));
+                }
+                Err(e) => return Err(e),
+            },
+        };
         // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
         let want = (end - offset).min(2 * MAX_LINE as u64);
-        let mut bytes = Vec::with_capacity(want as usize);
-        (&mut file).take(want).read_to_end(&mut bytes)?;
+        let mut bytes = vec![0u8; want as usize];
+        let read = read_at(&file, &mut bytes, offset)?;
+        bytes.truncate(read);
         // Messages are slices of this one buffer: nothing is copied again.
         let bytes = bytes::Bytes::from(bytes);
         let mut messages = Vec::new();
@@ -565,7 +605,7 @@ impl Spool {
             let mut chunk = vec![0u8; 64 << 10];
             while past < end {
                 let room = (end - past).min(chunk.len() as u64) as usize;
-                let n = file.read(&mut chunk[..room])?;
+                let n = read_at(&file, &mut chunk[..room], past)?;
                 if n == 0 {
                     break;
                 }
@@ -591,6 +631,7 @@ impl Spool {
         while state.segments.len() > 1 && state.segments.front().is_some_and(|(_, len)| state.offset >= *len) {
             if let Some((n, _)) = state.segments.pop_front() {
                 let _ = std::fs::remove_file(self.segment_path(n));
+                state.readers.remove(&n);
             }
             state.offset = 0;
         }
@@ -629,6 +670,21 @@ impl Spool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).cursor_written = Some((now, (segment, offset)));
         Ok(())
     }
+}
+
+/// Read into `buf` from `offset` until it is full or the file ends; how much was read.
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut read = 0;
+    while read < buf.len() {
+        match file.read_at(&mut buf[read..], offset + read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(read)
 }
 
 /// The length of the whole lines at the start of segment `path` (`len` bytes long), the file
@@ -968,6 +1024,24 @@ mod tests {
         std::fs::rename(&path, dir.path().join("moved")).unwrap();
         file.write_all(batch(6).as_bytes()).unwrap();
         assert_eq!((read("moved"), read("decisions.log")), (batch(5), batch(6)));
+    }
+
+    /// A segment whose name someone else removes (a cache cleaner in the spool's directory):
+    /// its records, and those appended to it after, are still sent, from the file the spool
+    /// holds open. Before, the publisher failed to open it on every try, and every record
+    /// behind it waited until the spool was full.
+    #[test]
+    fn a_segment_removed_underneath_is_still_sent_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = Counter::default();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, dropped.clone()).unwrap();
+        spool.append(b"one\ntwo\n").unwrap();
+        std::fs::remove_file(dir.path().join("0.seg")).unwrap();
+        spool.append(b"three\n").unwrap();
+        assert_eq!(send_all(&spool), "one\ntwo\nthree\n");
+        spool.append(b"four\n").unwrap();
+        assert_eq!(send_all(&spool), "four\n");
+        assert_eq!((spool.pending(), dropped.get()), (0, 0));
     }
 
     /// Send and acknowledge everything the spool holds; the lines sent.

@@ -45,6 +45,15 @@ impl Sidecar {
     /// Load the state `config` describes and bind its listeners; nothing is served yet.
     pub async fn build(config: Config) -> Result<Sidecar, StartError> {
         config.check()?;
+        let open_files = raise_open_files_limit();
+        if open_files < config.server.max_connections as u64 + 256 {
+            tracing::warn!(
+                open_files,
+                max_connections = config.server.max_connections,
+                "the process may open fewer files than a listener may hold connections: past the limit, \
+                 connections wait to be accepted; raise the hard limit (`ulimit -Hn`, LimitNOFILE=)"
+            );
+        }
         let proxy = config.server.proxy.ok_or_else(|| StartError::Admin("[server] proxy is not set".into()))?;
         let state = State::from_config(&config).await?;
         // A fleet member starts from the state it last applied, so it serves while NATS is down.
@@ -434,4 +443,46 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.write_all(text.as_bytes())?;
     file.write_all(b"\n")
+}
+
+/// Raise this process's soft limit on open files to its hard limit, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: every connection and spool segment is a descriptor, and the
+/// usual soft default (1,024) is below one listener's `max_connections`. Returns the soft limit
+/// now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return u64::MAX;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads only the struct it is given. It fails when the hard limit is
+        // unlimited and the kernel caps descriptors lower; the soft limit then stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    limit.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        if limit.rlim_max == libc::RLIM_INFINITY {
+            return; // the kernel's cap applies then, which this test cannot know
+        }
+        let lowered = libc::rlimit { rlim_cur: limit.rlim_max.min(512), rlim_max: limit.rlim_max };
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(super::raise_open_files_limit(), limit.rlim_max);
+        let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) }, 0);
+        assert_eq!(now.rlim_cur, limit.rlim_max);
+    }
 }
