@@ -422,15 +422,15 @@ impl Spool {
         let mut batch = &batch[..take];
         if oversized > 0 {
             tracing::warn!(lines = oversized, "decision records too long for a NATS message were dropped");
-            self.dropped.inc_by(oversized);
             kept = batch.split_inclusive(|b| *b == b'\n').filter(|l| l.len() <= MAX_LINE).flatten().copied().collect();
             take = kept.len();
             batch = &kept;
         }
-        if dropped > 0 {
-            self.dropped.inc_by(dropped);
-        }
+        // Counted once the rest is written: a batch that fails is counted whole by the log
+        // writer, these lines among them.
+        let not_kept = oversized + dropped;
         if take == 0 {
+            self.dropped.inc_by(not_kept);
             return Ok(());
         }
         // A new segment when the current one is full, and for the first lines after opening.
@@ -479,6 +479,7 @@ impl Spool {
         if let Some((_, len)) = state.segments.back_mut() {
             *len += take as u64;
         }
+        self.dropped.inc_by(not_kept);
         // The batch is written: a failed sync is reported, not returned (which would count
         // the batch as lost).
         if self.sync_every.is_zero()
@@ -1201,8 +1202,12 @@ mod tests {
         let mut segment = OpenOptions::new().append(true).open(dir.path().join("0.seg")).unwrap();
         segment.write_all(b"partial-li").unwrap();
         spool.inner.lock().unwrap().current = Some(OpenOptions::new().write(true).open("/dev/full").unwrap());
-        // The log writer counts the batch as dropped (`decision_log` tests).
-        assert!(spool.append(b"lost-0\nlost-1\nlost-2\n").is_err());
+        // The log writer counts the batch as dropped (`decision_log` tests), every line of it:
+        // the spool counts none of it, not even a line it would have dropped as too long
+        // (which used to be counted twice).
+        let failing = [b"lost-0\nlost-1\n".to_vec(), vec![b'h'; MAX_LINE + 1], b"\n".to_vec()].concat();
+        assert!(spool.append(&failing).is_err());
+        assert_eq!(dropped.get(), 0);
         // Space again.
         spool.append(b"line-2\n").unwrap();
         assert_eq!(send_all(&spool), "line-0\nline-1\nline-2\n");
