@@ -240,10 +240,6 @@ impl<'a> Replayer<'a> {
 
     /// Decide `record` again and compare.
     pub fn replay(&mut self, record: &Record) -> Verdict {
-        // Version 1, or a line from before versions: what this build knows how to read.
-        if record.v.is_some_and(|v| v != 1) {
-            return Verdict::Skipped("unsupported_version");
-        }
         // A shadow line carries no input and no answer: a line that does is a decision, whatever
         // else it says.
         if record.shadow_disagreement.is_some() && record.input.is_none() && record.decision.is_none() {
@@ -251,6 +247,10 @@ impl<'a> Replayer<'a> {
         }
         if !self.candidates.is_empty() && !record.policy.as_ref().is_some_and(|p| self.candidates.contains_key(p)) {
             return Verdict::Skipped("other_policy");
+        }
+        // Version 1, or a line from before versions: what this build knows how to read.
+        if record.v.is_some_and(|v| v != 1) {
+            return Verdict::Skipped("unsupported_version");
         }
         let (Some(input), Some(recorded)) = (&record.input, &record.decision) else {
             return Verdict::Skipped("no_input");

@@ -288,6 +288,11 @@ pub async fn serve<F, S, B>(
             Err(_) => {
                 metrics.at_cap.inc();
                 let waited = loop {
+                    // A slot freed meanwhile (the connection closed for room has gone) is taken
+                    // before another connection is closed.
+                    if let Ok(slot) = open.clone().try_acquire_owned() {
+                        break Some(slot);
+                    }
                     // Asked again while it waits: a connection busy now may be idle soon.
                     if tracked.make_room() {
                         metrics.closed_for_room.inc();
@@ -306,11 +311,13 @@ pub async fn serve<F, S, B>(
         };
         let connection = tracked.add(draining.child_token());
         let service = Guarded { inner: make(peer), budget: budget.clone(), limits, connection: connection.clone() };
-        let (builder, tracked, draining, wait) =
-            (builder.clone(), tracked.clone(), draining.clone(), limits.header_read_timeout);
-        let open_now = metrics.open.clone();
-        open_now.inc();
+        let (builder, draining, wait) = (builder.clone(), draining.clone(), limits.header_read_timeout);
+        // Out of the registry and the count when the task ends, even by a panic in a service.
+        let registered = Registered { tracked: tracked.clone(), id: connection.id, open: metrics.open.clone() };
+        metrics.open.inc();
+        let closing_bound = limits.body_read_timeout + MAKING_ROOM_GRACE;
         connections.spawn(async move {
+            let registered = registered;
             let announced = tokio::select! {
                 announced = io.announced(wait) => announced,
                 () = connection.close.cancelled() => false,
@@ -326,15 +333,29 @@ pub async fn serve<F, S, B>(
                             // The sidecar stops: the grace period bounds this.
                             let _ = served.await;
                         } else {
-                            // Closed to make room: it had nothing in flight. An HTTP/2 peer
-                            // that does not acknowledge the GOAWAY's ping would hold it open.
-                            let _ = tokio::time::timeout(MAKING_ROOM_GRACE, served).await;
+                            // Closed to make room. It had nothing in flight when chosen, but a
+                            // request may have come since (an HTTP/2 stream opened before the
+                            // GOAWAY's ping is answered): that is answered. Once nothing has
+                            // been in flight for a moment, it is dropped, without waiting for a
+                            // peer that never acknowledges the ping; in all, it is bounded.
+                            let until = tokio::time::Instant::now() + closing_bound;
+                            loop {
+                                tokio::select! {
+                                    _ = served.as_mut() => break,
+                                    () = tokio::time::sleep(MAKING_ROOM_CHECK) => {
+                                        if connection.idle_for(MAKING_ROOM_CHECK) || tokio::time::Instant::now() >= until {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
-            tracked.remove(connection.id);
-            open_now.dec();
+            // Out of the registry before the slot is free: a connection waiting for the slot
+            // must not find this one still closing.
+            drop(registered);
             drop(slot);
         });
     }
@@ -348,8 +369,11 @@ pub async fn serve<F, S, B>(
     connections.shutdown().await;
 }
 
-/// How long a connection closed to make room at the cap may take to finish.
+/// How long a connection closed to make room at the cap may take to finish, past the body
+/// deadline of what it has in flight.
 const MAKING_ROOM_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection closed to make room must have had nothing in flight to be dropped.
+const MAKING_ROOM_CHECK: Duration = Duration::from_millis(100);
 /// How often a connection waiting at the cap looks for one that became idle.
 const MAKING_ROOM_EVERY: Duration = Duration::from_millis(20);
 
@@ -440,6 +464,26 @@ struct Connection {
 impl Connection {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Nothing in flight, and nothing for at least `wait`.
+    fn idle_for(&self, wait: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.now_ms().saturating_sub(self.idle_since.load(Ordering::Relaxed)) >= wait.as_millis() as u64
+    }
+}
+
+/// A connection's place in its listener's registry and count, given up when its task ends.
+struct Registered {
+    tracked: Arc<Tracked>,
+    id: u64,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.tracked.remove(self.id);
+        self.open.dec();
     }
 }
 
@@ -678,6 +722,7 @@ mod tests {
                     if request.uri().path() == "/hold" {
                         release.notified().await;
                     }
+                    assert_ne!(request.uri().path(), "/panic", "a service that panics");
                     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
                         bytes::Bytes::from_static(b"ok"),
                     )))
@@ -741,10 +786,12 @@ mod tests {
         let mut busy = tokio::net::TcpStream::connect(address).await.unwrap();
         get(&mut busy, "/hold").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        // A third connection takes the idle one's slot, not the busy one's.
+        // A third connection takes the idle one's slot, not the busy one's, and soon: the idle
+        // connection, which never answers the GOAWAY's ping, is not waited for (a liveness
+        // bound; it used to hold the slot for 2 s).
         let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
         get(&mut third, "/").await;
-        let answer = read_some(&mut third, Duration::from_secs(5)).await.expect("served at the cap");
+        let answer = read_some(&mut third, Duration::from_secs(1)).await.expect("served at the cap");
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         let mut closed = false;
         for _ in 0..20 {
@@ -773,6 +820,32 @@ mod tests {
         let answer = read_some(&mut busy, Duration::from_secs(5)).await.expect("the held request answered");
         assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
         assert_eq!((metrics.open.get(), metrics.at_cap.get(), metrics.closed_for_room.get()), (2, 2, 2));
+        stop.cancel();
+    }
+
+    /// A connection whose service panicked leaves the registry with its task: its entry used to
+    /// stay, look idle, be chosen to close, and never close, and from then on nothing was closed
+    /// to make room again.
+    #[tokio::test]
+    async fn a_connection_whose_service_panicked_leaves_no_trace() {
+        const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+        let release = Arc::new(tokio::sync::Notify::new());
+        let limits = Limits { max_connections: 2, ..Limits::default() };
+        let (address, stop, metrics) = holding(limits, release.clone()).await;
+        let mut panicking = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut panicking, "/panic").await;
+        assert_eq!(read_some(&mut panicking, Duration::from_secs(5)).await, Some(Vec::new()), "closed unanswered");
+        let mut idle_h2 = tokio::net::TcpStream::connect(address).await.unwrap();
+        idle_h2.write_all(PREFACE_AND_SETTINGS).await.unwrap();
+        let mut second = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut second, "/").await;
+        assert!(read_some(&mut second, Duration::from_secs(5)).await.is_some_and(|a| a.starts_with(b"HTTP/1.1 200")));
+        // At the cap (the HTTP/2 connection and the keep-alive one): room is made.
+        let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+        get(&mut third, "/").await;
+        let answer = read_some(&mut third, Duration::from_secs(5)).await.expect("served at the cap");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        assert_eq!(metrics.open.get(), 2);
         stop.cancel();
     }
 }

@@ -75,10 +75,23 @@ impl RotatingFile {
         }
     }
 
-    /// Write to `path` anew, as it is now (created if it is gone).
+    /// Write to `path` anew, as it is now (created if it is gone): never through a link, and
+    /// only to a regular file of this user's that no one else may read (someone who can write
+    /// the directory could put a file of theirs, or a link, where the records go).
     fn reopen(&mut self) -> std::io::Result<()> {
-        self.file = private().append(true).open(&self.path)?;
-        self.size = self.file.metadata()?.len();
+        use std::os::unix::fs::MetadataExt;
+        let file = spool_file().append(true).open(&self.path)?;
+        let metadata = file.metadata()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if !metadata.file_type().is_file() || metadata.uid() != user || metadata.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "`{}` is now not a private regular file of this user's; records are not written to it",
+                self.path.display()
+            )));
+        }
+        self.file = file;
+        self.size = metadata.len();
         Ok(())
     }
 
@@ -86,7 +99,7 @@ impl RotatingFile {
         // Best effort: a file that cannot be synced is still rotated.
         let _ = self.file.sync_data();
         if self.keep == 0 {
-            self.file = private().write(true).truncate(true).open(&self.path)?;
+            self.file = spool_file().write(true).truncate(true).open(&self.path)?;
         } else {
             // Shift the kept files only when there is a file to take their place: a rotation
             // that failed must not shift again on every later batch, dropping one kept file
@@ -98,7 +111,7 @@ impl RotatingFile {
                 }
                 std::fs::rename(&self.path, self.numbered(1))?;
             }
-            self.file = private().append(true).open(&self.path)?;
+            self.reopen()?;
         }
         self.size = 0;
         Ok(())
@@ -560,7 +573,16 @@ impl Spool {
                         "a decision-record spool segment was removed by someone else before it was sent; \
                          its records are lost"
                     );
-                    return Ok((Vec::new(), (segment, end), 0));
+                    // Past it, and on to the next segment (a cursor with no message to send
+                    // would not be moved by the publisher).
+                    {
+                        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                        if state.segments.front().is_some_and(|(n, _)| *n == segment) && state.offset == offset {
+                            state.offset = end;
+                            self.remove_finished(&mut state);
+                        }
+                    }
+                    return self.peek(limit, room);
                 }
                 Err(e) => return Err(e),
             },
@@ -1025,6 +1047,16 @@ mod tests {
         std::fs::rename(&path, dir.path().join("moved")).unwrap();
         file.write_all(batch(6).as_bytes()).unwrap();
         assert_eq!((read("moved"), read("decisions.log")), (batch(5), batch(6)));
+        // Replaced by a link, or by a file others may read: records are not written there.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &path).unwrap();
+        assert!(file.write_all(batch(7).as_bytes()).is_err());
+        assert!(!dir.path().join("elsewhere").exists());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        assert!(file.write_all(batch(8).as_bytes()).is_err());
+        assert_eq!(read("decisions.log"), "");
     }
 
     /// A segment whose name someone else removes (a cache cleaner in the spool's directory):
@@ -1043,6 +1075,26 @@ mod tests {
         spool.append(b"four\n").unwrap();
         assert_eq!(send_all(&spool), "four\n");
         assert_eq!((spool.pending(), dropped.get()), (0, 0));
+    }
+
+    /// A segment removed before the spool held it open (past the segments it holds open, or
+    /// left by an earlier run) is skipped: the records after it are sent. (It used to be
+    /// peeked again and again, holding every record behind it.)
+    #[test]
+    fn a_segment_removed_before_it_was_opened_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"lost\n").unwrap();
+        // The next batch starts segment 1; segment 0 is not held open, and its file goes.
+        {
+            let mut state = spool.inner.lock().unwrap();
+            state.current = None;
+            state.readers.remove(&0);
+        }
+        spool.append(b"kept\n").unwrap();
+        std::fs::remove_file(dir.path().join("0.seg")).unwrap();
+        assert_eq!(send_all(&spool), "kept\n");
+        assert_eq!(spool.pending(), 0);
     }
 
     /// Send and acknowledge everything the spool holds; the lines sent.

@@ -46,11 +46,19 @@ impl Sidecar {
     pub async fn build(config: Config) -> Result<Sidecar, StartError> {
         config.check()?;
         let open_files = raise_open_files_limit();
-        if open_files < config.server.max_connections as u64 + 256 {
+        // Every listener may hold `max_connections`; the rest (spool segments, registry and NATS
+        // clients, modules being read) fits in 512.
+        let listeners = 1 + [config.grpc.is_some(), config.admin.is_some(), config.server.ops_listen.is_some()]
+            .into_iter()
+            .filter(|on| *on)
+            .count() as u64;
+        let wanted = listeners * config.server.max_connections as u64 + 512;
+        if open_files < wanted {
             tracing::warn!(
                 open_files,
+                wanted,
                 max_connections = config.server.max_connections,
-                "the process may open fewer files than a listener may hold connections: past the limit, \
+                "the process may open fewer files than its listeners may hold connections: past the limit, \
                  connections wait to be accepted; raise the hard limit (`ulimit -Hn`, LimitNOFILE=)"
             );
         }
@@ -455,8 +463,17 @@ pub fn raise_open_files_limit() -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return u64::MAX;
     }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+    // An unlimited hard limit stands for the kernel's own cap on descriptors.
+    let most = if limit.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(limit.rlim_cur)
+    } else {
+        limit.rlim_max
+    };
+    if limit.rlim_cur < most {
+        let raised = libc::rlimit { rlim_cur: most, rlim_max: limit.rlim_max };
         // SAFETY: setrlimit reads only the struct it is given. It fails when the hard limit is
         // unlimited and the kernel caps descriptors lower; the soft limit then stays.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {

@@ -530,6 +530,10 @@ async fn watch(
     }
     // Reading the current value of every key: they come in key order, not revision order.
     let mut initial = desired.revision == 0;
+    // The watch has delivered part of a batch and not yet the rest: `desired` is then not the
+    // bucket at any revision (when read whole, a key-ordered part of it), and nothing may be
+    // applied from it until the batch ends.
+    let mut mid_batch = initial;
     let mut next_expiry = next_expiry(desired, crate::decide::unix_now());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // Since when NATS has answered that the bucket is ahead while the watch delivered nothing.
@@ -573,7 +577,7 @@ async fn watch(
                 }
                 // A revocation that expired is dropped from the snapshot (same revision).
                 let now = crate::decide::unix_now();
-                if next_expiry.is_some_and(|t| t <= now) {
+                if !mid_batch && next_expiry.is_some_and(|t| t <= now) {
                     let errors = state.apply_desired(desired, now, Phase::Live).await;
                     health.applied_now(desired.revision, errors);
                     next_expiry = self::next_expiry(desired, now);
@@ -587,8 +591,9 @@ async fn watch(
                 }
             }, if retry.task.is_some() => {
                 retry.ended();
-                // What resolved is taken by this apply; what still fails keeps its version.
-                if resolved.unwrap_or(0) > 0 {
+                // What resolved is taken by this apply; what still fails keeps its version. In
+                // the middle of a batch, the batch's own apply takes it when the batch ends.
+                if resolved.unwrap_or(0) > 0 && !mid_batch {
                     let errors = state.apply_desired(desired, crate::decide::unix_now(), Phase::Live).await;
                     report_errors(&errors);
                     health.applied_now(desired.revision, errors);
@@ -602,6 +607,7 @@ async fn watch(
                     Some(Ok(entry)) => entry,
                 };
                 behind_since = None;
+                mid_batch = entry.delta > 0;
                 if initial || entry.revision > desired.revision {
                     match entry.operation {
                         async_nats::jetstream::kv::Operation::Put => desired.put(entry.key.clone(), &entry.value, entry.revision),
