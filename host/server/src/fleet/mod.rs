@@ -402,6 +402,9 @@ pub async fn run(
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
+    if let Some(task) = retry.task.take() {
+        task.abort();
+    }
     let _ = heartbeat.await;
 }
 
