@@ -102,6 +102,7 @@ struct Shadow {
     context: EvalContext,
     verifier: Arc<Recording>,
 }
+
 /// `text` cut to at most `max` bytes as [`bounded`] cuts it, but never inside one of
 /// `secrets`: a secret the cut would split ends the text where it starts (whole ones are
 /// replaced when the line is written; a part of one would not be found).
