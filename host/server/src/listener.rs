@@ -636,29 +636,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A listener answering 200 to everything, with `limits`; returns its address.
-    async fn answering(limits: Limits) -> (SocketAddr, CancellationToken) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let make = |_| {
-            hyper::service::service_fn(|_| async {
-                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
-                    b"ok",
-                ))))
-            })
-        };
-        tokio::spawn(serve(
-            "test",
-            Listener::Tcp(listener),
-            make,
-            limits,
-            ConnectionMetrics::default(),
-            stop.clone(),
-            Duration::from_secs(1),
-        ));
-        (address, stop)
-    }
+    /// What an HTTP/2 client sends first: the preface and an empty SETTINGS frame.
+    const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 
     /// Read until the peer closes or answers; `None` if neither happens within `wait` (a
     /// liveness bound, not a measurement).
@@ -674,7 +653,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_whose_headers_never_finish_is_closed() {
         let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
-        let (address, stop) = answering(limits).await;
+        let (address, stop, _) = holding(limits, Arc::default()).await;
         let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
         // Before this limit existed the connection stayed open, waiting, for good.
@@ -689,7 +668,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_that_never_says_its_protocol_is_closed() {
         let limits = Limits { header_read_timeout: Duration::from_millis(200), ..Limits::default() };
-        let (address, stop) = answering(limits).await;
+        let (address, stop, _) = holding(limits, Arc::default()).await;
         for sent in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
             let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
             silent.write_all(sent).await.unwrap();
@@ -705,8 +684,9 @@ mod tests {
         stop.cancel();
     }
 
-    /// A listener answering 200, but only once `release` is notified for requests to
-    /// `/hold`; returns its address.
+    /// A listener answering 200 to everything, with `limits`: requests to `/hold` once
+    /// `release` is notified, and `/panic` by panicking. Its address, how to stop it, and
+    /// its connection counts.
     async fn holding(
         limits: Limits,
         release: Arc<tokio::sync::Notify>,
@@ -774,7 +754,6 @@ mod tests {
     /// connection out.
     #[tokio::test]
     async fn an_idle_connection_makes_room_at_the_cap() {
-        const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
         let release = Arc::new(tokio::sync::Notify::new());
         let limits = Limits { max_connections: 2, ..Limits::default() };
         let (address, stop, metrics) = holding(limits, release.clone()).await;
@@ -828,7 +807,6 @@ mod tests {
     /// to make room again.
     #[tokio::test]
     async fn a_connection_whose_service_panicked_leaves_no_trace() {
-        const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
         let release = Arc::new(tokio::sync::Notify::new());
         let limits = Limits { max_connections: 2, ..Limits::default() };
         let (address, stop, metrics) = holding(limits, release.clone()).await;

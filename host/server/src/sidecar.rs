@@ -457,7 +457,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 /// `worker_rlimit_nofile` do: every connection and spool segment is a descriptor, and the
 /// usual soft default (1,024) is below one listener's `max_connections`. Returns the soft limit
 /// now in force.
-pub fn raise_open_files_limit() -> u64 {
+fn raise_open_files_limit() -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes only the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {

@@ -73,11 +73,7 @@ fn bounded(mut errors: Vec<super::ItemError>) -> Vec<super::ItemError> {
     errors.truncate(MAX_ERRORS);
     for e in &mut errors {
         if e.error.len() > MAX_ERROR_TEXT {
-            let mut end = MAX_ERROR_TEXT;
-            while !e.error.is_char_boundary(end) {
-                end -= 1;
-            }
-            e.error.truncate(end);
+            e.error.truncate(sandgate_records::bounded(&e.error, MAX_ERROR_TEXT).len());
             e.error.push_str(" … (cut)");
         }
     }
