@@ -12,10 +12,19 @@
 //! path (see [`sandgate_policy_sdk::match_path`] for patterns). The upstream receives
 //! `x-user` (the subject) and `x-roles`. No credential, or a rejected one: 401. Authenticated
 //! but no matching rule: 403 `forbidden`.
+//!
+//! `prepare` parses every role's rules once per data version; a check then only looks its
+//! roles up. Without it (before the host has prepared this data version) a check reads and
+//! parses the rules of its own roles, and decides the same.
 
 use sandgate_policy_sdk::{Decision, DecisionExt, Policy, Request, allow, deny, host, match_path};
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// Every role's rules, parsed by `prepare`: `None` unless the host prepared this data version.
+static PREPARED: OnceLock<HashMap<String, Vec<Rule<'static>>>> = OnceLock::new();
 
 /// One permission of a role. Borrowed from the data text where it can be: the policy reads it
 /// once per check and never keeps it.
@@ -45,16 +54,32 @@ impl Policy for Rbac {
             return denial;
         }
         let Some(claims) = request.claims() else { return deny(401, "missing_credential") };
-        let permitted = claims.roles.iter().any(|role| {
-            let Some(text) = host::data_get(&role_pointer(role)) else { return false };
-            let rules: Vec<Rule> = serde_json::from_str(&text).unwrap_or_default();
-            rules.iter().any(|rule| rule.permits(request.method(), request.path()))
+        let permits = |rules: &[Rule]| rules.iter().any(|rule| rule.permits(request.method(), request.path()));
+        let permitted = claims.roles.iter().any(|role| match PREPARED.get() {
+            Some(roles) => roles.get(role.as_str()).is_some_and(|rules| permits(rules)),
+            None => {
+                let Some(text) = host::data_get(&role_pointer(role)) else { return false };
+                permits(&serde_json::from_str::<Vec<Rule>>(&text).unwrap_or_default())
+            }
         });
         if permitted {
             allow().set_header("x-user", &claims.subject).set_header("x-roles", &claims.roles.join(","))
         } else {
             deny(403, "forbidden").message(&format!("no role permits {} {}", request.method(), request.path()))
         }
+    }
+
+    /// Parse every role's rules, as a check would parse its own roles' (rules that do not
+    /// parse are no rules). Only an object of roles is prepared: under an array, `/roles/0`
+    /// names an element, which a lookup by name would not find.
+    fn prepare() -> bool {
+        let Some(text) = host::data_get("/roles") else { return false };
+        let Ok(serde_json::Value::Object(roles)) = serde_json::from_str(&text) else { return false };
+        let parsed = roles
+            .into_iter()
+            .map(|(role, rules)| (role, Vec::<Rule<'static>>::deserialize(rules).unwrap_or_default()))
+            .collect();
+        PREPARED.set(parsed).is_ok()
     }
 }
 

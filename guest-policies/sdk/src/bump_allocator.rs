@@ -1,32 +1,45 @@
-//! The guest's global allocator: a bump allocator over a static arena, growing linear memory
-//! only once the arena is used up.
+//! The guest's global allocator: a bump allocator over the heap the linker reserves in the
+//! initial memory, growing linear memory only once that is used up.
 //!
 //! Why: every check runs in a fresh instance that is dropped afterwards, so freeing memory is
 //! wasted work, and an allocator that starts with `memory.grow` costs two `mprotect` calls per
-//! request in the host. The arena lives in the module's zero-initialised data, so a normal
-//! request never grows memory; the host's memory cap still bounds a policy that allocates
-//! without end (growth fails, the allocation fails, the instance traps, the check is denied).
+//! request in the host. `sandgate build` links the policy with a 256 KiB initial heap
+//! (`--initial-heap`), past all static data, so a normal request never grows memory; the
+//! host's memory cap still bounds a policy that allocates without end (growth fails, the
+//! allocation fails, the instance traps, the check is denied).
+//!
+//! Why past all static data: what `prepare` allocates becomes part of the memory image every
+//! check starts from, and the image spans from the lowest to the highest byte that is not zero.
+//! With the heap above every static, it ends just past what `prepare` built. (A heap in a
+//! static arena has other statics after it, which stretched the image over the whole arena and
+//! made every prepared check twice as slow: docs/BENCHMARKS.md.) A policy linked without an
+//! initial heap (built without `sandgate build`) grows memory on its first allocation.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 
-const ARENA_SIZE: usize = 256 * 1024;
 const PAGE_SIZE: usize = 64 * 1024;
+
+unsafe extern "C" {
+    /// Where the linker's heap starts: past all static data (wasm-ld).
+    static __heap_base: u8;
+    /// Where the initial memory ends (wasm-ld).
+    static __heap_end: u8;
+}
+
+/// The first region to allocate from: the linker's initial heap.
+fn first_region() -> (usize, usize) {
+    // SAFETY: only the symbols' addresses are taken.
+    unsafe { (&raw const __heap_base as usize, &raw const __heap_end as usize) }
+}
 
 struct Bump {
     /// `(next free address, end of the current region)`; `(0, 0)` before the first use.
     state: UnsafeCell<(usize, usize)>,
 }
 
-#[repr(C, align(16))]
-struct Arena(UnsafeCell<[u8; ARENA_SIZE]>);
-
 // SAFETY: this component has exactly one thread.
 unsafe impl Sync for Bump {}
-// SAFETY: as above.
-unsafe impl Sync for Arena {}
-
-static ARENA: Arena = Arena(UnsafeCell::new([0; ARENA_SIZE]));
 
 #[global_allocator]
 static ALLOCATOR: Bump = Bump { state: UnsafeCell::new((0, 0)) };
@@ -49,8 +62,7 @@ unsafe impl GlobalAlloc for Bump {
         // SAFETY: single-threaded, and no reference to the state outlives this call.
         let state = unsafe { &mut *self.state.get() };
         if state.1 == 0 {
-            let start = ARENA.0.get() as usize;
-            *state = (start, start + ARENA_SIZE);
+            *state = first_region();
         }
         let fits = |s: &(usize, usize)| {
             let start = s.0.checked_next_multiple_of(layout.align())?;

@@ -41,11 +41,13 @@ pub mod testing;
 pub use path::{match_path, match_path_ignore_case};
 pub use request::{Request, RequestParts};
 
-/// Bindings generated from `wit/policy.wit`. Policies rarely need them directly.
+/// Bindings generated from `wit/policy.wit` (the `prepared-authorizer` world: every policy built
+/// with the SDK exports `prepare`, which answers [`Policy::prepare`]). Policies rarely need
+/// them directly.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "authorizer",
+        world: "prepared-authorizer",
         path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_authorizer",
@@ -64,6 +66,20 @@ pub trait Policy {
     /// Decide on `request`. Panicking is a deny (`policy_panicked`), but a clear [`deny`] is
     /// kinder to whoever reads the decision log.
     fn check(request: &Request) -> Decision;
+
+    /// Work to do once per version of the data document instead of in every check, typically
+    /// parsing the data into a `static` (a [`std::sync::OnceLock`]) that `check` then reads.
+    /// The host calls it in an instance of its own and, when it returns `true`, starts every
+    /// check on that data version from that instance's memory (copy-on-write: a check still
+    /// writes only its own copy). The default does nothing and returns `false`.
+    ///
+    /// Here only [`host::data_get`] answers from the data; the request is empty (see the
+    /// `prepare` interface in `wit/policy.wit`). `check` must decide the same whether or not
+    /// `prepare` ran, because a check may start before preparation is done: keep the parsed
+    /// form a cache of what `check` would otherwise read itself.
+    fn prepare() -> bool {
+        false
+    }
 }
 
 /// Export a [`Policy`] implementation as this component's `check`. Use once per crate.
@@ -76,6 +92,11 @@ macro_rules! export_policy {
             impl $crate::bindings::exports::sandgate::policy::policy::Guest for SandgateExport {
                 fn check() -> $crate::Decision {
                     <$policy as $crate::Policy>::check(&$crate::Request::from_host())
+                }
+            }
+            impl $crate::bindings::exports::sandgate::policy::prepare::Guest for SandgateExport {
+                fn prepare() -> bool {
+                    <$policy as $crate::Policy>::prepare()
                 }
             }
     $crate::bindings::__export_authorizer!(SandgateExport with_types_in $crate::bindings);

@@ -14,7 +14,7 @@ pub mod test;
 
 use anyhow::Context;
 use sandgate_runtime::bindings::sandgate::policy::types::CheckRequest;
-use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, RuntimeConfig};
+use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, RuntimeConfig, Start};
 use sandgate_spec::RequestSpec;
 use std::path::Path;
 use std::sync::Arc;
@@ -71,6 +71,7 @@ fn prepare(
     let module = load(&runtime, policy)?;
     let versions = sandgate_runtime::spec::standalone_versions(module.digest());
     let check = Arc::new(sandgate_runtime::spec::from_spec(&spec, sandgate_server::unix_now(), versions));
-    let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None };
+    // As a sidecar's checks start once it has prepared the data version.
+    let context = EvalContext { data: Arc::new(PolicyData::new(value, 1)), verifier: None, start: Start::Prepared };
     Ok((runtime, module, check, context))
 }

@@ -177,6 +177,10 @@ pub struct Record {
     /// `sha256:…` of the data document's JSON text, when a policy ran.
     #[serde(default)]
     pub data_digest: Option<String>,
+    /// Whether the check started from the policy's memory prepared for its data (absent:
+    /// from the component as built).
+    #[serde(default)]
+    pub prepared: bool,
     /// Where the module came from: `oci://HOST/REPO@sha256:…` or `fleet:sha256:…`.
     #[serde(default)]
     pub policy_source: Option<String>,
@@ -828,6 +832,7 @@ mod tests {
             policy: None,
             policy_digest: None,
             data_digest: None,
+            prepared: false,
             policy_source: None,
             route: None,
             method: String::new(),

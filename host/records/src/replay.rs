@@ -11,7 +11,7 @@ use crate::format::{
 };
 use sandgate_registry::Cache;
 use sandgate_runtime::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
-use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, TokenVerifier};
+use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, Start, TokenVerifier};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -262,6 +262,7 @@ impl<'a> Replayer<'a> {
             return Verdict::Skipped("host_condition");
         }
         let candidate = record.policy.as_ref().and_then(|p| self.candidates.get(p)).cloned();
+        let is_candidate = candidate.is_some();
         let module = match candidate {
             Some(module) => module,
             None => match self.module(&input.versions.policy_digest, record.policy_source.as_deref()) {
@@ -273,8 +274,15 @@ impl<'a> Replayer<'a> {
         let Some(data) = self.data(data_digest, input.versions.data) else { return Verdict::Skipped("missing_data") };
         let Some(check) = input.to_check(&record.request_id) else { return Verdict::Skipped("bad_input") };
         let verifier = Arc::new(PlayedBack(Mutex::new(input.verify_jwt.iter().cloned().collect())));
-        let context = EvalContext { data, verifier: Some(verifier) };
+        // The start the check had: a policy's `prepare` must not change its decisions, but
+        // replay reproduces the check, not what the policy promises. A candidate starts as it
+        // would once serving: prepared, if it prepares.
+        let start = if record.prepared || is_candidate { Start::Prepared } else { Start::Built };
+        let context = EvalContext { data, verifier: Some(verifier), start };
         let evaluation = self.runtime.evaluate(&module, &Arc::new(check), &context);
+        if record.prepared && !is_candidate && !evaluation.prepared {
+            return Verdict::Skipped("not_prepared");
+        }
         if evaluation.fault.as_ref().is_some_and(|f| HOST_CONDITIONS.contains(&f.reason())) {
             return Verdict::Skipped("host_condition");
         }

@@ -59,7 +59,7 @@ fn setup() -> Setup {
     let versions =
         SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
     let check = Arc::new(request::from_spec(&spec, 1_767_225_600, versions));
-    let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
+    let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None, start: Start::Built };
     Setup { runtime, module, context, check, spec, data }
 }
 

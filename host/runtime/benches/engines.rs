@@ -206,7 +206,8 @@ impl Engines {
         let module = runtime.load(&bytes).expect("policy loads");
         let floor_runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let floor_module = floor_runtime.load(&bytes).expect("policy loads");
-        let context = EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None };
+        let context =
+            EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None, start: Start::Built };
         let mut rego = regorus::Engine::new();
         let (rego_text, rego_rule) = if policy == "rbac" {
             (REGO_RBAC, "data.sandgate.rbac.allow")

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     let versions =
         SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
     let check = Arc::new(request::from_spec(&spec, 1_767_225_600, versions));
-    let context = EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None };
+    let context = EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None, start: Start::Built };
     anyhow::ensure!(runtime.evaluate(&module, &check, &context).fault.is_none(), "the policy faults on this request");
 
     let started = Instant::now();

@@ -87,6 +87,9 @@ pub struct Evaluation {
     pub queued: bool,
     /// How long instantiating and calling took (zero when the policy never ran).
     pub timings: Timings,
+    /// Whether the check started from the policy's memory prepared for its data version
+    /// (`prepare`), not from the component as built.
+    pub prepared: bool,
 }
 
 /// Where a fresh-instance evaluation spent its time.
@@ -109,6 +112,7 @@ impl Evaluation {
             memory_grows: 0,
             queued: false,
             timings: Timings::default(),
+            prepared: false,
         }
     }
 
@@ -119,7 +123,15 @@ impl Evaluation {
             message: "access denied".to_owned(),
             headers: Vec::new(),
         });
-        Evaluation { decision, fault: Some(fault), logs, memory_grows, queued: false, timings: Timings::default() }
+        Evaluation {
+            decision,
+            fault: Some(fault),
+            logs,
+            memory_grows,
+            queued: false,
+            timings: Timings::default(),
+            prepared: false,
+        }
     }
 
     /// Whether the request is allowed.

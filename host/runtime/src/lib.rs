@@ -11,6 +11,8 @@
 //! - [`Runtime`]: engine, pooling allocator, epoch ticker; [`Runtime::load`],
 //!   [`Runtime::probe`], [`Runtime::check`] / [`Runtime::evaluate`].
 //! - [`PolicyModule`] and [`LoadError`]: a validated, pre-instantiated component, or why not.
+//! - `prepare`: a policy's memory prepared once per data version by its `prepare` export
+//!   ([`Start`] says whether a check may start from it).
 //! - [`Evaluation`] and [`PolicyFault`]: what a check produced.
 //! - [`PolicyData`], [`TokenVerifier`], [`PolicyLog`]: what a policy may consult and write.
 //! - `wasi`: the deterministic, deny-all WASI a `wasm32-wasip2` policy gets (`wasmtime-wasi`).
@@ -25,6 +27,7 @@ mod host_state;
 mod policy;
 mod policy_data;
 mod pool;
+mod prepare;
 #[cfg(feature = "bench-internals")]
 mod reused;
 mod runtime;
@@ -35,6 +38,7 @@ pub use fault::{Evaluation, PolicyFault, Timings};
 pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, MAX_VERIFY_JWT, MAX_VERIFY_JWT_BYTES, PolicyLog, TokenVerifier};
 pub use policy::{Contract, LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
+pub use prepare::{PREPARE_TIMEOUT, Start};
 #[cfg(feature = "bench-internals")]
 pub use reused::ReusedInstance;
 pub use runtime::{EvalContext, MAX_TRANSFER, Runtime, RuntimeConfig};

@@ -96,6 +96,12 @@ pub struct PolicyModule {
     pub(crate) wasi: bool,
     /// Evaluation threads this policy occupies now (its share is capped).
     pub(crate) load: crate::pool::PolicyLoad,
+    /// The component's bytes, kept only when it is prepared (each snapshot is rewritten from
+    /// them).
+    pub(crate) bytes: Option<Arc<[u8]>>,
+    /// Its preparations by data version, when it is prepared: it exports a `prepare` of the
+    /// right type (checked at load) and imports no WASI (`crate::prepare`).
+    pub(crate) preparations: Option<Arc<crate::prepare::Preparations>>,
 }
 
 impl PolicyModule {
@@ -118,6 +124,40 @@ impl PolicyModule {
     pub fn contract(&self) -> Contract {
         self.contract
     }
+
+    /// Whether the host prepares this policy for each data version (it exports `prepare` and
+    /// imports no WASI).
+    pub fn prepares(&self) -> bool {
+        self.preparations.is_some()
+    }
+
+    pub(crate) fn preparable(&self) -> Option<&crate::prepare::Preparations> {
+        self.preparations.as_deref()
+    }
+}
+
+/// The index of a 0.2.0 policy's `prepare` function, type-checked (`func() -> bool`), if it
+/// exports one.
+pub(crate) fn prepare_export(
+    pre: &InstancePre<HostState>,
+    contract: Contract,
+) -> wasmtime::Result<Option<ComponentExportIndex>> {
+    let component = pre.component();
+    let export = crate::prepare::PREPARE_EXPORT;
+    let Some((_, instance)) = component.get_export(None, export).filter(|_| contract == Contract::V0_2) else {
+        return Ok(None);
+    };
+    let (item, prepare) = component
+        .get_export(Some(&instance), "prepare")
+        .ok_or_else(|| wasmtime::format_err!("no `prepare` function in `{export}`"))?;
+    let ComponentItem::ComponentFunc(func) = item else {
+        return Err(wasmtime::format_err!("`prepare` is not a function"));
+    };
+    wasmtime::error::Context::context(
+        func.typecheck::<(), (bool,)>(&pre.instance_type()),
+        "`prepare` has the wrong type",
+    )?;
+    Ok(Some(prepare))
 }
 
 /// The index of the `check` function in the `policy` export of `contract`, type-checked

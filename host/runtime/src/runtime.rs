@@ -23,6 +23,7 @@ use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{Contract, call_check, check_export, sha256_hex};
 use crate::pool::EvalPool;
+use crate::prepare::{PREPARE_TIMEOUT, PrepareThread, Prepared, Preparer, Start};
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +105,8 @@ pub struct EvalContext {
     pub data: Arc<PolicyData>,
     /// Verifies tokens for the `verify-jwt` import; `None` answers `verification_unavailable`.
     pub verifier: Option<Arc<dyn TokenVerifier>>,
+    /// Whether the check may start from the policy's memory prepared for `data`.
+    pub start: Start,
 }
 
 /// The policy runtime. See the module documentation for lifetimes and guarantees.
@@ -113,6 +116,9 @@ pub struct Runtime {
     /// Dropped (its threads joined) before the ticker stops, so a running policy is still
     /// interrupted at its deadline.
     pool: EvalPool,
+    /// Prepares policies for their data versions; like the pool, stopped before the ticker.
+    prepare_thread: PrepareThread,
+    preparer: Preparer,
     /// Held for its `Drop`: stops and joins the ticker thread with the runtime.
     _ticker: EpochTicker,
 }
@@ -253,7 +259,22 @@ impl Runtime {
         }
         let pool = EvalPool::start(threads, per_policy)?;
         let permits = Arc::new(tokio::sync::Semaphore::new(instances as usize));
-        Ok(Runtime { core: Arc::new(Core { engine, config, permits }), linker, pool, _ticker: ticker })
+        let preparer = Preparer {
+            linker: linker.clone(),
+            permits: permits.clone(),
+            memory_limit: config.memory_limit,
+            ticks: PREPARE_TIMEOUT.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
+            snapshot_linker: Preparer::snapshot_linker().map_err(anyhow::Error::from)?,
+        };
+        let prepare_thread = PrepareThread::start(preparer.clone())?;
+        Ok(Runtime {
+            core: Arc::new(Core { engine, config, permits }),
+            linker,
+            pool,
+            prepare_thread,
+            preparer,
+            _ticker: ticker,
+        })
     }
 
     /// Instances in use by [`Runtime::check`] right now.
@@ -288,6 +309,7 @@ impl Runtime {
         }
         let pre = self.linker.instantiate_pre(&component).map_err(LoadError::Contract)?;
         let check = check_export(&pre, contract).map_err(LoadError::Contract)?;
+        let prepare = crate::policy::prepare_export(&pre, contract).map_err(LoadError::Contract)?.filter(|_| !wasi);
         Ok(PolicyModule {
             pre,
             contract,
@@ -296,6 +318,8 @@ impl Runtime {
             size: bytes.len(),
             wasi,
             load: Default::default(),
+            bytes: prepare.map(|_| bytes.into()),
+            preparations: prepare.map(|_| Default::default()),
         })
     }
 
@@ -336,7 +360,9 @@ impl Runtime {
                 Err(_) => return Err(PolicyFault::Overloaded),
             }
         };
-        match self.evaluate(module, &request, &EvalContext::default()).fault {
+        // As built: the probe's empty data is not worth preparing for.
+        let context = EvalContext { start: Start::Built, ..Default::default() };
+        match self.evaluate(module, &request, &context).fault {
             Some(fault) => Err(fault),
             None => Ok(()),
         }
@@ -382,8 +408,9 @@ impl Runtime {
     ) -> Evaluation {
         let (send, mut receive) = tokio::sync::oneshot::channel();
         let (core, job_module) = (self.core.clone(), module.clone());
+        let prepared = self.prepared(module, &context);
         let ticket = self.pool.submit(&module.load, deadline, move || {
-            let _ = send.send(core.evaluate(&job_module, &request, &context));
+            let _ = send.send(core.evaluate(&job_module, prepared.as_deref(), &request, &context));
         });
         // If this future is dropped (the client went away), a job not started yet never runs.
         let abandon_on_drop = AbandonOnDrop(ticket);
@@ -403,6 +430,8 @@ impl Runtime {
     /// Evaluate one check in a fresh instance: new store, instantiate, call, drop. If the pool
     /// is full the check is denied as overloaded; [`Runtime::check`] queues instead.
     pub fn evaluate(&self, module: &PolicyModule, request: &Arc<CheckRequest>, context: &EvalContext) -> Evaluation {
+        let prepared = self.prepared(module, context);
+        let prepared = prepared.as_deref();
         // `wasmtime-wasi` runs WASI's blocking calls (a `println!`, a sleep) by entering tokio,
         // which panics inside an async context: there, a WASI policy runs on a thread of its
         // own. (The evaluation pool's threads are never in one.)
@@ -410,14 +439,30 @@ impl Runtime {
             return std::thread::scope(|scope| {
                 let evaluation = std::thread::Builder::new()
                     .name("sandgate-eval-wasi".into())
-                    .spawn_scoped(scope, || self.core.evaluate(module, request, context));
+                    .spawn_scoped(scope, || self.core.evaluate(module, prepared, request, context));
                 match evaluation.map(|thread| thread.join()) {
                     Ok(Ok(evaluation)) => evaluation,
                     _ => Evaluation::fault(PolicyFault::Instantiate("no thread to evaluate on".into()), Vec::new(), 0),
                 }
             });
         }
-        self.core.evaluate(module, request, context)
+        self.core.evaluate(module, prepared, request, context)
+    }
+
+    /// The prepared start a check of `module` with `context` takes, if any (see [`Start`]).
+    fn prepared(&self, module: &PolicyModule, context: &EvalContext) -> Option<Arc<Prepared>> {
+        match context.start {
+            Start::Auto => self.prepare_thread.ready_or_queue(module, &context.data),
+            Start::Built => None,
+            Start::Prepared => self.preparer.ready_or_prepare(module, &context.data),
+        }
+    }
+
+    /// Prepare `module` for `data` now, on this thread, unless it is prepared already (what a
+    /// check with [`Start::Auto`] would otherwise start in the background). Returns whether
+    /// checks of `module` on `data` start prepared from now on.
+    pub fn prepare(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> bool {
+        self.preparer.ready_or_prepare(module, data).is_some()
     }
 
     #[cfg(feature = "bench-internals")]
@@ -448,28 +493,40 @@ fn overloaded(queued: bool) -> Evaluation {
 }
 
 impl Core {
-    fn evaluate(&self, module: &PolicyModule, request: &Arc<CheckRequest>, context: &EvalContext) -> Evaluation {
+    fn evaluate(
+        &self,
+        module: &PolicyModule,
+        prepared: Option<&Prepared>,
+        request: &Arc<CheckRequest>,
+        context: &EvalContext,
+    ) -> Evaluation {
         let started = std::time::Instant::now();
         let mut timings = Timings::default();
         let wasi = module.wasi.then(|| crate::wasi::WasiState::new(&request.request_id, request.now));
         let mut store = self.new_store(request.clone(), context, wasi);
-        let result =
-            module.pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &store)).and_then(|instance| {
-                timings.instantiate = started.elapsed();
-                let func = instance
-                    .get_func(&mut store, module.check)
-                    .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
-                call_check(&mut store, func, module.contract, request).map_err(|e| classify_trap(&e, &store))
-            });
+        let (pre, check) = match prepared {
+            Some(prepared) => (&prepared.pre, prepared.check),
+            None => (&module.pre, module.check),
+        };
+        let result = pre.instantiate(&mut store).map_err(|e| classify_instantiation(&e, &store)).and_then(|instance| {
+            timings.instantiate = started.elapsed();
+            let func = instance
+                .get_func(&mut store, check)
+                .ok_or(PolicyFault::Trap("the `check` export is missing".into()))?;
+            call_check(&mut store, func, module.contract, request).map_err(|e| classify_trap(&e, &store))
+        });
         timings.call = started.elapsed().saturating_sub(timings.instantiate);
         store.data_mut().collect_output();
         let logs = std::mem::take(&mut store.data_mut().logs);
         let memory_grows = store.data().limiter.grows;
         let mut evaluation = match result.and_then(validate_decision) {
-            Ok(decision) => Evaluation { decision, fault: None, logs, memory_grows, queued: false, timings },
+            Ok(decision) => {
+                Evaluation { decision, fault: None, logs, memory_grows, queued: false, timings, prepared: false }
+            }
             Err(fault) => Evaluation::fault(fault, logs, memory_grows),
         };
         evaluation.timings = timings;
+        evaluation.prepared = prepared.is_some();
         evaluation
     }
 

@@ -18,7 +18,7 @@ use sandgate_records::{SUMMARY_BOUNDS, bounded};
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, Decision, Header, VerifiedCredential,
 };
-use sandgate_runtime::{EvalContext, Evaluation, PolicyLog, PolicyModule, TokenVerifier, spec};
+use sandgate_runtime::{EvalContext, Evaluation, PolicyLog, PolicyModule, Start, TokenVerifier, spec};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -441,7 +441,7 @@ impl Authorizer {
             Some(recording) => recording.clone(),
             None => snapshot.clone(),
         };
-        let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier) };
+        let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier), start: Start::Auto };
         let evaluating = trace.as_ref().map(|_| Instant::now());
         let evaluation = self.evaluate(&policy, &check, context).await;
         if let (Some(trace), Some(start)) = (trace.as_mut(), evaluating) {
@@ -456,7 +456,8 @@ impl Authorizer {
         let (verify_jwt, verified_tokens) = recording.map(|r| r.answers()).unwrap_or_default();
         if let Some(candidate) = &policy.shadow {
             let verifier = Arc::new(Recording::new(snapshot.clone(), false));
-            let context = EvalContext { data: policy.data.clone(), verifier: Some(verifier.clone()) };
+            let context =
+                EvalContext { data: policy.data.clone(), verifier: Some(verifier.clone()), start: Start::Auto };
             let shadow = Shadow { candidate: candidate.clone(), policy: policy.id.clone(), context, verifier };
             self.shadow_evaluate(shadow, check.clone(), &evaluation, verified_tokens.clone());
         }
@@ -696,6 +697,7 @@ impl Authorizer {
                 fleet_revision: snapshot.fleet_revision,
                 data: checked.map(|(p, _)| p.data.version),
                 data_digest: checked.map(|(p, _)| p.data.digest()),
+                prepared: evaluation.prepared,
                 credential,
                 subject: checked.and_then(|(_, c)| match &c.credential {
                     Credential::Verified(v) => Some(v.claims.subject.as_str()),

@@ -51,6 +51,9 @@ pub(crate) struct DecisionLogEntry<'a> {
     /// `sha256:…` of the data document's JSON text, when a policy ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) data_digest: Option<&'a str>,
+    /// The check started from the policy's memory prepared for its data (`prepare`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) prepared: bool,
     /// `none`, `verified`, or the reason the credential was rejected.
     pub(crate) credential: Option<&'a str>,
     pub(crate) subject: Option<&'a str>,

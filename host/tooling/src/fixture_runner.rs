@@ -1,7 +1,7 @@
 //! Running a fixture file's cases against a compiled policy through the real runtime: the
 //! same cases the SDK's native runner uses, so native and Wasm results can be compared.
 
-use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, spec};
+use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, Start, spec};
 use sandgate_spec::{FixtureFile, Outcome};
 use std::sync::Arc;
 
@@ -17,7 +17,9 @@ pub struct CaseResult {
 }
 
 /// Evaluate every case of `file` with `module`, each in a fresh instance, at the file's `now`
-/// or else at `now` (Unix seconds).
+/// or else at `now` (Unix seconds). A policy that prepares for its data (`prepare`) is run
+/// both ways, as built and prepared, and a case fails if they answer differently: a sidecar
+/// starts checks either way, depending on whether it has prepared the data version yet.
 pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u64) -> Vec<CaseResult> {
     let now = file.now.unwrap_or(now);
     let file_data = Arc::new(PolicyData::new(file.data.clone().unwrap_or_default(), 1));
@@ -29,9 +31,18 @@ pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u6
                 None => file_data.clone(),
             };
             let check = Arc::new(spec::from_spec(&case.request, now, spec::standalone_versions(module.digest())));
-            let evaluation = runtime.evaluate(module, &check, &EvalContext { data, verifier: None });
-            let got = spec::outcome(&evaluation.decision);
-            CaseResult { name: case.name.clone(), verdict: case.expect.check(&got), got }
+            let built = EvalContext { data, verifier: None, start: Start::Built };
+            let got = spec::outcome(&runtime.evaluate(module, &check, &built).decision);
+            let mut verdict = case.expect.check(&got);
+            if verdict.is_ok() && module.prepares() {
+                let prepared = EvalContext { start: Start::Prepared, ..built };
+                let evaluation = runtime.evaluate(module, &check, &prepared);
+                let again = spec::outcome(&evaluation.decision);
+                if evaluation.prepared && again != got {
+                    verdict = Err(format!("`prepare` changes the answer: {got:?} as built, {again:?} prepared"));
+                }
+            }
+            CaseResult { name: case.name.clone(), verdict, got }
         })
         .collect()
 }

@@ -62,6 +62,9 @@ pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// Bytes of initial heap a policy is linked with (a multiple of the 64 KiB page).
+const INITIAL_HEAP: usize = 256 << 10;
+
 /// Whether rustup has the target installed, when rustup is what provides Rust here.
 fn target_missing(target: &str) -> bool {
     let Ok(out) = Command::new("rustup").args(["target", "list", "--installed"]).output() else {
@@ -81,10 +84,15 @@ pub fn build_policy(crate_dir: &Path, target: Target) -> anyhow::Result<(Vec<u8>
     if target_missing(triple) {
         bail!("the Rust target `{triple}` is not installed; install it with:\n    rustup target add {triple}");
     }
+    // `cargo rustc`: the link argument goes to the policy crate alone. A 256 KiB initial heap
+    // past all static data, which the SDK's allocator takes before growing memory (see its
+    // `bump_allocator`): a memory image prepared by `prepare` then ends just past what it
+    // built.
     let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "--lib", "--target", triple, "--message-format=json-render-diagnostics"])
+        .args(["rustc", "--release", "--lib", "--target", triple, "--message-format=json-render-diagnostics"])
         .arg("--manifest-path")
         .arg(&manifest)
+        .args(["--", "-C", &format!("link-arg=--initial-heap={INITIAL_HEAP}")])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run cargo")?;

@@ -17,12 +17,20 @@ pub struct Args {
     /// Decisions to time.
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
+    /// Start every check from the component as built, even if the policy prepares for its
+    /// data (`prepare`); by default checks start prepared, as a sidecar's do once it has
+    /// prepared the data version.
+    #[arg(long)]
+    as_built: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let iterations = args.iterations;
     anyhow::ensure!(iterations > 0, "--iterations must be at least 1");
-    let (runtime, module, check, context) = super::prepare(&args.policy, &args.request, args.data.as_deref())?;
+    let (runtime, module, check, mut context) = super::prepare(&args.policy, &args.request, args.data.as_deref())?;
+    if args.as_built {
+        context.start = sandgate_runtime::Start::Built;
+    }
     let first = runtime.evaluate(&module, &check, &context);
     for _ in 0..iterations.min(1_000) {
         runtime.evaluate(&module, &check, &context);
@@ -39,7 +47,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     samples.sort_unstable();
     let at = |q: f64| percentile_us(&samples, q);
     let outcome = if first.is_allow() { "allow" } else { "deny" };
-    println!("{}: {} ({outcome}), {iterations} decisions, fresh instance each", args.policy.display(), first.reason());
+    let start = if first.prepared { "prepared for its data" } else { "as built" };
+    println!(
+        "{}: {} ({outcome}), {iterations} decisions, fresh instance each, started {start}",
+        args.policy.display(),
+        first.reason()
+    );
     println!("  p50 {:.2} µs   p90 {:.2} µs   p99 {:.2} µs   max {:.2} µs", at(0.50), at(0.90), at(0.99), at(1.0));
     println!("  {:.0} decisions/s on one thread", iterations as f64 / total.as_secs_f64());
     Ok(ExitCode::SUCCESS)
