@@ -49,3 +49,50 @@ fn built_policies_instantiate_two_core_instances() {
         assert_eq!(sandgate_tooling::import_shim::core_instantiations(&bytes).unwrap(), 2, "{name}");
     }
 }
+
+/// What the RBAC example prepares is its data version's and no other's: a check on new data
+/// never starts from the roles parsed for the old, and the sidecar's default start (`Auto`)
+/// moves to the prepared one once the background preparation is done.
+#[test]
+fn rbac_prepared_for_one_data_version_never_answers_for_another() {
+    use sandgate_runtime::{EvalContext, PolicyData, Start};
+    use std::sync::Arc;
+    let runtime = runtime();
+    let module = load(&runtime, "rbac");
+    assert!(module.prepares());
+    let request = sandgate_tests::check(serde_json::json!({
+        "method": "GET", "path": "/api/orders/7", "claims": { "sub": "alice", "roles": ["reader"] }
+    }));
+    let readers_may_read = serde_json::json!({ "roles": { "reader": [{ "methods": ["GET"], "paths": ["/api/**"] }] } });
+    let readers_may_not =
+        serde_json::json!({ "roles": { "reader": [{ "methods": ["GET"], "paths": ["/other/**"] }] } });
+    let context = |data: &serde_json::Value, start| EvalContext {
+        data: Arc::new(PolicyData::new(data.clone(), 1)),
+        verifier: None,
+        start,
+    };
+    let before = context(&readers_may_read, Start::Prepared);
+    let evaluation = runtime.evaluate(&module, &request, &before);
+    assert!(evaluation.prepared && evaluation.is_allow(), "{:?}", evaluation.decision);
+    // The new data version: prepared anew, and as built, both deny.
+    for start in [Start::Prepared, Start::Built] {
+        let evaluation = runtime.evaluate(&module, &request, &context(&readers_may_not, start));
+        assert_eq!(evaluation.prepared, start == Start::Prepared);
+        assert!(!evaluation.is_allow(), "{start:?}: the roles of the old data answered");
+    }
+    // A data version seen first by a check in the background: as built, then prepared.
+    let other = serde_json::json!({ "roles": { "reader": [{ "methods": ["GET", "HEAD"], "paths": ["/api/**"] }] } });
+    let auto = context(&other, Start::Auto);
+    let first = runtime.evaluate(&module, &request, &auto);
+    assert!(!first.prepared && first.is_allow());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let evaluation = runtime.evaluate(&module, &request, &auto);
+        assert!(evaluation.is_allow());
+        if evaluation.prepared {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the background preparation never finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -7,7 +7,7 @@
     reason = "a test: a failed set-up should stop it loudly"
 )]
 
-use sandgate_runtime::{LoadError, PolicyFault, Runtime, RuntimeConfig};
+use sandgate_runtime::{LoadError, PolicyFault, Runtime, RuntimeConfig, Start};
 use sandgate_tests::{allowed_header, check, context, fixtures, load, policy_bytes, runtime};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -330,7 +330,11 @@ async fn a_policy_cannot_make_the_host_verify_tokens_without_bound() {
         ("/verify-huge", 0, "token_too_large=1".to_owned()),
     ] {
         let verifier = Arc::new(CountingVerifier::default());
-        let context = EvalContext { data: Arc::new(PolicyData::new(Value::Null, 1)), verifier: Some(verifier.clone()) };
+        let context = EvalContext {
+            data: Arc::new(PolicyData::new(Value::Null, 1)),
+            verifier: Some(verifier.clone()),
+            start: Start::Built,
+        };
         let evaluation = runtime.check(&hostile, check(json!({ "path": path })), context).await;
         assert_eq!(evaluation.fault, None, "{path}");
         assert_eq!(message(&evaluation.decision), expected_answers, "{path}");

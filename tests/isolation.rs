@@ -10,7 +10,7 @@
 )]
 
 use sandgate_runtime::ReusedInstance;
-use sandgate_runtime::{Runtime, RuntimeConfig};
+use sandgate_runtime::{Runtime, RuntimeConfig, Start};
 use sandgate_tests::{allowed_header, check, context, load, runtime};
 use std::sync::Arc;
 
@@ -118,4 +118,47 @@ fn a_normal_check_never_grows_guest_memory() {
     let evaluation = runtime.evaluate(&rbac, &request, &context(data));
     assert!(evaluation.is_allow());
     assert_eq!(evaluation.memory_grows, 0, "the guest called memory.grow on a normal request");
+}
+
+/// A policy prepared for its data (`prepare` ran once and its memory was kept) starts every
+/// check from that memory: the counters `prepare` bumped read 2 in every check, never more, and
+/// no check finds the marker the one before it left.
+#[test]
+fn fresh_state_on_every_check_of_a_prepared_policy() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile");
+    assert!(hostile.prepares());
+    let mut context = context(serde_json::json!({ "prepare": "state" }));
+    context.start = Start::Prepared;
+    let request = check(serde_json::json!({ "path": "/state" }));
+    let residue = check(serde_json::json!({ "path": "/residue" }));
+    for i in 0..1_000 {
+        let evaluation = runtime.evaluate(&hostile, &request, &context);
+        assert!(evaluation.prepared, "check {i} did not start prepared");
+        for header in STATE_HEADERS {
+            assert_eq!(allowed_header(&evaluation.decision, header), "2", "check {i}: `{header}`");
+        }
+        let evaluation = runtime.evaluate(&hostile, &residue, &context);
+        assert_eq!(allowed_header(&evaluation.decision, "x-residue"), "clean", "check {i}: memory of an earlier check");
+    }
+    // As built, the same checks count from nothing.
+    context.start = Start::Built;
+    let evaluation = runtime.evaluate(&hostile, &request, &context);
+    assert!(!evaluation.prepared);
+    assert_eq!(allowed_header(&evaluation.decision, "x-static-counter"), "1");
+}
+
+/// A `prepare` that never returns is stopped; the preparation fails and checks start from the
+/// component as built, deciding as usual.
+#[test]
+fn a_prepare_that_never_returns_is_stopped_and_checks_start_as_built() {
+    let runtime = runtime();
+    let hostile = load(&runtime, "hostile");
+    let data = Arc::new(sandgate_runtime::PolicyData::new(serde_json::json!({ "prepare": "loop" }), 1));
+    assert!(!runtime.prepare(&hostile, &data), "a looping prepare was kept");
+    let mut context = context(serde_json::json!({ "prepare": "loop" }));
+    context.start = Start::Prepared;
+    let evaluation = runtime.evaluate(&hostile, &check(serde_json::json!({ "path": "/state" })), &context);
+    assert!(!evaluation.prepared);
+    assert_eq!(allowed_header(&evaluation.decision, "x-static-counter"), "1");
 }

@@ -9,7 +9,7 @@
 
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
-use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
+use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, Start, spec as request};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -141,7 +141,7 @@ pub fn check(json: serde_json::Value) -> Arc<CheckRequest> {
 
 /// An evaluation context with this data document.
 pub fn context(data: serde_json::Value) -> EvalContext {
-    EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None }
+    EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None, start: Start::Built }
 }
 
 /// The value of an upstream header set by an allow; panics on a deny.

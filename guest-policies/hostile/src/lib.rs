@@ -146,6 +146,22 @@ fn recurse(depth: u64) -> u64 {
 pub struct Hostile;
 
 impl Policy for Hostile {
+    /// With data `{"prepare": "state"}`, counts once in every kind of state a check counts in
+    /// (a prepared instance must start every check from that, never from a check's writes);
+    /// with `{"prepare": "loop"}`, never returns.
+    fn prepare() -> bool {
+        match sandgate_policy_sdk::host::data_get("/prepare").as_deref() {
+            Some("\"state\"") => {
+                bump_state();
+                true
+            }
+            Some("\"loop\"") => loop {
+                std::hint::black_box(());
+            },
+            _ => false,
+        }
+    }
+
     fn check(request: &Request) -> Decision {
         match request.path() {
             "/state" => {

@@ -24,7 +24,7 @@ use sandgate_policy_sdk::{Policy, testing};
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
 use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, SnapshotVersions};
-use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
+use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, Start, spec as request};
 use sandgate_spec::{FixtureFile, RequestSpec};
 use std::hint::black_box;
 use std::path::PathBuf;

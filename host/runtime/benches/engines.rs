@@ -28,7 +28,7 @@ use sandgate_policy_sdk::{Policy, testing};
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
 use sandgate_runtime::bindings::sandgate::policy::types::{CheckRequest, Decision, SnapshotVersions};
-use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, spec as request};
+use sandgate_runtime::{EvalContext, PolicyModule, Runtime, RuntimeConfig, Start, spec as request};
 use sandgate_spec::RequestSpec;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};

@@ -20,7 +20,7 @@
 use sandgate_runtime::PolicyData;
 use sandgate_runtime::ReusedInstance;
 use sandgate_runtime::bindings::sandgate::policy::types::SnapshotVersions;
-use sandgate_runtime::{EvalContext, Runtime, RuntimeConfig, spec as request};
+use sandgate_runtime::{EvalContext, Runtime, RuntimeConfig, Start, spec as request};
 use sandgate_spec::RequestSpec;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -115,7 +115,7 @@ impl Preparations {
 }
 
 /// Instructions `prepare` may run in the instance that is snapshotted (wasmtime fuel).
-const SNAPSHOT_FUEL: u64 = 4_000_000_000;
+const SNAPSHOT_FUEL: u64 = 1_000_000_000;
 
 /// What preparing needs from the runtime.
 #[derive(Clone)]
