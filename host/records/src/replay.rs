@@ -68,7 +68,8 @@ pub struct Report {
     pub differ: u64,
     /// Records not replayed, by why: `no_input` (captured without input, or decided by the
     /// host before any policy ran), `host_condition` (overload, instantiation failure),
-    /// `missing_module`, `missing_data`, `bad_input`, `not_a_decision` (a shadow line),
+    /// `missing_module`, `missing_data`, `bad_input`, `not_prepared` (the check started from
+    /// memory prepared for its data, which this build could not prepare), `not_a_decision` (a shadow line),
     /// `other_policy` (with a candidate: a record of another policy), `unsupported_version`
     /// (a format version this build does not know), `unreadable`.
     pub skipped: BTreeMap<&'static str, u64>,
@@ -131,7 +132,7 @@ impl Report {
     /// host's own condition, shadow lines, other policies than a candidate's) do not count.
     pub fn incomplete(&self) -> Option<String> {
         const UNVERIFIED: [&str; 5] =
-            ["missing_module", "missing_data", "bad_input", "unreadable", "unsupported_version"];
+            ["missing_module", "missing_data", "bad_input", "unreadable", "unsupported_version", "not_prepared"];
         let unverified: Vec<String> =
             UNVERIFIED.iter().filter_map(|why| self.skipped.get(why).map(|n| format!("{n} {why}"))).collect();
         if self.replayed == 0 {
