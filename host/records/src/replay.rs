@@ -131,7 +131,7 @@ impl Report {
     /// format version this build does not know). Records skipped by design (no input, the
     /// host's own condition, shadow lines, other policies than a candidate's) do not count.
     pub fn incomplete(&self) -> Option<String> {
-        const UNVERIFIED: [&str; 5] =
+        const UNVERIFIED: [&str; 6] =
             ["missing_module", "missing_data", "bad_input", "unreadable", "unsupported_version", "not_prepared"];
         let unverified: Vec<String> =
             UNVERIFIED.iter().filter_map(|why| self.skipped.get(why).map(|n| format!("{n} {why}"))).collect();
