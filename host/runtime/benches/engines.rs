@@ -207,7 +207,7 @@ impl Engines {
         let floor_runtime = Runtime::new(RuntimeConfig::default()).expect("runtime");
         let floor_module = floor_runtime.load(&bytes).expect("policy loads");
         let context =
-            EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None, start: Start::Built };
+            EvalContext { data: Arc::new(PolicyData::new(data.clone(), 1)), verifier: None, start: Start::Prepared };
         let mut rego = regorus::Engine::new();
         let (rego_text, rego_rule) = if policy == "rbac" {
             (REGO_RBAC, "data.sandgate.rbac.allow")

@@ -33,8 +33,9 @@ pub(crate) const PREPARE_EXPORT: &str = "sandgate:policy/prepare@0.2.0";
 /// shadow or another policy may load the same module with other data).
 const KEPT: usize = 4;
 
-/// How long `prepare` may run; past it the preparation fails and checks start unprepared.
-pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Instructions `prepare` may run (wasmtime fuel); past them the preparation fails and
+/// checks start from the component as built.
+pub const PREPARE_FUEL: u64 = 1_000_000_000;
 
 /// How a check starts: from the component as built, or from its memory prepared for the
 /// check's data version.
@@ -79,10 +80,14 @@ pub(crate) struct Preparations {
 impl Preparations {
     /// The prepared start for data `digest`, if ready.
     pub(crate) fn ready(&self, digest: &str) -> Option<Arc<Prepared>> {
-        match self.entries.load().iter().find(|(d, _)| &**d == digest) {
-            Some((_, State::Ready(prepared))) => Some(prepared.clone()),
+        self.known(digest).and_then(|state| match state {
+            State::Ready(prepared) => Some(prepared),
             _ => None,
-        }
+        })
+    }
+
+    fn known(&self, digest: &str) -> Option<State> {
+        self.entries.load().iter().find(|(d, _)| &**d == digest).map(|(_, state)| state.clone())
     }
 
     /// Whether data `digest` has been seen: if not, it is marked pending and the caller
@@ -114,16 +119,13 @@ impl Preparations {
     }
 }
 
-/// Instructions `prepare` may run in the instance that is snapshotted (wasmtime fuel).
-const SNAPSHOT_FUEL: u64 = 1_000_000_000;
-
 /// What preparing needs from the runtime.
 #[derive(Clone)]
 pub(crate) struct Preparer {
     pub(crate) linker: Linker<HostState>,
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     pub(crate) memory_limit: usize,
-    /// Epoch ticks `prepare` may run.
+    /// Epoch ticks instantiating the prepared component may take (a check's).
     pub(crate) ticks: u64,
     /// The instance that is snapshotted runs on an engine of its own, outside the pool: reading
     /// its memory whole maps every page of it, and a pool slot keeps such pages mapped, so
@@ -159,6 +161,14 @@ impl PrepareThread {
         let thread = std::thread::Builder::new().name("sandgate-prepare".into()).spawn(move || {
             // Ends when the runtime drops its sender.
             while let Ok((module, data)) = receive.recv() {
+                // A data version no snapshot holds any more (replaced while this waited behind
+                // others) is not worth a compile; a check that meets it again queues it again.
+                if Arc::strong_count(&data) == 1 {
+                    if let Some(preparable) = module.preparable() {
+                        preparable.set(data.digest(), None);
+                    }
+                    continue;
+                }
                 preparer.prepare_now(&module, &data);
             }
         })?;
@@ -196,11 +206,14 @@ impl Preparer {
     /// prepared start if there is one now.
     pub(crate) fn ready_or_prepare(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> Option<Arc<Prepared>> {
         let preparable = module.preparable()?;
-        if let Some(prepared) = preparable.ready(data.digest()) {
-            return Some(prepared);
+        match preparable.known(data.digest()) {
+            Some(State::Ready(prepared)) => return Some(prepared),
+            // Declined or failed: not tried again for this data version.
+            Some(State::Unprepared) => return None,
+            // Whether pending on the background thread or never seen, prepare it here: the
+            // result is the same, and the last one to finish is kept.
+            Some(State::Pending) | None => {}
         }
-        // Whether claimed here or pending on the background thread, prepare it here: the
-        // result is the same, and the last one to finish is kept.
         preparable.claim(data.digest());
         self.prepare_now(module, data)
     }
@@ -243,14 +256,12 @@ impl Preparer {
         ready
     }
 
-    /// Run `prepare` in a plain instance; if it asks to be kept, run it again in an
-    /// instrumented one, snapshot that, and compile the snapshot.
+    /// Run `prepare` in an instrumented instance; if it asks to be kept, snapshot that
+    /// instance and compile the snapshot.
     fn prepare(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> Result<Option<Prepared>, PrepareError> {
         let failed = |what: &str, e: wasmtime::Error| PrepareError::Failed(format!("{what}: {e:#}"));
         let Some(bytes) = module.bytes.as_ref() else { return Ok(None) };
         let preparable = module.preparable().ok_or(PrepareError::Failed("not preparable".into()))?;
-        // An instance takes a pool slot like a check's.
-        let _permit = self.permit()?;
         let engine = module.pre.engine();
         let snapshot_engine = self.snapshot_linker.engine();
 
@@ -273,7 +284,7 @@ impl Preparer {
         let mut store = self.store(snapshot_engine, data);
         // Reading a memory whole: no cap on what one call may copy.
         store.set_hostcall_fuel(usize::MAX);
-        store.set_fuel(SNAPSHOT_FUEL).map_err(|e| failed("fuel", e))?;
+        store.set_fuel(PREPARE_FUEL).map_err(|e| failed("fuel", e))?;
         let instance =
             self.snapshot_linker.instantiate(&mut store, &component).map_err(|e| failed("instantiating", e))?;
         let (_, export) = component
@@ -300,7 +311,9 @@ impl Preparer {
         let component = Component::new(engine, &snapshot).map_err(|e| failed("compiling the prepared component", e))?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| failed("linking the prepared component", e))?;
         let check = crate::policy::check_export(&pre, module.contract).map_err(|e| failed("its `check`", e))?;
-        // One instance now, so a snapshot the pool cannot hold fails here, not in checks.
+        // One instance now, so a snapshot the pool cannot hold fails here, not in checks. It
+        // takes a pool slot like a check's.
+        let _permit = self.permit()?;
         let mut store = self.store(engine, data);
         pre.instantiate(&mut store).map_err(|e| failed("instantiating the prepared component", e))?;
         Ok(Some(Prepared { pre, check }))

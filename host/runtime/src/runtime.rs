@@ -23,7 +23,7 @@ use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{Contract, call_check, check_export, sha256_hex};
 use crate::pool::EvalPool;
-use crate::prepare::{PREPARE_TIMEOUT, PrepareThread, Prepared, Preparer, Start};
+use crate::prepare::{PrepareThread, Prepared, Preparer, Start};
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -263,7 +263,7 @@ impl Runtime {
             linker: linker.clone(),
             permits: permits.clone(),
             memory_limit: config.memory_limit,
-            ticks: PREPARE_TIMEOUT.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
+            ticks: config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
             snapshot_linker: Preparer::snapshot_linker().map_err(anyhow::Error::from)?,
         };
         let prepare_thread = PrepareThread::start(preparer.clone())?;

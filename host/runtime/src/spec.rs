@@ -95,5 +95,8 @@ pub fn evaluation_json(evaluation: &Evaluation) -> Value {
         out["fault"] = json!(fault.to_string());
     }
     out["logs"] = json!(evaluation.logs);
+    if evaluation.prepared {
+        out["prepared"] = json!(true);
+    }
     out
 }
