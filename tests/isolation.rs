@@ -162,3 +162,20 @@ fn a_prepare_that_never_returns_is_stopped_and_checks_start_as_built() {
     assert!(!evaluation.prepared);
     assert_eq!(allowed_header(&evaluation.decision, "x-static-counter"), "1");
 }
+
+/// A policy that declines to prepare (the SDK's default `prepare`) is asked once per data
+/// version, not on every check that asks for a prepared start (a replay's).
+#[test]
+fn a_declined_preparation_is_not_tried_again_for_the_same_data() {
+    let runtime = runtime();
+    let allow_all = load(&runtime, "allow-all");
+    assert!(allow_all.prepares(), "SDK policies export `prepare`");
+    let mut context = context(serde_json::json!({ "any": "data" }));
+    context.start = Start::Prepared;
+    for _ in 0..50 {
+        let evaluation = runtime.evaluate(&allow_all, &check(serde_json::json!({ "path": "/" })), &context);
+        assert!(!evaluation.prepared && evaluation.is_allow());
+    }
+    let counts = runtime.prepare_counts();
+    assert_eq!((counts.prepared, counts.declined, counts.failed), (0, 1, 0));
+}

@@ -182,6 +182,31 @@ def test_metrics_health_and_readiness(sandgate, keys):
         assert r.status == 200
 
 
+def test_checks_move_to_the_policy_prepared_for_its_data_and_decide_the_same(sandgate, keys):
+    """The RBAC example exports `prepare`: the first check on its data starts as built and
+    queues the preparation; once that is done, checks start prepared, with the same answers,
+    and their records say so."""
+    import time
+    import urllib.request
+
+    token = bearer(keys.token(roles=["reader"]))
+    deadline = time.time() + 60
+    seen = set()
+    while True:
+        status, headers, _ = sandgate.check({**token, "X-Request-Id": f"prep-{len(seen)}"})
+        assert status == 200
+        lines = [l for l in sandgate.decision_log() if l.get("client_request_id", "").startswith("prep-")]
+        seen = {l.get("prepared", False) for l in lines}
+        if True in seen:
+            break
+        assert time.time() < deadline, "checks never started from the prepared policy"
+        time.sleep(0.05)
+    assert all(l["outcome"] == "allow" for l in lines)
+    with urllib.request.urlopen(sandgate.base + "/metrics") as r:
+        text = r.read().decode()
+    assert re.search(r'sandgate_policy_preparations_total\{outcome="prepared"\} [1-9]', text), text
+
+
 def test_routing_by_host_and_prefix_and_unknown_is_denied(start_sandgate, static_issuer, rbac_policy, keys):
     tenant = {"id": "tenant", "module": str(POLICIES / "tenant.wasm")}
     sandgate = start_sandgate(

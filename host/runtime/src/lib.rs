@@ -38,7 +38,7 @@ pub use fault::{Evaluation, PolicyFault, Timings};
 pub use host_state::{MAX_LOG_LINE, MAX_LOG_LINES, MAX_VERIFY_JWT, MAX_VERIFY_JWT_BYTES, PolicyLog, TokenVerifier};
 pub use policy::{Contract, LoadError, PolicyModule, sha256_hex};
 pub use policy_data::{MAX_INDEXED_NODES, PolicyData};
-pub use prepare::{PREPARE_FUEL, Start};
+pub use prepare::{PREPARE_FUEL, PrepareCounts, Start};
 #[cfg(feature = "bench-internals")]
 pub use reused::ReusedInstance;
 pub use runtime::{EvalContext, MAX_TRANSFER, Runtime, RuntimeConfig};

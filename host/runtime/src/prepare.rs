@@ -21,7 +21,8 @@ use crate::host_state::HostState;
 use crate::policy::PolicyModule;
 use crate::policy_data::PolicyData;
 use arc_swap::ArcSwap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use wasmtime::Store;
 use wasmtime::component::{Component, ComponentExportIndex, Instance, InstancePre, Linker, WasmList};
@@ -29,13 +30,24 @@ use wasmtime::component::{Component, ComponentExportIndex, Instance, InstancePre
 /// The export a policy prepares with: `prepare: func() -> bool`.
 pub(crate) const PREPARE_EXPORT: &str = "sandgate:policy/prepare@0.2.0";
 
-/// Data versions one module keeps preparations for: the current one and a few before it (a
-/// shadow or another policy may load the same module with other data).
-const KEPT: usize = 4;
+/// Preparations one module remembers at most. It keeps those of every data version still in
+/// use (a snapshot holds it), so this only bounds a module loaded with very many documents.
+const MAX_REMEMBERED: usize = 64;
+
+/// Preparations waiting for the background thread; past it a check starts as built and does
+/// not queue one (the next check asks again).
+const QUEUE: usize = 32;
 
 /// Instructions `prepare` may run (wasmtime fuel); past them the preparation fails and
 /// checks start from the component as built.
 pub const PREPARE_FUEL: u64 = 1_000_000_000;
+
+/// How long `prepare` may run (the engine's epoch; host calls included); past it the
+/// preparation fails and checks start from the component as built.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a finished preparation waits for a pool slot to instantiate its result once.
+const PERMIT_WAIT: Duration = Duration::from_secs(30);
 
 /// How a check starts: from the component as built, or from its memory prepared for the
 /// check's data version.
@@ -49,7 +61,9 @@ pub enum Start {
     Built,
     /// Prepared, preparing now (on the calling thread) if it has not been; as built only when
     /// the policy does not prepare or its preparation fails. What a replay of a prepared
-    /// check does.
+    /// check does. Only [`Runtime::evaluate`](crate::Runtime::evaluate) prepares on the
+    /// calling thread; through the async [`Runtime::check`](crate::Runtime::check) this is
+    /// [`Start::Auto`], which never blocks an executor thread on a compile.
     Prepared,
 }
 
@@ -71,10 +85,18 @@ enum State {
 /// What became of preparing one module, by data digest; shared by every clone of the module.
 #[derive(Default)]
 pub(crate) struct Preparations {
-    entries: ArcSwap<Vec<(Arc<str>, State)>>,
+    entries: ArcSwap<Vec<Entry>>,
     write: Mutex<()>,
     /// The instrumented component, compiled once per module.
     instrumented: Mutex<Option<Component>>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    digest: Arc<str>,
+    /// The data it was prepared for: the entry is kept while some snapshot still holds it.
+    data: Weak<PolicyData>,
+    state: State,
 }
 
 impl Preparations {
@@ -87,50 +109,95 @@ impl Preparations {
     }
 
     fn known(&self, digest: &str) -> Option<State> {
-        self.entries.load().iter().find(|(d, _)| &**d == digest).map(|(_, state)| state.clone())
+        self.entries.load().iter().find(|e| &*e.digest == digest).map(|e| e.state.clone())
     }
 
-    /// Whether data `digest` has been seen: if not, it is marked pending and the caller
-    /// prepares it.
-    fn claim(&self, digest: &str) -> bool {
-        if self.entries.load().iter().any(|(d, _)| &**d == digest) {
+    /// Whether `data` is new to this module: if so it is marked pending, atomically, and the
+    /// caller prepares it.
+    fn claim(&self, data: &Arc<PolicyData>) -> bool {
+        if self.known(data.digest()).is_some() {
             return false;
         }
-        self.set(digest, Some(State::Pending))
+        self.change(data, |state| match state {
+            Some(_) => None,
+            None => Some(Some(State::Pending)),
+        })
     }
 
-    /// Record `state` for `digest` (`None`: forget it, so the next check claims it again).
-    /// Returns whether `digest` was unknown before.
-    fn set(&self, digest: &str, state: Option<State>) -> bool {
+    /// Record `state` for `data` (`None`: forget it, so that the next check claims it again).
+    fn set(&self, data: &Arc<PolicyData>, state: Option<State>) {
+        self.change(data, |_| Some(state));
+    }
+
+    /// Apply `change` to the state of `data` under the write lock: it returns the new state
+    /// (`Some(None)`: forget it) or `None` to leave everything as it is. Entries whose data no
+    /// snapshot holds any more are dropped. Returns whether a change was made.
+    fn change(&self, data: &Arc<PolicyData>, change: impl FnOnce(Option<&State>) -> Option<Option<State>>) -> bool {
         let _write = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        let mut entries = Vec::clone(&self.entries.load());
-        let known = entries.iter().position(|(d, _)| &**d == digest);
-        let was_unknown = known.is_none();
-        if let Some(i) = known {
-            entries.remove(i);
-        }
-        if let Some(state) = state {
-            // Newest first; the oldest goes past `KEPT`.
-            entries.insert(0, (digest.into(), state));
-            entries.truncate(KEPT);
+        let current = self.entries.load();
+        let known = current.iter().position(|e| &*e.digest == data.digest());
+        let Some(new) = change(known.map(|i| &current[i].state)) else { return false };
+        let mut entries: Vec<Entry> = current
+            .iter()
+            .enumerate()
+            .filter(|&(i, e)| Some(i) != known && e.data.strong_count() > 0)
+            .map(|(_, e)| e.clone())
+            .collect();
+        if let Some(state) = new {
+            // Newest first; past the bound the oldest go.
+            entries.insert(0, Entry { digest: data.digest().into(), data: Arc::downgrade(data), state });
+            entries.truncate(MAX_REMEMBERED);
         }
         self.entries.store(Arc::new(entries));
-        was_unknown
+        true
+    }
+}
+
+/// How often preparing a policy for a data version came out each way, since the runtime
+/// started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareCounts {
+    /// Prepared: checks on that data version start from the snapshot.
+    pub prepared: u64,
+    /// `prepare` returned `false`: nothing to keep.
+    pub declined: u64,
+    /// `prepare` trapped, ran out of fuel or memory, or the snapshot did not compile.
+    pub failed: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counts {
+    prepared: AtomicU64,
+    declined: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counts {
+    pub(crate) fn get(&self) -> PrepareCounts {
+        PrepareCounts {
+            prepared: self.prepared.load(Ordering::Relaxed),
+            declined: self.declined.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
     }
 }
 
 /// What preparing needs from the runtime.
 #[derive(Clone)]
 pub(crate) struct Preparer {
+    pub(crate) counts: Arc<Counts>,
     pub(crate) linker: Linker<HostState>,
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     pub(crate) memory_limit: usize,
     /// Epoch ticks instantiating the prepared component may take (a check's).
     pub(crate) ticks: u64,
+    /// Epoch ticks `prepare` may take ([`PREPARE_TIMEOUT`]).
+    pub(crate) prepare_ticks: u64,
     /// The instance that is snapshotted runs on an engine of its own, outside the pool: reading
     /// its memory whole maps every page of it, and a pool slot keeps such pages mapped, so
     /// every later check in that slot would pay to scan them (twice the cost of a check, as
-    /// measured). Its code is compiled without optimisation (it runs once), and fuel bounds it.
+    /// measured). Its code is compiled without optimisation (it runs once); fuel and the
+    /// epoch (advanced by the runtime's ticker) bound it.
     pub(crate) snapshot_linker: Linker<HostState>,
 }
 
@@ -138,7 +205,11 @@ impl Preparer {
     /// The engine and linker for the instance that is snapshotted.
     pub(crate) fn snapshot_linker() -> wasmtime::Result<Linker<HostState>> {
         let mut config = wasmtime::Config::new();
-        config.consume_fuel(true).cranelift_opt_level(wasmtime::OptLevel::None).parallel_compilation(false);
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .cranelift_opt_level(wasmtime::OptLevel::None)
+            .parallel_compilation(false);
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         crate::bindings::v0_2::Authorizer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
@@ -151,28 +222,31 @@ impl Preparer {
 
 /// The background thread preparing modules for the data versions checks use.
 pub(crate) struct PrepareThread {
-    jobs: Option<std::sync::mpsc::Sender<(PolicyModule, Arc<PolicyData>)>>,
+    jobs: Option<std::sync::mpsc::SyncSender<(PolicyModule, Arc<PolicyData>)>>,
+    /// Set when the runtime is dropped: the jobs still queued are skipped.
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PrepareThread {
     pub(crate) fn start(preparer: Preparer) -> std::io::Result<Self> {
-        let (jobs, receive) = std::sync::mpsc::channel::<(PolicyModule, Arc<PolicyData>)>();
+        let (jobs, receive) = std::sync::mpsc::sync_channel::<(PolicyModule, Arc<PolicyData>)>(QUEUE);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
         let thread = std::thread::Builder::new().name("sandgate-prepare".into()).spawn(move || {
             // Ends when the runtime drops its sender.
             while let Ok((module, data)) = receive.recv() {
+                let Some(preparable) = module.preparable() else { continue };
                 // A data version no snapshot holds any more (replaced while this waited behind
                 // others) is not worth a compile; a check that meets it again queues it again.
-                if Arc::strong_count(&data) == 1 {
-                    if let Some(preparable) = module.preparable() {
-                        preparable.set(data.digest(), None);
-                    }
+                if stopping.load(Ordering::Relaxed) || Arc::strong_count(&data) == 1 {
+                    preparable.set(&data, None);
                     continue;
                 }
                 preparer.prepare_now(&module, &data);
             }
         })?;
-        Ok(PrepareThread { jobs: Some(jobs), thread: Some(thread) })
+        Ok(PrepareThread { jobs: Some(jobs), stop, thread: Some(thread) })
     }
 
     /// The prepared start of `module` for `data`, if ready; otherwise, if the module prepares
@@ -182,10 +256,11 @@ impl PrepareThread {
         if let Some(prepared) = preparable.ready(data.digest()) {
             return Some(prepared);
         }
-        if preparable.claim(data.digest()) {
-            let queued = self.jobs.as_ref().is_some_and(|jobs| jobs.send((module.clone(), data.clone())).is_ok());
+        if preparable.claim(data) {
+            // A full queue: this check starts as built, and a later one asks again.
+            let queued = self.jobs.as_ref().is_some_and(|jobs| jobs.try_send((module.clone(), data.clone())).is_ok());
             if !queued {
-                preparable.set(data.digest(), None);
+                preparable.set(data, None);
             }
         }
         None
@@ -194,6 +269,7 @@ impl PrepareThread {
 
 impl Drop for PrepareThread {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         drop(self.jobs.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -214,7 +290,7 @@ impl Preparer {
             // result is the same, and the last one to finish is kept.
             Some(State::Pending) | None => {}
         }
-        preparable.claim(data.digest());
+        preparable.claim(data);
         self.prepare_now(module, data)
     }
 
@@ -234,11 +310,16 @@ impl Preparer {
                     ms = started.elapsed().as_millis() as u64,
                     "policy prepared for its data"
                 );
+                self.counts.prepared.fetch_add(1, Ordering::Relaxed);
                 Some(State::Ready(Arc::new(prepared)))
             }
-            Ok(None) => Some(State::Unprepared),
+            Ok(None) => {
+                self.counts.declined.fetch_add(1, Ordering::Relaxed);
+                Some(State::Unprepared)
+            }
             Err(PrepareError::Busy) => None,
             Err(PrepareError::Failed(error)) => {
+                self.counts.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     policy_digest = module.digest(),
                     data_digest = data.digest(),
@@ -252,7 +333,7 @@ impl Preparer {
             Some(State::Ready(prepared)) => Some(prepared.clone()),
             _ => None,
         };
-        preparable.set(data.digest(), state);
+        preparable.set(data, state);
         ready
     }
 
@@ -282,9 +363,12 @@ impl Preparer {
             }
         };
         let mut store = self.store(snapshot_engine, data);
-        // Reading a memory whole: no cap on what one call may copy.
-        store.set_hostcall_fuel(usize::MAX);
+        // A check's limits on what a call may copy and on resource handles, so that `prepare`
+        // fails where a check would; fuel and the epoch bound its time.
+        store.set_hostcall_fuel(crate::MAX_TRANSFER);
+        store.set_max_component_handles(crate::runtime::MAX_HANDLES);
         store.set_fuel(PREPARE_FUEL).map_err(|e| failed("fuel", e))?;
+        store.set_epoch_deadline(self.prepare_ticks);
         let instance =
             self.snapshot_linker.instantiate(&mut store, &component).map_err(|e| failed("instantiating", e))?;
         let (_, export) = component
@@ -297,8 +381,11 @@ impl Preparer {
         if !call_prepare(&mut store, &instance, index).map_err(|e| failed("`prepare`", e))? {
             return Ok(None);
         }
+        // Reading a memory whole: no cap on what one call may copy.
+        store.set_hostcall_fuel(usize::MAX);
         let stack_top = stack_top(bytes);
-        let mut state = Access { store: &mut store, instance, error: None, stack_top, first_global: None };
+        let mut state =
+            Access { store: &mut store, instance, error: None, stack_top, first_global: None, after_memory: false };
         let snapshot = poll_ready(wizer.snapshot_component(&cx, &mut state))
             .ok_or_else(|| PrepareError::Failed("the snapshot did not complete".into()))?
             .map_err(|e| failed("snapshotting", e));
@@ -320,7 +407,7 @@ impl Preparer {
     }
 
     fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PrepareError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + PERMIT_WAIT;
         loop {
             match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => return Ok(permit),
@@ -354,9 +441,7 @@ impl Preparer {
         });
         let mut store = Store::new(engine, HostState::new(request, data.clone(), None, self.memory_limit));
         store.limiter(|s| &mut s.limiter);
-        if !wasmtime::Engine::same(engine, self.snapshot_linker.engine()) {
-            store.set_epoch_deadline(self.ticks);
-        }
+        store.set_epoch_deadline(self.ticks);
         store
     }
 }
@@ -401,6 +486,7 @@ fn stack_top(component: &[u8]) -> Option<u32> {
     struct Module {
         memory: bool,
         first_global: Option<(bool, Option<i32>)>,
+        mutable_globals: bool,
         lowest_data: Option<i64>,
     }
     let mut modules: Vec<Module> = Vec::new();
@@ -417,15 +503,21 @@ fn stack_top(component: &[u8]) -> Option<u32> {
             Payload::MemorySection(memories) => modules.last_mut()?.memory = memories.count() > 0,
             Payload::GlobalSection(globals) => {
                 let module = modules.last_mut()?;
-                if let Some(global) = globals.into_iter().next().transpose().ok()? {
+                let globals: Vec<_> = globals.into_iter().collect::<Result<_, _>>().ok()?;
+                module.mutable_globals = globals.iter().any(|g| g.ty.mutable);
+                if let Some(global) = globals.first() {
                     let is_i32 = global.ty.content_type == wasmparser::ValType::I32 && global.ty.mutable;
                     module.first_global = Some((is_i32, const_i32(&global.init_expr)));
                 }
             }
             Payload::ImportSection(imports) => {
-                // An imported global would be index 0 instead.
+                // An imported global would be index 0 instead; an imported memory would take
+                // another module's data segments.
                 let imports: Vec<_> = imports.into_imports().collect::<Result<_, _>>().ok()?;
-                if imports.iter().any(|i| matches!(i.ty, wasmparser::TypeRef::Global(_))) {
+                if imports
+                    .iter()
+                    .any(|i| matches!(i.ty, wasmparser::TypeRef::Global(_) | wasmparser::TypeRef::Memory(_)))
+                {
                     return None;
                 }
             }
@@ -441,14 +533,18 @@ fn stack_top(component: &[u8]) -> Option<u32> {
             _ => {}
         }
     }
+    // One module with a memory, and no other with mutable globals: the first global wizer reads
+    // is then that module's first.
     let mut with_memory = modules.iter().filter(|m| m.memory);
     let module = with_memory.next()?;
-    if with_memory.next().is_some() {
+    if with_memory.next().is_some() || modules.iter().filter(|m| m.mutable_globals).count() != 1 {
         return None;
     }
     let (true, Some(top)) = module.first_global? else { return None };
     let top = top as u32;
-    module.lowest_data.is_none_or(|low| low >= i64::from(top)).then_some(top)
+    // Data at or above the stack's top: the stack is below all of it. (No data segment at all
+    // says nothing of where the statics are.)
+    (module.lowest_data? >= i64::from(top)).then_some(top)
 }
 
 /// Wizer's view of the instrumented instance: its accessor exports, called synchronously.
@@ -459,9 +555,13 @@ struct Access<'a> {
     error: Option<wasmtime::Error>,
     /// See [`stack_top`].
     stack_top: Option<u32>,
-    /// The first global wizer read since the last memory: a module's globals are read before
-    /// its memory, in order, so this is the stack pointer of the memory read next.
+    /// The first global wizer read since it last read a memory: a module's globals are read
+    /// before its memory, in order, and only the memory's module has mutable globals
+    /// ([`stack_top`]), so this is the stack pointer of that memory.
     first_global: Option<i32>,
+    /// Whether the last thing read was a memory (wizer reads each memory twice: to find its
+    /// non-zero ranges, then to copy them; both reads get the same zeroing).
+    after_memory: bool,
 }
 
 impl Access<'_> {
@@ -491,7 +591,8 @@ impl Access<'_> {
 
 impl wasmtime_wizer::ComponentInstanceState for Access<'_> {
     async fn call_func_ret_list_u8(&mut self, instance: &str, func: &str, contents: impl FnOnce(&[u8]) + Send) {
-        let first_global = self.first_global.take();
+        self.after_memory = true;
+        let first_global = self.first_global;
         let Some(list) = self.call::<WasmList<u8>>(instance, func) else { return contents(&[]) };
         let memory = list.as_le_slice(&*self.store);
         // The stack pointer back where it started: everything below it is dead frames.
@@ -507,7 +608,9 @@ impl wasmtime_wizer::ComponentInstanceState for Access<'_> {
 
     async fn call_func_ret_s32(&mut self, instance: &str, func: &str) -> i32 {
         let value = self.call(instance, func).unwrap_or_default();
-        self.first_global.get_or_insert(value);
+        if std::mem::take(&mut self.after_memory) || self.first_global.is_none() {
+            self.first_global = Some(value);
+        }
         value
     }
 
@@ -521,5 +624,43 @@ impl wasmtime_wizer::ComponentInstanceState for Access<'_> {
 
     async fn call_func_ret_f64(&mut self, instance: &str, func: &str) -> u64 {
         self.call::<f64>(instance, func).unwrap_or_default().to_bits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stack_top;
+
+    fn component(modules: &[&str]) -> Vec<u8> {
+        let body: String = modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("(core module $m{i} {m}) (core instance (instantiate $m{i}))"))
+            .collect();
+        wat::parse_str(format!("(component {body})")).unwrap()
+    }
+
+    /// Only a stack laid out below all data (LLVM's `--stack-first`), with the stack pointer
+    /// as the first global, is zeroed below the stack pointer: any other layout may hold live
+    /// statics there.
+    #[test]
+    fn the_dead_stack_is_found_only_in_a_stack_first_layout() {
+        let stack_first = r#"(memory 2) (global (mut i32) (i32.const 65536)) (data (i32.const 65536) "x")"#;
+        assert_eq!(stack_top(&component(&[stack_first])), Some(65536));
+        assert_eq!(stack_top(&component(&[stack_first, "(func)"])), Some(65536), "a shim without state");
+        // Data below the stack pointer: the statics come first.
+        let data_first = r#"(memory 2) (global (mut i32) (i32.const 65536)) (data (i32.const 1024) "x")"#;
+        assert_eq!(stack_top(&component(&[data_first])), None);
+        // No data at all: nothing says where the statics are.
+        assert_eq!(stack_top(&component(&["(memory 2) (global (mut i32) (i32.const 65536))"])), None);
+        // The first global not a mutable i32.
+        let immutable = r#"(memory 2) (global i32 (i32.const 65536)) (data (i32.const 65536) "x")"#;
+        assert_eq!(stack_top(&component(&[immutable])), None);
+        // Another module with mutable globals: which global is the stack pointer is unclear.
+        assert_eq!(stack_top(&component(&[stack_first, "(global (mut i32) (i32.const 0))"])), None);
+        // Two memories.
+        assert_eq!(stack_top(&component(&[stack_first, "(memory 1)"])), None);
+        // Not a component at all.
+        assert_eq!(stack_top(b"not wasm"), None);
     }
 }

@@ -23,7 +23,7 @@ use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{Contract, call_check, check_export, sha256_hex};
 use crate::pool::EvalPool;
-use crate::prepare::{PrepareThread, Prepared, Preparer, Start};
+use crate::prepare::{PREPARE_TIMEOUT, PrepareThread, Prepared, Preparer, Start};
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,7 +131,7 @@ struct Core {
     permits: Arc<tokio::sync::Semaphore>,
 }
 
-/// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stopped and joined when
+/// The thread that advances the engines' epochs every [`EPOCH_TICK`]; stopped and joined when
 /// the runtime is dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
@@ -139,13 +139,15 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> std::io::Result<Self> {
+    fn start(engines: Vec<Engine>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("sandgate-epoch".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
-                engine.increment_epoch();
+                for engine in &engines {
+                    engine.increment_epoch();
+                }
             }
         })?;
         Ok(EpochTicker { stop, thread: Some(thread) })
@@ -239,7 +241,9 @@ impl Runtime {
         // Only `wasm32-wasip2` policies import it; the rest never reach it.
         crate::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
-        let ticker = EpochTicker::start(engine.clone())?;
+        // The engine `prepare` runs on (`crate::prepare`) shares the ticker.
+        let snapshot_linker = Preparer::snapshot_linker().map_err(anyhow::Error::from)?;
+        let ticker = EpochTicker::start(vec![engine.clone(), snapshot_linker.engine().clone()])?;
         // At least two threads, so a policy capped at "all but one" still leaves one to the
         // others on a one-core machine (the OS shares the core between them).
         let threads = match config.eval_threads {
@@ -260,11 +264,13 @@ impl Runtime {
         let pool = EvalPool::start(threads, per_policy)?;
         let permits = Arc::new(tokio::sync::Semaphore::new(instances as usize));
         let preparer = Preparer {
+            counts: Default::default(),
             linker: linker.clone(),
             permits: permits.clone(),
             memory_limit: config.memory_limit,
             ticks: config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
-            snapshot_linker: Preparer::snapshot_linker().map_err(anyhow::Error::from)?,
+            prepare_ticks: PREPARE_TIMEOUT.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
+            snapshot_linker,
         };
         let prepare_thread = PrepareThread::start(preparer.clone())?;
         Ok(Runtime {
@@ -408,7 +414,11 @@ impl Runtime {
     ) -> Evaluation {
         let (send, mut receive) = tokio::sync::oneshot::channel();
         let (core, job_module) = (self.core.clone(), module.clone());
-        let prepared = self.prepared(module, &context);
+        // Never a compile on an executor thread: `Prepared` is `Auto` here.
+        let prepared = match context.start {
+            Start::Prepared => self.prepare_thread.ready_or_queue(module, &context.data),
+            _ => self.prepared(module, &context),
+        };
         let ticket = self.pool.submit(&module.load, deadline, move || {
             let _ = send.send(core.evaluate(&job_module, prepared.as_deref(), &request, &context));
         });
@@ -456,6 +466,11 @@ impl Runtime {
             Start::Built => None,
             Start::Prepared => self.preparer.ready_or_prepare(module, &context.data),
         }
+    }
+
+    /// How often preparing came out each way since the runtime started.
+    pub fn prepare_counts(&self) -> crate::PrepareCounts {
+        self.preparer.counts.get()
     }
 
     /// Prepare `module` for `data` now, on this thread, unless it is prepared already (what a

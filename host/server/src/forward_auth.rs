@@ -72,6 +72,7 @@ impl ForwardAuth {
             }
             "/metrics" => {
                 state.metrics.pool_in_use.set(state.runtime.instances_in_use() as i64);
+                state.metrics.set_preparations(state.runtime.prepare_counts());
                 if let Some(fleet) = &state.fleet {
                     state.metrics.fleet_staleness.set(fleet.staleness().as_secs_f64());
                     state.metrics.fleet_revision.set(state.store.load().fleet_revision.unwrap_or(0) as i64);

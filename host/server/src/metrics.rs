@@ -41,6 +41,13 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Labels of the preparations' outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrepareLabels {
+    /// `prepared`, `declined` or `failed`.
+    pub outcome: &'static str,
+}
+
 /// Every metric Sandgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -70,6 +77,12 @@ pub struct Metrics {
     pub connections_at_cap: Family<ListenerLabels, Counter>,
     /// Idle connections closed to make room at `max_connections`, by listener.
     pub connections_closed_for_room: Family<ListenerLabels, Counter>,
+    /// Policies prepared for a data version (`prepare`), by outcome (brought up to the
+    /// runtime's counts at scrape time).
+    pub policy_preparations: Family<PrepareLabels, Counter>,
+    /// Serialises bringing `policy_preparations` up to date (two scrapes at once would add
+    /// the same difference twice).
+    preparations_update: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -121,7 +134,15 @@ impl Default for Metrics {
             "Idle connections closed to make room at max_connections",
             connections_closed_for_room.clone(),
         );
+        let policy_preparations = Family::<PrepareLabels, Counter>::default();
+        registry.register(
+            "policy_preparations",
+            "Policies prepared for a data version by their prepare export, by outcome",
+            policy_preparations.clone(),
+        );
         Metrics {
+            policy_preparations,
+            preparations_update: std::sync::Mutex::new(()),
             registry,
             decisions,
             latency,
@@ -148,6 +169,17 @@ impl Metrics {
             open: self.connections_open.get_or_create(&labels).clone(),
             at_cap: self.connections_at_cap.get_or_create(&labels).clone(),
             closed_for_room: self.connections_closed_for_room.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Bring `policy_preparations` up to the runtime's `counts`.
+    pub fn set_preparations(&self, counts: sandgate_runtime::PrepareCounts) {
+        let _update = self.preparations_update.lock().unwrap_or_else(|e| e.into_inner());
+        for (outcome, total) in
+            [("prepared", counts.prepared), ("declined", counts.declined), ("failed", counts.failed)]
+        {
+            let counter = self.policy_preparations.get_or_create(&PrepareLabels { outcome });
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

@@ -17,9 +17,11 @@ pub struct CaseResult {
 }
 
 /// Evaluate every case of `file` with `module`, each in a fresh instance, at the file's `now`
-/// or else at `now` (Unix seconds). A policy that prepares for its data (`prepare`) is run
-/// both ways, as built and prepared, and a case fails if they answer differently: a sidecar
-/// starts checks either way, depending on whether it has prepared the data version yet.
+/// or else at `now` (Unix seconds). A case of a policy that prepares for its data (`prepare`)
+/// that passes as built runs prepared too, and fails if the answers differ in anything: a
+/// sidecar starts checks either way, depending on whether it has prepared the data version
+/// yet. (If the policy declines to prepare for the case's data, or cannot, there is nothing to
+/// compare.)
 pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u64) -> Vec<CaseResult> {
     let now = file.now.unwrap_or(now);
     let file_data = Arc::new(PolicyData::new(file.data.clone().unwrap_or_default(), 1));
@@ -32,14 +34,22 @@ pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u6
             };
             let check = Arc::new(spec::from_spec(&case.request, now, spec::standalone_versions(module.digest())));
             let built = EvalContext { data, verifier: None, start: Start::Built };
-            let got = spec::outcome(&runtime.evaluate(module, &check, &built).decision);
+            let as_built = runtime.evaluate(module, &check, &built);
+            let got = spec::outcome(&as_built.decision);
             let mut verdict = case.expect.check(&got);
             if verdict.is_ok() && module.prepares() {
                 let prepared = EvalContext { start: Start::Prepared, ..built };
                 let evaluation = runtime.evaluate(module, &check, &prepared);
-                let again = spec::outcome(&evaluation.decision);
-                if evaluation.prepared && again != got {
-                    verdict = Err(format!("`prepare` changes the answer: {got:?} as built, {again:?} prepared"));
+                // The whole answer (headers removed, a denial's headers and message too), and
+                // any fault.
+                let same = evaluation.decision == as_built.decision
+                    && evaluation.fault.as_ref().map(ToString::to_string)
+                        == as_built.fault.as_ref().map(ToString::to_string);
+                if evaluation.prepared && !same {
+                    verdict = Err(format!(
+                        "`prepare` changes the answer: {:?} as built, {:?} prepared",
+                        as_built.decision, evaluation.decision
+                    ));
                 }
             }
             CaseResult { name: case.name.clone(), verdict, got }
