@@ -23,7 +23,7 @@ use crate::contract::validate_decision;
 use crate::host_state::{HostState, TokenVerifier};
 use crate::policy::{Contract, call_check, check_export, sha256_hex};
 use crate::pool::EvalPool;
-use crate::prepare::{PREPARE_TIMEOUT, PrepareThread, Prepared, Preparer, Start};
+use crate::prepare::{PrepareThread, Prepared, Preparer, Start};
 use crate::{Evaluation, LoadError, PolicyData, PolicyFault, PolicyModule, Timings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,7 +131,7 @@ struct Core {
     permits: Arc<tokio::sync::Semaphore>,
 }
 
-/// The thread that advances the engines' epochs every [`EPOCH_TICK`]; stopped and joined when
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stopped and joined when
 /// the runtime is dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
@@ -139,15 +139,13 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engines: Vec<Engine>) -> std::io::Result<Self> {
+    fn start(engine: Engine) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("sandgate-epoch".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(EPOCH_TICK);
-                for engine in &engines {
-                    engine.increment_epoch();
-                }
+                engine.increment_epoch();
             }
         })?;
         Ok(EpochTicker { stop, thread: Some(thread) })
@@ -241,9 +239,7 @@ impl Runtime {
         // Only `wasm32-wasip2` policies import it; the rest never reach it.
         crate::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
-        // The engine `prepare` runs on (`crate::prepare`) shares the ticker.
-        let snapshot_linker = Preparer::snapshot_linker().map_err(anyhow::Error::from)?;
-        let ticker = EpochTicker::start(vec![engine.clone(), snapshot_linker.engine().clone()])?;
+        let ticker = EpochTicker::start(engine.clone())?;
         // At least two threads, so a policy capped at "all but one" still leaves one to the
         // others on a one-core machine (the OS shares the core between them).
         let threads = match config.eval_threads {
@@ -269,8 +265,6 @@ impl Runtime {
             permits: permits.clone(),
             memory_limit: config.memory_limit,
             ticks: config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
-            prepare_ticks: PREPARE_TIMEOUT.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
-            snapshot_linker,
         };
         let prepare_thread = PrepareThread::start(preparer.clone())?;
         Ok(Runtime {
