@@ -95,4 +95,14 @@ fn rbac_prepared_for_one_data_version_never_answers_for_another() {
         assert!(std::time::Instant::now() < deadline, "the background preparation never finished");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // The same document loaded again (a new snapshot's copy, the old one gone, another
+    // document used in between) starts prepared at once, without preparing again.
+    let prepared_so_far = runtime.prepare_counts().prepared;
+    drop(auto);
+    let third = serde_json::json!({ "roles": { "reader": [{ "methods": ["GET"], "paths": ["/**"] }] } });
+    assert!(runtime.evaluate(&module, &request, &context(&third, Start::Prepared)).prepared);
+    let again = context(&other, Start::Auto);
+    let evaluation = runtime.evaluate(&module, &request, &again);
+    assert!(evaluation.prepared && evaluation.is_allow());
+    assert_eq!(runtime.prepare_counts().prepared, prepared_so_far + 1, "only the third document was prepared");
 }

@@ -34,6 +34,11 @@ pub(crate) const PREPARE_EXPORT: &str = "sandgate:policy/prepare@0.2.0";
 /// use (a snapshot holds it), so this only bounds a module loaded with very many documents.
 const MAX_REMEMBERED: usize = 64;
 
+/// Preparations of data versions no snapshot holds any more that one module keeps, the most
+/// recent: a document loaded again (data toggled back, a fleet re-applying a revision) starts
+/// prepared at once.
+const MAX_UNUSED: usize = 4;
+
 /// Preparations waiting for the background thread; past it a check starts as built and does
 /// not queue one (the next check asks again).
 const QUEUE: usize = 32;
@@ -111,15 +116,22 @@ impl Preparations {
     }
 
     /// Whether `data` is new to this module: if so it is marked pending, atomically, and the
-    /// caller prepares it.
+    /// caller prepares it. A known digest whose entry was made for data no snapshot holds any
+    /// more (the same document loaded again) is kept, for this `data`.
     fn claim(&self, data: &Arc<PolicyData>) -> bool {
-        if self.known(data.digest()).is_some() {
+        let entries = self.entries.load();
+        if entries.iter().any(|e| &*e.digest == data.digest() && e.data.strong_count() > 0) {
             return false;
         }
+        let mut new = false;
         self.change(data, |state| match state {
-            Some(_) => None,
-            None => Some(Some(State::Pending)),
-        })
+            Some(state) => Some(Some(state.clone())),
+            None => {
+                new = true;
+                Some(Some(State::Pending))
+            }
+        });
+        new
     }
 
     /// Record `state` for `data` (`None`: forget it, so that the next check claims it again).
@@ -128,17 +140,24 @@ impl Preparations {
     }
 
     /// Apply `change` to the state of `data` under the write lock: it returns the new state
-    /// (`Some(None)`: forget it) or `None` to leave everything as it is. Entries whose data no
-    /// snapshot holds any more are dropped. Returns whether a change was made.
-    fn change(&self, data: &Arc<PolicyData>, change: impl FnOnce(Option<&State>) -> Option<Option<State>>) -> bool {
+    /// (`Some(None)`: forget it) or `None` to leave everything as it is. Of the entries whose
+    /// data no snapshot holds any more, the [`MAX_UNUSED`] most recent are kept.
+    fn change(&self, data: &Arc<PolicyData>, change: impl FnOnce(Option<&State>) -> Option<Option<State>>) {
         let _write = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.entries.load();
         let known = current.iter().position(|e| &*e.digest == data.digest());
-        let Some(new) = change(known.map(|i| &current[i].state)) else { return false };
+        let Some(new) = change(known.map(|i| &current[i].state)) else { return };
+        let mut unused = 0;
         let mut entries: Vec<Entry> = current
             .iter()
             .enumerate()
-            .filter(|&(i, e)| Some(i) != known && e.data.strong_count() > 0)
+            .filter(|&(i, e)| {
+                let keep = e.data.strong_count() > 0 || {
+                    unused += 1;
+                    unused <= MAX_UNUSED
+                };
+                Some(i) != known && keep
+            })
             .map(|(_, e)| e.clone())
             .collect();
         if let Some(state) = new {
@@ -147,7 +166,6 @@ impl Preparations {
             entries.truncate(MAX_REMEMBERED);
         }
         self.entries.store(Arc::new(entries));
-        true
     }
 }
 
@@ -259,17 +277,15 @@ impl PrepareThread {
     /// and `data` is new to it, queue its preparation.
     pub(crate) fn ready_or_queue(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> Option<Arc<Prepared>> {
         let preparable = module.preparable()?;
-        if let Some(prepared) = preparable.ready(data.digest()) {
-            return Some(prepared);
-        }
         if preparable.claim(data) {
             // A full queue: this check starts as built, and a later one asks again.
             let queued = self.jobs.as_ref().is_some_and(|jobs| jobs.try_send((module.clone(), data.clone())).is_ok());
             if !queued {
                 preparable.set(data, None);
             }
+            return None;
         }
-        None
+        preparable.ready(data.digest())
     }
 }
 
