@@ -5,7 +5,10 @@
 //! - one [`Runtime`] (one `Engine`, one `Linker`, one epoch ticker) per process;
 //! - one [`PolicyModule`] per policy version: the component compiled once and pre-instantiated
 //!   (`InstancePre`: imports resolved, type-checked) once;
-//! - one `Store` and one instance per check, dropped when the check ends.
+//! - one `Store` and one instance per check, dropped when the check ends;
+//! - for a policy that exports `prepare`, one prepared component per data version in use
+//!   (`crate::prepare`), each built on an `Engine` and a thread made for that preparation and
+//!   dropped after it; checks start from it like from the component as built, a store each.
 //!
 //! **Why a store is never reused.** A policy is ordinary code with ordinary globals. Reusing an
 //! instance would let a `static`, a cache or a thread-local written during one request be read
