@@ -136,23 +136,34 @@ impl PolicyModule {
     }
 }
 
+/// Function `name` of the exported instance `instance` (named `export` in errors), and its index.
+fn function(
+    pre: &InstancePre<HostState>,
+    instance: &ComponentExportIndex,
+    export: &str,
+    name: &str,
+) -> wasmtime::Result<(wasmtime::component::types::ComponentFunc, ComponentExportIndex)> {
+    let (item, index) = pre
+        .component()
+        .get_export(Some(instance), name)
+        .ok_or_else(|| wasmtime::format_err!("no `{name}` function in `{export}`"))?;
+    match item {
+        ComponentItem::ComponentFunc(func) => Ok((func, index)),
+        _ => Err(wasmtime::format_err!("`{name}` is not a function")),
+    }
+}
+
 /// The index of a 0.2.0 policy's `prepare` function, type-checked (`func() -> bool`), if it
 /// exports one.
 pub(crate) fn prepare_export(
     pre: &InstancePre<HostState>,
     contract: Contract,
 ) -> wasmtime::Result<Option<ComponentExportIndex>> {
-    let component = pre.component();
     let export = crate::prepare::PREPARE_EXPORT;
-    let Some((_, instance)) = component.get_export(None, export).filter(|_| contract == Contract::V0_2) else {
+    let Some((_, instance)) = pre.component().get_export(None, export).filter(|_| contract == Contract::V0_2) else {
         return Ok(None);
     };
-    let (item, prepare) = component
-        .get_export(Some(&instance), "prepare")
-        .ok_or_else(|| wasmtime::format_err!("no `prepare` function in `{export}`"))?;
-    let ComponentItem::ComponentFunc(func) = item else {
-        return Err(wasmtime::format_err!("`prepare` is not a function"));
-    };
+    let (func, prepare) = function(pre, &instance, export, "prepare")?;
     wasmtime::error::Context::context(
         func.typecheck::<(), (bool,)>(&pre.instance_type()),
         "`prepare` has the wrong type",
@@ -163,16 +174,10 @@ pub(crate) fn prepare_export(
 /// The index of the `check` function in the `policy` export of `contract`, type-checked
 /// against the Rust types `evaluate` calls it with.
 pub(crate) fn check_export(pre: &InstancePre<HostState>, contract: Contract) -> wasmtime::Result<ComponentExportIndex> {
-    let component = pre.component();
     let export = contract.policy_export();
     let (_, policy) =
-        component.get_export(None, export).ok_or_else(|| wasmtime::format_err!("no `{export}` export"))?;
-    let (item, check) = component
-        .get_export(Some(&policy), "check")
-        .ok_or_else(|| wasmtime::format_err!("no `check` function in `{export}`"))?;
-    let ComponentItem::ComponentFunc(func) = item else {
-        return Err(wasmtime::format_err!("`check` is not a function"));
-    };
+        pre.component().get_export(None, export).ok_or_else(|| wasmtime::format_err!("no `{export}` export"))?;
+    let (func, check) = function(pre, &policy, export, "check")?;
     let typed = match contract {
         Contract::V0_1 => func.typecheck::<(&CheckRequest,), (Decision,)>(&pre.instance_type()),
         Contract::V0_2 => func.typecheck::<(), (DecisionV0_2,)>(&pre.instance_type()),

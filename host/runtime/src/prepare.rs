@@ -103,35 +103,24 @@ struct Entry {
 }
 
 impl Preparations {
-    /// The prepared start for data `digest`, if ready.
-    pub(crate) fn ready(&self, digest: &str) -> Option<Arc<Prepared>> {
-        self.known(digest).and_then(|state| match state {
-            State::Ready(prepared) => Some(prepared),
-            _ => None,
-        })
-    }
-
-    fn known(&self, digest: &str) -> Option<State> {
-        self.entries.load().iter().find(|e| &*e.digest == digest).map(|e| e.state.clone())
-    }
-
-    /// Whether `data` is new to this module: if so it is marked pending, atomically, and the
-    /// caller prepares it. A known digest whose entry was made for data no snapshot holds any
-    /// more (the same document loaded again) is kept, for this `data`.
-    fn claim(&self, data: &Arc<PolicyData>) -> bool {
+    /// What became of preparing for `data` (`Some`), or `None` when `data` is new to this
+    /// module: it is then marked pending, atomically, and the caller prepares it. A known
+    /// digest whose entry was made for data no snapshot holds any more (the same document
+    /// loaded again) is kept, for this `data`. One lock-free read when the digest is known.
+    fn claim(&self, data: &Arc<PolicyData>) -> Option<State> {
         let entries = self.entries.load();
-        if entries.iter().any(|e| &*e.digest == data.digest() && e.data.strong_count() > 0) {
-            return false;
+        if let Some(entry) = entries.iter().find(|e| &*e.digest == data.digest() && e.data.strong_count() > 0) {
+            return Some(entry.state.clone());
         }
-        let mut new = false;
+        let mut known = None;
         self.change(data, |state| match state {
-            Some(state) => Some(Some(state.clone())),
-            None => {
-                new = true;
-                Some(Some(State::Pending))
+            Some(state) => {
+                known = Some(state.clone());
+                Some(Some(state.clone()))
             }
+            None => Some(Some(State::Pending)),
         });
-        new
+        known
     }
 
     /// Record `state` for `data` (`None`: forget it, so that the next check claims it again).
@@ -277,15 +266,18 @@ impl PrepareThread {
     /// and `data` is new to it, queue its preparation.
     pub(crate) fn ready_or_queue(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> Option<Arc<Prepared>> {
         let preparable = module.preparable()?;
-        if preparable.claim(data) {
-            // A full queue: this check starts as built, and a later one asks again.
-            let queued = self.jobs.as_ref().is_some_and(|jobs| jobs.try_send((module.clone(), data.clone())).is_ok());
-            if !queued {
-                preparable.set(data, None);
+        match preparable.claim(data) {
+            Some(State::Ready(prepared)) => Some(prepared),
+            Some(State::Pending | State::Unprepared) => None,
+            None => {
+                // A full queue: this check starts as built, and a later one asks again.
+                let job = (module.clone(), data.clone());
+                if !self.jobs.as_ref().is_some_and(|jobs| jobs.try_send(job).is_ok()) {
+                    preparable.set(data, None);
+                }
+                None
             }
-            return None;
         }
-        preparable.ready(data.digest())
     }
 }
 
@@ -304,16 +296,14 @@ impl Preparer {
     /// prepared start if there is one now.
     pub(crate) fn ready_or_prepare(&self, module: &PolicyModule, data: &Arc<PolicyData>) -> Option<Arc<Prepared>> {
         let preparable = module.preparable()?;
-        match preparable.known(data.digest()) {
-            Some(State::Ready(prepared)) => return Some(prepared),
+        match preparable.claim(data) {
+            Some(State::Ready(prepared)) => Some(prepared),
             // Declined or failed: not tried again for this data version.
-            Some(State::Unprepared) => return None,
-            // Whether pending on the background thread or never seen, prepare it here: the
-            // result is the same, and the last one to finish is kept.
-            Some(State::Pending) | None => {}
+            Some(State::Unprepared) => None,
+            // Whether pending on the background thread or new (now claimed), prepare it here:
+            // the result is the same, and the last one to finish is kept.
+            Some(State::Pending) | None => self.prepare_now(module, data),
         }
-        preparable.claim(data);
-        self.prepare_now(module, data)
     }
 
     /// Prepare `module` for `data` and record the outcome.
@@ -374,11 +364,9 @@ impl Preparer {
         let (cx, instrumented) = wizer.instrument_component(bytes).map_err(|e| failed("instrumenting", e))?;
         let component =
             Component::new(snapshot_engine, &instrumented).map_err(|e| failed("compiling for preparation", e))?;
-        let mut store = self.store(snapshot_engine, data);
         // A check's limits on what a call may copy and on resource handles, so that `prepare`
         // fails where a check would; fuel and the epoch bound its time.
-        store.set_hostcall_fuel(crate::MAX_TRANSFER);
-        store.set_max_component_handles(crate::runtime::MAX_HANDLES);
+        let mut store = self.store(snapshot_engine, data);
         store.set_fuel(PREPARE_FUEL).map_err(|e| failed("fuel", e))?;
         // The watchdog advances this engine's epoch once, at the timeout: then it traps.
         store.set_epoch_deadline(1);
@@ -431,7 +419,8 @@ impl Preparer {
         }
     }
 
-    /// A store for `prepare`: the data being prepared, an empty request at time 0, no verifier.
+    /// A store with a check's limits for `prepare`: the data being prepared, an empty request
+    /// at time 0, no verifier.
     fn store(&self, engine: &wasmtime::Engine, data: &Arc<PolicyData>) -> Store<HostState> {
         let request = Arc::new(CheckRequest {
             request_id: String::new(),
@@ -453,10 +442,11 @@ impl Preparer {
                 data: 0,
             },
         });
-        let mut store = Store::new(engine, HostState::new(request, data.clone(), None, self.memory_limit));
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(self.ticks);
-        store
+        crate::runtime::limited_store(
+            engine,
+            HostState::new(request, data.clone(), None, self.memory_limit),
+            self.ticks,
+        )
     }
 }
 

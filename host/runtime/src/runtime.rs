@@ -267,7 +267,7 @@ impl Runtime {
             linker: linker.clone(),
             permits: permits.clone(),
             memory_limit: config.memory_limit,
-            ticks: config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1,
+            ticks: epoch_ticks(config.timeout),
         };
         let prepare_thread = PrepareThread::start(preparer.clone())?;
         Ok(Runtime {
@@ -551,16 +551,26 @@ impl Core {
         let mut state =
             HostState::new(request, context.data.clone(), context.verifier.clone(), self.config.memory_limit);
         state.wasi = wasi.map(Box::new);
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        // Handles to resources (a WASI stream, a pollable, a guest's own resource) cost host
-        // memory outside the instance's cap: a policy gets a few, not wasmtime's 100,000.
-        store.set_max_component_handles(MAX_HANDLES);
-        store.set_hostcall_fuel(MAX_TRANSFER);
-        let ticks = self.config.timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store
+        limited_store(&self.engine, state, epoch_ticks(self.config.timeout))
     }
+}
+
+/// Epoch ticks a store may run for to reach `timeout`.
+pub(crate) fn epoch_ticks(timeout: Duration) -> u64 {
+    timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64 + 1
+}
+
+/// A store holding `state` with a check's limits: memory (`state`'s cap), resource handles,
+/// what one call may copy, and `ticks` of the engine's epoch.
+pub(crate) fn limited_store(engine: &Engine, state: HostState, ticks: u64) -> Store<HostState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    // Handles to resources (a WASI stream, a pollable, a guest's own resource) cost host
+    // memory outside the instance's cap: a policy gets a few, not wasmtime's 100,000.
+    store.set_max_component_handles(MAX_HANDLES);
+    store.set_hostcall_fuel(MAX_TRANSFER);
+    store.set_epoch_deadline(ticks);
+    store
 }
 
 /// Whether this process's memory may be swapped out: `/proc/swaps` (its text, if readable)

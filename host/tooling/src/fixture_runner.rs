@@ -42,9 +42,7 @@ pub fn run(runtime: &Runtime, module: &PolicyModule, file: &FixtureFile, now: u6
                 let evaluation = runtime.evaluate(module, &check, &prepared);
                 // The whole answer (headers removed, a denial's headers and message too), and
                 // any fault.
-                let same = evaluation.decision == as_built.decision
-                    && evaluation.fault.as_ref().map(ToString::to_string)
-                        == as_built.fault.as_ref().map(ToString::to_string);
+                let same = evaluation.decision == as_built.decision && evaluation.fault == as_built.fault;
                 if evaluation.prepared && !same {
                     verdict = Err(format!(
                         "`prepare` changes the answer: {:?} as built, {:?} prepared",
