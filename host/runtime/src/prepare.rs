@@ -272,7 +272,7 @@ impl PrepareThread {
             None => {
                 // A full queue: this check starts as built, and a later one asks again.
                 let job = (module.clone(), data.clone());
-                if !self.jobs.as_ref().is_some_and(|jobs| jobs.try_send(job).is_ok()) {
+                if self.jobs.as_ref().is_none_or(|jobs| jobs.try_send(job).is_err()) {
                     preparable.set(data, None);
                 }
                 None
