@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What decision records cost under load: the RBAC example (HS256, wrk -t2 -c64) with
 `capture = "none"` against `capture = "input"` with its records sent to a NATS JetStream stream
-(nats-server on 127.0.0.1, the spool on disk: the defaults, i.e. LZ4-compressed messages and
-the spool synced every second; uncompressed; syncing every batch; and to a server whose
+(nats-server on 127.0.0.1, the spool on disk: the defaults, i.e. LZ4-compressed messages, a
+50 ms linger for fuller messages and the spool synced every second; without the linger; uncompressed; syncing every batch; and to a server whose
 `max_payload` of 64 KiB keeps messages at ~63 KiB of lines instead of ~1 MiB), and against
 `capture = "input"` to a file. The traffic varies as real traffic does, since what compression
 gains depends on it: 1,000 readers' tokens (distinct subjects and `jti`s), paths and user agents,
@@ -131,8 +131,9 @@ def input_to_file(tmp):
 
 def main():
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
-    nats_port, small_port = free_port(), free_port()
-    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(tmp / "js")],
+    nats_port, small_port, monitor_port = free_port(), free_port(), free_port()
+    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port),
+                             "-m", str(monitor_port), "-js", "-sd", str(tmp / "js")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A second server accepting messages of at most 64 KiB: the sidecar sends it messages of
     # ~63 KiB of lines instead of ~1 MiB (its own store directory; not counted in stored bytes).
@@ -149,6 +150,7 @@ def main():
     cases = {
         "none": 'capture = "none"',
         "input → NATS": to_nats(""),
+        "input → NATS, sent at once (`linger_ms = 0`)": to_nats("linger_ms = 0\n"),
         "input → NATS, uncompressed": to_nats('compression = "none"\n'),
         "input → NATS, spool synced every batch": to_nats("spool_sync_ms = 0\n"),
         "input → NATS, 64 KiB messages": to_nats("", small_port),
@@ -161,13 +163,18 @@ def main():
     backlog = []  # (records answered, bytes still in the spool) after each NATS run
     stored = {name: [] for name in cases if "NATS" in name and "64 KiB" not in name}  # bytes JetStream stored a record
 
+    per_message = {name: [] for name in stored}  # records a JetStream message
+
     def stream_bytes():
         return sum(f.stat().st_size for f in (tmp / "js").rglob("*.blk"))
+
+    def stream_messages():
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/jsz", timeout=5))["messages"]
     for n in range(ROUNDS):
         for name, records in cases.items():
             # A fresh spool each run: what one run leaves must not fill the next one's.
             records = records.replace("{spool}", str(tmp / f"spool-{n}"))
-            stream_before = stream_bytes()
+            stream_before, messages_before = stream_bytes(), stream_messages()
             proc, port = serve(config(tmp, name.split()[0], records), tmp / f"sidecar-{n}-{name.split()[-1]}.log")
             wrk(port, {}, 2, script)
             server = small if "64 KiB" in name else nats
@@ -192,6 +199,7 @@ def main():
                 checks_in_all = int(float(re.search(r"^sandgate_decisions_total\{[^}]*\} (\S+)", text, re.M).group(1)))
                 if server is nats:
                     stored[name].append((stream_bytes() - stream_before) / checks_in_all)
+                    per_message[name].append(checks_in_all / max(1, stream_messages() - messages_before))
             proc.terminate()
             proc.wait(timeout=30)
     nats.terminate()
@@ -204,12 +212,16 @@ def main():
         print(f"| `{name}` | {statistics.median(r[0] for r in rounds):,.0f} | {statistics.median(r[1] for r in rounds):.0f} | "
               f"{statistics.median(r[2] for r in rounds):.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | "
               f"{statistics.median(c[0] for c in cpu[name]):.1f} | {statistics.median(c[1] for c in cpu[name]):.1f} | {dropped[name]} |")
+    print("req/s of each round, in order:")
+    for name, rounds in results.items():
+        print(f"  `{name}`: {', '.join(f'{r[0]:,.0f}' for r in rounds)}")
     for log in sorted(tmp.glob("sidecar-*.log")):
         warnings = [l for l in log.read_text().splitlines() if "WARN" in l or "ERROR" in l]
         if warnings:
             print(f"{log.name}: {warnings[:3]}")
     for name, sizes in stored.items():
-        print(f"`{name}`: JetStream stored {statistics.median(sizes):,.0f} bytes a record (median of rounds)")
+        print(f"`{name}`: JetStream stored {statistics.median(sizes):,.0f} bytes a record, "
+              f"{statistics.median(per_message[name]):,.0f} records a message (medians of rounds)")
     for answered, spooled, drain in backlog:
         print(f"NATS run: ~{answered:,} checks in {DURATION} s; {spooled / 2**20:,.0f} MiB of records still spooled when wrk stopped, "
               f"sent within {drain:.1f} s after")

@@ -106,3 +106,34 @@ fn rbac_prepared_for_one_data_version_never_answers_for_another() {
     assert!(evaluation.prepared && evaluation.is_allow());
     assert_eq!(runtime.prepare_counts().prepared, prepared_so_far + 1, "only the third document was prepared");
 }
+
+#[test]
+fn tenant_prepared_for_one_data_version_never_answers_for_another() {
+    use sandgate_runtime::{EvalContext, PolicyData, Start};
+    use std::sync::Arc;
+    let runtime = runtime();
+    let module = load(&runtime, "tenant");
+    assert!(module.prepares());
+    let request = sandgate_tests::check(serde_json::json!({
+        "method": "GET", "path": "/tenants/globex/orders",
+        "claims": { "sub": "ops", "tenant": "acme", "roles": ["support"] }
+    }));
+    let context = |data: serde_json::Value, start| EvalContext {
+        data: Arc::new(PolicyData::new(data, 1)),
+        verifier: None,
+        start,
+    };
+    let support_crosses = context(serde_json::json!({ "cross_tenant_roles": ["support"] }), Start::Prepared);
+    let evaluation = runtime.evaluate(&module, &request, &support_crosses);
+    assert!(evaluation.prepared && evaluation.is_allow(), "{:?}", evaluation.decision);
+    // Another data version, prepared and as built: the old list never answers.
+    for start in [Start::Prepared, Start::Built] {
+        let evaluation =
+            runtime.evaluate(&module, &request, &context(serde_json::json!({ "cross_tenant_roles": [] }), start));
+        assert_eq!(evaluation.prepared, start == Start::Prepared);
+        assert!(!evaluation.is_allow(), "{start:?}: the cross-tenant roles of the old data answered");
+    }
+    // A document without the list prepares to no cross-tenant roles, as a check reads it.
+    let evaluation = runtime.evaluate(&module, &request, &context(serde_json::json!({}), Start::Prepared));
+    assert!(evaluation.prepared && !evaluation.is_allow());
+}

@@ -381,8 +381,9 @@ class Nats:
         self.log.close()
 
 
-def stream_messages(nats, stream):
-    """Every record in `stream`, in order, its messages read by sequence over one NATS connection."""
+def stream_messages(nats, stream, grouped=False):
+    """Every record in `stream`, in order, its messages read by sequence over one NATS connection
+    (`grouped`: a list of each message's records)."""
     import socket
     with socket.create_connection(("127.0.0.1", nats.port), timeout=10) as sock:
         f = sock.makefile("rb")
@@ -411,8 +412,8 @@ def stream_messages(nats, stream):
                 body = base64.b64decode(reply["message"]["data"])
                 if b"Content-Encoding: lz4" in base64.b64decode(reply["message"].get("hdrs", "")):
                     body = lz4.frame.decompress(body)
-                messages.extend(json.loads(l) for l in body.splitlines() if l)
-        return messages
+                messages.append([json.loads(l) for l in body.splitlines() if l])
+        return messages if grouped else [record for message in messages for record in message]
 
 
 def nats_sink_config(tmp_path, nats, extra=""):
@@ -475,6 +476,39 @@ def test_a_server_with_a_small_max_payload_gets_every_record_it_can_take(tmp_pat
     finally:
         s.stop()
         nats.stop()
+
+
+def test_records_that_trickle_in_go_out_in_fewer_fuller_messages(tmp_path):
+    """A check every 20 ms: with a linger, the publisher lets records gather after each send and
+    sends them together (every one, in order); without it, each goes out alone as it comes."""
+    messages = {}
+    for linger in (300, 0):
+        directory = tmp_path / f"linger-{linger}"
+        directory.mkdir()
+        nats = Nats(directory)
+        config = nats_sink_config(directory, nats, extra=f"linger_ms = {linger}\n")
+        s = Sandgate(config, directory / "stdout.log", proxy="nginx")
+        try:
+            client = Client(s.port)
+            answered = []
+            for i in range(60):
+                answered.append(client.check(f"/api/orders/{i}", mint(i, "hs-a"))[1])
+                time.sleep(0.02)
+            deadline = time.time() + 20
+            grouped = []
+            while time.time() < deadline:
+                grouped = stream_messages(nats, "sandgate_decisions", grouped=True)
+                if sum(map(len, grouped)) >= len(answered):
+                    break
+                time.sleep(0.3)
+            assert [r["request_id"] for m in grouped for r in m] == answered
+            messages[linger] = len(grouped)
+        finally:
+            s.stop()
+            nats.stop()
+    # ~1.5 s of checks: about one message a linger, against about one a record.
+    print(f"60 records, a check every 20 ms: {messages[300]} messages with a 300 ms linger, {messages[0]} without")
+    assert messages[300] <= 12 and messages[0] >= 30, messages
 
 
 def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):

@@ -9,10 +9,24 @@
 //! ```json
 //! { "cross_tenant_roles": ["platform-admin"] }
 //! ```
+//!
+//! `prepare` reads the cross-tenant roles once per data version; without it (before the host
+//! has prepared this data version) a check that needs them reads them itself, and decides the
+//! same.
 
 use sandgate_policy_sdk::{
     Decision, DecisionExt, LogLevel, Policy, Request, allow, deny, host, match_path_ignore_case,
 };
+use std::sync::OnceLock;
+
+/// The data document's `cross_tenant_roles`, read by `prepare`: `None` unless the host
+/// prepared this data version.
+static CROSS_TENANT_ROLES: OnceLock<Vec<String>> = OnceLock::new();
+
+/// The roles that may reach every tenant (none if the document has no such list).
+fn cross_tenant_roles() -> Vec<String> {
+    host::data("/cross_tenant_roles").unwrap_or_default()
+}
 
 /// The tenant isolation policy.
 pub struct TenantIsolation;
@@ -33,7 +47,14 @@ impl Policy for TenantIsolation {
         if own_tenant.as_deref() == Some(wanted) {
             return granted(wanted);
         }
-        let cross: Vec<String> = host::data("/cross_tenant_roles").unwrap_or_default();
+        let read;
+        let cross = match CROSS_TENANT_ROLES.get() {
+            Some(prepared) => prepared,
+            None => {
+                read = cross_tenant_roles();
+                &read
+            }
+        };
         if let Some(role) = claims.roles.iter().find(|r| cross.contains(r)) {
             host::log(
                 LogLevel::Info,
@@ -45,6 +66,11 @@ impl Policy for TenantIsolation {
             None => deny(403, "missing_tenant").message("the token has no tenant claim"),
             Some(_) => deny(403, "wrong_tenant").message("the token belongs to another tenant"),
         }
+    }
+
+    /// Read the cross-tenant roles as a check would.
+    fn prepare() -> bool {
+        CROSS_TENANT_ROLES.set(cross_tenant_roles()).is_ok()
     }
 }
 

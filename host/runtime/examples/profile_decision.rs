@@ -6,7 +6,8 @@
 //! perf record -g target/release/examples/profile_decision target/policies/rbac.wasm 300000
 //! ```
 //!
-//! A third argument `full` sets `full_memory_reset` (every page reset, as when swap is on).
+//! A third argument `full` sets `full_memory_reset` (every page reset, as when swap is on);
+//! `prepared` starts every check from the policy prepared for the data (`Start::Prepared`).
 //!
 //! The request is the decision benchmark's (RBAC `POST /api/orders/7`, roles `reader, writer`,
 //! data `examples/rbac-data.json`); any policy module can be given.
@@ -29,8 +30,11 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let module_path = args.next().unwrap_or_else(|| "target/policies/rbac.wasm".into());
     let n: u64 = args.next().map_or(Ok(200_000), |s| s.parse())?;
-    // A third argument `full`: reset all of each instance's memory (as with swap on).
-    let full_memory_reset = args.next().is_some_and(|a| a == "full");
+    // A third argument `full`: reset all of each instance's memory (as with swap on);
+    // `prepared`: start from the policy prepared for the data.
+    let third = args.next();
+    let full_memory_reset = third.as_deref() == Some("full");
+    let start = if third.as_deref() == Some("prepared") { Start::Prepared } else { Start::Built };
     let runtime = Runtime::new(RuntimeConfig { full_memory_reset, ..Default::default() })?;
     let module = runtime.load(&std::fs::read(&module_path)?)?;
     let data = serde_json::from_str(&std::fs::read_to_string("examples/rbac-data.json")?)?;
@@ -42,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let versions =
         SnapshotVersions { snapshot: 1, policy_digest: module.digest().into(), key_set: 1, revocations: 1, data: 1 };
     let check = Arc::new(request::from_spec(&spec, 1_767_225_600, versions));
-    let context = EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None, start: Start::Built };
+    let context = EvalContext { data: Arc::new(PolicyData::new(data, 1)), verifier: None, start };
     anyhow::ensure!(runtime.evaluate(&module, &check, &context).fault.is_none(), "the policy faults on this request");
 
     let started = Instant::now();

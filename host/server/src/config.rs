@@ -189,6 +189,12 @@ pub struct NatsSinkConfig {
     /// the kernel's page cache); this bounds what a power loss can take.
     #[serde(default = "default_spool_sync_ms")]
     pub spool_sync_ms: u64,
+    /// How long (ms) the publisher lets records gather after a send while the spool holds less
+    /// than a whole message, so that messages carry more records each (fewer messages cost the
+    /// sidecar and JetStream less); `0` sends whatever is spooled at once. Records reach the
+    /// stream this much later at most; they are in the spool meanwhile.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
     /// How each message's records are compressed (`lz4`, the default, or `none`).
     #[serde(default)]
     pub compression: crate::log_sink::Compression,
@@ -222,6 +228,10 @@ fn default_spool_mib() -> u64 {
 
 fn default_spool_sync_ms() -> u64 {
     1000
+}
+
+fn default_linger_ms() -> u64 {
+    50
 }
 
 impl Config {

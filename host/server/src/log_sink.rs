@@ -790,22 +790,34 @@ impl Drop for SpoolWriter {
     }
 }
 
-/// Send what `spool` holds to `subject` (a subject of a JetStream stream), in order, until
-/// `stop` and the spool is empty (or, after `stop`, for at most `grace`).
+/// Where and how [`publish`] sends records.
+pub struct Publishing {
+    /// A subject of the JetStream stream.
+    pub subject: String,
+    /// How each message's records are encoded.
+    pub compression: Compression,
+    /// After a send, while the spool holds less than a whole message, records gather this long
+    /// before the next send (`ZERO`: sent at once).
+    pub linger: Duration,
+}
+
+/// Send what `spool` holds as `to` says, in order, until `stop` and the spool is empty (or,
+/// after `stop`, for at most `grace`).
 pub async fn publish(
     spool: Arc<Spool>,
     js: async_nats::jetstream::Context,
-    subject: String,
-    compression: Compression,
+    to: Publishing,
     stop: tokio_util::sync::CancellationToken,
     grace: Duration,
     pending: prometheus_client::metrics::gauge::Gauge,
 ) {
+    let Publishing { subject, compression, linger } = to;
     let client = js.client();
     let mut failing = false;
     let mut deadline: Option<tokio::time::Instant> = None;
     // After a failure, the same batch is sent again with the same boundaries (and ids).
     let mut retry: Option<(u64, u64)> = None;
+    let mut last_send: Option<tokio::time::Instant> = None;
     loop {
         pending.set(spool.pending() as i64);
         if stop.is_cancelled() && deadline.is_none() {
@@ -822,6 +834,19 @@ pub async fn publish(
         }
         // Read anew for every batch: a reconnect may reach a server with another limit.
         let room = message_room(client.max_payload());
+        // Fuller messages: less than a message's worth waits out the linger since the last send
+        // (a retry, a stop or the first records after a quiet spell go at once). Each message
+        // costs the publisher and JetStream about as much whether it carries 100 records or
+        // 1,000.
+        if let Some(sent) = last_send.filter(|_| retry.is_none() && !stop.is_cancelled()) {
+            let until = sent + linger;
+            if tokio::time::Instant::now() < until && spool.pending() < room as u64 {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
         let (messages, cursor, skipped) = match spool.peek(retry, room) {
             Ok(next) => next,
             Err(e) => {
@@ -847,6 +872,7 @@ pub async fn publish(
             continue;
         }
         tracing::debug!(messages = messages.len(), ?cursor, "sending spooled decision records");
+        last_send = Some(tokio::time::Instant::now());
         match send(&js, &subject, compression, messages).await {
             Ok(()) => {
                 retry = None;

@@ -225,7 +225,8 @@ impl Sidecar {
                     format!("sandgate.decisions.{}", crate::fleet::sanitize(&node))
                 });
                 let subjects = if nats.subject.is_some() { subject.clone() } else { "sandgate.decisions.>".into() };
-                let (stream, replicas, compression) = (nats.stream.clone(), nats.replicas, nats.compression);
+                let (stream, replicas) = (nats.stream.clone(), nats.replicas);
+                let (compression, linger) = (nats.compression, Duration::from_millis(nats.linger_ms));
                 let stop = records_stop.clone();
                 let pending = authorizer.state().metrics.decision_spool_bytes.clone();
                 Some(tokio::spawn(async move {
@@ -249,7 +250,8 @@ impl Sidecar {
                         }
                     }
                     tracing::info!(%stream, %subject, "sending decision records to NATS");
-                    crate::log_sink::publish(spool, js, subject, compression, stop, grace, pending).await;
+                    let to = crate::log_sink::Publishing { subject, compression, linger };
+                    crate::log_sink::publish(spool, js, to, stop, grace, pending).await;
                 }))
             }
             _ => None,
