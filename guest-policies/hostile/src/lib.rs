@@ -28,6 +28,7 @@
 //! | `/wasi/handles` | holds 50,000 pollables (host memory outside its own) | deny `policy_trap` (handles are capped) |
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
+//! | `/principal` | reads the credential only through `principal` and `claim` | allow, with what it read as headers |
 //! | `/verify-flood` | asks the host to verify 10,000 tokens | deny `verified_all`, all but the first 16 answered `too_many_verifications` |
 //! | `/verify-huge` | asks the host to verify a 512 KiB token | deny `verified_all`, answered `token_too_large` |
 //! | `/log-id-token` | verifies the `x-id-token` header and writes it in a log line | allow; the decision record holds no token |
@@ -205,6 +206,7 @@ impl Policy for Hostile {
             "/malformed" => deny(200, "not_really_a_denial"),
             "/residue" => allow().set_header("x-residue", residue()),
             "/echo" => echo(request),
+            "/principal" => principal(request),
             // Host work the guest asks for outside its own memory: as many token verifications
             // as its time allows, and one token as long as its memory allows.
             "/verify-flood" => verify_all((0..10_000).map(|i| format!("not.a.token{i}"))),
@@ -282,6 +284,24 @@ fn echo(request: &Request) -> Decision {
         .set_header("x-bearer", &request.bearer_token().unwrap_or_else(|| "-".into()))
         .set_header("x-now", &request.now().to_string())
         .set_header("x-versions", &format!("{} {} {}", versions.snapshot, versions.data, versions.policy_digest))
+}
+
+/// What the narrow credential getters answer, read before anything else could read the whole
+/// credential.
+fn principal(request: &Request) -> Decision {
+    let subject = request.subject().unwrap_or("-").to_owned();
+    let roles = request.roles().join(",");
+    let claim = |name: &str| request.claim(name).map_or("-".into(), |v| v.to_string());
+    let (tenant, nested, absent) = (claim("tenant"), claim("org"), claim("absent"));
+    let unauthenticated = request.unauthenticated().map_or("-".into(), |d| match d {
+        Decision::Deny(d) => d.reason,
+        Decision::Allow(_) => "allow".into(),
+    });
+    allow()
+        .set_header("x-subject", &subject)
+        .set_header("x-roles", &roles)
+        .set_header("x-claims", &format!("{tenant} {nested} {absent}"))
+        .set_header("x-unauthenticated", &unauthenticated)
 }
 
 sandgate_policy_sdk::export_policy!(Hostile);

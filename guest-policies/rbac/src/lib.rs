@@ -53,9 +53,11 @@ impl Policy for Rbac {
         if let Some(denial) = request.unauthenticated() {
             return denial;
         }
-        let Some(claims) = request.claims() else { return deny(401, "missing_credential") };
+        // The subject and roles alone: reading the whole credential costs about twice as much.
+        let Some(subject) = request.subject() else { return deny(401, "missing_credential") };
+        let roles = request.roles();
         let permits = |rules: &[Rule]| rules.iter().any(|rule| rule.permits(request.method(), request.path()));
-        let permitted = claims.roles.iter().any(|role| match PREPARED.get() {
+        let permitted = roles.iter().any(|role| match PREPARED.get() {
             Some(roles) => roles.get(role.as_str()).is_some_and(|rules| permits(rules)),
             None => {
                 let Some(text) = host::data_get(&role_pointer(role)) else { return false };
@@ -63,7 +65,7 @@ impl Policy for Rbac {
             }
         });
         if permitted {
-            allow().set_header("x-user", &claims.subject).set_header("x-roles", &claims.roles.join(","))
+            allow().set_header("x-user", subject).set_header("x-roles", &roles.join(","))
         } else {
             deny(403, "forbidden").message(&format!("no role permits {} {}", request.method(), request.path()))
         }

@@ -57,8 +57,8 @@ pub mod bindings {
 
 pub use bindings::sandgate::policy::host::LogLevel;
 pub use bindings::sandgate::policy::types::{
-    AllowResponse, Credential, CredentialError, Decision, DenyResponse, Header, SnapshotVersions, StandardClaims,
-    VerifiedCredential,
+    AllowResponse, Credential, CredentialError, Decision, DenyResponse, Header, Principal, SnapshotVersions,
+    StandardClaims, VerifiedCredential,
 };
 
 /// An authorization policy: one function from a request to a decision.
