@@ -73,21 +73,22 @@ fn the_narrow_credential_getters_answer_what_the_credential_holds() {
     let read = |request: serde_json::Value| {
         let evaluation = runtime.evaluate(&hostile, &check(request), &context(json!(null)));
         let headers = allowed_headers(&evaluation.decision);
-        ["x-subject", "x-roles", "x-claims", "x-unauthenticated"].map(|name| header(&headers, name).to_owned())
+        ["x-subject", "x-roles", "x-scopes", "x-claims", "x-unauthenticated"]
+            .map(|name| header(&headers, name).to_owned())
     };
     let verified = read(json!({ "path": "/principal", "claims": {
-        "iss": "https://issuer.example", "sub": "alice", "roles": "reader writer",
+        "iss": "https://issuer.example", "sub": "alice", "roles": "reader writer", "scope": "orders:read",
         "tenant": "acme", "org": { "id": 7, "name": "Acme \"Inc\"" } } }));
-    assert_eq!(verified, ["alice", "reader,writer", r#""acme" {"id":7,"name":"Acme \"Inc\""} -"#, "-"]);
+    assert_eq!(verified, ["alice", "reader,writer", "true false", r#""acme" {"id":7,"name":"Acme \"Inc\""} -"#, "-"]);
     // A verified token without `sub` or roles: an empty subject, no roles.
     let bare = read(json!({ "path": "/principal", "claims": { "iss": "https://issuer.example" } }));
-    assert_eq!(bare, ["", "", "- - -", "-"]);
+    assert_eq!(bare, ["", "", "false false", "- - -", "-"]);
     // No credential, and a rejected one: nothing to read, and the usual 401 reason.
     let none = read(json!({ "path": "/principal" }));
-    assert_eq!(none, ["-", "", "- - -", "missing_credential"]);
+    assert_eq!(none, ["-", "", "false false", "- - -", "missing_credential"]);
     let rejected = read(json!({ "path": "/principal",
         "credential_error": { "reason": "token_expired", "message": "the token expired" } }));
-    assert_eq!(rejected, ["-", "", "- - -", "token_expired"]);
+    assert_eq!(rejected, ["-", "", "false false", "- - -", "token_expired"]);
 }
 
 #[test]

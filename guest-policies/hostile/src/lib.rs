@@ -300,6 +300,7 @@ fn principal(request: &Request) -> Decision {
     allow()
         .set_header("x-subject", &subject)
         .set_header("x-roles", &roles)
+        .set_header("x-scopes", &format!("{} {}", request.has_scope("orders:read"), request.has_scope("orders")))
         .set_header("x-claims", &format!("{tenant} {nested} {absent}"))
         .set_header("x-unauthenticated", &unauthenticated)
 }

@@ -49,7 +49,7 @@ impl Policy for Scopes {
                 .message(&format!("requires scope `{}`", route.scope))
                 .set_header("www-authenticate", &challenge);
         }
-        let subject = request.claims().map(|c| c.subject.as_str()).unwrap_or_default();
+        let subject = request.subject().unwrap_or_default();
         allow().set_header("x-user", subject).set_header("x-scope", &route.scope)
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! impl Policy for AdminsOnly {
 //!     fn check(request: &Request) -> Decision {
-//!         match request.claims() {
-//!             Some(c) if c.roles.iter().any(|r| r == "admin") => allow().set_header("x-user", &c.subject),
+//!         match request.subject() {
+//!             Some(me) if request.has_role("admin") => allow().set_header("x-user", me),
 //!             Some(_) => deny(403, "forbidden"),
 //!             None => deny(401, "unauthenticated"),
 //!         }

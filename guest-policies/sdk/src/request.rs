@@ -24,7 +24,7 @@ pub struct Request {
     peer: OnceLock<Option<String>>,
     body: OnceLock<Option<Vec<u8>>>,
     credential: OnceLock<Credential>,
-    /// The verified credential's subject and roles, when read without the rest of it.
+    /// The verified credential's subject, roles and scopes, when read without the rest of it.
     principal: OnceLock<Option<Principal>>,
     /// The pinned time and versions: one host call answers both.
     context: OnceLock<(u64, SnapshotVersions)>,
@@ -242,20 +242,22 @@ impl Request {
     }
 
     /// The verified standard claims, if the host verified a credential. This reads the whole
-    /// credential; [`Request::subject`] and [`Request::roles`] cost about half as much when
-    /// they are all a policy needs.
+    /// credential; [`Request::subject`], [`Request::roles`] and [`Request::has_scope`] cost
+    /// about half as much when they are all a policy needs.
     pub fn claims(&self) -> Option<&StandardClaims> {
         self.credential().map(|c| &c.claims)
     }
 
-    /// The subject and roles of the verified credential, read alone unless the whole
+    /// The subject, roles and scopes of the verified credential, read alone unless the whole
     /// credential has been read already.
     fn principal(&self) -> Option<&Principal> {
         self.principal
             .get_or_init(|| match self.credential.get() {
-                Some(Credential::Verified(c)) => {
-                    Some(Principal { subject: c.claims.subject.clone(), roles: c.claims.roles.clone() })
-                }
+                Some(Credential::Verified(c)) => Some(Principal {
+                    subject: c.claims.subject.clone(),
+                    roles: c.claims.roles.clone(),
+                    scopes: c.claims.scopes.clone(),
+                }),
                 Some(Credential::None | Credential::Rejected(_)) => None,
                 None => from_host::principal(),
             })
@@ -290,7 +292,7 @@ impl Request {
 
     /// Whether the verified credential carries this OAuth scope.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.claims().is_some_and(|c| c.scopes.iter().any(|s| s == scope))
+        self.principal().is_some_and(|p| p.scopes.iter().any(|s| s == scope))
     }
 
     /// Whether the verified credential carries this role.

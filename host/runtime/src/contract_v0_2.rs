@@ -64,9 +64,11 @@ impl request::Host for HostState {
 
     fn principal(&mut self) -> Option<v2::Principal> {
         match &self.request.credential {
-            v1::Credential::Verified(c) => {
-                Some(v2::Principal { subject: c.claims.subject.clone(), roles: c.claims.roles.clone() })
-            }
+            v1::Credential::Verified(c) => Some(v2::Principal {
+                subject: c.claims.subject.clone(),
+                roles: c.claims.roles.clone(),
+                scopes: c.claims.scopes.clone(),
+            }),
             v1::Credential::None | v1::Credential::Rejected(_) => None,
         }
     }

@@ -106,7 +106,7 @@ impl Policy for {struct} {
         if !permitted {
             return deny(403, "forbidden").message("your roles do not permit this");
         }
-        let subject = request.claims().map(|c| c.subject.as_str()).unwrap_or_default();
+        let subject = request.subject().unwrap_or_default();
         allow().set_header("x-user", subject)
     }
 }
