@@ -53,7 +53,7 @@ impl Policy for Rbac {
         if let Some(denial) = request.unauthenticated() {
             return denial;
         }
-        // The subject and roles alone: reading the whole credential costs about twice as much.
+        // The subject and roles alone: reading the whole credential costs more.
         let Some(subject) = request.subject() else { return deny(401, "missing_credential") };
         let roles = request.roles();
         let permits = |rules: &[Rule]| rules.iter().any(|rule| rule.permits(request.method(), request.path()));

@@ -243,7 +243,7 @@ impl Request {
 
     /// The verified standard claims, if the host verified a credential. This reads the whole
     /// credential; [`Request::subject`], [`Request::roles`] and [`Request::has_scope`] cost
-    /// about half as much when they are all a policy needs.
+    /// less when they are all a policy needs.
     pub fn claims(&self) -> Option<&StandardClaims> {
         self.credential().map(|c| &c.claims)
     }
