@@ -70,11 +70,17 @@ fn every_part_of_the_request_reads_back_through_the_request_interface() {
 fn the_narrow_credential_getters_answer_what_the_credential_holds() {
     let runtime = runtime();
     let hostile = load(&runtime, "hostile");
-    let read = |request: serde_json::Value| {
-        let evaluation = runtime.evaluate(&hostile, &check(request), &context(json!(null)));
-        let headers = allowed_headers(&evaluation.decision);
-        ["x-subject", "x-roles", "x-scopes", "x-claims", "x-unauthenticated"]
-            .map(|name| header(&headers, name).to_owned())
+    // Each answer read alone, and again from the whole credential read first: the same.
+    let read = |mut request: serde_json::Value| {
+        let answers = ["/principal", "/principal-after-credential"].map(|path| {
+            request["path"] = json!(path);
+            let evaluation = runtime.evaluate(&hostile, &check(request.clone()), &context(json!(null)));
+            let headers = allowed_headers(&evaluation.decision);
+            ["x-subject", "x-roles", "x-scopes", "x-claims", "x-unauthenticated"]
+                .map(|name| header(&headers, name).to_owned())
+        });
+        assert_eq!(answers[0], answers[1], "{request}");
+        answers[0].clone()
     };
     let verified = read(json!({ "path": "/principal", "claims": {
         "iss": "https://issuer.example", "sub": "alice", "roles": "reader writer", "scope": "orders:read",
@@ -83,6 +89,10 @@ fn the_narrow_credential_getters_answer_what_the_credential_holds() {
     // A verified token without `sub` or roles: an empty subject, no roles.
     let bare = read(json!({ "path": "/principal", "claims": { "iss": "https://issuer.example" } }));
     assert_eq!(bare, ["", "", "false false", "- - -", "-"]);
+    // Scopes as an `scp` list; a claim whose value is escaped in the JSON.
+    let scp = read(json!({ "path": "/principal", "claims": {
+        "iss": "https://issuer.example", "sub": "bob", "scp": ["orders", "orders:read"], "tenant": "gl\"obex" } }));
+    assert_eq!(scp, ["bob", "", "true true", r#""gl\"obex" - -"#, "-"]);
     // No credential, and a rejected one: nothing to read, and the usual 401 reason.
     let none = read(json!({ "path": "/principal" }));
     assert_eq!(none, ["-", "", "false false", "- - -", "missing_credential"]);

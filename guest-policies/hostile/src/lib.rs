@@ -29,6 +29,7 @@
 //! | `/wasi/observe` | reads the wall clock, randomness and stdin | allow, with what it saw as headers |
 //! | `/echo` | reads every part of the request (contract 0.2.0's `request` interface) | allow, with what it read as headers |
 //! | `/principal` | reads the credential only through `principal` and `claim` | allow, with what it read as headers |
+//! | `/principal-after-credential` | the same, after reading the whole credential | the same answers |
 //! | `/verify-flood` | asks the host to verify 10,000 tokens | deny `verified_all`, all but the first 16 answered `too_many_verifications` |
 //! | `/verify-huge` | asks the host to verify a 512 KiB token | deny `verified_all`, answered `token_too_large` |
 //! | `/log-id-token` | verifies the `x-id-token` header and writes it in a log line | allow; the decision record holds no token |
@@ -207,6 +208,10 @@ impl Policy for Hostile {
             "/residue" => allow().set_header("x-residue", residue()),
             "/echo" => echo(request),
             "/principal" => principal(request),
+            "/principal-after-credential" => {
+                std::hint::black_box(request.verdict());
+                principal(request)
+            }
             // Host work the guest asks for outside its own memory: as many token verifications
             // as its time allows, and one token as long as its memory allows.
             "/verify-flood" => verify_all((0..10_000).map(|i| format!("not.a.token{i}"))),

@@ -302,7 +302,8 @@ impl Request {
 
     /// The deny a policy usually answers when the credential is missing or was rejected:
     /// 401 with `WWW-Authenticate: Bearer` and the host's reason code. `None` when verified.
-    /// A verified credential is recognised without reading it whole.
+    /// A verified credential is recognised without reading it whole (a missing or rejected one
+    /// takes a second host call, for its reason).
     pub fn unauthenticated(&self) -> Option<Decision> {
         if self.credential.get().is_none() && self.principal().is_some() {
             return None;

@@ -189,10 +189,10 @@ pub struct NatsSinkConfig {
     /// the kernel's page cache); this bounds what a power loss can take.
     #[serde(default = "default_spool_sync_ms")]
     pub spool_sync_ms: u64,
-    /// How long (ms) the publisher lets records gather after a send while the spool holds less
-    /// than a whole message, so that messages carry more records each (fewer messages cost the
-    /// sidecar and JetStream less); `0` sends whatever is spooled at once. Records reach the
-    /// stream this much later at most; they are in the spool meanwhile.
+    /// How long (ms, at most 1000) the publisher lets records gather after a send, until the
+    /// spool holds a whole message, so that messages carry more records each (fewer messages
+    /// cost the sidecar and JetStream less); `0` sends whatever is spooled at once. Records
+    /// reach the stream this much later at most; they are in the spool meanwhile.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// How each message's records are compressed (`lz4`, the default, or `none`).
@@ -233,6 +233,9 @@ fn default_spool_sync_ms() -> u64 {
 fn default_linger_ms() -> u64 {
     50
 }
+
+/// The longest `linger_ms`: records wait in the spool for their send at most this long.
+const MAX_LINGER_MS: u64 = 1000;
 
 impl Config {
     /// The NATS connection of the decision-record sink: its own settings, or else the fleet's.
@@ -858,6 +861,9 @@ impl Config {
             if nats.spool_max_mib == 0 {
                 bail!("[decision_log.nats] spool_max_mib must be at least 1");
             }
+            if nats.linger_ms > MAX_LINGER_MS {
+                bail!("[decision_log.nats] linger_ms must be at most {MAX_LINGER_MS}");
+            }
             if !(1..=5).contains(&nats.replicas) {
                 bail!("[decision_log.nats] replicas must be 1 to 5");
             }
@@ -1022,6 +1028,17 @@ mod tests {
         };
         assert_eq!(checked(&issuer(MAX_LEEWAY_SECS)), Ok(()));
         assert!(checked(&issuer(MAX_LEEWAY_SECS + 1)).unwrap_err().contains("leeway_secs"));
+    }
+
+    #[test]
+    fn the_record_linger_is_capped() {
+        let nats = |linger: u64| {
+            format!(
+                "[server]\nproxy = \"envoy\"\n[decision_log]\nsink = \"nats\"\n[decision_log.nats]\nurl = \"nats://n:4222\"\nlinger_ms = {linger}\n"
+            )
+        };
+        assert_eq!(checked(&nats(MAX_LINGER_MS)), Ok(()));
+        assert!(checked(&nats(MAX_LINGER_MS + 1)).unwrap_err().contains("linger_ms"));
     }
 
     #[test]

@@ -832,21 +832,15 @@ pub async fn publish(
             }
             break;
         }
+        // Fuller messages: records gather for the linger after the last send, until a
+        // message's worth is spooled (a retry, a stop and the first records after a quiet
+        // spell go at once). A message costs the publisher and JetStream about as much
+        // whether it carries 100 records or 1,000.
+        if let Some(sent) = last_send.filter(|_| retry.is_none()) {
+            gather(&spool, message_room(client.max_payload()), sent + linger, &stop).await;
+        }
         // Read anew for every batch: a reconnect may reach a server with another limit.
         let room = message_room(client.max_payload());
-        // Fuller messages: less than a message's worth waits out the linger since the last send
-        // (a retry, a stop or the first records after a quiet spell go at once). Each message
-        // costs the publisher and JetStream about as much whether it carries 100 records or
-        // 1,000.
-        if let Some(sent) = last_send.filter(|_| retry.is_none() && !stop.is_cancelled()) {
-            let until = sent + linger;
-            if tokio::time::Instant::now() < until && spool.pending() < room as u64 {
-                tokio::select! {
-                    () = tokio::time::sleep_until(until) => {}
-                    () = stop.cancelled() => {}
-                }
-            }
-        }
         let (messages, cursor, skipped) = match spool.peek(retry, room) {
             Ok(next) => next,
             Err(e) => {
@@ -909,6 +903,42 @@ pub async fn publish(
     // none of it again.
     if let Err(e) = spool.write_cursor(true) {
         tracing::error!(error = %e, "cannot write the decision-record spool's cursor");
+    }
+}
+
+/// Why [`gather`] stopped waiting.
+#[derive(Debug, PartialEq, Eq)]
+enum Gathered {
+    /// The spool holds a message's worth.
+    Message,
+    /// The linger is over.
+    Lingered,
+    /// The publisher is stopping.
+    Stopping,
+}
+
+/// Wait until `spool` holds `room` bytes, `until` passes, or `stop`.
+async fn gather(
+    spool: &Spool,
+    room: usize,
+    until: tokio::time::Instant,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Gathered {
+    loop {
+        // Asked for before the check, so that an append between the check and the wait
+        // still wakes it.
+        let appended = spool.appended.notified();
+        if stop.is_cancelled() {
+            return Gathered::Stopping;
+        }
+        if spool.pending() >= room as u64 {
+            return Gathered::Message;
+        }
+        tokio::select! {
+            () = appended => {}
+            () = tokio::time::sleep_until(until) => return Gathered::Lingered,
+            () = stop.cancelled() => return Gathered::Stopping,
+        }
     }
 }
 
@@ -979,6 +1009,47 @@ mod tests {
         aws_lc_rs::rand::fill(&mut noise).unwrap();
         let body = Compression::Lz4.encode(bytes::Bytes::from(noise)).unwrap();
         assert!(body.len() + 1024 <= 64 << 10, "{}", body.len());
+    }
+
+    #[tokio::test]
+    async fn records_gather_until_a_message_s_worth_the_linger_s_end_or_a_stop() {
+        use tokio::time::Instant;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let later = || Instant::now() + Duration::from_secs(30);
+        // Less than a message's worth, nothing more coming: the linger ends it.
+        spool.append(&[b'a'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>()).unwrap();
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert_eq!(gather(&spool, 1000, soon, &stop).await, Gathered::Lingered);
+        // Appends below a message's worth wake it, and it goes on waiting.
+        let appender = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    spool.append(&[b'b'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>()).unwrap();
+                }
+            })
+        };
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert_eq!(gather(&spool, 1000, soon, &stop).await, Gathered::Lingered);
+        appender.await.unwrap();
+        assert_eq!(spool.pending(), 400);
+        // A message's worth arriving ends it long before the linger would.
+        let appender = {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                spool.append(&[b'c'; 699].iter().chain(b"\n").copied().collect::<Vec<u8>>()).unwrap();
+            })
+        };
+        assert_eq!(gather(&spool, 1000, later(), &stop).await, Gathered::Message);
+        appender.await.unwrap();
+        // Already a message's worth: at once. A stop: at once, whatever is spooled.
+        assert_eq!(gather(&spool, 1000, later(), &stop).await, Gathered::Message);
+        stop.cancel();
+        assert_eq!(gather(&spool, 1 << 20, later(), &stop).await, Gathered::Stopping);
     }
 
     #[test]
