@@ -50,13 +50,18 @@ fn built_policies_instantiate_two_core_instances() {
     }
 }
 
+/// A check's context on data document `data` (version 1), starting as `start` says.
+fn data_context(data: serde_json::Value, start: sandgate_runtime::Start) -> sandgate_runtime::EvalContext {
+    let data = std::sync::Arc::new(sandgate_runtime::PolicyData::new(data, 1));
+    sandgate_runtime::EvalContext { data, verifier: None, start }
+}
+
 /// What the RBAC example prepares is its data version's and no other's: a check on new data
 /// never starts from the roles parsed for the old, and the sidecar's default start (`Auto`)
 /// moves to the prepared one once the background preparation is done.
 #[test]
 fn rbac_prepared_for_one_data_version_never_answers_for_another() {
-    use sandgate_runtime::{EvalContext, PolicyData, Start};
-    use std::sync::Arc;
+    use sandgate_runtime::Start;
     let runtime = runtime();
     let module = load(&runtime, "rbac");
     assert!(module.prepares());
@@ -66,11 +71,7 @@ fn rbac_prepared_for_one_data_version_never_answers_for_another() {
     let readers_may_read = serde_json::json!({ "roles": { "reader": [{ "methods": ["GET"], "paths": ["/api/**"] }] } });
     let readers_may_not =
         serde_json::json!({ "roles": { "reader": [{ "methods": ["GET"], "paths": ["/other/**"] }] } });
-    let context = |data: &serde_json::Value, start| EvalContext {
-        data: Arc::new(PolicyData::new(data.clone(), 1)),
-        verifier: None,
-        start,
-    };
+    let context = |data: &serde_json::Value, start| data_context(data.clone(), start);
     let before = context(&readers_may_read, Start::Prepared);
     let evaluation = runtime.evaluate(&module, &request, &before);
     assert!(evaluation.prepared && evaluation.is_allow(), "{:?}", evaluation.decision);
@@ -109,8 +110,7 @@ fn rbac_prepared_for_one_data_version_never_answers_for_another() {
 
 #[test]
 fn tenant_prepared_for_one_data_version_never_answers_for_another() {
-    use sandgate_runtime::{EvalContext, PolicyData, Start};
-    use std::sync::Arc;
+    use sandgate_runtime::Start;
     let runtime = runtime();
     let module = load(&runtime, "tenant");
     assert!(module.prepares());
@@ -118,11 +118,7 @@ fn tenant_prepared_for_one_data_version_never_answers_for_another() {
         "method": "GET", "path": "/tenants/globex/orders",
         "claims": { "sub": "ops", "tenant": "acme", "roles": ["support"] }
     }));
-    let context = |data: serde_json::Value, start| EvalContext {
-        data: Arc::new(PolicyData::new(data, 1)),
-        verifier: None,
-        start,
-    };
+    let context = data_context;
     let support_crosses = context(serde_json::json!({ "cross_tenant_roles": ["support"] }), Start::Prepared);
     let evaluation = runtime.evaluate(&module, &request, &support_crosses);
     assert!(evaluation.prepared && evaluation.is_allow(), "{:?}", evaluation.decision);

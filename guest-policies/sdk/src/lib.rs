@@ -161,39 +161,6 @@ impl DecisionExt for Decision {
     }
 }
 
-/// Finds one claim in the claims JSON, building a value for it alone: every other claim is
-/// skipped without being parsed into a value (a fresh instance parses the claims on every
-/// check). A claim given twice is its last value, as when parsing the whole object.
-pub(crate) struct ClaimLookup<'n>(pub(crate) &'n str);
-
-impl<'de> serde::de::DeserializeSeed<'de> for ClaimLookup<'_> {
-    type Value = Option<serde_json::Value>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ClaimLookup<'_> {
-    type Value = Option<serde_json::Value>;
-
-    fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
-        f.write_str("a JSON object of claims")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == self.0 {
-                found = Some(map.next_value()?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(found)
-    }
-}
-
 /// Calls to the host. Natively (under `cargo test`) these are served by [`testing`].
 pub mod host {
     use super::*;

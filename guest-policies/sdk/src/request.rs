@@ -1,8 +1,7 @@
 //! The request a policy decides on, read from the host part by part.
 
 use crate::{
-    ClaimLookup, Credential, Decision, DecisionExt, Header, Principal, SnapshotVersions, StandardClaims,
-    VerifiedCredential, deny,
+    Credential, Decision, DecisionExt, Header, Principal, SnapshotVersions, StandardClaims, VerifiedCredential, deny,
 };
 use std::sync::OnceLock;
 
@@ -279,12 +278,8 @@ impl Request {
     /// the whole credential) unless the whole credential has been read already; each call is
     /// a new host call.
     pub fn claim(&self, name: &str) -> Option<serde_json::Value> {
-        use serde::de::DeserializeSeed;
         match self.credential.get() {
-            Some(Credential::Verified(c)) => {
-                let mut json = serde_json::Deserializer::from_str(&c.claims_json);
-                ClaimLookup(name).deserialize(&mut json).ok().flatten()
-            }
+            Some(Credential::Verified(c)) => sandgate_spec::claim(&c.claims_json, name),
             Some(Credential::None | Credential::Rejected(_)) => None,
             None => serde_json::from_str(&from_host::claim(name)?).ok(),
         }
@@ -305,7 +300,7 @@ impl Request {
     /// A verified credential is recognised without reading it whole (a missing or rejected one
     /// takes a second host call, for its reason).
     pub fn unauthenticated(&self) -> Option<Decision> {
-        if self.credential.get().is_none() && self.principal().is_some() {
+        if self.principal().is_some() {
             return None;
         }
         let (reason, message) = match self.verdict() {

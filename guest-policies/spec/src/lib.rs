@@ -288,6 +288,48 @@ impl Expect {
     }
 }
 
+/// The claim `name` of `claims_json` (a JSON object of claims, as the host hands a policy the
+/// claims of a verified token), or `None` when it has no such claim or is not an object. The
+/// host answers a policy's `claim(name)` with it, and the SDK a policy that has read the whole
+/// credential.
+pub fn claim(claims_json: &str, name: &str) -> Option<Value> {
+    use serde::de::DeserializeSeed;
+    ClaimLookup(name).deserialize(&mut serde_json::Deserializer::from_str(claims_json)).ok().flatten()
+}
+
+/// Finds one claim in the claims JSON, building a value for it alone: every other claim is
+/// skipped without being parsed into a value (a fresh instance parses the claims on every
+/// check). A claim given twice is its last value, as when parsing the whole object.
+struct ClaimLookup<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ClaimLookup<'_> {
+    type Value = Option<Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ClaimLookup<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0 {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,7 +75,7 @@ impl request::Host for HostState {
 
     fn claim(&mut self, name: String) -> Option<String> {
         match &self.request.credential {
-            v1::Credential::Verified(c) => claim(&c.claims_json, &name),
+            v1::Credential::Verified(c) => sandgate_spec::claim(&c.claims_json, &name).map(|v| v.to_string()),
             v1::Credential::None | v1::Credential::Rejected(_) => None,
         }
     }
@@ -113,38 +113,6 @@ impl host::Host for HostState {
     fn verify_jwt(&mut self, token: String) -> Result<v2::VerifiedCredential, v2::CredentialError> {
         self.verify(&token).map(verified_credential).map_err(credential_error)
     }
-}
-
-/// The claim `name` of `claims_json` (the object of every claim the host verified) as JSON
-/// text, the other claims skipped without being built.
-fn claim(claims_json: &str, name: &str) -> Option<String> {
-    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-    struct Lookup<'n>(&'n str);
-    impl<'de> DeserializeSeed<'de> for Lookup<'_> {
-        type Value = Option<serde_json::Value>;
-        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-            deserializer.deserialize_map(self)
-        }
-    }
-    impl<'de> Visitor<'de> for Lookup<'_> {
-        type Value = Option<serde_json::Value>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object of claims")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut found = None;
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key == self.0 {
-                    found = Some(map.next_value()?);
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(found)
-        }
-    }
-    let value = Lookup(name).deserialize(&mut serde_json::Deserializer::from_str(claims_json)).ok()??;
-    Some(value.to_string())
 }
 
 fn verified_credential(c: v1::VerifiedCredential) -> v2::VerifiedCredential {
