@@ -37,6 +37,15 @@ for policy in rbac tenant scopes allow-all rbac-wasip2 allow-all-wasip2 rbac-pyt
   fixtures="${policy%-wasip2}"; fixtures="${fixtures%-python}"
   target/release/sandgate test --policy "target/policies/$policy.wasm" --fixtures "guest-policies/$fixtures/fixtures.json"
 done
-# The SDK (and the spec crate it uses natively) can be published as they are.
+# The SDK (and the spec crate it uses) can be published as they are. Cargo takes a registry
+# crate of a given version for unchanged: it keeps what it unpacked from the dry run's temporary
+# registry (under that registry's path) and what it built from it, and would verify the SDK
+# against the spec crate of an earlier dry run from this directory. Both go first: the unpacked
+# copies of these two crates from such registries (named `-<hash>`, never crates.io's) and
+# their dev builds.
+for unpacked in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/; do
+  rm -rf "$unpacked"sandgate-spec-* "$unpacked"sandgate-policy-sdk-*
+done
+cargo clean --quiet --profile dev -p sandgate-spec -p sandgate-policy-sdk
 cargo publish --dry-run --locked --quiet --allow-dirty -p sandgate-spec -p sandgate-policy-sdk
 .venv/bin/pytest -q tests/e2e
