@@ -469,7 +469,8 @@ async fn grpc_checks_that_never_finish_arriving_are_ended_and_their_bytes_bounde
     assert_eq!(grpc_code(response).await, Some(0));
     // A health watch, whose answer never ends, is not served.
     let (_, response, mut send) = grpc_open(next, "/grpc.health.v1.Health/Watch").await;
-    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    // The server may answer from the headers alone and end the stream before this is sent.
+    let _ = send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true);
     assert_eq!(grpc_code(response).await, Some(12), "UNIMPLEMENTED");
     stop.cancel();
 }
