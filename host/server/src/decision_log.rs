@@ -167,11 +167,20 @@ const MIN_SECRET: usize = 16;
 /// parts. Sandgate verifies nothing else, and a client choosing its bearer value can make only
 /// such text (never a path, a key or a number) disappear from its own record.
 pub(crate) fn is_secret(token: &str) -> bool {
-    token.len() >= MIN_SECRET
-        && token.split('.').count() == 3
-        && token
-            .split('.')
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    // One pass over the bytes: every check with a bearer token asks this of a token of a few
+    // hundred bytes (splitting it into parts and walking each was ~0.3 µs a check at load).
+    if token.len() < MIN_SECRET {
+        return false;
+    }
+    let (mut dots, mut part) = (0, 0);
+    for &b in token.as_bytes() {
+        match b {
+            b'.' if part > 0 && dots < 2 => (dots, part) = (dots + 1, 0),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => part += 1,
+            _ => return false,
+        }
+    }
+    dots == 2 && part > 0
 }
 
 /// Replace every occurrence of each secret in the JSON `line` by [`sandgate_records::REDACTED`].
@@ -326,14 +335,36 @@ mod tests {
     #[test]
     fn only_text_shaped_like_a_jwt_is_a_secret() {
         assert!(is_secret("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"));
-        for chosen in
-            ["/api/admin/export-all", "client_request_id", "12345678901234567890", "aaaaaaaaaaaa..bbbb", "a.b.c"]
-        {
+        for chosen in [
+            "/api/admin/export-all",
+            "client_request_id",
+            "12345678901234567890",
+            "aaaaaaaaaaaa..bbbb",
+            "a.b.c",
+            ".aaaaaaaaaaaaaaaa.bbbb",
+            "aaaaaaaaaaaaaaaa.bbbb.",
+            "aaaaaaaaaaaaaaaa.bbbb.cccc.dddd",
+            "aaaaaaaaaaaaaaaa.bb=b.cccc",
+            "aaaaaaaaaaaaaaaa.bbbb.ccé",
+        ] {
             assert!(!is_secret(chosen), "{chosen}");
         }
         let mut line = serde_json::to_vec(&serde_json::json!({ "path": "/api/admin/export-all" })).unwrap();
         scrub(&mut line, &["/api/admin/export-all"]);
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&line).unwrap()["path"], "/api/admin/export-all");
+    }
+
+    proptest::proptest! {
+        /// The one-pass test answers as the definition reads: at least 16 bytes, three
+        /// non-empty parts separated by dots, each of base64url characters alone.
+        #[test]
+        fn a_secret_is_exactly_three_non_empty_base64url_parts(token in "[a-zA-Z0-9_.=/é-]{0,40}") {
+            let parts: Vec<&str> = token.split('.').collect();
+            let defined = token.len() >= MIN_SECRET
+                && parts.len() == 3
+                && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            proptest::prop_assert_eq!(is_secret(&token), defined);
+        }
     }
 
     /// Lines a sink fails to take (a full disk, a closed pipe) are counted as dropped.
