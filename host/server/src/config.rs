@@ -1026,8 +1026,13 @@ mod tests {
                 "[server]\nproxy = \"envoy\"\n[[issuers]]\nissuer = \"i\"\nalgorithms = [\"HS256\"]\njwks_url = \"https://i/jwks\"\nleeway_secs = {leeway}\n"
             )
         };
-        assert_eq!(checked(&issuer(MAX_LEEWAY_SECS)), Ok(()));
-        assert!(checked(&issuer(MAX_LEEWAY_SECS + 1)).unwrap_err().contains("leeway_secs"));
+        assert_capped(issuer, MAX_LEEWAY_SECS, "leeway_secs");
+    }
+
+    /// `config(max)` is accepted and `config(max + 1)` refused with an error naming `field`.
+    fn assert_capped(config: impl Fn(u64) -> String, max: u64, field: &str) {
+        assert_eq!(checked(&config(max)), Ok(()));
+        assert!(checked(&config(max + 1)).unwrap_err().contains(field));
     }
 
     #[test]
@@ -1037,8 +1042,7 @@ mod tests {
                 "[server]\nproxy = \"envoy\"\n[decision_log]\nsink = \"nats\"\n[decision_log.nats]\nurl = \"nats://n:4222\"\nlinger_ms = {linger}\n"
             )
         };
-        assert_eq!(checked(&nats(MAX_LINGER_MS)), Ok(()));
-        assert!(checked(&nats(MAX_LINGER_MS + 1)).unwrap_err().contains("linger_ms"));
+        assert_capped(nats, MAX_LINGER_MS, "linger_ms");
     }
 
     #[test]
