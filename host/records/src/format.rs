@@ -7,6 +7,7 @@
 //! (secret headers redacted), and [`DecisionRecord`], the policy's whole answer: enough to run
 //! the same module on the same data and compare.
 
+use crate::line;
 use sandgate_runtime::bindings::sandgate::policy::types::{
     CheckRequest, Credential, CredentialError, Decision, Header, SnapshotVersions, StandardClaims, VerifiedCredential,
 };
@@ -455,6 +456,70 @@ impl Serialize for InputView<'_> {
     }
 }
 
+impl InputView<'_> {
+    /// Append the view's JSON to `out`: the same bytes its `Serialize` impl writes through
+    /// `serde_json`, written directly ([`crate::line`]).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let c = self.check;
+        let mut o = line::Object::new(out);
+        o.str("method", &c.method);
+        o.str("scheme", &c.scheme);
+        o.str("host", &c.host);
+        o.str("path", &c.path);
+        o.some_str("query", c.query.as_deref());
+        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || self.redact.iter().any(|r| r == name);
+        o.pairs(
+            "headers",
+            c.headers.iter().map(|h| (h.name.as_str(), if secret(&h.name) { REDACTED } else { h.value.as_str() })),
+        );
+        o.some_str("peer", c.peer.as_deref());
+        if let Some(body) = self.body {
+            // Rare (a forwarded body), and base64 needs no escaping.
+            let _ = serde_json::to_writer(&mut *o.key("body"), &Base64(body));
+        }
+        let credential = o.key("credential");
+        let mut k = line::Object::new(credential);
+        match &c.credential {
+            Credential::None => k.str("kind", "none"),
+            Credential::Verified(v) => {
+                k.str("kind", "verified");
+                let claims = &v.claims;
+                k.some_str("key_id", v.key_id.as_deref());
+                k.str("algorithm", &v.algorithm);
+                k.str("issuer", &claims.issuer);
+                k.str("subject", &claims.subject);
+                k.strs("audiences", claims.audiences.iter().map(String::as_str));
+                k.some_u64("expires_at", claims.expires_at);
+                k.some_u64("issued_at", claims.issued_at);
+                k.some_str("token_id", claims.token_id.as_deref());
+                k.strs("scopes", claims.scopes.iter().map(String::as_str));
+                k.strs("roles", claims.roles.iter().map(String::as_str));
+                k.str("claims_json", &v.claims_json);
+            }
+            Credential::Rejected(e) => {
+                k.str("kind", "rejected");
+                k.str("reason", &e.reason);
+                k.str("message", &e.message);
+            }
+        }
+        k.end();
+        o.u64("now", c.now);
+        let versions = &c.versions;
+        let mut v = line::Object::new(o.key("versions"));
+        v.u64("snapshot", versions.snapshot);
+        v.str("policy_digest", &versions.policy_digest);
+        v.u64("key_set", versions.key_set);
+        v.u64("revocations", versions.revocations);
+        v.u64("data", versions.data);
+        v.end();
+        if !self.verify_jwt.is_empty() {
+            // Rare (a policy calling `verify-jwt`): written by `serde_json`.
+            let _ = serde_json::to_writer(&mut *o.key("verify_jwt"), self.verify_jwt);
+        }
+        o.end();
+    }
+}
+
 /// Headers as `[name, value]` pairs, secret values replaced by [`REDACTED`].
 struct RedactedHeaders<'a> {
     headers: &'a [Header],
@@ -579,6 +644,32 @@ impl Serialize for DecisionView<'_> {
                 s.end()
             }
         }
+    }
+}
+
+impl DecisionView<'_> {
+    /// Append the answer's JSON to `out`: the same bytes its `Serialize` impl writes through
+    /// `serde_json`, written directly ([`crate::line`]).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        fn pairs(headers: &[Header]) -> impl Iterator<Item = (&str, &str)> {
+            headers.iter().map(|h| (h.name.as_str(), h.value.as_str()))
+        }
+        let mut o = line::Object::new(out);
+        match self.0 {
+            Decision::Allow(a) => {
+                o.str("decision", "allow");
+                o.pairs("set_headers", pairs(&a.set_headers));
+                o.strs("remove_headers", a.remove_headers.iter().map(String::as_str));
+            }
+            Decision::Deny(d) => {
+                o.str("decision", "deny");
+                o.u64("status", u64::from(d.status));
+                o.str("reason", &d.reason);
+                o.str("message", &d.message);
+                o.pairs("headers", pairs(&d.headers));
+            }
+        }
+        o.end();
     }
 }
 
@@ -802,8 +893,8 @@ mod tests {
         }
 
         proptest! {
-            /// The decision log writes the borrowed views; replay reads the owned records. Both
-            /// must be the same JSON, byte for byte.
+            /// The decision log writes the borrowed views (with their `write_json`); replay reads the
+            /// owned records. All must be the same JSON, byte for byte.
             #[test]
             fn a_view_serializes_exactly_as_the_record_it_borrows_from(
                 check in check(),
@@ -813,12 +904,18 @@ mod tests {
             ) {
                 let owned = serde_json::to_string(&Input::capture(&check, &redact, verify_jwt.clone())).unwrap_or_default();
                 let view = serde_json::to_string(&InputView::new(&check, &redact, &verify_jwt)).unwrap_or_default();
+                let mut written = Vec::new();
+                InputView::new(&check, &redact, &verify_jwt).write_json(&mut written);
                 prop_assert!(!owned.is_empty());
-                prop_assert_eq!(view, owned);
+                prop_assert_eq!(&view, &owned);
+                prop_assert_eq!(String::from_utf8_lossy(&written), owned);
                 let owned = serde_json::to_string(&DecisionRecord::from(&decision)).unwrap_or_default();
                 let view = serde_json::to_string(&DecisionView(&decision)).unwrap_or_default();
+                let mut written = Vec::new();
+                DecisionView(&decision).write_json(&mut written);
                 prop_assert!(!owned.is_empty());
-                prop_assert_eq!(view, owned);
+                prop_assert_eq!(&view, &owned);
+                prop_assert_eq!(String::from_utf8_lossy(&written), owned);
             }
         }
     }

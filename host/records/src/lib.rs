@@ -12,6 +12,7 @@
 
 pub mod archive;
 pub mod format;
+pub mod line;
 pub mod replay;
 
 pub use archive::Archive;

@@ -24,7 +24,9 @@ const WRITE_EVERY: Duration = Duration::from_millis(10);
 const WAKE_AT: usize = 256 << 10;
 
 /// One line of the decision log: everything needed to explain the decision. Its format is
-/// `sandgate_records::format` (version [`sandgate_records::FORMAT_VERSION`]).
+/// `sandgate_records::format` (version [`sandgate_records::FORMAT_VERSION`]). The log writes it
+/// with [`DecisionLogEntry::write_json`]; its `Serialize` impl is the reference that writer is
+/// held to.
 #[derive(serde::Serialize)]
 pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) v: u32,
@@ -74,6 +76,61 @@ pub(crate) struct DecisionLogEntry<'a> {
     pub(crate) decision: Option<sandgate_records::DecisionView<'a>>,
 }
 
+impl DecisionLogEntry<'_> {
+    /// Append the entry's JSON to `out`: the same bytes its `Serialize` impl writes through
+    /// `serde_json` (a test holds them to it), written directly
+    /// ([`sandgate_records::line`]): every recorded check writes one.
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+        let mut o = sandgate_records::line::Object::new(out);
+        o.u64("v", u64::from(self.v));
+        o.u64("ts", self.ts);
+        o.str("request_id", self.request_id);
+        o.some_str("client_request_id", self.client_request_id);
+        o.str("method", self.method);
+        o.str("host", self.host);
+        o.str("path", self.path);
+        o.opt_str("policy", self.policy);
+        o.opt_str("policy_digest", self.policy_digest);
+        o.some_str("policy_source", self.policy_source);
+        o.u64("snapshot", self.snapshot);
+        o.u64("key_set", self.key_set);
+        o.u64("revocations", self.revocations);
+        o.some_u64("fleet_revision", self.fleet_revision);
+        o.opt_u64("data", self.data);
+        o.some_str("data_digest", self.data_digest);
+        if self.prepared {
+            o.bool("prepared", true);
+        }
+        o.opt_str("credential", self.credential);
+        o.opt_str("subject", self.subject);
+        o.str("outcome", self.outcome);
+        o.u64("status", u64::from(self.status));
+        o.str("reason", self.reason);
+        o.opt_str("fault", self.fault.as_deref());
+        let logs = o.key("policy_logs");
+        logs.push(b'[');
+        for (n, log) in self.policy_logs.iter().enumerate() {
+            if n > 0 {
+                logs.push(b',');
+            }
+            let mut l = sandgate_records::line::Object::new(logs);
+            l.str("level", log.level);
+            l.str("message", &log.message);
+            l.end();
+        }
+        logs.push(b']');
+        o.u64("latency_us", self.latency_us);
+        o.some_str("route", self.route.as_deref());
+        if let Some(input) = &self.input {
+            input.write_json(o.key("input"));
+        }
+        if let Some(decision) = &self.decision {
+            decision.write_json(o.key("decision"));
+        }
+        o.end();
+    }
+}
+
 /// Where checks hand their lines: cheap to clone, never blocks on the sink.
 #[derive(Clone)]
 pub struct DecisionLog {
@@ -118,7 +175,7 @@ impl DecisionLog {
     /// check) replaced by `[redacted]`.
     pub(crate) fn write_scrubbed(&self, secrets: &[&str], entry: &DecisionLogEntry<'_>) {
         self.send(|line| {
-            serde_json::to_writer(&mut *line, entry)?;
+            entry.write_json(line);
             scrub(line, secrets);
             Ok(())
         });
@@ -452,5 +509,104 @@ mod tests {
         // every other line was dropped and counted, and no call blocked.
         assert!(dropped.get() >= 92, "dropped {}", dropped.get());
         assert!(dropped.get() <= 96, "dropped {}", dropped.get());
+    }
+
+    mod written {
+        use super::super::*;
+        use proptest::prelude::*;
+        use sandgate_records::{DecisionView, InputView};
+        use sandgate_runtime::bindings::sandgate::policy::types::{
+            CheckRequest, Credential, Decision, DenyResponse, Header, SnapshotVersions,
+        };
+
+        /// Any text, escapes and non-ASCII included.
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![".{0,12}", "[a-z\"\\\\\u{0}-\u{1f}é€😀]{0,8}"]
+        }
+
+        fn check(path: String, header: String) -> CheckRequest {
+            CheckRequest {
+                request_id: "r".into(),
+                method: "GET".into(),
+                scheme: "https".into(),
+                host: "api.test".into(),
+                path,
+                query: None,
+                headers: vec![Header { name: "user-agent".into(), value: header }],
+                peer: None,
+                body: None,
+                credential: Credential::None,
+                now: 7,
+                versions: SnapshotVersions {
+                    snapshot: 1,
+                    policy_digest: "ab".into(),
+                    key_set: 2,
+                    revocations: 3,
+                    data: 4,
+                },
+            }
+        }
+
+        proptest! {
+            /// The decision log writes entries with `write_json`; the format is what their
+            /// `Serialize` impl writes. Both must be the same JSON, byte for byte, with every
+            /// optional field present or absent.
+            #[test]
+            fn an_entry_is_written_exactly_as_serde_json_writes_it(
+                strings in proptest::collection::vec(text(), 12),
+                numbers in proptest::collection::vec(any::<u64>(), 6),
+                present in proptest::collection::vec(any::<bool>(), 12),
+                status in any::<u16>(),
+                logs in proptest::collection::vec((prop_oneof![Just("info"), Just("warn")], text()), 0..3),
+            ) {
+                let s = |n: usize| strings[n].as_str();
+                let some = |n: usize| present[n].then(|| strings[n].as_str());
+                let check = check(strings[0].clone(), strings[1].clone());
+                let decision = Decision::Deny(DenyResponse {
+                    status,
+                    reason: strings[2].clone(),
+                    message: strings[3].clone(),
+                    headers: Vec::new(),
+                });
+                let policy_logs: Vec<PolicyLog> =
+                    logs.into_iter().map(|(level, message)| PolicyLog { level, message }).collect();
+                let redact = Vec::new();
+                let entry = DecisionLogEntry {
+                    v: 1,
+                    ts: numbers[0],
+                    request_id: s(4),
+                    client_request_id: some(5),
+                    method: s(6),
+                    host: s(7),
+                    path: s(8),
+                    policy: some(9),
+                    policy_digest: some(10),
+                    policy_source: some(11),
+                    snapshot: numbers[1],
+                    key_set: numbers[2],
+                    revocations: numbers[3],
+                    fleet_revision: present[0].then_some(numbers[4]),
+                    data: present[1].then_some(numbers[5]),
+                    data_digest: some(2),
+                    prepared: present[2],
+                    credential: some(3),
+                    subject: some(4),
+                    outcome: if present[5] { "allow" } else { "deny" },
+                    status,
+                    reason: s(0),
+                    fault: some(6).map(str::to_owned),
+                    policy_logs: &policy_logs,
+                    latency_us: numbers[0] / 3,
+                    route: some(7).map(str::to_owned),
+                    input: present[8].then(|| InputView::new(&check, &redact, &[])),
+                    decision: present[8].then_some(DecisionView(&decision)),
+                };
+                let mut written = Vec::new();
+                entry.write_json(&mut written);
+                let expected = serde_json::to_string(&entry).unwrap_or_default();
+                prop_assert!(!expected.is_empty());
+                prop_assert_eq!(String::from_utf8_lossy(&written), expected);
+            }
+        }
     }
 }
