@@ -239,6 +239,12 @@ pub fn bounded(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// Whether a header's value is redacted in a captured input: one of [`ALWAYS_REDACTED`], or
+/// of `redact` (lowercase names).
+fn is_redacted(name: &str, redact: &[String]) -> bool {
+    ALWAYS_REDACTED.contains(&name) || redact.iter().any(|r| r == name)
+}
+
 /// Reason codes of denials the host made because of its own condition, not the policy's
 /// behaviour: not reproducible by replay.
 pub const HOST_CONDITIONS: [&str; 2] = ["overloaded", "policy_instantiation_failed"];
@@ -248,7 +254,7 @@ impl Input {
     /// (lowercase names).
     pub fn capture(check: &CheckRequest, redact: &[String], verify_jwt: Vec<VerifyAnswer>) -> Input {
         use base64::Engine;
-        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || redact.iter().any(|r| r == name);
+        let secret = |name: &str| is_redacted(name, redact);
         Input {
             method: check.method.clone(),
             scheme: check.scheme.clone(),
@@ -467,7 +473,7 @@ impl InputView<'_> {
         o.str("host", &c.host);
         o.str("path", &c.path);
         o.some_str("query", c.query.as_deref());
-        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || self.redact.iter().any(|r| r == name);
+        let secret = |name: &str| is_redacted(name, self.redact);
         o.pairs(
             "headers",
             c.headers.iter().map(|h| (h.name.as_str(), if secret(&h.name) { REDACTED } else { h.value.as_str() })),
@@ -528,7 +534,7 @@ struct RedactedHeaders<'a> {
 
 impl Serialize for RedactedHeaders<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let secret = |name: &str| ALWAYS_REDACTED.contains(&name) || self.redact.iter().any(|r| r == name);
+        let secret = |name: &str| is_redacted(name, self.redact);
         serializer.collect_seq(self.headers.iter().map(|h| {
             let value = if secret(&h.name) { REDACTED } else { h.value.as_str() };
             (h.name.as_str(), value)

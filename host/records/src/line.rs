@@ -93,19 +93,7 @@ impl<'a> Object<'a> {
 
     /// An array of `[name, value]` pairs of strings.
     pub fn pairs<'s>(&mut self, name: &str, pairs: impl IntoIterator<Item = (&'s str, &'s str)>) {
-        let out = self.key(name);
-        out.push(b'[');
-        for (n, (name, value)) in pairs.into_iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            out.push(b'[');
-            str(out, name);
-            out.push(b',');
-            str(out, value);
-            out.push(b']');
-        }
-        out.push(b']');
+        array(self.key(name), pairs, |out, (name, value)| strs(out, [name, value]));
     }
 
     /// Close the object.
@@ -115,16 +103,21 @@ impl<'a> Object<'a> {
     }
 }
 
-/// `values` as a JSON array of strings.
-pub fn strs<'s>(out: &mut Vec<u8>, values: impl IntoIterator<Item = &'s str>) {
+/// `items` as a JSON array, each written by `write`.
+pub fn array<T>(out: &mut Vec<u8>, items: impl IntoIterator<Item = T>, mut write: impl FnMut(&mut Vec<u8>, T)) {
     out.push(b'[');
-    for (n, value) in values.into_iter().enumerate() {
+    for (n, item) in items.into_iter().enumerate() {
         if n > 0 {
             out.push(b',');
         }
-        str(out, value);
+        write(out, item);
     }
     out.push(b']');
+}
+
+/// `values` as a JSON array of strings.
+pub fn strs<'s>(out: &mut Vec<u8>, values: impl IntoIterator<Item = &'s str>) {
+    array(out, values, str);
 }
 
 /// `value` in decimal.

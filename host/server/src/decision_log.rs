@@ -107,18 +107,12 @@ impl DecisionLogEntry<'_> {
         o.u64("status", u64::from(self.status));
         o.str("reason", self.reason);
         o.opt_str("fault", self.fault.as_deref());
-        let logs = o.key("policy_logs");
-        logs.push(b'[');
-        for (n, log) in self.policy_logs.iter().enumerate() {
-            if n > 0 {
-                logs.push(b',');
-            }
-            let mut l = sandgate_records::line::Object::new(logs);
+        sandgate_records::line::array(o.key("policy_logs"), self.policy_logs, |out, log| {
+            let mut l = sandgate_records::line::Object::new(out);
             l.str("level", log.level);
             l.str("message", &log.message);
             l.end();
-        }
-        logs.push(b']');
+        });
         o.u64("latency_us", self.latency_us);
         o.some_str("route", self.route.as_deref());
         if let Some(input) = &self.input {
