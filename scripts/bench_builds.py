@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """This build of `sandgate` against another, under load: the RBAC example (HS256, wrk -t2
--c64) with `capture = "none"` and with `capture = "input"` to a file, reporting requests per
+-c64) with `capture = "none"` and with `capture = "input"` to a file and to NATS JetStream
+(nats-server on 127.0.0.1, the sink's defaults, a fresh spool each run), reporting requests per
 second and the sidecar's CPU per check; and on an idle system (one connection, one request at
 a time), reporting the p50 latency. Rounds alternate which build goes first; the median of the
 per-round ratios (this / baseline) is reported with its range.
@@ -13,9 +14,12 @@ contract); by default both builds serve `target/policies`.
 """
 
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -32,9 +36,16 @@ def main():
     builds = {"this build": records.SANDGATE, "baseline": baseline}
     policies = {"this build": records.POLICIES, "baseline": Path(os.environ.get("BASELINE_POLICIES") or records.POLICIES)}
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-builds-"))
+    nats_port = records.free_port()
+    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port),
+                             "-js", "-sd", str(tmp / "js")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
     cases = {
         "capture none": 'capture = "none"',
         "capture input → file": records.input_to_file(tmp),
+        "capture input → NATS": (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n'
+                                 f'[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\n'
+                                 f'spool_dir = "{{spool}}"'),
     }
     headers = records.reader_headers()
     runs = {}  # (case, build) -> [(req/s, CPU µs per check)]
@@ -44,7 +55,9 @@ def main():
         for case, config in cases.items():
             for build, binary in order:
                 records.SANDGATE, records.POLICIES = binary, policies[build]
-                proc, port = records.serve(records.config(tmp, "builds", config), tmp / "sidecar.log")
+                spool = tmp / f"spool-{n}-{build.replace(' ', '-')}"
+                proc, port = records.serve(records.config(tmp, "builds", config.replace("{spool}", str(spool))),
+                                           tmp / "sidecar.log")
                 try:
                     wrk(port, headers, 2)
                     before = records.cpu_seconds(proc.pid)
@@ -63,6 +76,7 @@ def main():
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+    nats.terminate()
     print(f"| case | this build req/s | baseline req/s | req/s ratio (median of {ROUNDS}, range) | CPU µs/check this / baseline | CPU ratio (range) |")
     print("|---|---|---|---|---|---|")
     for case in cases:

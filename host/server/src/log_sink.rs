@@ -221,6 +221,11 @@ const MAX_LINE: usize = 1000 << 10;
 /// A spool segment grows to this size before the next one is started.
 const SEGMENT_BYTES: u64 = 8 << 20;
 
+/// The most unsent lines the spool also keeps in memory ([`Tail`]). While the publisher keeps
+/// up, it sends from there and the disk is only written; past this (NATS slow or away), the
+/// older lines are read back from disk.
+const TAIL_BYTES: usize = 8 << 20;
+
 /// Segments whose files the spool keeps open (2 GiB of them), the first and the one being
 /// appended to always among them: removing the name of an open one loses nothing.
 const MAX_HELD_READERS: usize = 256;
@@ -268,6 +273,19 @@ struct SpoolState {
     cursor_written: Option<(Instant, (u64, u64))>,
     /// The number the next segment gets.
     next_segment: u64,
+    /// The lines most recently appended, as written, and the most it holds ([`TAIL_BYTES`]).
+    tail: Option<Tail>,
+    tail_bytes: usize,
+}
+
+/// A copy of a segment's last lines, from `start` to its end: what the publisher sends next
+/// while it keeps up, taken from memory instead of read back from the file (a read of every
+/// line into a new buffer). Every byte is also in the file: a send that fails is retried from
+/// there, and lines the tail no longer holds are read from there.
+struct Tail {
+    segment: u64,
+    start: u64,
+    lines: bytes::BytesMut,
 }
 
 impl SpoolState {
@@ -396,6 +414,8 @@ impl Spool {
                 syncs: 0,
                 cursor_written: None,
                 next_segment,
+                tail: None,
+                tail_bytes: TAIL_BYTES,
             }),
             appended: tokio::sync::Notify::new(),
             _lock: lock,
@@ -489,8 +509,25 @@ impl Spool {
             }
             state.unsynced = true;
         }
+        let segment = state.segments.back().map_or(0, |(n, _)| *n);
         if let Some((_, len)) = state.segments.back_mut() {
             *len += take as u64;
+        }
+        // The tail goes on if these lines follow it and it has room; otherwise it starts
+        // again with them, and the lines it held are read from disk when their turn comes.
+        let most = state.tail_bytes;
+        match state.tail.as_mut() {
+            Some(tail)
+                if tail.segment == segment
+                    && tail.start + tail.lines.len() as u64 == written
+                    && tail.lines.len() + take <= most =>
+            {
+                tail.lines.extend_from_slice(batch);
+            }
+            _ if take <= most => {
+                state.tail = Some(Tail { segment, start: written, lines: bytes::BytesMut::from(batch) });
+            }
+            _ => state.tail = None,
         }
         self.dropped.inc_by(not_kept);
         // The batch is written: a failed sync is reported, not returned (which would count
@@ -544,14 +581,17 @@ impl Spool {
     /// publisher once the cursor moves past it (a batch peeked again after a failed send must
     /// not count it twice).
     fn peek(&self, limit: Option<(u64, u64)>, room: usize) -> std::io::Result<Peeked> {
-        let (segment, offset, len, file) = {
+        let (segment, offset, len, file, in_memory) = {
             let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             // A segment sent whole while it was the last one is left when the next one starts.
             self.remove_finished(&mut state);
-            match state.segments.front() {
-                Some((n, len)) => (*n, state.offset, *len, state.readers.get(n).cloned()),
+            let (segment, offset, len) = match state.segments.front() {
+                Some((n, len)) => (*n, state.offset, *len),
                 None => return Ok((Vec::new(), (0, 0), 0)),
-            }
+            };
+            // A retry reads the disk: the tail has given those lines away.
+            let in_memory = if limit.is_none() { take_from_tail(&mut state.tail, segment, offset) } else { None };
+            (segment, offset, len, state.readers.get(&segment).cloned(), in_memory)
         };
         let end = match limit {
             Some((s, end)) if s == segment => len.min(end),
@@ -560,40 +600,48 @@ impl Spool {
         if offset >= end {
             return Ok((Vec::new(), (segment, offset), 0));
         }
-        let file = match file {
-            Some(file) => file,
-            None => match no_follow(OpenOptions::new().read(true)).open(self.segment_path(segment)) {
-                Ok(file) => Arc::new(file),
-                // Removed by someone else before it was opened: what it held is lost. Moving
-                // past it keeps the records after it flowing; left, it would hold them all up.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    tracing::error!(
-                        segment,
-                        bytes = end - offset,
-                        "a decision-record spool segment was removed by someone else before it was sent; \
+        // The lines to send: from the tail, or read back from the file (and then how much was
+        // asked for).
+        let (bytes, from_disk) = match in_memory {
+            Some(lines) => (lines, None),
+            None => {
+                let file = match file {
+                    Some(file) => file,
+                    None => match no_follow(OpenOptions::new().read(true)).open(self.segment_path(segment)) {
+                        Ok(file) => Arc::new(file),
+                        // Removed by someone else before it was opened: what it held is lost. Moving
+                        // past it keeps the records after it flowing; left, it would hold them all up.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            tracing::error!(
+                                segment,
+                                bytes = end - offset,
+                                "a decision-record spool segment was removed by someone else before it was sent; \
                          its records are lost"
-                    );
-                    // Past it, and on to the next segment (a cursor with no message to send
-                    // would not be moved by the publisher).
-                    {
-                        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                        if state.segments.front().is_some_and(|(n, _)| *n == segment) && state.offset == offset {
-                            state.offset = end;
-                            self.remove_finished(&mut state);
+                            );
+                            // Past it, and on to the next segment (a cursor with no message to send
+                            // would not be moved by the publisher).
+                            {
+                                let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                                if state.segments.front().is_some_and(|(n, _)| *n == segment) && state.offset == offset
+                                {
+                                    state.offset = end;
+                                    self.remove_finished(&mut state);
+                                }
+                            }
+                            return self.peek(limit, room);
                         }
-                    }
-                    return self.peek(limit, room);
-                }
-                Err(e) => return Err(e),
-            },
+                        Err(e) => return Err(e),
+                    },
+                };
+                // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
+                let want = (end - offset).min(2 * MAX_LINE as u64);
+                let mut bytes = vec![0u8; want as usize];
+                let read = read_at(&file, &mut bytes, offset)?;
+                bytes.truncate(read);
+                (bytes::Bytes::from(bytes), Some((file, want)))
+            }
         };
-        // Spooled lines are at most MAX_LINE long: a window of two of them holds a whole one.
-        let want = (end - offset).min(2 * MAX_LINE as u64);
-        let mut bytes = vec![0u8; want as usize];
-        let read = read_at(&file, &mut bytes, offset)?;
-        bytes.truncate(read);
         // Messages are slices of this one buffer: nothing is copied again.
-        let bytes = bytes::Bytes::from(bytes);
         let mut messages = Vec::new();
         let (mut start, mut at) = (offset, offset);
         let slice = |from: u64, to: u64| bytes.slice((from - offset) as usize..(to - offset) as usize);
@@ -623,7 +671,10 @@ impl Spool {
         // power loss that kept later pages of a segment and not earlier ones). It is skipped up
         // to the next line end, counted as one dropped line, so that the records after it are
         // sent; left, it would hold up every record behind it, across restarts.
-        if at == offset && want == 2 * MAX_LINE as u64 {
+        if let Some((file, want)) = from_disk
+            && at == offset
+            && want == 2 * MAX_LINE as u64
+        {
             let mut past = offset + want;
             let mut chunk = vec![0u8; 64 << 10];
             while past < end {
@@ -693,6 +744,33 @@ impl Spool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).cursor_written = Some((now, (segment, offset)));
         Ok(())
     }
+}
+
+/// The lines `tail` holds from `offset` of `segment` on, at most a window of two of the longest
+/// lines, and given away: the publisher sends them next. `None` if the tail does not hold
+/// them; a tail left behind (by lines sent from disk) is let go of.
+fn take_from_tail(tail: &mut Option<Tail>, segment: u64, offset: u64) -> Option<bytes::Bytes> {
+    let held = tail.as_mut()?;
+    let end = held.start + held.lines.len() as u64;
+    if held.segment != segment || offset < held.start || offset >= end {
+        if held.segment < segment || (held.segment == segment && offset > end) {
+            *tail = None;
+        }
+        return None;
+    }
+    // Lines before the cursor were sent (from disk) and acknowledged.
+    let _ = held.lines.split_to((offset - held.start) as usize);
+    held.start = offset;
+    // The tail holds whole lines: a window that cuts one ends at the line before.
+    let mut take = held.lines.len().min(2 * MAX_LINE);
+    if take < held.lines.len() {
+        take = memchr::memrchr(b'\n', &held.lines[..take]).map_or(0, |i| i + 1);
+    }
+    if take == 0 {
+        return None;
+    }
+    held.start += take as u64;
+    Some(held.lines.split_to(take).freeze())
 }
 
 /// Read into `buf` from `offset` until it is full or the file ends; how much was read.
@@ -1192,6 +1270,78 @@ mod tests {
         std::fs::remove_file(dir.path().join("0.seg")).unwrap();
         assert_eq!(send_all(&spool), "kept\n");
         assert_eq!(spool.pending(), 0);
+    }
+
+    /// While the publisher keeps up, it sends the lines from memory: what the disk holds is
+    /// not read back. A retry reads them from disk, where every spooled line is.
+    #[test]
+    fn lines_kept_up_with_are_sent_from_memory_and_a_retry_reads_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+        spool.append(b"one\ntwo\n").unwrap();
+        // The file changed underneath (same length): only a read of the disk would see it.
+        std::fs::write(dir.path().join("0.seg"), b"ONE\nTWO\n").unwrap();
+        let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
+        assert_eq!(&messages[0].1[..], b"one\ntwo\n");
+        // The send failed: the same batch again, from disk.
+        let (again, retried, _) = spool.peek(Some(cursor), ROOM).unwrap();
+        assert_eq!((&again[0].1[..], &again[0].0, retried), (&b"ONE\nTWO\n"[..], &messages[0].0, cursor));
+        spool.advance(cursor).unwrap();
+        spool.append(b"three\n").unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(dir.path().join("0.seg")).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"THREE", 8).unwrap();
+        assert_eq!(send_all(&spool), "three\n");
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of appends, sends, failed sends and a tail too small for what
+        /// waits (NATS slow or away), every line is sent once and in order, in messages whose
+        /// ids follow one another, and what the tail gave is what the disk holds.
+        #[test]
+        fn every_line_is_sent_once_and_in_order_from_memory_or_disk(
+            steps in proptest::collection::vec((0u8..4, 1usize..40, 1usize..300), 1..60),
+            tail_bytes in 1usize..4000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
+            spool.inner.lock().unwrap().tail_bytes = tail_bytes;
+            let room = message_room(8 << 10);
+            let (mut appended, mut sent) = (Vec::new(), Vec::new());
+            let mut next_start = 0;
+            for (n, (step, lines, len)) in steps.into_iter().enumerate() {
+                if step < 2 {
+                    let batch: Vec<u8> = (0..lines)
+                        .flat_map(|i| [format!("{n}.{i}-").into_bytes(), vec![b'x'; len % (i + 7)], vec![b'\n']].concat())
+                        .collect();
+                    spool.append(&batch).unwrap();
+                    appended.extend_from_slice(&batch);
+                    continue;
+                }
+                let (messages, cursor, skipped) = spool.peek(None, room).unwrap();
+                proptest::prop_assert_eq!(skipped, 0);
+                let on_disk = std::fs::read(dir.path().join("0.seg")).unwrap_or_default();
+                for (id, lines) in &messages {
+                    let range: Vec<usize> = id.rsplitn(3, '-').take(2).map(|n| n.parse().unwrap()).collect();
+                    let (start, end) = (range[1], range[0]);
+                    proptest::prop_assert_eq!(start, next_start);
+                    proptest::prop_assert_eq!(&on_disk[start..end], &lines[..]);
+                    next_start = end;
+                }
+                let messages = if step == 3 {
+                    // The send failed: the same batch again, with the same ids.
+                    let (again, retried, _) = spool.peek(Some(cursor), room).unwrap();
+                    proptest::prop_assert_eq!(retried, cursor);
+                    proptest::prop_assert_eq!(&again, &messages);
+                    again
+                } else {
+                    messages
+                };
+                sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
+                spool.advance(cursor).unwrap();
+            }
+            sent.extend(send_all(&spool).into_bytes());
+            proptest::prop_assert_eq!(String::from_utf8(sent).unwrap(), String::from_utf8(appended).unwrap());
+        }
     }
 
     /// Send and acknowledge everything the spool holds; the lines sent.
