@@ -286,6 +286,8 @@ struct Tail {
     segment: u64,
     start: u64,
     lines: bytes::BytesMut,
+    /// No line it holds is longer.
+    longest: usize,
 }
 
 impl SpoolState {
@@ -439,16 +441,24 @@ impl Spool {
         let room = self.max_bytes.saturating_sub(state.pending());
         // The lines that fit (the end of each), found with `memchr`: a batch is hundreds of
         // KiB at full load, and scanning it byte by byte cost a visible share of the CPU.
-        let (mut take, mut oversized, mut dropped) = (0usize, 0u64, 0u64);
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', batch).map(|i| i + 1) {
-            if dropped == 0 && (end as u64) <= room {
-                take = end;
-                oversized += u64::from(end - start > MAX_LINE);
-            } else {
-                dropped += 1;
+        // `longest`: no line kept is longer.
+        let (mut take, mut oversized, mut dropped, mut longest) = (0usize, 0u64, 0u64, 0usize);
+        if batch.last() == Some(&b'\n') && batch.len() <= MAX_LINE && batch.len() as u64 <= room {
+            // The usual batch: whole lines, all of them fitting, none too long (the batch is
+            // not); no line end needs finding.
+            (take, longest) = (batch.len(), batch.len());
+        } else {
+            let mut start = 0;
+            for end in memchr::memchr_iter(b'\n', batch).map(|i| i + 1) {
+                if dropped == 0 && (end as u64) <= room {
+                    take = end;
+                    oversized += u64::from(end - start > MAX_LINE);
+                    longest = longest.max((end - start).min(MAX_LINE));
+                } else {
+                    dropped += 1;
+                }
+                start = end;
             }
-            start = end;
         }
         // A line too long for one NATS message could never be sent: not spooled, counted.
         let kept: Vec<u8>;
@@ -523,9 +533,10 @@ impl Spool {
                     && tail.lines.len() + take <= most =>
             {
                 tail.lines.extend_from_slice(batch);
+                tail.longest = tail.longest.max(longest);
             }
             _ if take <= most => {
-                state.tail = Some(Tail { segment, start: written, lines: bytes::BytesMut::from(batch) });
+                state.tail = Some(Tail { segment, start: written, lines: bytes::BytesMut::from(batch), longest });
             }
             _ => state.tail = None,
         }
@@ -603,7 +614,27 @@ impl Spool {
         // The lines to send: from the tail, or read back from the file (and then how much was
         // asked for).
         let (bytes, from_disk) = match in_memory {
-            Some(lines) => (lines, None),
+            // Whole lines, each short enough for a message: cut at the last line end that fits,
+            // found from there, with no need to look at every line.
+            Some((lines, longest)) if longest <= MESSAGE_BYTES.min(room) => {
+                let limit = MESSAGE_BYTES.min(room);
+                let (mut messages, mut start) = (Vec::new(), 0);
+                while start < lines.len() {
+                    let end = match lines.len() - start {
+                        rest if rest <= limit => lines.len(),
+                        _ => match memchr::memrchr(b'\n', &lines[start..start + limit]) {
+                            Some(i) => start + i + 1,
+                            // Not so: every line is shorter than `limit`.
+                            None => break,
+                        },
+                    };
+                    let (from, to) = (offset + start as u64, offset + end as u64);
+                    messages.push((format!("{}-{segment}-{from}-{to}", self.id), lines.slice(start..end)));
+                    start = end;
+                }
+                return Ok((messages, (segment, offset + start as u64), 0));
+            }
+            Some((lines, _)) => (lines, None),
             None => {
                 let file = match file {
                     Some(file) => file,
@@ -700,6 +731,25 @@ impl Spool {
         Ok((messages, (segment, at), skipped))
     }
 
+    /// Peek and acknowledge until nothing is left, as the publisher does while NATS keeps up;
+    /// the bytes peeked. With `from_disk`, the spool keeps no lines in memory.
+    #[cfg(feature = "bench-internals")]
+    pub fn bench_send_everything(&self, from_disk: bool) -> std::io::Result<usize> {
+        if from_disk {
+            let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            (state.tail, state.tail_bytes) = (None, 0);
+        }
+        let mut sent = 0;
+        loop {
+            let (messages, cursor, _) = self.peek(None, message_room(1 << 20))?;
+            if messages.is_empty() {
+                return Ok(sent);
+            }
+            sent += messages.iter().map(|(_, lines)| lines.len()).sum::<usize>();
+            self.advance(cursor)?;
+        }
+    }
+
     /// Remove the segments sent whole, except the one being appended to.
     fn remove_finished(&self, state: &mut SpoolState) {
         while state.segments.len() > 1 && state.segments.front().is_some_and(|(_, len)| state.offset >= *len) {
@@ -747,9 +797,10 @@ impl Spool {
 }
 
 /// The lines `tail` holds from `offset` of `segment` on, at most a window of two of the longest
-/// lines, and given away: the publisher sends them next. `None` if the tail does not hold
-/// them; a tail left behind (by lines sent from disk) is let go of.
-fn take_from_tail(tail: &mut Option<Tail>, segment: u64, offset: u64) -> Option<bytes::Bytes> {
+/// lines, and given away: the publisher sends them next; with a length no line among them
+/// passes. `None` if the tail does not hold them; a tail left behind (by lines sent from disk)
+/// is let go of.
+fn take_from_tail(tail: &mut Option<Tail>, segment: u64, offset: u64) -> Option<(bytes::Bytes, usize)> {
     let held = tail.as_mut()?;
     let end = held.start + held.lines.len() as u64;
     if held.segment != segment || offset < held.start || offset >= end {
@@ -770,7 +821,7 @@ fn take_from_tail(tail: &mut Option<Tail>, segment: u64, offset: u64) -> Option<
         return None;
     }
     held.start += take as u64;
-    Some(held.lines.split_to(take).freeze())
+    Some((held.lines.split_to(take).freeze(), held.longest))
 }
 
 /// Read into `buf` from `offset` until it is full or the file ends; how much was read.
@@ -1300,12 +1351,12 @@ mod tests {
         #[test]
         fn every_line_is_sent_once_and_in_order_from_memory_or_disk(
             steps in proptest::collection::vec((0u8..4, 1usize..40, 1usize..300), 1..60),
-            tail_bytes in 1usize..4000,
+            tail_bytes in 1usize..20_000,
+            room in 200usize..8000,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let spool = Spool::open(dir.path().to_owned(), 1 << 30, Duration::ZERO, Counter::default()).unwrap();
             spool.inner.lock().unwrap().tail_bytes = tail_bytes;
-            let room = message_room(8 << 10);
             let (mut appended, mut sent) = (Vec::new(), Vec::new());
             let mut next_start = 0;
             for (n, (step, lines, len)) in steps.into_iter().enumerate() {
@@ -1324,6 +1375,7 @@ mod tests {
                     let range: Vec<usize> = id.rsplitn(3, '-').take(2).map(|n| n.parse().unwrap()).collect();
                     let (start, end) = (range[1], range[0]);
                     proptest::prop_assert_eq!(start, next_start);
+                    proptest::prop_assert!(lines.len() <= room);
                     proptest::prop_assert_eq!(&on_disk[start..end], &lines[..]);
                     next_start = end;
                 }
