@@ -1,9 +1,9 @@
 //! What the NATS sink's spool costs the publisher a batch of records: the log writer's append
 //! (a write into the page cache) and the publisher's peek of the lines to send, taken from the
 //! spool's copy in memory (what it does while it keeps up) or read back from the segment file
-//! (what it did before, and still does for a retry or a backlog). One batch is 1 MiB of record
-//! lines of ~1.6 KB, what `capture = "input"` writes for 640 checks; it is acknowledged at
-//! once, as a NATS server that keeps up would.
+//! (what it does for a retry or a backlog). One batch is 1 MiB of record lines of ~1.6 KB,
+//! what `capture = "input"` writes for 640 checks; it is acknowledged at once, as a NATS server
+//! that keeps up would.
 //!
 //! ```sh
 //! cargo bench -p sandgate-server --features bench --bench spool
