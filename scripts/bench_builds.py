@@ -14,9 +14,7 @@ contract); by default both builds serve `target/policies`.
 """
 
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,15 +35,12 @@ def main():
     policies = {"this build": records.POLICIES, "baseline": Path(os.environ.get("BASELINE_POLICIES") or records.POLICIES)}
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-builds-"))
     nats_port = records.free_port()
-    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port),
-                             "-js", "-sd", str(tmp / "js")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nats = records.nats_server(nats_port, tmp / "js")
     time.sleep(1)
     cases = {
         "capture none": 'capture = "none"',
         "capture input → file": records.input_to_file(tmp),
-        "capture input → NATS": (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n'
-                                 f'[decision_log.nats]\nurl = "nats://127.0.0.1:{nats_port}"\nspool_max_mib = 8192\n'
-                                 f'spool_dir = "{{spool}}"'),
+        "capture input → NATS": records.input_to_nats(tmp, nats_port),
     }
     headers = records.reader_headers()
     runs = {}  # (case, build) -> [(req/s, CPU µs per check)]

@@ -131,23 +131,32 @@ def input_to_file(tmp):
             f'path = "{tmp / "records.log"}"\nmax_file_mib = 256\nmax_files = 1')
 
 
+def input_to_nats(tmp, port, setting=""):
+    """`[decision_log]` lines for `capture = "input"` to the NATS sink at `port`, with `setting`
+    added; `{spool}` stands for the spool directory."""
+    return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\n'
+            f'url = "nats://127.0.0.1:{port}"\nspool_max_mib = 8192\n{setting}spool_dir = "{{spool}}"')
+
+
+def nats_server(port, store, *args):
+    """A JetStream nats-server on 127.0.0.1:`port` storing in `store`."""
+    return subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", *args, "-a", "127.0.0.1",
+                             "-p", str(port), "-js", "-sd", str(store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main():
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
     nats_port, small_port, monitor_port = free_port(), free_port(), free_port()
-    nats = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-a", "127.0.0.1", "-p", str(nats_port),
-                             "-m", str(monitor_port), "-js", "-sd", str(tmp / "js")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nats = nats_server(nats_port, tmp / "js", "-m", str(monitor_port))
     # A second server accepting messages of at most 64 KiB: the sidecar sends it messages of
     # ~63 KiB of lines instead of ~1 MiB (its own store directory; not counted in stored bytes).
     (tmp / "small.conf").write_text("max_payload: 65536\n")
-    small = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-c", str(tmp / "small.conf"), "-a", "127.0.0.1", "-p", str(small_port),
-                              "-js", "-sd", str(tmp / "js-small")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    small = nats_server(small_port, tmp / "js-small", "-c", str(tmp / "small.conf"))
     time.sleep(1)
 
     def to_nats(setting, port=nats_port):
-        """`[decision_log]` lines for `capture = "input"` to the NATS sink, with `setting` added."""
-        return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "nats"\n[decision_log.nats]\n'
-                f'url = "nats://127.0.0.1:{port}"\nspool_max_mib = 8192\n{setting}spool_dir = "{{spool}}"')
+        return input_to_nats(tmp, port, setting)
 
     cases = {
         "none": 'capture = "none"',

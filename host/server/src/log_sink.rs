@@ -504,7 +504,7 @@ impl Spool {
             state.readers.insert(n, reader);
             state.current = Some(file);
         }
-        let written = state.segments.back().map_or(0, |(_, len)| *len);
+        let (segment, written) = state.segments.back().copied().unwrap_or((0, 0));
         if let Some(file) = state.current.as_mut() {
             if let Err(e) = file.write_all(batch) {
                 // Part of the batch may be in the file (a full disk, an I/O error): cut it
@@ -519,7 +519,6 @@ impl Spool {
             }
             state.unsynced = true;
         }
-        let segment = state.segments.back().map_or(0, |(n, _)| *n);
         if let Some((_, len)) = state.segments.back_mut() {
             *len += take as u64;
         }
@@ -629,7 +628,7 @@ impl Spool {
                         },
                     };
                     let (from, to) = (offset + start as u64, offset + end as u64);
-                    messages.push((format!("{}-{segment}-{from}-{to}", self.id), lines.slice(start..end)));
+                    messages.push((self.message_id(segment, from, to), lines.slice(start..end)));
                     start = end;
                 }
                 return Ok((messages, (segment, offset + start as u64), 0));
@@ -683,20 +682,20 @@ impl Spool {
             if len as usize > room {
                 skipped += 1;
                 if at > start {
-                    messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
+                    messages.push((self.message_id(segment, start, at), slice(start, at)));
                 }
                 at += len;
                 start = at;
                 continue;
             }
             if at > start && (at - start + len) as usize > MESSAGE_BYTES.min(room) {
-                messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
+                messages.push((self.message_id(segment, start, at), slice(start, at)));
                 start = at;
             }
             at += len;
         }
         if at > start {
-            messages.push((format!("{}-{segment}-{start}-{at}", self.id), slice(start, at)));
+            messages.push((self.message_id(segment, start, at), slice(start, at)));
         }
         // A whole window without a line end: no spooled line is that long, so this is damage (a
         // power loss that kept later pages of a segment and not earlier ones). It is skipped up
@@ -731,23 +730,36 @@ impl Spool {
         Ok((messages, (segment, at), skipped))
     }
 
-    /// Peek and acknowledge until nothing is left, as the publisher does while NATS keeps up;
-    /// the bytes peeked. With `from_disk`, the spool keeps no lines in memory.
+    /// The `Nats-Msg-Id` of the lines from `start` to `end` of `segment`.
+    fn message_id(&self, segment: u64, start: u64, end: u64) -> String {
+        format!("{}-{segment}-{start}-{end}", self.id)
+    }
+
+    /// Peek and acknowledge until nothing is left, as the publisher does while NATS keeps up,
+    /// handing each message's lines to `sent`.
+    #[cfg(any(test, feature = "bench-internals"))]
+    fn send_everything(&self, room: usize, mut sent: impl FnMut(&[u8])) -> std::io::Result<()> {
+        loop {
+            let (messages, cursor, _) = self.peek(None, room)?;
+            if messages.is_empty() {
+                return Ok(());
+            }
+            messages.iter().for_each(|(_, lines)| sent(lines));
+            self.advance(cursor)?;
+        }
+    }
+
+    /// [`Spool::send_everything`] for a NATS server with the default `max_payload`; the bytes
+    /// sent. With `from_disk`, the spool keeps no lines in memory.
     #[cfg(feature = "bench-internals")]
     pub fn bench_send_everything(&self, from_disk: bool) -> std::io::Result<usize> {
         if from_disk {
             let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             (state.tail, state.tail_bytes) = (None, 0);
         }
-        let mut sent = 0;
-        loop {
-            let (messages, cursor, _) = self.peek(None, message_room(1 << 20))?;
-            if messages.is_empty() {
-                return Ok(sent);
-            }
-            sent += messages.iter().map(|(_, lines)| lines.len()).sum::<usize>();
-            self.advance(cursor)?;
-        }
+        let mut bytes = 0;
+        self.send_everything(message_room(1 << 20), |lines| bytes += lines.len())?;
+        Ok(bytes)
     }
 
     /// Remove the segments sent whole, except the one being appended to.
@@ -1399,14 +1411,8 @@ mod tests {
     /// Send and acknowledge everything the spool holds; the lines sent.
     fn send_all(spool: &Spool) -> String {
         let mut sent = Vec::new();
-        loop {
-            let (messages, cursor, _) = spool.peek(None, ROOM).unwrap();
-            if messages.is_empty() {
-                return String::from_utf8_lossy(&sent).into_owned();
-            }
-            sent.extend(messages.iter().flat_map(|(_, lines)| lines.to_vec()));
-            spool.advance(cursor).unwrap();
-        }
+        spool.send_everything(ROOM, |lines| sent.extend_from_slice(lines)).unwrap();
+        String::from_utf8_lossy(&sent).into_owned()
     }
 
     /// A power loss can leave a segment ending in more zeros than two of the longest lines
