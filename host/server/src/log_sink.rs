@@ -942,6 +942,33 @@ pub struct Publishing {
     pub linger: Duration,
 }
 
+/// Run `publisher` (the NATS client's tasks with it) on a thread of its own with a
+/// single-threaded runtime, not on the workers that answer checks: compressing, sending and
+/// the client's wake-ups take at most that thread's share of the CPU and never sit in a
+/// check's queue. The receiver completes when the publisher has stopped; `None` (logged) if
+/// the thread cannot be started, and the records then stay in the spool.
+pub fn on_own_thread(
+    publisher: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new().name("sandgate-records".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(publisher),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the decision-record publisher; records stay in the spool")
+            }
+        }
+        let _ = done.send(());
+    });
+    match thread {
+        Ok(_) => Some(stopped),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the decision-record publisher; records stay in the spool");
+            None
+        }
+    }
+}
+
 /// Send what `spool` holds as `to` says, in order, until `stop` and the spool is empty (or,
 /// after `stop`, for at most `grace`).
 pub async fn publish(
@@ -1150,6 +1177,20 @@ mod tests {
         aws_lc_rs::rand::fill(&mut noise).unwrap();
         let body = Compression::Lz4.encode(bytes::Bytes::from(noise)).unwrap();
         assert!(body.len() + 1024 <= 64 << 10, "{}", body.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_publisher_runs_on_its_own_thread_with_timers_and_reports_its_end() {
+        let (ran, mut on) = tokio::sync::oneshot::channel();
+        let stopped = on_own_thread(async move {
+            // Timers and spawned tasks (the NATS client's) work on the publisher's runtime.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let name = tokio::spawn(async { std::thread::current().name().map(str::to_owned) }).await.unwrap();
+            let _ = ran.send(name);
+        })
+        .expect("the thread starts");
+        tokio::time::timeout(Duration::from_secs(10), stopped).await.unwrap().unwrap();
+        assert_eq!(on.try_recv().unwrap().as_deref(), Some("sandgate-records"));
     }
 
     #[tokio::test]

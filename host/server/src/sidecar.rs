@@ -229,7 +229,7 @@ impl Sidecar {
                 let (compression, linger) = (nats.compression, Duration::from_millis(nats.linger_ms));
                 let stop = records_stop.clone();
                 let pending = authorizer.state().metrics.decision_spool_bytes.clone();
-                Some(tokio::spawn(async move {
+                crate::log_sink::on_own_thread(async move {
                     let client = match crate::fleet::connect(&connection, false).await {
                         Ok(client) => client,
                         Err(e) => {
@@ -252,7 +252,7 @@ impl Sidecar {
                     tracing::info!(%stream, %subject, "sending decision records to NATS");
                     let to = crate::log_sink::Publishing { subject, compression, linger };
                     crate::log_sink::publish(spool, js, to, stop, grace, pending).await;
-                }))
+                })
             }
             _ => None,
         };
