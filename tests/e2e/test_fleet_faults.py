@@ -83,12 +83,10 @@ def revoke(cluster, jti, wait="--wait=30"):
     return fleet(cluster, "--replicas", "3", "revoke", "--jti", jti, wait, check=False)
 
 
-# Known defect (docs/FLEET.md, Limits): a sidecar whose NATS node is killed could stay behind
-# (stale, answering `stale_state`, never allow) for longer than this test waits: on a loaded
-# 2-core machine it failed 2 clean runs of 3, a sidecar still at an older revision after 30 s.
-# A silent watch is now made anew after 3 s (test_fleet.py::test_a_watch_whose_consumer_is_lost
-# _is_made_anew); it passed 3 local runs of 3 with it, but the cause is not confirmed: still allowed to fail.
-@pytest.mark.xfail(reason="a sidecar on a killed NATS node could take over 30 s to resume its watch", strict=False)
+# A cluster that lost a node places some new consumers on it and never answers their creation:
+# each try at creating a watch (the sidecars', and `--wait`'s) is bounded (docs/FLEET.md,
+# Failure modes), where waiting out the NATS client's 5 s request timeout every time kept
+# sidecars and `--wait` behind for tens of seconds.
 def test_a_cluster_node_killed_a_sidecar_paused_and_one_restarted(tmp_path, cluster, registry):
     # The cluster elects its JetStream leaders: the first write succeeds once it has.
     assert retry(lambda: fleet(cluster, "--replicas", "3", "status", check=False).returncode == 0)
@@ -105,8 +103,8 @@ def test_a_cluster_node_killed_a_sidecar_paused_and_one_restarted(tmp_path, clus
         for i in range(1, 21):
             if i == 1:
                 # The first write may meet an election in progress, and `--wait` the sidecars
-                # that were on the killed node while they reconnect (on a loaded 2-core machine
-                # this has taken over 30 s): retried until it lands and is applied by all.
+                # that were on the killed node while they reconnect: retried until it lands and
+                # is applied by all.
                 attempts = []
                 assert retry(lambda: attempts.append(revoke(cluster, "r-1")) or attempts[-1].returncode == 0, timeout=120), \
                     [(a.returncode, a.stderr[-500:]) for a in attempts]

@@ -474,16 +474,20 @@ async fn wait_for(
     let store =
         status_store(js, fleet, 1).await.map_err(|e| anyhow::anyhow!(e)).context("cannot open the status bucket")?;
     let deadline = Instant::now() + timeout;
-    // A cluster moving a stream's leadership (a node lost) can time out a consumer's creation:
-    // try again until the deadline.
+    // A cluster that lost a node can place the watch's consumer on it and never answer, or
+    // time out its creation while it moves a stream's leadership: each try is bounded
+    // (`ConsumerTries`), and tried again until the deadline.
+    let mut tries = sandgate_server::fleet::ConsumerTries::default();
     let mut updates = loop {
-        match store.watch_all().await {
-            Ok(updates) => break updates,
-            Err(e) if Instant::now() + Duration::from_millis(250) >= deadline => {
-                bail!("cannot watch the status bucket: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        let failed = match tries.attempt(store.watch_all()).await {
+            Some(Ok(updates)) => break updates,
+            Some(Err(e)) => e.to_string(),
+            None => "its consumer was not created in time".to_owned(),
+        };
+        if Instant::now() + Duration::from_millis(250) >= deadline {
+            bail!("cannot watch the status bucket: {failed}")
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Every status there is now (the watch, started first, brings every later change).
     let mut nodes = read_statuses(js, fleet, &store).await?;

@@ -384,8 +384,11 @@ pub async fn run(
         tokio::spawn(status::heartbeat(state.clone(), client.clone(), health.heartbeat_every, stop.clone()));
     let mut failing = false;
     let mut retry = Retry::default();
+    let mut tries = ConsumerTries::default();
     loop {
-        let result = watch(&state, &health, &client, &cache_file, &mut desired, &stop, &mut failing, &mut retry).await;
+        let result =
+            watch(&state, &health, &client, &cache_file, &mut desired, &stop, &mut failing, &mut retry, &mut tries)
+                .await;
         health.watching.store(false, Ordering::Relaxed);
         health.synced.store(false, Ordering::Relaxed);
         if stop.is_cancelled() {
@@ -411,6 +414,46 @@ pub async fn run(
 /// How long the watch may deliver nothing while NATS says the bucket is ahead before it is
 /// made anew.
 const STUCK_WATCH: Duration = Duration::from_secs(3);
+
+/// How long one try at creating a consumer (a watch) may take, growing after each try that
+/// takes longer. A cluster that lost a node can place a new consumer on the lost node and
+/// never answer; the client would wait out its whole request timeout (5 s) before trying
+/// again, where a consumer is normally created within milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerTries {
+    limit: Duration,
+}
+
+impl ConsumerTries {
+    const FIRST: Duration = Duration::from_millis(750);
+    const MAX: Duration = Duration::from_secs(6);
+
+    /// Run one try of `create`: its result, or `None` if it took longer than this try may (the
+    /// next one may take twice as long, up to [`ConsumerTries::MAX`]).
+    pub async fn attempt<T>(&mut self, create: impl std::future::Future<Output = T>) -> Option<T> {
+        match tokio::time::timeout(self.limit, create).await {
+            Ok(result) => {
+                *self = ConsumerTries::default();
+                Some(result)
+            }
+            Err(_) => {
+                self.timed_out();
+                None
+            }
+        }
+    }
+
+    /// A try took longer than it could: the next may take twice as long.
+    fn timed_out(&mut self) {
+        self.limit = (self.limit * 2).min(Self::MAX);
+    }
+}
+
+impl Default for ConsumerTries {
+    fn default() -> Self {
+        ConsumerTries { limit: Self::FIRST }
+    }
+}
 
 /// The first wait before the modules of failed items are tried again, and the longest: the
 /// wait doubles after each try that leaves one failing.
@@ -481,6 +524,7 @@ async fn watch(
     stop: &CancellationToken,
     failing: &mut bool,
     retry: &mut Retry,
+    tries: &mut ConsumerTries,
 ) -> Result<(), FleetError> {
     let nats = |e: &dyn std::fmt::Display| FleetError::Nats(e.to_string());
     let js = async_nats::jetstream::new(client.clone());
@@ -516,12 +560,18 @@ async fn watch(
     }
     // From a revision: every change since, in order. From nothing: the current value of
     // every key (not the history).
-    let mut updates = if desired.revision == 0 {
-        kv.watch_with_history(">").await
-    } else {
-        kv.watch_all_from_revision(desired.revision + 1).await
-    }
-    .map_err(|e| nats(&e))?;
+    let create = async {
+        if desired.revision == 0 {
+            kv.watch_with_history(">").await
+        } else {
+            kv.watch_all_from_revision(desired.revision + 1).await
+        }
+    };
+    let mut updates = tries
+        .attempt(create)
+        .await
+        .ok_or_else(|| FleetError::Nats("the watch's consumer was not created in time".into()))?
+        .map_err(|e| nats(&e))?;
     health.watching.store(true, Ordering::Relaxed);
     if *failing {
         tracing::info!(revision = desired.revision, "fleet watch resumed");
@@ -698,4 +748,28 @@ fn next_expiry(desired: &DesiredState, now: u64) -> Option<u64> {
         .filter_map(|(_, (value, _))| serde_json::from_str::<desired::RevocationItem>(value).ok()?.until)
         .filter(|until| *until > now)
         .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_consumer_try_that_gets_no_answer_ends_at_its_limit_and_the_next_may_take_longer() {
+        let mut tries = ConsumerTries::default();
+        // A consumer placed on a lost node: its creation is never answered.
+        assert_eq!(tries.attempt(std::future::pending::<()>()).await, None);
+        assert_eq!(tries.limit, ConsumerTries::FIRST * 2);
+        assert_eq!(tries.attempt(std::future::pending::<()>()).await, None);
+        assert_eq!(tries.limit, ConsumerTries::FIRST * 4);
+        // An answer, even an error, is passed on, and the next try starts from the first limit.
+        assert_eq!(tries.attempt(async { Err::<(), _>("no responders") }).await, Some(Err("no responders")));
+        assert_eq!(tries.limit, ConsumerTries::FIRST);
+        // Never past the most a try may take.
+        let mut slow = ConsumerTries { limit: ConsumerTries::MAX - Duration::from_millis(1) };
+        slow.timed_out();
+        assert_eq!(slow.limit, ConsumerTries::MAX);
+        slow.timed_out();
+        assert_eq!(slow.limit, ConsumerTries::MAX);
+    }
 }
