@@ -10,7 +10,8 @@ thread, without any sink's cost. The traffic varies as real traffic does, since 
 gains depends on it: 1,000 readers' tokens (distinct subjects and `jti`s), paths and user agents,
 chosen at random by a wrk script.
 Rounds alternate the configurations back to back; the median ratio of each to `none` is
-reported. Prints a Markdown table for docs/BENCHMARKS.md.
+reported. Prints Markdown tables for docs/BENCHMARKS.md: throughput and CPU, and the sidecar's
+CPU by thread (the tokio workers, the policy threads, the log writer, the NATS publisher).
 
     ./scripts/build-policies.sh
     .venv/bin/python scripts/bench_records.py          # ROUNDS (5) and DURATION (5 s) from the environment
@@ -62,6 +63,26 @@ def cpu_seconds(pid):
     """User and system CPU time of process `pid` so far, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid):
+    """CPU seconds so far of process `pid`'s threads, summed by thread name: the tokio
+    workers (`tokio-rt-worker`), the policy threads (`sandgate-eval-N`), the log writer
+    (`sandgate-log`) and the NATS publisher (`sandgate-nats`)."""
+    by_name = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = "sandgate-eval" if name.startswith("sandgate-eval") else name
+        fields = stat.rsplit(")", 1)[1].split()
+        by_name[name] = by_name.get(name, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return by_name
+
+
+THREADS = ["tokio-rt-worker", "sandgate-eval", "sandgate-log", "sandgate-nats"]
 
 
 def config(tmp, name, records):
@@ -173,6 +194,7 @@ def main():
     results = {name: [] for name in cases}
     dropped = {name: 0 for name in cases}
     cpu = {name: [] for name in cases}  # (sidecar, nats-server) CPU µs per check
+    threads = {name: [] for name in cases}  # the sidecar's CPU µs per check by thread name
     backlog = []  # (records answered, bytes still in the spool) after each NATS run
     stored = {name: [] for name in cases if "NATS" in name and "64 KiB" not in name}  # bytes JetStream stored a record
 
@@ -191,11 +213,12 @@ def main():
             proc, port = serve(config(tmp, name.split()[0], records), tmp / f"sidecar-{n}-{name.split()[-1]}.log")
             wrk(port, {}, 2, script)
             server = small if "64 KiB" in name else nats
-            before = (cpu_seconds(proc.pid), cpu_seconds(server.pid))
+            before = (cpu_seconds(proc.pid), cpu_seconds(server.pid), thread_cpu(proc.pid))
             results[name].append(wrk(port, {}, DURATION, script))
-            after = (cpu_seconds(proc.pid), cpu_seconds(server.pid))
+            after = (cpu_seconds(proc.pid), cpu_seconds(server.pid), thread_cpu(proc.pid))
             checks = results[name][-1][0] * DURATION
             cpu[name].append((1e6 * (after[0] - before[0]) / checks, 1e6 * (after[1] - before[1]) / checks))
+            threads[name].append({t: 1e6 * (after[2].get(t, 0) - before[2].get(t, 0)) / checks for t in THREADS})
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
             dropped[name] += int(float(re.search(r"^sandgate_decision_log_dropped_total (\S+)", metrics, re.M).group(1)))
             if "NATS" in name:
@@ -225,6 +248,11 @@ def main():
         print(f"| `{name}` | {statistics.median(r[0] for r in rounds):,.0f} | {statistics.median(r[1] for r in rounds):.0f} | "
               f"{statistics.median(r[2] for r in rounds):.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) | "
               f"{statistics.median(c[0] for c in cpu[name]):.1f} | {statistics.median(c[1] for c in cpu[name]):.1f} | {dropped[name]} |")
+    print()
+    print(f"| records | sidecar CPU µs/check by thread (median of rounds): {' / '.join(f'`{t}`' for t in THREADS)} |")
+    print("|---|---|")
+    for name, rounds in threads.items():
+        print(f"| `{name}` | {' / '.join(f'{statistics.median(r[t] for r in rounds):.1f}' for t in THREADS)} |")
     print("req/s of each round, in order:")
     for name, rounds in results.items():
         print(f"  `{name}`: {', '.join(f'{r[0]:,.0f}' for r in rounds)}")

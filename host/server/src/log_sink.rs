@@ -951,7 +951,7 @@ pub fn on_own_thread(
     publisher: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Option<tokio::sync::oneshot::Receiver<()>> {
     let (done, stopped) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new().name("sandgate-records".into()).spawn(move || {
+    let thread = std::thread::Builder::new().name("sandgate-nats".into()).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime.block_on(publisher),
             Err(e) => {
@@ -1190,7 +1190,7 @@ mod tests {
         })
         .expect("the thread starts");
         tokio::time::timeout(Duration::from_secs(10), stopped).await.unwrap().unwrap();
-        assert_eq!(on.try_recv().unwrap().as_deref(), Some("sandgate-records"));
+        assert_eq!(on.try_recv().unwrap().as_deref(), Some("sandgate-nats"));
     }
 
     #[tokio::test]
