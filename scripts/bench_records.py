@@ -59,10 +59,15 @@ def serve(config_path, log_path):
     sys.exit(f"sandgate did not start: {log_path.read_text()}")
 
 
+def stat_cpu(stat):
+    """User and system CPU time, in seconds, of a `/proc/…/stat` line."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid):
     """User and system CPU time of process `pid` so far, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu(pid):
@@ -77,8 +82,7 @@ def thread_cpu(pid):
             continue  # the thread ended
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         name = "sandgate-eval" if name.startswith("sandgate-eval") else name
-        fields = stat.rsplit(")", 1)[1].split()
-        by_name[name] = by_name.get(name, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        by_name[name] = by_name.get(name, 0) + stat_cpu(stat)
     return by_name
 
 

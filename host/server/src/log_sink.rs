@@ -951,16 +951,13 @@ pub fn on_own_thread(
     publisher: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Option<tokio::sync::oneshot::Receiver<()>> {
     let (done, stopped) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new().name("sandgate-nats".into()).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(runtime) => runtime.block_on(publisher),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the decision-record publisher; records stay in the spool")
-            }
-        }
-        let _ = done.send(());
+    let started = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|runtime| {
+        std::thread::Builder::new().name("sandgate-nats".into()).spawn(move || {
+            runtime.block_on(publisher);
+            let _ = done.send(());
+        })
     });
-    match thread {
+    match started {
         Ok(_) => Some(stopped),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the decision-record publisher; records stay in the spool");
