@@ -15,6 +15,7 @@ CPU by thread (the tokio workers, the policy threads, the log writer, the NATS p
 
     ./scripts/build-policies.sh
     .venv/bin/python scripts/bench_records.py          # ROUNDS (5) and DURATION (5 s) from the environment
+    CASES=NATS,64 .venv/bin/python scripts/bench_records.py   # only `none` and the cases named so
 """
 
 import json
@@ -194,6 +195,14 @@ def main():
         # The default sink, stdout, here /dev/null: the record made and handed off, no sink's cost.
         "input → stdout": 'capture = "input"\nqueue_mib = 32',
     }
+    if os.environ.get("CASES"):
+        # `none` and the cases these comma-separated words name: the sink (`NATS`, `file`,
+        # `stdout`: its defaults) or a word of a variant (`linger`, `uncompressed`, `64`).
+        def named(name, word):
+            sink, _, variant = name.partition(" → ")[2].partition(", ")
+            return word == sink if not variant else word in variant
+        words = os.environ["CASES"].split(",")
+        cases = {name: c for name, c in cases.items() if name == "none" or any(named(name, w) for w in words)}
     script = varied_traffic(tmp)
     results = {name: [] for name in cases}
     dropped = {name: 0 for name in cases}

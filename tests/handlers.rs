@@ -236,6 +236,38 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
     }
 }
 
+/// With `capture = "input"`, a record's input is the check as the policy saw it, written before
+/// the evaluation when nothing the evaluation does can change it; a policy's `verify-jwt` calls
+/// are then answers the input must carry, and it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_input_is_the_check_the_policy_saw_and_carries_its_verify_jwt_answers() {
+    let config = records_config();
+    let (authorizer, writer, kept, _) = recording_authorizer(&config, sandgate_server::config::Capture::Input).await;
+    let bearer = records_token("alice");
+    let mut plain = records_request("/orders/7".into(), vec![("authorization", format!("Bearer {bearer}"))]);
+    plain.query = Some("page=2".into());
+    assert!(authorizer.decide(plain).await.evaluation.is_allow());
+    let verifying = records_request("/log-id-token".into(), vec![("x-id-token", records_token("alice-id"))]);
+    assert!(authorizer.decide(verifying).await.evaluation.is_allow());
+    writer.finish(std::time::Duration::from_secs(10)).await;
+
+    let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let input = &lines[0]["input"];
+    assert_eq!(
+        (&input["method"], &input["path"], &input["query"], &input["peer"]),
+        (&"GET".into(), &"/orders/7".into(), &"page=2".into(), &"10.0.0.7:4000".into())
+    );
+    assert_eq!(input["headers"], serde_json::json!([["authorization", "[redacted]"]]));
+    assert_eq!((&input["credential"]["kind"], &input["credential"]["subject"]), (&"verified".into(), &"alice".into()));
+    assert_eq!(input["versions"]["policy_digest"], lines[0]["policy_digest"]);
+    assert!(input.get("verify_jwt").is_none(), "{input}");
+    let answers = lines[1]["input"]["verify_jwt"].as_array().expect("the verify-jwt answers");
+    assert_eq!(answers.len(), 1, "{}", lines[1]);
+    assert_eq!(lines[1]["input"]["path"], "/log-id-token");
+}
+
 /// A token where a record's bound cuts the text it is in: the path's summary (2,048 bytes), the
 /// client's request id (128) and a policy's log line (1,024). A search for the whole token does
 /// not find the part before the cut; it used to stay in the record, all of the token but its

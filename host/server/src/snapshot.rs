@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use sandgate_auth::{KeySets, Revocations};
 use sandgate_runtime::bindings::sandgate::policy::types::{CredentialError, SnapshotVersions, VerifiedCredential};
 use sandgate_runtime::{PolicyData, PolicyModule, TokenVerifier};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -95,10 +96,11 @@ impl Snapshot {
 
     /// The route a request for `host` and (canonical) `path` takes, as decision records name
     /// it: `[host]/prefix`, or `default` for the default policy; `None` when nothing matches.
-    pub fn route_label(&self, host: &str, path: &str) -> Option<String> {
+    pub fn route_label(&self, host: &str, path: &str) -> Option<Cow<'_, str>> {
         match self.matching_route(host, path) {
-            Some(route) => Some(format!("{}{}", route.host.as_deref().unwrap_or(""), route.path_prefix)),
-            None => self.default_policy.as_ref().map(|_| "default".to_owned()),
+            Some(Route { host: Some(host), path_prefix, .. }) => Some(Cow::Owned(format!("{host}{path_prefix}"))),
+            Some(Route { host: None, path_prefix, .. }) => Some(Cow::Borrowed(path_prefix)),
+            None => self.default_policy.as_ref().map(|_| Cow::Borrowed("default")),
         }
     }
 
