@@ -466,15 +466,6 @@ impl InputView<'_> {
     /// Append the view's JSON to `out`: the same bytes its `Serialize` impl writes through
     /// `serde_json`, written directly ([`crate::line`]).
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        self.write_open(out);
-        self.write_close(out);
-    }
-
-    /// Append the view's JSON up to its `verify-jwt` answers, which are known only after the
-    /// evaluation: every field before them, and no closing brace. [`InputView::write_close`]
-    /// writes the rest, for a view of the same check, `redact` and body; the answers do not
-    /// change what this writes, so it can be written before the evaluation.
-    pub fn write_open(&self, out: &mut Vec<u8>) {
         let c = self.check;
         let mut o = line::Object::new(out);
         o.str("method", &c.method);
@@ -527,12 +518,6 @@ impl InputView<'_> {
         v.u64("revocations", versions.revocations);
         v.u64("data", versions.data);
         v.end();
-    }
-
-    /// Append the rest of the view's JSON after [`InputView::write_open`]: its `verify-jwt`
-    /// answers, if any, and the closing brace.
-    pub fn write_close(&self, out: &mut Vec<u8>) {
-        let mut o = line::Object::after_fields(out);
         if !self.verify_jwt.is_empty() {
             // Rare (a policy calling `verify-jwt`): written by `serde_json`.
             let _ = serde_json::to_writer(&mut *o.key("verify_jwt"), self.verify_jwt);

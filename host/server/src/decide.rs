@@ -33,10 +33,9 @@ struct Checked<'a> {
     verify_jwt: Vec<sandgate_records::VerifyAnswer>,
     /// The tokens the policy passed to `verify-jwt` (with any capture): kept out of the record.
     verified_tokens: Vec<String>,
-    /// The check's captured input up to its `verify-jwt` answers
-    /// ([`sandgate_records::InputView::write_open`]), written before the evaluation while its
-    /// strings were in the cache (`capture = "input"`).
-    input_open: Option<Vec<u8>>,
+    /// The check's captured input without `verify-jwt` answers, written before the
+    /// evaluation while its strings were in the cache (`capture = "input"`).
+    input_written: Option<Vec<u8>>,
 }
 
 /// A `verify-jwt` verifier that keeps the tokens it was given, to keep them out of the record,
@@ -437,15 +436,14 @@ impl Authorizer {
             now,
             versions: snapshot.versions(&policy),
         });
-        // The captured input is written now, up to the `verify-jwt` answers, while the strings
-        // just built are in this core's cache: after the evaluation (a policy instance's memory
-        // in between, perhaps another core) reading them back missed the cache for most of a
-        // record's strings. Written again after it only if a token must be taken out of the
-        // body.
-        let input_open = (self.capture == Capture::Input).then(|| {
-            let mut open = Vec::with_capacity(2048);
-            sandgate_records::InputView::new(&check, &self.redact, &[]).write_open(&mut open);
-            open
+        // Written now, while the strings just built are in this core's cache: after the
+        // evaluation (a policy instance's memory in between, perhaps another core) reading them
+        // back missed the cache for most of a record's strings. Used unless the policy called
+        // `verify-jwt` or a token must be taken out of the body.
+        let input_written = (self.capture == Capture::Input).then(|| {
+            let mut written = Vec::with_capacity(2048);
+            sandgate_records::InputView::new(&check, &self.redact, &[]).write_json(&mut written);
+            written
         });
         // The tokens given to `verify-jwt` are kept out of the record; with `capture = "input"`,
         // its answers are kept for it.
@@ -483,7 +481,7 @@ impl Authorizer {
             .cloned()
             .collect();
         let answer = Answer { request_id, evaluation, identity, unset_identity };
-        let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens, input_open };
+        let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens, input_written };
         self.record(&original, &answer, Some(&policy.id), &snapshot, Some(checked), now, started);
         answer
     }
@@ -672,7 +670,7 @@ impl Authorizer {
                 secrets.clear();
             }
         }
-        let mut input_open = None;
+        let mut input_written = None;
         let (input, decision, route) = match &checked {
             Some(c) if self.capture == Capture::Input => {
                 if let Some(archive) = &self.state.archive {
@@ -682,8 +680,8 @@ impl Authorizer {
                 if let Some(body) = &scrubbed_body {
                     input = input.with_body(body);
                 }
-                if scrubbed_body.is_none() {
-                    input_open = c.input_open.as_deref();
+                if c.verify_jwt.is_empty() && scrubbed_body.is_none() {
+                    input_written = c.input_written.as_deref();
                 }
                 let route = snapshot.route_label(&original.host, &original.path);
                 (Some(input), Some(sandgate_records::DecisionView(&evaluation.decision)), route)
@@ -729,7 +727,7 @@ impl Authorizer {
                 latency_us: latency.as_micros() as u64,
                 route,
                 input,
-                input_open,
+                input_written,
                 decision,
             },
         );

@@ -71,11 +71,11 @@ pub(crate) struct DecisionLogEntry<'a> {
     /// The check as the policy saw it (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) input: Option<sandgate_records::InputView<'a>>,
-    /// What `input`'s `write_open` wrote, when it was written before the evaluation: written
-    /// in its place. The check's strings are then read while they are in the cache, not after
-    /// a policy instance has pushed them out.
+    /// The bytes `input`'s `write_json` wrote, when they were written earlier: written in its
+    /// place. The check's strings are read while they are in the cache (before the
+    /// evaluation), not after a policy instance has pushed them out.
     #[serde(skip)]
-    pub(crate) input_open: Option<&'a [u8]>,
+    pub(crate) input_written: Option<&'a [u8]>,
     /// The policy's whole answer (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) decision: Option<sandgate_records::DecisionView<'a>>,
@@ -88,29 +88,22 @@ impl DecisionLogEntry<'_> {
     pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = sandgate_records::line::Object::new(out);
         self.write_head(&mut o);
-        match (self.input_open, &self.input) {
-            (Some(open), Some(input)) => {
-                let out = o.key("input");
-                out.extend_from_slice(open);
-                input.write_close(out);
-            }
+        match (self.input_written, &self.input) {
+            (Some(written), Some(_)) => o.key("input").extend_from_slice(written),
             (None, Some(input)) => input.write_json(o.key("input")),
             (_, None) => {}
         }
         self.write_tail(o);
     }
 
-    /// The line without the part of its input written before (`input_open`): what precedes
-    /// that part (the input's key included), then what follows it, at the end of `out`.
-    /// Returns where that part goes in `out`.
+    /// The line without the input written before (`input_written`) it holds: what precedes
+    /// the input's value (its key included) and then what follows it, at the end of `out`.
+    /// Returns where the input goes in `out`.
     fn write_around_input(&self, out: &mut Vec<u8>) -> usize {
         let mut o = sandgate_records::line::Object::new(out);
         self.write_head(&mut o);
         o.key("input");
         let at = out.len();
-        if let Some(input) = &self.input {
-            input.write_close(out);
-        }
         self.write_tail(sandgate_records::line::Object::after_fields(out));
         at
     }
@@ -205,10 +198,10 @@ impl DecisionLog {
     /// check) replaced by `[redacted]`.
     pub(crate) fn write_scrubbed(&self, secrets: &[&str], entry: &DecisionLogEntry<'_>) {
         // With no token to take out, a line whose input was written before goes into the
-        // queue in parts: that part, most of the line, is copied once, straight into it.
+        // queue in parts: the input, most of the line, is copied once, straight into it.
         if secrets.is_empty()
             && entry.input.is_some()
-            && let Some(input) = entry.input_open
+            && let Some(input) = entry.input_written
         {
             LINE.with_borrow_mut(|line| {
                 line.clear();
@@ -626,15 +619,6 @@ mod tests {
                 let policy_logs: Vec<PolicyLog> =
                     logs.into_iter().map(|(level, message)| PolicyLog { level, message }).collect();
                 let redact = Vec::new();
-                // A policy's `verify-jwt` answers, known only after the evaluation.
-                let answers: Vec<sandgate_records::VerifyAnswer> = if present[9] {
-                    vec![sandgate_records::VerifyAnswer::Rejected(sandgate_records::format::ErrorRecord {
-                        reason: strings[9].clone(),
-                        message: strings[10].clone(),
-                    })]
-                } else {
-                    Vec::new()
-                };
                 let entry = DecisionLogEntry {
                     v: 1,
                     ts: numbers[0],
@@ -662,29 +646,28 @@ mod tests {
                     policy_logs: &policy_logs,
                     latency_us: numbers[0] / 3,
                     route: some(7).map(std::borrow::Cow::Borrowed),
-                    input: present[8].then(|| InputView::new(&check, &redact, &answers)),
-                    input_open: None,
+                    input: present[8].then(|| InputView::new(&check, &redact, &[])),
+                    input_written: None,
                     decision: present[8].then_some(DecisionView(&decision)),
                 };
                 let mut written = Vec::new();
                 entry.write_json(&mut written);
                 let expected = serde_json::to_string(&entry).unwrap_or_default();
                 prop_assert!(!expected.is_empty());
-                prop_assert_eq!(String::from_utf8_lossy(&written), expected.as_str());
-                // The input's fields written before the answers were known, in their place:
-                // the same line.
+                prop_assert_eq!(String::from_utf8_lossy(&written), &expected);
+                // The input written before, in its place: the same line.
                 let mut input = Vec::new();
-                InputView::new(&check, &redact, &[]).write_open(&mut input);
-                let entry = DecisionLogEntry { input_open: Some(&input), ..entry };
+                InputView::new(&check, &redact, &[]).write_json(&mut input);
+                let entry = DecisionLogEntry { input_written: Some(&input), ..entry };
                 let mut again = Vec::new();
                 entry.write_json(&mut again);
-                prop_assert_eq!(String::from_utf8_lossy(&again), expected.as_str());
+                prop_assert_eq!(String::from_utf8_lossy(&again), &expected);
                 // And in parts around it, as the log queues such a line.
                 if entry.input.is_some() {
                     let mut around = Vec::new();
                     let at = entry.write_around_input(&mut around);
                     let parts = [&around[..at], &input, &around[at..]].concat();
-                    prop_assert_eq!(String::from_utf8_lossy(&parts), expected.as_str());
+                    prop_assert_eq!(String::from_utf8_lossy(&parts), expected);
                 }
             }
         }
