@@ -20,13 +20,6 @@ impl<'a> Object<'a> {
         Object { out, first: true }
     }
 
-    /// Go on with an object at the end of `out` that already has a field: the rest of a line
-    /// written in parts.
-    #[inline]
-    pub fn after_fields(out: &'a mut Vec<u8>) -> Self {
-        Object { out, first: false }
-    }
-
     /// Write `"name":` and return the line, for the field's value. `name` is written as it
     /// is: it must be a JSON-safe literal (the record's field names are).
     #[inline]

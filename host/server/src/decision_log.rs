@@ -87,29 +87,6 @@ impl DecisionLogEntry<'_> {
     /// ([`sandgate_records::line`]): every recorded check writes one.
     pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = sandgate_records::line::Object::new(out);
-        self.write_head(&mut o);
-        match (self.input_written, &self.input) {
-            (Some(written), Some(_)) => o.key("input").extend_from_slice(written),
-            (None, Some(input)) => input.write_json(o.key("input")),
-            (_, None) => {}
-        }
-        self.write_tail(o);
-    }
-
-    /// The line without the input written before (`input_written`) it holds: what precedes
-    /// the input's value (its key included) and then what follows it, at the end of `out`.
-    /// Returns where the input goes in `out`.
-    fn write_around_input(&self, out: &mut Vec<u8>) -> usize {
-        let mut o = sandgate_records::line::Object::new(out);
-        self.write_head(&mut o);
-        o.key("input");
-        let at = out.len();
-        self.write_tail(sandgate_records::line::Object::after_fields(out));
-        at
-    }
-
-    /// The fields before the input.
-    fn write_head(&self, o: &mut sandgate_records::line::Object<'_>) {
         o.u64("v", u64::from(self.v));
         o.u64("ts", self.ts);
         o.str("request_id", self.request_id);
@@ -143,10 +120,11 @@ impl DecisionLogEntry<'_> {
         });
         o.u64("latency_us", self.latency_us);
         o.some_str("route", self.route.as_deref());
-    }
-
-    /// The fields after the input, and the object's end.
-    fn write_tail(&self, mut o: sandgate_records::line::Object<'_>) {
+        match (self.input_written, &self.input) {
+            (Some(written), Some(_)) => o.key("input").extend_from_slice(written),
+            (None, Some(input)) => input.write_json(o.key("input")),
+            (_, None) => {}
+        }
         if let Some(decision) = &self.decision {
             decision.write_json(o.key("decision"));
         }
@@ -197,19 +175,6 @@ impl DecisionLog {
     /// Write `entry` with every occurrence of each of `secrets` (the tokens verified for its
     /// check) replaced by `[redacted]`.
     pub(crate) fn write_scrubbed(&self, secrets: &[&str], entry: &DecisionLogEntry<'_>) {
-        // With no token to take out, a line whose input was written before goes into the
-        // queue in parts: the input, most of the line, is copied once, straight into it.
-        if secrets.is_empty()
-            && entry.input.is_some()
-            && let Some(input) = entry.input_written
-        {
-            LINE.with_borrow_mut(|line| {
-                line.clear();
-                let at = entry.write_around_input(line);
-                self.enqueue(&[&line[..at], input, &line[at..]]);
-            });
-            return;
-        }
         self.send(|line| {
             entry.write_json(line);
             scrub(line, secrets);
@@ -227,40 +192,30 @@ impl DecisionLog {
     }
 
     fn send(&self, serialize: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>) {
+        thread_local! {
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         LINE.with_borrow_mut(|line| {
             line.clear();
-            if serialize(line).is_ok() {
-                self.enqueue(&[line]);
+            if serialize(line).is_err() {
+                return;
+            }
+            line.push(b'\n');
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.bytes.len() + line.len() > self.shared.capacity {
+                drop(queue);
+                self.dropped.inc();
+                return;
+            }
+            let below = queue.bytes.len() < WAKE_AT;
+            queue.bytes.extend_from_slice(line);
+            let wake = below && queue.bytes.len() >= WAKE_AT;
+            drop(queue);
+            if wake {
+                self.shared.ready.notify_one();
             }
         });
     }
-
-    /// Queue the line made of `parts` (and a newline), or drop and count it if the queue has
-    /// no room for it.
-    fn enqueue(&self, parts: &[&[u8]]) {
-        let len = parts.iter().map(|p| p.len()).sum::<usize>() + 1;
-        let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.bytes.len() + len > self.shared.capacity {
-            drop(queue);
-            self.dropped.inc();
-            return;
-        }
-        let below = queue.bytes.len() < WAKE_AT;
-        for part in parts {
-            queue.bytes.extend_from_slice(part);
-        }
-        queue.bytes.push(b'\n');
-        let wake = below && queue.bytes.len() >= WAKE_AT;
-        drop(queue);
-        if wake {
-            self.shared.ready.notify_one();
-        }
-    }
-}
-
-thread_local! {
-    /// A line being written, before it is copied into the queue: each thread reuses one.
-    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Shorter strings are not treated as secrets: they could match unrelated text.
@@ -661,14 +616,7 @@ mod tests {
                 let entry = DecisionLogEntry { input_written: Some(&input), ..entry };
                 let mut again = Vec::new();
                 entry.write_json(&mut again);
-                prop_assert_eq!(String::from_utf8_lossy(&again), &expected);
-                // And in parts around it, as the log queues such a line.
-                if entry.input.is_some() {
-                    let mut around = Vec::new();
-                    let at = entry.write_around_input(&mut around);
-                    let parts = [&around[..at], &input, &around[at..]].concat();
-                    prop_assert_eq!(String::from_utf8_lossy(&parts), expected);
-                }
+                prop_assert_eq!(String::from_utf8_lossy(&again), expected);
             }
         }
     }
