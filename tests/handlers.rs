@@ -236,9 +236,8 @@ async fn a_token_reaches_no_record_through_the_path_a_policy_log_line_or_the_bod
     }
 }
 
-/// With `capture = "input"`, a record's input is the check as the policy saw it, written before
-/// the evaluation when nothing the evaluation does can change it; a policy's `verify-jwt` calls
-/// are then answers the input must carry, and it does.
+/// With `capture = "input"`, a record's input is the check as the policy saw it (credentials
+/// redacted), with the answers of the policy's `verify-jwt` calls, which replay gives it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_captured_input_is_the_check_the_policy_saw_and_carries_its_verify_jwt_answers() {
     let config = records_config();

@@ -33,9 +33,6 @@ struct Checked<'a> {
     verify_jwt: Vec<sandgate_records::VerifyAnswer>,
     /// The tokens the policy passed to `verify-jwt` (with any capture): kept out of the record.
     verified_tokens: Vec<String>,
-    /// The check's captured input without `verify-jwt` answers, written before the
-    /// evaluation while its strings were in the cache (`capture = "input"`).
-    input_written: Option<Vec<u8>>,
 }
 
 /// A `verify-jwt` verifier that keeps the tokens it was given, to keep them out of the record,
@@ -436,15 +433,6 @@ impl Authorizer {
             now,
             versions: snapshot.versions(&policy),
         });
-        // Written now, while the strings just built are in this core's cache: after the
-        // evaluation (a policy instance's memory in between, perhaps another core) reading them
-        // back missed the cache for most of a record's strings. Used unless the policy called
-        // `verify-jwt` or a token must be taken out of the body.
-        let input_written = (self.capture == Capture::Input).then(|| {
-            let mut written = Vec::with_capacity(2048);
-            sandgate_records::InputView::new(&check, &self.redact, &[]).write_json(&mut written);
-            written
-        });
         // The tokens given to `verify-jwt` are kept out of the record; with `capture = "input"`,
         // its answers are kept for it.
         let recording = (self.capture != Capture::None || policy.shadow.is_some())
@@ -481,7 +469,7 @@ impl Authorizer {
             .cloned()
             .collect();
         let answer = Answer { request_id, evaluation, identity, unset_identity };
-        let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens, input_written };
+        let checked = Checked { policy: &policy, check: &check, verify_jwt, verified_tokens };
         self.record(&original, &answer, Some(&policy.id), &snapshot, Some(checked), now, started);
         answer
     }
@@ -670,7 +658,6 @@ impl Authorizer {
                 secrets.clear();
             }
         }
-        let mut input_written = None;
         let (input, decision, route) = match &checked {
             Some(c) if self.capture == Capture::Input => {
                 if let Some(archive) = &self.state.archive {
@@ -679,9 +666,6 @@ impl Authorizer {
                 let mut input = sandgate_records::InputView::new(c.check, &self.redact, &c.verify_jwt);
                 if let Some(body) = &scrubbed_body {
                     input = input.with_body(body);
-                }
-                if c.verify_jwt.is_empty() && scrubbed_body.is_none() {
-                    input_written = c.input_written.as_deref();
                 }
                 let route = snapshot.route_label(&original.host, &original.path);
                 (Some(input), Some(sandgate_records::DecisionView(&evaluation.decision)), route)
@@ -727,7 +711,6 @@ impl Authorizer {
                 latency_us: latency.as_micros() as u64,
                 route,
                 input,
-                input_written,
                 decision,
             },
         );

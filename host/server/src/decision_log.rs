@@ -71,11 +71,6 @@ pub(crate) struct DecisionLogEntry<'a> {
     /// The check as the policy saw it (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) input: Option<sandgate_records::InputView<'a>>,
-    /// The bytes `input`'s `write_json` wrote, when they were written earlier: written in its
-    /// place. The check's strings are read while they are in the cache (before the
-    /// evaluation), not after a policy instance has pushed them out.
-    #[serde(skip)]
-    pub(crate) input_written: Option<&'a [u8]>,
     /// The policy's whole answer (`capture = "input"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) decision: Option<sandgate_records::DecisionView<'a>>,
@@ -120,10 +115,8 @@ impl DecisionLogEntry<'_> {
         });
         o.u64("latency_us", self.latency_us);
         o.some_str("route", self.route.as_deref());
-        match (self.input_written, &self.input) {
-            (Some(written), Some(_)) => o.key("input").extend_from_slice(written),
-            (None, Some(input)) => input.write_json(o.key("input")),
-            (_, None) => {}
+        if let Some(input) = &self.input {
+            input.write_json(o.key("input"));
         }
         if let Some(decision) = &self.decision {
             decision.write_json(o.key("decision"));
@@ -602,21 +595,13 @@ mod tests {
                     latency_us: numbers[0] / 3,
                     route: some(7).map(std::borrow::Cow::Borrowed),
                     input: present[8].then(|| InputView::new(&check, &redact, &[])),
-                    input_written: None,
                     decision: present[8].then_some(DecisionView(&decision)),
                 };
                 let mut written = Vec::new();
                 entry.write_json(&mut written);
                 let expected = serde_json::to_string(&entry).unwrap_or_default();
                 prop_assert!(!expected.is_empty());
-                prop_assert_eq!(String::from_utf8_lossy(&written), &expected);
-                // The input written before, in its place: the same line.
-                let mut input = Vec::new();
-                InputView::new(&check, &redact, &[]).write_json(&mut input);
-                let entry = DecisionLogEntry { input_written: Some(&input), ..entry };
-                let mut again = Vec::new();
-                entry.write_json(&mut again);
-                prop_assert_eq!(String::from_utf8_lossy(&again), expected);
+                prop_assert_eq!(String::from_utf8_lossy(&written), expected);
             }
         }
     }
