@@ -151,6 +151,11 @@ def varied_traffic(tmp, users=1000):
     return str(path)
 
 
+# `capture = "input"` to the default sink, stdout (which the scripts send to /dev/null): the
+# record made and handed to the log thread, without any sink's cost.
+INPUT_TO_STDOUT = 'capture = "input"\nqueue_mib = 32'
+
+
 def input_to_file(tmp):
     """`[decision_log]` lines for `capture = "input"` to a size-rotated file in `tmp`."""
     return (f'capture = "input"\nqueue_mib = 32\narchive_dir = "{tmp / "archive"}"\nsink = "file"\n'
@@ -192,8 +197,7 @@ def main():
         "input → NATS, spool synced every batch": to_nats("spool_sync_ms = 0\n"),
         "input → NATS, 64 KiB messages": to_nats("", small_port),
         "input → file": input_to_file(tmp),
-        # The default sink, stdout, here /dev/null: the record made and handed off, no sink's cost.
-        "input → stdout": 'capture = "input"\nqueue_mib = 32',
+        "input → stdout": INPUT_TO_STDOUT,
     }
     if os.environ.get("CASES"):
         # `none` and the cases these comma-separated words name: the sink (`NATS`, `file`,

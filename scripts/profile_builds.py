@@ -49,6 +49,8 @@ def symbols(data):
 
 def main():
     baseline = Path(os.environ.get("BASELINE_SANDGATE") or sys.exit("set BASELINE_SANDGATE to the other build"))
+    if CASE not in ("none", "stdout", "file", "nats"):
+        sys.exit(f"CASE must be none, stdout, file or nats, not {CASE!r}")
     builds = {"this build": records.SANDGATE, "baseline": baseline}
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-profile-builds-"))
     script = records.varied_traffic(tmp)
@@ -57,7 +59,7 @@ def main():
     time.sleep(1)
     cases = {
         "none": 'capture = "none"',
-        "stdout": 'capture = "input"\nqueue_mib = 32',
+        "stdout": records.INPUT_TO_STDOUT,
         "file": records.input_to_file(tmp),
         "nats": records.input_to_nats(tmp, nats_port),
     }
