@@ -162,13 +162,46 @@ impl Compression {
     fn encode(self, lines: bytes::Bytes) -> std::io::Result<bytes::Bytes> {
         match self {
             Compression::None => Ok(lines),
-            Compression::Lz4 => {
-                let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(lines.len() / 4 + 64));
-                encoder.write_all(&lines)?;
-                Ok(encoder.finish().map_err(std::io::Error::other)?.into())
-            }
+            Compression::Lz4 => Ok(lz4_frame(&lines)?.into()),
         }
     }
+}
+
+/// The largest block of a message's LZ4 frame: a message's lines (at most 1 MiB) are one
+/// block, seldom two.
+const LZ4_BLOCK: usize = 1 << 20;
+
+/// `lines` as one LZ4 frame of independent blocks of at most [`LZ4_BLOCK`], without checksums:
+/// the frame `lz4_flex::frame::FrameEncoder` writes, made without its copy of every byte into
+/// its own buffer and its zeroed output buffer. Each block is compressed straight from `lines`
+/// and stored as it is when that is not smaller. The frame's header is the one `lz4_flex`
+/// writes for these settings.
+fn lz4_frame(lines: &[u8]) -> std::io::Result<Vec<u8>> {
+    use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
+    static HEADER: std::sync::LazyLock<std::io::Result<Vec<u8>>> = std::sync::LazyLock::new(|| {
+        let info = FrameInfo::new().block_size(BlockSize::Max1MB).block_mode(BlockMode::Independent);
+        // An empty frame: the header, then the end mark (four zero bytes).
+        let mut empty = FrameEncoder::with_frame_info(info, Vec::new()).finish().map_err(std::io::Error::other)?;
+        empty.truncate(empty.len().saturating_sub(4));
+        Ok(empty)
+    });
+    let header = HEADER.as_ref().map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+    const UNCOMPRESSED: u32 = 1 << 31;
+    let mut frame = Vec::with_capacity(header.len() + lines.len() / 8 + 64);
+    frame.extend_from_slice(header);
+    for block in lines.chunks(LZ4_BLOCK) {
+        let compressed = lz4_flex::block::compress(block);
+        // A block is at most 1 MiB, so its length fits the 31 bits the format gives it.
+        if compressed.len() < block.len() {
+            frame.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&compressed);
+        } else {
+            frame.extend_from_slice(&(block.len() as u32 | UNCOMPRESSED).to_le_bytes());
+            frame.extend_from_slice(block);
+        }
+    }
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    Ok(frame)
 }
 
 /// The lines a message of the records stream holds, decoded as its `Content-Encoding` says
@@ -1755,6 +1788,25 @@ mod tests {
         assert!(decode_message(Some("br"), &body).unwrap_err().contains("unknown Content-Encoding `br`"));
         let bomb = Compression::Lz4.encode(bytes::Bytes::from(vec![b'a'; 5 << 20])).unwrap();
         assert!(decode_message(Some("lz4"), &bomb).unwrap_err().contains("more than 4 MiB"));
+    }
+
+    #[test]
+    fn a_message_frame_is_one_any_lz4_reader_reads_whatever_its_lines() {
+        // Nothing, one block that compresses, blocks that do not (stored as they are), and a
+        // message of more than one block.
+        let mut noise = vec![0u8; LZ4_BLOCK + 5000];
+        aws_lc_rs::rand::fill(&mut noise).unwrap();
+        let lines: Vec<u8> = (0..30_000).flat_map(|i| format!("{{\"request_id\":\"r-{i}\"}}\n").into_bytes()).collect();
+        let mut mixed = lines.clone();
+        mixed.extend_from_slice(&noise);
+        for input in [&b""[..], &lines, &noise, &mixed, &noise[..LZ4_BLOCK]] {
+            let body = Compression::Lz4.encode(bytes::Bytes::copy_from_slice(input)).unwrap();
+            let mut decoded = Vec::new();
+            lz4_flex::frame::FrameDecoder::new(&body[..]).read_to_end(&mut decoded).unwrap();
+            assert!(decoded == input, "{} bytes decode to {}", input.len(), decoded.len());
+        }
+        // Incompressible lines cost only the frame's 15 bytes.
+        assert_eq!(Compression::Lz4.encode(bytes::Bytes::copy_from_slice(&noise[..1000])).unwrap().len(), 1015);
     }
 
     #[test]
