@@ -13,6 +13,9 @@ throughput figure can.
     BASELINE_SANDGATE=/path/to/other/sandgate .venv/bin/python scripts/profile_builds.py
     # CASE: none, stdout (the default: `capture = "input"`, the record made and handed off),
     # file or nats; ROUNDS (3), DURATION (8 s), TOP (15) from the environment. Needs `perf`.
+    # BASELINE_CASE runs the baseline on another case: with this build as its own baseline,
+    # what one case costs against another, symbol by symbol:
+    BASELINE_SANDGATE=target/release/sandgate BASELINE_CASE=none CASE=nats .venv/bin/python scripts/profile_builds.py
 """
 
 import collections
@@ -28,6 +31,7 @@ import bench_records as records  # noqa: E402
 from bench_load import free_port, wrk  # noqa: E402
 
 CASE = os.environ.get("CASE", "stdout")
+BASELINE_CASE = os.environ.get("BASELINE_CASE", CASE)
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = int(os.environ.get("DURATION", "8"))
 TOP = int(os.environ.get("TOP", "15"))
@@ -49,13 +53,15 @@ def symbols(data):
 
 def main():
     baseline = Path(os.environ.get("BASELINE_SANDGATE") or sys.exit("set BASELINE_SANDGATE to the other build"))
-    if CASE not in ("none", "stdout", "file", "nats"):
-        sys.exit(f"CASE must be none, stdout, file or nats, not {CASE!r}")
+    for name, case in (("CASE", CASE), ("BASELINE_CASE", BASELINE_CASE)):
+        if case not in ("none", "stdout", "file", "nats"):
+            sys.exit(f"{name} must be none, stdout, file or nats, not {case!r}")
     builds = {"this build": records.SANDGATE, "baseline": baseline}
+    case_of = {"this build": CASE, "baseline": BASELINE_CASE}
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-profile-builds-"))
     script = records.varied_traffic(tmp)
     nats_port = free_port()
-    nats = records.nats_server(nats_port, tmp / "js") if CASE == "nats" else None
+    nats = records.nats_server(nats_port, tmp / "js") if "nats" in case_of.values() else None
     time.sleep(1)
     cases = {
         "none": 'capture = "none"',
@@ -68,8 +74,9 @@ def main():
         # Alternate which build goes first.
         for name in (list(builds) if n % 2 == 0 else list(builds)[::-1]):
             records.SANDGATE = builds[name]
-            config = cases[CASE].replace("{spool}", str(tmp / f"spool-{n}-{name.split()[0]}"))
-            proc, port = records.serve(records.config(tmp, CASE, config), tmp / "sidecar.log")
+            case = case_of[name]
+            config = cases[case].replace("{spool}", str(tmp / f"spool-{n}-{name.split()[0]}"))
+            proc, port = records.serve(records.config(tmp, case, config), tmp / "sidecar.log")
             wrk(port, {}, 2, script)
             data = str(tmp / "perf.data")
             perf = subprocess.Popen(["perf", "record", "-F", str(HZ), "-p", str(proc.pid), "-o", data, "--", "sleep",
@@ -89,7 +96,8 @@ def main():
             for sym, us in round_.items():
                 mean[name][sym] += us / len(rounds)
     this, base = mean["this build"], mean["baseline"]
-    print(f"\ncase `{CASE}`, {ROUNDS} rounds: {sum(this.values()):.2f} µs a check this build, {sum(base.values()):.2f} baseline")
+    cases_run = f"case `{CASE}`" if CASE == BASELINE_CASE else f"case `{CASE}` against `{BASELINE_CASE}`"
+    print(f"\n{cases_run}, {ROUNDS} rounds: {sum(this.values()):.2f} µs a check this build, {sum(base.values()):.2f} baseline")
     print("| symbol | baseline µs/check | this build µs/check | difference |")
     print("|---|---|---|---|")
     for sym in sorted(set(this) | set(base), key=lambda s: -abs(this[s] - base[s]))[:TOP]:
