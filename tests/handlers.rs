@@ -259,8 +259,14 @@ async fn a_captured_input_is_the_check_the_policy_saw_and_carries_its_verify_jwt
         (&"GET".into(), &"/orders/7".into(), &"page=2".into(), &"10.0.0.7:4000".into())
     );
     assert_eq!(input["headers"], serde_json::json!([["authorization", "[redacted]"]]));
-    assert_eq!((&input["credential"]["kind"], &input["credential"]["subject"]), (&"verified".into(), &"alice".into()));
-    assert_eq!(input["versions"]["policy_digest"], lines[0]["policy_digest"]);
+    // Format 2 writes nothing twice: the pinned time and versions are the record's own, and the
+    // standard claims are what `claims_json` gives.
+    let credential = &input["credential"];
+    assert_eq!((&credential["kind"], credential.get("subject")), (&"verified".into(), None), "{credential}");
+    let claims: serde_json::Value = serde_json::from_str(credential["claims_json"].as_str().unwrap()).unwrap();
+    assert_eq!((&claims["sub"], &lines[0]["subject"]), (&"alice".into(), &"alice".into()));
+    assert!(input.get("versions").is_none() && input.get("now").is_none(), "{input}");
+    assert_eq!((&lines[0]["v"], lines[0]["policy_digest"].as_str().map(str::len)), (&2.into(), Some(64)));
     assert!(input.get("verify_jwt").is_none(), "{input}");
     let answers = lines[1]["input"]["verify_jwt"].as_array().expect("the verify-jwt answers");
     assert_eq!(answers.len(), 1, "{}", lines[1]);

@@ -165,8 +165,10 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     # A record whose answer was not what its input gives is caught: one reader's token in one
     # record turned into a writer's, with the recorded answer left as it was.
     lines = records.read_text().splitlines()
-    tampered_at = next(i for i, l in enumerate(lines) if '"decision":"deny"' in l and '"roles":["reader"]' in l)
-    lines[tampered_at] = lines[tampered_at].replace('"roles":["reader"]', '"roles":["writer"]')
+    # The roles are in the credential's `claims_json`, a JSON text inside the line.
+    reader, writer = r'\"roles\":[\"reader\"]', r'\"roles\":[\"writer\"]'
+    tampered_at = next(i for i, l in enumerate(lines) if '"decision":"deny"' in l and reader in l)
+    lines[tampered_at] = lines[tampered_at].replace(reader, writer)
     tampered = tmp_path / "tampered.log"
     tampered.write_text("\n".join(lines) + "\n")
     out = replay(tampered, "--archive", archive, "--json")
@@ -206,13 +208,37 @@ def test_a_candidate_shows_what_it_would_change_and_gates_on_it(tmp_path):
     out = replay(records, "--archive", str(tmp_path / "empty"), "--allow-skipped")
     assert out.returncode == 0, out.stdout + out.stderr
     # A record of a format version this build does not know is not replayed as if it were
-    # version 1: counted, and the replay is incomplete.
+    # version 2: counted, and the replay is incomplete.
     future = tmp_path / "future.log"
     record = json.loads(lines[allowed_at])
-    record["v"] = 2
+    record["v"] = 3
     future.write_text("\n".join(lines[:allowed_at] + [json.dumps(record)]) + "\n")
     out = replay(future, "--archive", archive)
     assert out.returncode == 3 and "not replayed (unsupported_version): 1" in out.stdout, out.stdout + out.stderr
+    # A version 1 line, which wrote the pinned time and versions in its input and the standard
+    # claims out, replays as the check it records, with the claims it wrote.
+    def version_1(line, roles=None):
+        record = json.loads(line)
+        record["v"] = 1
+        record["input"]["now"] = record["ts"]
+        record["input"]["versions"] = {k: record[k] for k in ("snapshot", "policy_digest", "key_set", "revocations", "data")}
+        credential = record["input"]["credential"]
+        claims = json.loads(credential["claims_json"])
+        aud = claims.get("aud", [])
+        credential.update(issuer=claims.get("iss", ""), subject=claims.get("sub", ""),
+                          audiences=[aud] if isinstance(aud, str) else aud, scopes=[], roles=roles or claims.get("roles", []))
+        for name, claim in (("expires_at", "exp"), ("issued_at", "iat"), ("token_id", "jti")):
+            if claim in claims:
+                credential[name] = claims[claim]
+        return json.dumps(record)
+    assert '"credential":"verified"' in lines[allowed_at] and "scope" not in lines[allowed_at]
+    old = tmp_path / "version-1.log"
+    old.write_text(version_1(lines[allowed_at]) + "\n")
+    out = replay(old, "--archive", archive)
+    assert out.returncode == 0 and "1 replayed: 1 the same" in out.stdout, out.stdout + out.stderr
+    old.write_text(version_1(lines[allowed_at], roles=["nobody"]) + "\n")
+    out = replay(old, "--archive", archive)
+    assert out.returncode == 1 and "1 differ" in out.stdout, out.stdout + out.stderr
 
 
 def test_replay_fetches_a_module_the_archive_lacks_from_its_registry(tmp_path):
@@ -315,7 +341,7 @@ def test_records_follow_the_schema_and_capture_none_writes_nothing(tmp_path):
         assert len(lines) == 3
         for line in lines:
             jsonschema.validate(line, schema)
-            assert line["v"] == 1 and line["data_digest"].startswith("sha256:")
+            assert line["v"] == 2 and line["data_digest"].startswith("sha256:")
             assert ("input" in line) == (capture == "input")
     s, records = start(tmp_path, capture="none")
     Client(s.port).check("/api/orders/1", mint(1, "hs-a"))

@@ -1,5 +1,6 @@
-//! The decision record, version 1: one JSON object a line. `docs/decision-record.schema.json`
-//! is its schema; this module is the reference.
+//! The decision record, version 2: one JSON object a line. `docs/decision-record.schema.json`
+//! is its schema; this module is the reference. Version 1 lines still read (replay decides
+//! them as before).
 //!
 //! Every line carries the metadata of the decision (request id, policy, module and data
 //! digests, snapshot versions, fleet revision, outcome, reason, the policy's log lines).
@@ -14,7 +15,16 @@ use sandgate_runtime::bindings::sandgate::policy::types::{
 use serde::{Deserialize, Serialize};
 
 /// The record format version written in every line as `"v"`.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 2 writes nothing twice. Its `input` leaves out the pinned time and versions, which
+/// are the record's own `ts`, `snapshot`, `policy_digest`, `key_set`, `revocations` and `data`;
+/// and a verified credential (in `input.credential` and in `verify_jwt` answers) leaves out the
+/// standard claims, which are what its `claims_json` gives ([`standard_claims`]), as the host
+/// derived them for the policy. Version 1 wrote both; replay reads both versions.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest record format version replay reads (lines older still carry no `v`).
+pub const OLDEST_VERSION: u32 = 1;
 
 /// What a redacted header's value is replaced with.
 pub const REDACTED: &str = "[redacted]";
@@ -47,10 +57,14 @@ pub struct Input {
     pub body: Option<String>,
     /// The host's verdict on the bearer token (the claims, never the token).
     pub credential: CredentialRecord,
-    /// The pinned time, Unix seconds.
-    pub now: u64,
-    /// The pinned versions, as the policy received them.
-    pub versions: Versions,
+    /// The pinned time, Unix seconds. Version 1 wrote it; version 2 leaves it out: it is the
+    /// record's `ts` ([`Record::now`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now: Option<u64>,
+    /// The pinned versions, as the policy received them. Version 1 wrote them; version 2
+    /// leaves them out: they are the record's own ([`Record::versions`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Versions>,
     /// The answers of the policy's `verify-jwt` calls, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify_jwt: Vec<VerifyAnswer>,
@@ -69,6 +83,10 @@ pub enum CredentialRecord {
 }
 
 /// A verified credential: the key that verified it and its claims.
+///
+/// Version 2 writes the key, the algorithm and `claims_json`; the standard claims are what
+/// `claims_json` gives ([`standard_claims`]). Version 1 also wrote them, as the fields from
+/// `issuer` to `roles` (`issuer`, `subject`, `audiences`, `scopes` and `roles` always).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifiedRecord {
@@ -77,27 +95,51 @@ pub struct VerifiedRecord {
     pub key_id: Option<String>,
     /// The algorithm.
     pub algorithm: String,
-    /// `iss`.
-    pub issuer: String,
-    /// `sub`.
-    pub subject: String,
-    /// `aud`.
-    pub audiences: Vec<String>,
-    /// `exp`.
+    /// `iss` (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// `sub` (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `aud` (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audiences: Option<Vec<String>>,
+    /// `exp` (version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
-    /// `iat`.
+    /// `iat` (version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<u64>,
-    /// `jti`.
+    /// `jti` (version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
-    /// Scopes.
-    pub scopes: Vec<String>,
-    /// Roles.
-    pub roles: Vec<String>,
+    /// Scopes (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Roles (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
     /// Every claim, as the JSON text the policy received.
     pub claims_json: String,
+}
+
+/// The standard claims a policy receives with a credential whose claims are `claims_json`:
+/// what the host derives from a verified token's claims (`sandgate_spec::StandardClaims`), so
+/// what a version 2 record leaves out. An error if `claims_json` is not a JSON object.
+pub fn standard_claims(claims_json: &str) -> Result<StandardClaims, String> {
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(claims_json).map_err(|e| format!("claims_json is not a JSON object: {e}"))?;
+    let c = sandgate_spec::StandardClaims::from_claims(&claims);
+    Ok(StandardClaims {
+        issuer: c.issuer,
+        subject: c.subject,
+        audiences: c.audiences,
+        expires_at: c.expires_at,
+        issued_at: c.issued_at,
+        token_id: c.token_id,
+        scopes: c.scopes,
+        roles: c.roles,
+    })
 }
 
 /// Why a credential was rejected.
@@ -166,9 +208,24 @@ pub struct Record {
     /// The format version; absent in lines older than version 1.
     #[serde(default)]
     pub v: Option<u32>,
+    /// When the check was decided, Unix seconds: its pinned time.
+    #[serde(default)]
+    pub ts: Option<u64>,
     /// Sandgate's id of the check.
     #[serde(default)]
     pub request_id: String,
+    /// The snapshot the check was decided on.
+    #[serde(default)]
+    pub snapshot: Option<u64>,
+    /// The key sets' version in it.
+    #[serde(default)]
+    pub key_set: Option<u64>,
+    /// The revocations' version in it.
+    #[serde(default)]
+    pub revocations: Option<u64>,
+    /// The policy's data document's version, when a policy ran.
+    #[serde(default)]
+    pub data: Option<u64>,
     /// The policy id, when a route chose one.
     #[serde(default)]
     pub policy: Option<String>,
@@ -226,6 +283,29 @@ pub struct Record {
     pub subject: Option<String>,
 }
 
+impl Record {
+    /// The pinned time of the check its `input` describes: the input's own (version 1) or the
+    /// record's `ts` (version 2).
+    pub fn now(&self) -> Option<u64> {
+        self.input.as_ref().and_then(|input| input.now).or(self.ts)
+    }
+
+    /// The pinned versions of the check its `input` describes: the input's own (version 1) or
+    /// the record's (version 2); `None` if neither is whole.
+    pub fn versions(&self) -> Option<Versions> {
+        if let Some(versions) = self.input.as_ref().and_then(|input| input.versions.clone()) {
+            return Some(versions);
+        }
+        Some(Versions {
+            snapshot: self.snapshot?,
+            policy_digest: self.policy_digest.clone()?,
+            key_set: self.key_set?,
+            revocations: self.revocations?,
+            data: self.data?,
+        })
+    }
+}
+
 /// The longest method, host and path a record's summary carries (its `input` has them whole).
 pub const SUMMARY_BOUNDS: (usize, usize, usize) = (32, 256, 2048);
 
@@ -273,27 +353,27 @@ impl Input {
                 Credential::Verified(v) => CredentialRecord::Verified(VerifiedRecord::from(v)),
                 Credential::Rejected(e) => CredentialRecord::Rejected(ErrorRecord::from(e)),
             },
-            now: check.now,
-            versions: Versions {
-                snapshot: check.versions.snapshot,
-                policy_digest: check.versions.policy_digest.clone(),
-                key_set: check.versions.key_set,
-                revocations: check.versions.revocations,
-                data: check.versions.data,
-            },
+            // The record's `ts` and versions (version 2).
+            now: None,
+            versions: None,
             verify_jwt,
         }
     }
 
-    /// The check request this input describes, with `request_id`; `None` if the body is not
-    /// base64.
-    pub fn to_check(&self, request_id: &str) -> Option<CheckRequest> {
+    /// The check request this input describes, with `request_id`, pinned to `now` and
+    /// `versions` (the record's: [`Record::now`], [`Record::versions`]); an error if the body
+    /// is not base64 or a credential's claims are not a JSON object.
+    pub fn to_check(&self, request_id: &str, now: u64, versions: &Versions) -> Result<CheckRequest, String> {
         use base64::Engine;
         let body = match &self.body {
-            Some(b) => Some(base64::engine::general_purpose::STANDARD.decode(b).ok()?),
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| format!("the body is not base64: {e}"))?,
+            ),
             None => None,
         };
-        Some(CheckRequest {
+        Ok(CheckRequest {
             request_id: request_id.to_owned(),
             method: self.method.clone(),
             scheme: self.scheme.clone(),
@@ -309,58 +389,80 @@ impl Input {
             body,
             credential: match &self.credential {
                 CredentialRecord::None => Credential::None,
-                CredentialRecord::Verified(v) => Credential::Verified(v.to_credential()),
+                CredentialRecord::Verified(v) => Credential::Verified(v.to_credential()?),
                 CredentialRecord::Rejected(e) => Credential::Rejected(e.to_error()),
             },
-            now: self.now,
+            now,
             versions: SnapshotVersions {
-                snapshot: self.versions.snapshot,
-                policy_digest: self.versions.policy_digest.clone(),
-                key_set: self.versions.key_set,
-                revocations: self.versions.revocations,
-                data: self.versions.data,
+                snapshot: versions.snapshot,
+                policy_digest: versions.policy_digest.clone(),
+                key_set: versions.key_set,
+                revocations: versions.revocations,
+                data: versions.data,
             },
         })
     }
 }
 
 impl From<&VerifiedCredential> for VerifiedRecord {
+    /// As version 2 writes it: the standard claims are those of `claims_json`, as the host
+    /// derives them.
     fn from(v: &VerifiedCredential) -> Self {
-        let c = &v.claims;
         VerifiedRecord {
             key_id: v.key_id.clone(),
             algorithm: v.algorithm.clone(),
-            issuer: c.issuer.clone(),
-            subject: c.subject.clone(),
-            audiences: c.audiences.clone(),
-            expires_at: c.expires_at,
-            issued_at: c.issued_at,
-            token_id: c.token_id.clone(),
-            scopes: c.scopes.clone(),
-            roles: c.roles.clone(),
+            issuer: None,
+            subject: None,
+            audiences: None,
+            expires_at: None,
+            issued_at: None,
+            token_id: None,
+            scopes: None,
+            roles: None,
             claims_json: v.claims_json.clone(),
         }
     }
 }
 
 impl VerifiedRecord {
-    /// As the WIT `verified-credential`.
-    pub fn to_credential(&self) -> VerifiedCredential {
-        VerifiedCredential {
+    /// The standard claims: as written (version 1, which always writes `issuer`), or what
+    /// `claims_json` gives (version 2). An error for claims written in part, or `claims_json`
+    /// that is not a JSON object when they are to come from it.
+    pub fn claims(&self) -> Result<StandardClaims, String> {
+        let Some(issuer) = &self.issuer else {
+            let written =
+                [self.subject.is_some(), self.audiences.is_some(), self.expires_at.is_some()].into_iter().chain([
+                    self.issued_at.is_some(),
+                    self.token_id.is_some(),
+                    self.scopes.is_some(),
+                    self.roles.is_some(),
+                ]);
+            if written.into_iter().any(|w| w) {
+                return Err("a credential's standard claims are written without its issuer".into());
+            }
+            return standard_claims(&self.claims_json);
+        };
+        let missing = |field: &str| format!("a credential's standard claims are written without its {field}");
+        Ok(StandardClaims {
+            issuer: issuer.clone(),
+            subject: self.subject.clone().ok_or_else(|| missing("subject"))?,
+            audiences: self.audiences.clone().ok_or_else(|| missing("audiences"))?,
+            expires_at: self.expires_at,
+            issued_at: self.issued_at,
+            token_id: self.token_id.clone(),
+            scopes: self.scopes.clone().ok_or_else(|| missing("scopes"))?,
+            roles: self.roles.clone().ok_or_else(|| missing("roles"))?,
+        })
+    }
+
+    /// As the WIT `verified-credential`; an error as [`VerifiedRecord::claims`] says.
+    pub fn to_credential(&self) -> Result<VerifiedCredential, String> {
+        Ok(VerifiedCredential {
             key_id: self.key_id.clone(),
             algorithm: self.algorithm.clone(),
-            claims: StandardClaims {
-                issuer: self.issuer.clone(),
-                subject: self.subject.clone(),
-                audiences: self.audiences.clone(),
-                expires_at: self.expires_at,
-                issued_at: self.issued_at,
-                token_id: self.token_id.clone(),
-                scopes: self.scopes.clone(),
-                roles: self.roles.clone(),
-            },
+            claims: self.claims()?,
             claims_json: self.claims_json.clone(),
-        }
+        })
     }
 }
 
@@ -432,7 +534,7 @@ impl Serialize for InputView<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let c = self.check;
-        let mut s = serializer.serialize_struct("Input", 12)?;
+        let mut s = serializer.serialize_struct("Input", 10)?;
         s.serialize_field("method", &c.method)?;
         s.serialize_field("scheme", &c.scheme)?;
         s.serialize_field("host", &c.host)?;
@@ -451,8 +553,9 @@ impl Serialize for InputView<'_> {
             None => s.skip_field("body")?,
         }
         s.serialize_field("credential", &CredentialView(&c.credential))?;
-        s.serialize_field("now", &c.now)?;
-        s.serialize_field("versions", &VersionsView(&c.versions))?;
+        // The pinned time and versions are the record's (version 2).
+        s.skip_field("now")?;
+        s.skip_field("versions")?;
         if self.verify_jwt.is_empty() {
             s.skip_field("verify_jwt")?;
         } else {
@@ -489,17 +592,8 @@ impl InputView<'_> {
             Credential::None => k.str("kind", "none"),
             Credential::Verified(v) => {
                 k.str("kind", "verified");
-                let claims = &v.claims;
                 k.some_str("key_id", v.key_id.as_deref());
                 k.str("algorithm", &v.algorithm);
-                k.str("issuer", &claims.issuer);
-                k.str("subject", &claims.subject);
-                k.strs("audiences", claims.audiences.iter().map(String::as_str));
-                k.some_u64("expires_at", claims.expires_at);
-                k.some_u64("issued_at", claims.issued_at);
-                k.some_str("token_id", claims.token_id.as_deref());
-                k.strs("scopes", claims.scopes.iter().map(String::as_str));
-                k.strs("roles", claims.roles.iter().map(String::as_str));
                 k.str("claims_json", &v.claims_json);
             }
             Credential::Rejected(e) => {
@@ -509,15 +603,6 @@ impl InputView<'_> {
             }
         }
         k.end();
-        o.u64("now", c.now);
-        let versions = &c.versions;
-        let mut v = line::Object::new(o.key("versions"));
-        v.u64("snapshot", versions.snapshot);
-        v.str("policy_digest", &versions.policy_digest);
-        v.u64("key_set", versions.key_set);
-        v.u64("revocations", versions.revocations);
-        v.u64("data", versions.data);
-        v.end();
         if !self.verify_jwt.is_empty() {
             // Rare (a policy calling `verify-jwt`): written by `serde_json`.
             let _ = serde_json::to_writer(&mut *o.key("verify_jwt"), self.verify_jwt);
@@ -564,7 +649,7 @@ impl Serialize for CredentialView<'_> {
                 s.end()
             }
             Credential::Verified(v) => {
-                let mut s = serializer.serialize_struct("CredentialRecord", 12)?;
+                let mut s = serializer.serialize_struct("CredentialRecord", 4)?;
                 s.serialize_field("kind", "verified")?;
                 verified_fields(&mut s, v)?;
                 s.end()
@@ -580,49 +665,15 @@ impl Serialize for CredentialView<'_> {
     }
 }
 
-/// The fields of a [`VerifiedRecord`], in its order, from the WIT credential.
+/// The fields of a [`VerifiedRecord`] version 2 writes, in its order, from the WIT credential:
+/// the standard claims are left to `claims_json`.
 fn verified_fields<S: serde::ser::SerializeStruct>(s: &mut S, v: &VerifiedCredential) -> Result<(), S::Error> {
-    let c = &v.claims;
     match &v.key_id {
         Some(key_id) => s.serialize_field("key_id", key_id)?,
         None => s.skip_field("key_id")?,
     }
     s.serialize_field("algorithm", &v.algorithm)?;
-    s.serialize_field("issuer", &c.issuer)?;
-    s.serialize_field("subject", &c.subject)?;
-    s.serialize_field("audiences", &c.audiences)?;
-    match c.expires_at {
-        Some(at) => s.serialize_field("expires_at", &at)?,
-        None => s.skip_field("expires_at")?,
-    }
-    match c.issued_at {
-        Some(at) => s.serialize_field("issued_at", &at)?,
-        None => s.skip_field("issued_at")?,
-    }
-    match &c.token_id {
-        Some(id) => s.serialize_field("token_id", id)?,
-        None => s.skip_field("token_id")?,
-    }
-    s.serialize_field("scopes", &c.scopes)?;
-    s.serialize_field("roles", &c.roles)?;
     s.serialize_field("claims_json", &v.claims_json)
-}
-
-/// [`Versions`] borrowed from the WIT versions.
-struct VersionsView<'a>(&'a SnapshotVersions);
-
-impl Serialize for VersionsView<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let v = self.0;
-        let mut s = serializer.serialize_struct("Versions", 5)?;
-        s.serialize_field("snapshot", &v.snapshot)?;
-        s.serialize_field("policy_digest", &v.policy_digest)?;
-        s.serialize_field("key_set", &v.key_set)?;
-        s.serialize_field("revocations", &v.revocations)?;
-        s.serialize_field("data", &v.data)?;
-        s.end()
-    }
 }
 
 /// [`DecisionRecord`] borrowed from the policy's answer: serializes to exactly the JSON
@@ -742,7 +793,8 @@ mod tests {
                     scopes: vec![],
                     roles: vec!["reader".into()],
                 },
-                claims_json: r#"{"sub":"alice"}"#.into(),
+                claims_json:
+                    r#"{"aud":"api","exp":10,"iss":"https://issuer","jti":"j","roles":["reader"],"sub":"alice"}"#.into(),
             }),
             now: 5,
             versions: SnapshotVersions { snapshot: 3, policy_digest: "ab".into(), key_set: 2, revocations: 1, data: 4 },
@@ -757,7 +809,7 @@ mod tests {
         assert!(!text.contains("secret.token") && !text.contains("session=s") && !text.contains("\"k\""), "{text}");
         let back: Input = serde_json::from_str(&text).unwrap_or_else(|_| input.clone());
         assert_eq!(back, input);
-        let replayed = back.to_check("r-1");
+        let replayed = back.to_check("r-1", check.now, &versions_of(&check)).ok();
         let expected_headers: Vec<(String, String)> = vec![
             ("authorization".into(), REDACTED.into()),
             ("cookie".into(), REDACTED.into()),
@@ -776,9 +828,95 @@ mod tests {
                 && r.now == check.now
                 && r.versions.policy_digest == check.versions.policy_digest
                 && matches!((&r.credential, &check.credential), (Credential::Verified(a), Credential::Verified(b))
-                    if a.claims_json == b.claims_json && a.claims.roles == b.claims.roles && a.key_id == b.key_id)
+                    if a.claims_json == b.claims_json && a.claims == b.claims && a.key_id == b.key_id)
         });
         assert!(same);
+    }
+
+    fn versions_of(check: &CheckRequest) -> Versions {
+        let v = &check.versions;
+        Versions {
+            snapshot: v.snapshot,
+            policy_digest: v.policy_digest.clone(),
+            key_set: v.key_set,
+            revocations: v.revocations,
+            data: v.data,
+        }
+    }
+
+    /// A version 2 line of `check`'s input, and the version 1 line the same check had.
+    fn lines_of_both_versions(check: &CheckRequest) -> (String, String) {
+        let top = format!(
+            r#""ts":{},"request_id":"r-1","method":"GET","host":"api.example","path":"/orders/7","policy":"p","policy_digest":"ab","snapshot":3,"key_set":2,"revocations":1,"data":4,"credential":"verified","subject":"alice","outcome":"allow","status":200,"reason":"allow""#,
+            check.now
+        );
+        let decision = r#""decision":{"decision":"allow","set_headers":[],"remove_headers":[]}"#;
+        let input = serde_json::to_string(&InputView::new(check, &[], &[])).unwrap_or_default();
+        let v2 = format!(r#"{{"v":2,{top},"input":{input},{decision}}}"#);
+        // Version 1 wrote the pinned time, the versions and the standard claims in the input.
+        let mut v1_input = Input::capture(check, &[], Vec::new());
+        v1_input.now = Some(check.now);
+        v1_input.versions = Some(versions_of(check));
+        if let (CredentialRecord::Verified(v), Credential::Verified(c)) = (&mut v1_input.credential, &check.credential)
+        {
+            let claims = &c.claims;
+            v.issuer = Some(claims.issuer.clone());
+            v.subject = Some(claims.subject.clone());
+            v.audiences = Some(claims.audiences.clone());
+            (v.expires_at, v.issued_at, v.token_id) = (claims.expires_at, claims.issued_at, claims.token_id.clone());
+            v.scopes = Some(claims.scopes.clone());
+            v.roles = Some(claims.roles.clone());
+        }
+        let v1_input = serde_json::to_string(&v1_input).unwrap_or_default();
+        let v1 = format!(r#"{{"v":1,{top},"input":{v1_input},{decision}}}"#);
+        (v2, v1)
+    }
+
+    #[test]
+    fn a_version_2_line_writes_nothing_twice_and_reads_as_the_check_its_version_1_line_did() {
+        let check = check();
+        let (v2, v1) = lines_of_both_versions(&check);
+        // Version 2: no pinned time, versions or standard claims in the input.
+        for field in [r#""now""#, r#""versions""#, r#""issuer""#, r#""roles""#, r#""expires_at""#] {
+            assert!(!v2.contains(field), "{field} in {v2}");
+            assert!(v1.contains(field), "{field} not in {v1}");
+        }
+        assert!(v2.len() < v1.len());
+        let read = |line: &str| -> CheckRequest {
+            let record: Record = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            let input = record.input.as_ref().expect("an input");
+            let (now, versions) = (record.now().expect("now"), record.versions().expect("versions"));
+            input.to_check("r-1", now, &versions).unwrap_or_else(|e| panic!("{e}: {line}"))
+        };
+        let (from_v2, from_v1) = (read(&v2), read(&v1));
+        let redacted = |c: &CheckRequest| Input::capture(c, &[], Vec::new());
+        assert_eq!(redacted(&from_v2), redacted(&check));
+        assert_eq!((from_v2.now, &from_v2.versions.policy_digest), (check.now, &check.versions.policy_digest));
+        assert_eq!(from_v2.versions.data, check.versions.data);
+        let claims = |c: &CheckRequest| match &c.credential {
+            Credential::Verified(v) => Some(v.claims.clone()),
+            _ => None,
+        };
+        assert_eq!(claims(&from_v2), claims(&check));
+        assert_eq!(claims(&from_v1), claims(&check));
+        assert_eq!((from_v1.now, from_v1.versions.snapshot), (check.now, check.versions.snapshot));
+    }
+
+    #[test]
+    fn standard_claims_written_in_part_or_claims_that_are_not_an_object_do_not_read() {
+        let record = |fields: &str| -> VerifiedRecord {
+            serde_json::from_str(&format!(r#"{{"algorithm":"HS256",{fields}"claims_json":"{{\"sub\":\"a\"}}"}}"#))
+                .unwrap_or_else(|e| panic!("{e}: {fields}"))
+        };
+        assert_eq!(record("").claims().map(|c| c.subject), Ok("a".to_owned()));
+        assert!(record(r#""roles":["x"],"#).claims().unwrap_err().contains("without its issuer"));
+        assert!(
+            record(r#""issuer":"i","subject":"s","audiences":[],"scopes":[],"#).claims().unwrap_err().contains("roles")
+        );
+        let v1 = record(r#""issuer":"i","subject":"s","audiences":[],"scopes":[],"roles":[],"#).claims();
+        assert_eq!(v1.map(|c| (c.issuer, c.subject)), Ok(("i".to_owned(), "s".to_owned())));
+        let not_an_object = VerifiedRecord { claims_json: "[1]".into(), ..record("") };
+        assert!(not_an_object.claims().unwrap_err().contains("not a JSON object"));
     }
 
     mod views {
@@ -803,30 +941,57 @@ mod tests {
             (name, text()).prop_map(|(name, value)| Header { name, value })
         }
 
+        /// Any JSON value a claim may hold, numbers of every kind among them.
+        fn claim() -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::{Value, json};
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|f| json!(f)),
+                text().prop_map(Value::String),
+                "[a-z]{1,5}( [a-z]{1,5}){0,3}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(2, 8, 3, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..3).prop_map(serde_json::Value::Array),
+                    proptest::collection::btree_map("[a-z]{1,3}", inner, 0..3)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A credential as the host makes one: its standard claims derived from its claims,
+        /// `claims_json` their text (`sandgate_auth::VerifiedToken::new`).
         fn verified() -> impl Strategy<Value = VerifiedCredential> {
-            let claims = (
-                text(),
-                text(),
-                vec(text(), 0..3),
-                option::of(any::<u64>()),
-                option::of(any::<u64>()),
-                option::of(text()),
-                vec(text(), 0..3),
-                vec(text(), 0..3),
-            )
-                .prop_map(
-                    |(issuer, subject, audiences, expires_at, issued_at, token_id, scopes, roles)| StandardClaims {
-                        issuer,
-                        subject,
-                        audiences,
-                        expires_at,
-                        issued_at,
-                        token_id,
-                        scopes,
-                        roles,
-                    },
-                );
-            (option::of(text()), text(), claims, text()).prop_map(|(key_id, algorithm, claims, claims_json)| {
+            let name = prop_oneof![
+                Just("iss"),
+                Just("sub"),
+                Just("aud"),
+                Just("exp"),
+                Just("iat"),
+                Just("jti"),
+                Just("scope"),
+                Just("scp"),
+                Just("roles"),
+                Just("tenant")
+            ];
+            let claims = proptest::collection::btree_map(name.prop_map(str::to_owned), claim(), 0..8);
+            (option::of(text()), text(), claims).prop_map(|(key_id, algorithm, claims)| {
+                let claims: serde_json::Map<String, serde_json::Value> = claims.into_iter().collect();
+                let c = sandgate_spec::StandardClaims::from_claims(&claims);
+                let claims_json = serde_json::Value::Object(claims).to_string();
+                let claims = StandardClaims {
+                    issuer: c.issuer,
+                    subject: c.subject,
+                    audiences: c.audiences,
+                    expires_at: c.expires_at,
+                    issued_at: c.issued_at,
+                    token_id: c.token_id,
+                    scopes: c.scopes,
+                    roles: c.roles,
+                };
                 VerifiedCredential { key_id, algorithm, claims, claims_json }
             })
         }
@@ -914,7 +1079,24 @@ mod tests {
                 InputView::new(&check, &redact, &verify_jwt).write_json(&mut written);
                 prop_assert!(!owned.is_empty());
                 prop_assert_eq!(&view, &owned);
-                prop_assert_eq!(String::from_utf8_lossy(&written), owned);
+                prop_assert_eq!(String::from_utf8_lossy(&written), owned.clone());
+                // Read back, the input is the check the policy saw: its pinned time and
+                // versions the record's, its credentials' standard claims what their claims give.
+                let read: Input = serde_json::from_str(&owned).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let v = &check.versions;
+                let versions = Versions {
+                    snapshot: v.snapshot,
+                    policy_digest: v.policy_digest.clone(),
+                    key_set: v.key_set,
+                    revocations: v.revocations,
+                    data: v.data,
+                };
+                let back = read.to_check(&check.request_id, check.now, &versions).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&back.credential, &check.credential);
+                prop_assert_eq!((back.now, &back.versions), (check.now, &check.versions));
+                for (answer, recorded) in verify_jwt.iter().zip(&read.verify_jwt) {
+                    prop_assert_eq!(answer, recorded);
+                }
                 let owned = serde_json::to_string(&DecisionRecord::from(&decision)).unwrap_or_default();
                 let view = serde_json::to_string(&DecisionView(&decision)).unwrap_or_default();
                 let mut written = Vec::new();
@@ -931,7 +1113,12 @@ mod tests {
         let line = r#"{"ts":1,"request_id":"x","method":"GET","host":"h","path":"/","policy":null,"outcome":"deny","status":403,"reason":"no_route","extra":1}"#;
         let record: Record = serde_json::from_str(line).unwrap_or_else(|_| Record {
             v: Some(99),
+            ts: None,
             request_id: String::new(),
+            snapshot: None,
+            key_set: None,
+            revocations: None,
+            data: None,
             policy: None,
             policy_digest: None,
             data_digest: None,

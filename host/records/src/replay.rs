@@ -7,10 +7,13 @@
 //! instead and every answer that differs is a change it would make.
 
 use crate::format::{
-    CredentialRecord, DecisionRecord, HOST_CONDITIONS, Input, REDACTED, Record, SUMMARY_BOUNDS, VerifyAnswer, bounded,
+    DecisionRecord, FORMAT_VERSION, HOST_CONDITIONS, OLDEST_VERSION, REDACTED, Record, SUMMARY_BOUNDS, VerifyAnswer,
+    Versions, bounded,
 };
 use sandgate_registry::Cache;
-use sandgate_runtime::bindings::sandgate::policy::types::{CredentialError, VerifiedCredential};
+use sandgate_runtime::bindings::sandgate::policy::types::{
+    CheckRequest, Credential, CredentialError, VerifiedCredential,
+};
 use sandgate_runtime::{EvalContext, PolicyData, PolicyModule, Runtime, Start, TokenVerifier};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -151,7 +154,10 @@ struct PlayedBack(Mutex<VecDeque<VerifyAnswer>>);
 impl TokenVerifier for PlayedBack {
     fn verify(&self, _token: &str) -> Result<VerifiedCredential, CredentialError> {
         match self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
-            Some(VerifyAnswer::Verified(v)) => Ok(v.to_credential()),
+            Some(VerifyAnswer::Verified(v)) => v.to_credential().map_err(|message| CredentialError {
+                reason: "replay_unreadable_answer".into(),
+                message: format!("the recorded verify-jwt answer does not read: {message}"),
+            }),
             Some(VerifyAnswer::Rejected(e)) => Err(e.to_error()),
             None => Err(CredentialError {
                 reason: "replay_unrecorded".into(),
@@ -249,14 +255,20 @@ impl<'a> Replayer<'a> {
         if !self.candidates.is_empty() && !record.policy.as_ref().is_some_and(|p| self.candidates.contains_key(p)) {
             return Verdict::Skipped("other_policy");
         }
-        // Version 1, or a line from before versions: what this build knows how to read.
-        if record.v.is_some_and(|v| v != 1) {
+        // Versions 1 and 2, or a line from before versions: what this build knows how to read.
+        if record.v.is_some_and(|v| !(OLDEST_VERSION..=FORMAT_VERSION).contains(&v)) {
             return Verdict::Skipped("unsupported_version");
         }
         let (Some(input), Some(recorded)) = (&record.input, &record.decision) else {
             return Verdict::Skipped("no_input");
         };
-        if let Some(field) = contradiction(record, input, recorded) {
+        let (Some(now), Some(versions)) = (record.now(), record.versions()) else {
+            return Verdict::Skipped("bad_input");
+        };
+        let Ok(check) = input.to_check(&record.request_id, now, &versions) else {
+            return Verdict::Skipped("bad_input");
+        };
+        if let Some(field) = contradiction(record, &check, &versions, recorded) {
             return Verdict::Contradicts(field);
         }
         if HOST_CONDITIONS.contains(&record.reason.as_str()) && record.fault.is_some() {
@@ -266,14 +278,13 @@ impl<'a> Replayer<'a> {
         let is_candidate = candidate.is_some();
         let module = match candidate {
             Some(module) => module,
-            None => match self.module(&input.versions.policy_digest, record.policy_source.as_deref()) {
+            None => match self.module(&versions.policy_digest, record.policy_source.as_deref()) {
                 Some(module) => module,
                 None => return Verdict::Skipped("missing_module"),
             },
         };
         let Some(data_digest) = &record.data_digest else { return Verdict::Skipped("missing_data") };
-        let Some(data) = self.data(data_digest, input.versions.data) else { return Verdict::Skipped("missing_data") };
-        let Some(check) = input.to_check(&record.request_id) else { return Verdict::Skipped("bad_input") };
+        let Some(data) = self.data(data_digest, versions.data) else { return Verdict::Skipped("missing_data") };
         let verifier = Arc::new(PlayedBack(Mutex::new(input.verify_jwt.iter().cloned().collect())));
         // The start the check had: a policy's `prepare` must not change its decisions, but
         // replay reproduces the check, not what the policy promises. A candidate starts as it
@@ -293,16 +304,21 @@ impl<'a> Replayer<'a> {
 }
 
 /// The first of `record`'s summary fields (what reports and log searches read) that is not what
-/// the sidecar writes for its `input` and recorded answer, if any.
-fn contradiction(record: &Record, input: &Input, recorded: &DecisionRecord) -> Option<&'static str> {
+/// the sidecar writes for its input (`check`, pinned to `versions`) and recorded answer, if any.
+fn contradiction(
+    record: &Record,
+    check: &CheckRequest,
+    versions: &Versions,
+    recorded: &DecisionRecord,
+) -> Option<&'static str> {
     let (outcome, status, reason) = match recorded {
         DecisionRecord::Allow { .. } => ("allow", 200, "allow"),
         DecisionRecord::Deny { status, reason, .. } => ("deny", *status, reason.as_str()),
     };
-    let (credential, subject) = match &input.credential {
-        CredentialRecord::None => ("none", None),
-        CredentialRecord::Verified(v) => ("verified", Some(v.subject.as_str())),
-        CredentialRecord::Rejected(e) => (e.reason.as_str(), None),
+    let (credential, subject) = match &check.credential {
+        Credential::None => ("none", None),
+        Credential::Verified(v) => ("verified", Some(v.claims.subject.as_str())),
+        Credential::Rejected(e) => (e.reason.as_str(), None),
     };
     let (method, host, path) = SUMMARY_BOUNDS;
     // The summary's strings are the input's, cut. Where a token was replaced in the input, the
@@ -312,12 +328,12 @@ fn contradiction(record: &Record, input: &Input, recorded: &DecisionRecord) -> O
         ("outcome", record.outcome == outcome),
         ("status", record.status == status),
         ("reason", record.reason == reason),
-        ("policy_digest", record.policy_digest.as_deref() == Some(input.versions.policy_digest.as_str())),
+        ("policy_digest", record.policy_digest.as_deref() == Some(versions.policy_digest.as_str())),
         ("credential", record.credential.as_deref() == Some(credential)),
         ("subject", record.subject.as_deref() == subject),
-        ("method", cut_from(&record.method, &input.method, method)),
-        ("host", cut_from(&record.host, &input.host, host)),
-        ("path", cut_from(&record.path, &input.path, path)),
+        ("method", cut_from(&record.method, &check.method, method)),
+        ("host", cut_from(&record.host, &check.host, host)),
+        ("path", cut_from(&record.path, &check.path, path)),
     ]
     .into_iter()
     .find_map(|(field, holds)| (!holds).then_some(field))

@@ -22,7 +22,7 @@ fn batches() -> (Vec<Vec<u8>>, usize) {
     let lines: Vec<u8> = (0..640)
         .flat_map(|i| {
             let mut line = format!(
-                r#"{{"v":1,"request_id":"0194d3c5-7b7e-7cc1-8a33-{i:012}","route":"/api","path":"/api/orders/{}","outcome":"allow","#,
+                r#"{{"v":2,"request_id":"0194d3c5-7b7e-7cc1-8a33-{i:012}","route":"/api","path":"/api/orders/{}","outcome":"allow","#,
                 i * 7919 % 100_000
             );
             while line.len() < 1600 {
