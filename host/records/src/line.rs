@@ -1,6 +1,6 @@
 //! Writing record lines: the bytes `serde_json` writes for the same values, written directly.
 //!
-//! Every check with `capture = "input"` writes a line of ~1.6 KB, most of it strings. The
+//! Every check with `capture = "input"` writes a line of ~1.3 KB, most of it strings. The
 //! `Serialize` impls of the record types stay the reference (replay reads lines with them, and
 //! tests hold these writers to them byte for byte); the decision log writes with these, which
 //! skip clean runs of a string eight bytes at a time where `serde_json` looks at every byte,

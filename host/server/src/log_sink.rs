@@ -11,7 +11,7 @@
 //! only past what JetStream acknowledged. Delivery is at least once: a batch in flight when
 //! the process dies may be stored twice (request ids tell the copies apart). A message's
 //! lines are compressed as one LZ4 frame (`Content-Encoding: lz4`) unless `compression = "none"`:
-//! decision records repeat themselves, and NATS stores about a fourteenth of the bytes (on varied
+//! decision records repeat themselves, and NATS stores about a fifteenth of the bytes (on varied
 //! traffic, `docs/BENCHMARKS.md`). While NATS is unreachable the spool grows up
 //! to its size limit; past it, whole lines are dropped and counted
 //! (`sandgate_decision_log_dropped_total`), never partly written.
