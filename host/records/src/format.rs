@@ -430,14 +430,14 @@ impl VerifiedRecord {
     /// that is not a JSON object when they are to come from it.
     pub fn claims(&self) -> Result<StandardClaims, String> {
         let Some(issuer) = &self.issuer else {
-            let written =
-                [self.subject.is_some(), self.audiences.is_some(), self.expires_at.is_some()].into_iter().chain([
-                    self.issued_at.is_some(),
-                    self.token_id.is_some(),
-                    self.scopes.is_some(),
-                    self.roles.is_some(),
-                ]);
-            if written.into_iter().any(|w| w) {
+            let written = self.subject.is_some()
+                || self.audiences.is_some()
+                || self.expires_at.is_some()
+                || self.issued_at.is_some()
+                || self.token_id.is_some()
+                || self.scopes.is_some()
+                || self.roles.is_some();
+            if written {
                 return Err("a credential's standard claims are written without its issuer".into());
             }
             return standard_claims(&self.claims_json);
