@@ -124,22 +124,25 @@ pub struct VerifiedRecord {
 }
 
 /// The standard claims a policy receives with a credential whose claims are `claims_json`:
-/// what the host derives from a verified token's claims (`sandgate_spec::StandardClaims`), so
-/// what a version 2 record leaves out. An error if `claims_json` is not a JSON object.
+/// what the host derives from a verified token's claims
+/// ([`sandgate_runtime::spec::standard_claims`]), so what a version 2 record leaves out. An
+/// error if `claims_json` is not a JSON object.
 pub fn standard_claims(claims_json: &str) -> Result<StandardClaims, String> {
     let claims: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(claims_json).map_err(|e| format!("claims_json is not a JSON object: {e}"))?;
-    let c = sandgate_spec::StandardClaims::from_claims(&claims);
-    Ok(StandardClaims {
-        issuer: c.issuer,
-        subject: c.subject,
-        audiences: c.audiences,
-        expires_at: c.expires_at,
-        issued_at: c.issued_at,
-        token_id: c.token_id,
-        scopes: c.scopes,
-        roles: c.roles,
-    })
+    Ok(sandgate_runtime::spec::standard_claims(&claims))
+}
+
+impl From<&SnapshotVersions> for Versions {
+    fn from(v: &SnapshotVersions) -> Self {
+        Versions {
+            snapshot: v.snapshot,
+            policy_digest: v.policy_digest.clone(),
+            key_set: v.key_set,
+            revocations: v.revocations,
+            data: v.data,
+        }
+    }
 }
 
 /// Why a credential was rejected.
@@ -809,7 +812,7 @@ mod tests {
         assert!(!text.contains("secret.token") && !text.contains("session=s") && !text.contains("\"k\""), "{text}");
         let back: Input = serde_json::from_str(&text).unwrap_or_else(|_| input.clone());
         assert_eq!(back, input);
-        let replayed = back.to_check("r-1", check.now, &versions_of(&check)).ok();
+        let replayed = back.to_check("r-1", check.now, &Versions::from(&check.versions)).ok();
         let expected_headers: Vec<(String, String)> = vec![
             ("authorization".into(), REDACTED.into()),
             ("cookie".into(), REDACTED.into()),
@@ -833,17 +836,6 @@ mod tests {
         assert!(same);
     }
 
-    fn versions_of(check: &CheckRequest) -> Versions {
-        let v = &check.versions;
-        Versions {
-            snapshot: v.snapshot,
-            policy_digest: v.policy_digest.clone(),
-            key_set: v.key_set,
-            revocations: v.revocations,
-            data: v.data,
-        }
-    }
-
     /// A version 2 line of `check`'s input, and the version 1 line the same check had.
     fn lines_of_both_versions(check: &CheckRequest) -> (String, String) {
         let top = format!(
@@ -856,7 +848,7 @@ mod tests {
         // Version 1 wrote the pinned time, the versions and the standard claims in the input.
         let mut v1_input = Input::capture(check, &[], Vec::new());
         v1_input.now = Some(check.now);
-        v1_input.versions = Some(versions_of(check));
+        v1_input.versions = Some(Versions::from(&check.versions));
         if let (CredentialRecord::Verified(v), Credential::Verified(c)) = (&mut v1_input.credential, &check.credential)
         {
             let claims = &c.claims;
@@ -979,20 +971,7 @@ mod tests {
             ];
             let claims = proptest::collection::btree_map(name.prop_map(str::to_owned), claim(), 0..8);
             (option::of(text()), text(), claims).prop_map(|(key_id, algorithm, claims)| {
-                let claims: serde_json::Map<String, serde_json::Value> = claims.into_iter().collect();
-                let c = sandgate_spec::StandardClaims::from_claims(&claims);
-                let claims_json = serde_json::Value::Object(claims).to_string();
-                let claims = StandardClaims {
-                    issuer: c.issuer,
-                    subject: c.subject,
-                    audiences: c.audiences,
-                    expires_at: c.expires_at,
-                    issued_at: c.issued_at,
-                    token_id: c.token_id,
-                    scopes: c.scopes,
-                    roles: c.roles,
-                };
-                VerifiedCredential { key_id, algorithm, claims, claims_json }
+                sandgate_runtime::spec::verified_credential(claims.into_iter().collect(), key_id, &algorithm)
             })
         }
 
@@ -1083,14 +1062,7 @@ mod tests {
                 // Read back, the input is the check the policy saw: its pinned time and
                 // versions the record's, its credentials' standard claims what their claims give.
                 let read: Input = serde_json::from_str(&owned).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                let v = &check.versions;
-                let versions = Versions {
-                    snapshot: v.snapshot,
-                    policy_digest: v.policy_digest.clone(),
-                    key_set: v.key_set,
-                    revocations: v.revocations,
-                    data: v.data,
-                };
+                let versions = Versions::from(&check.versions);
                 let back = read.to_check(&check.request_id, check.now, &versions).map_err(TestCaseError::fail)?;
                 prop_assert_eq!(&back.credential, &check.credential);
                 prop_assert_eq!((back.now, &back.versions), (check.now, &check.versions));

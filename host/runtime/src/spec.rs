@@ -11,21 +11,31 @@ use serde_json::{Map, Value, json};
 
 /// A verified credential carrying `claims`, with the standard claims typed.
 pub fn verified_credential(claims: Map<String, Value>, key_id: Option<String>, algorithm: &str) -> VerifiedCredential {
-    let s = sandgate_spec::StandardClaims::from_claims(&claims);
     VerifiedCredential {
         key_id,
         algorithm: algorithm.to_owned(),
-        claims: StandardClaims {
-            issuer: s.issuer,
-            subject: s.subject,
-            audiences: s.audiences,
-            expires_at: s.expires_at,
-            issued_at: s.issued_at,
-            token_id: s.token_id,
-            scopes: s.scopes,
-            roles: s.roles,
-        },
+        claims: standard_claims(&claims),
         claims_json: Value::Object(claims).to_string(),
+    }
+}
+
+/// The standard claims a policy receives with `claims` ([`sandgate_spec::StandardClaims`]), as
+/// the WIT `standard-claims`.
+pub fn standard_claims(claims: &Map<String, Value>) -> StandardClaims {
+    wit_claims(sandgate_spec::StandardClaims::from_claims(claims))
+}
+
+/// Typed standard claims as the WIT `standard-claims`.
+pub fn wit_claims(s: sandgate_spec::StandardClaims) -> StandardClaims {
+    StandardClaims {
+        issuer: s.issuer,
+        subject: s.subject,
+        audiences: s.audiences,
+        expires_at: s.expires_at,
+        issued_at: s.issued_at,
+        token_id: s.token_id,
+        scopes: s.scopes,
+        roles: s.roles,
     }
 }
 
