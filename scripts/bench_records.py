@@ -16,6 +16,9 @@ CPU by thread (the tokio workers, the policy threads, the log writer, the NATS p
     ./scripts/build-policies.sh
     .venv/bin/python scripts/bench_records.py          # ROUNDS (5) and DURATION (5 s) from the environment
     CASES=NATS,64 .venv/bin/python scripts/bench_records.py   # only `none` and the cases named so
+    # The sidecar on CPU 1 alone, wrk and nats-server on the others: what a record costs the
+    # sidecar when nothing else runs on its cores.
+    SIDECAR_CPUS=1 .venv/bin/python scripts/bench_records.py
 """
 
 import json
@@ -39,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SANDGATE = ROOT / "target" / "release" / "sandgate"
 POLICIES = ROOT / "target" / "policies"
 DURATION = int(os.environ.get("DURATION", "5"))
+# CPUs the sidecar runs on, alone (e.g. "1"); wrk and nats-server run on the others.
+SIDECAR_CPUS = {int(cpu) for cpu in os.environ["SIDECAR_CPUS"].split(",")} if os.environ.get("SIDECAR_CPUS") else None
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 ISSUER, AUDIENCE, SECRET = "https://issuer.bench", "bench", "a-benchmark-hs256-secret-of-32-bytes!"
 RBAC = {"roles": {"reader": [{"methods": ["GET", "HEAD"], "paths": ["/api/**"]}]}}
@@ -53,6 +58,10 @@ def serve(config_path, log_path):
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            if SIDECAR_CPUS:
+                # Every thread it has started; those it starts later inherit the affinity.
+                for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                    os.sched_setaffinity(int(task.name), SIDECAR_CPUS)
             return proc, port
         except OSError:
             time.sleep(0.05)
@@ -177,6 +186,11 @@ def nats_server(port, store, *args):
 
 
 def main():
+    if SIDECAR_CPUS:
+        others = os.sched_getaffinity(0) - SIDECAR_CPUS
+        if not others or not SIDECAR_CPUS <= os.sched_getaffinity(0):
+            sys.exit(f"SIDECAR_CPUS={sorted(SIDECAR_CPUS)} must name some, not all, of CPUs {sorted(os.sched_getaffinity(0))}")
+        os.sched_setaffinity(0, others)  # this script and what it starts: nats-server, wrk
     tmp = Path(tempfile.mkdtemp(prefix="sandgate-bench-records-"))
     nats_port, small_port, monitor_port = free_port(), free_port(), free_port()
     nats = nats_server(nats_port, tmp / "js", "-m", str(monitor_port))
