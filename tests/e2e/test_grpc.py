@@ -2,6 +2,8 @@
 `xds-protos` package): allow with identity headers, deny with status and body, malformed
 requests, and gRPC health checking."""
 
+import time
+
 import grpc
 import pytest
 from envoy.config.core.v3 import address_pb2, base_pb2
@@ -73,14 +75,30 @@ def test_path_with_query_is_split(stub, sandgate, keys):
     assert line["path"] == "/api/search" and line["outcome"] == "allow"
 
 
-def test_malformed_requests_are_denied(stub, keys):
+def test_malformed_requests_are_denied_and_recorded(stub, keys, sandgate):
+    refused = []
     for request in (external_auth_pb2.CheckRequest(), external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext())):
         response = stub.Check(request)
         assert response.status.code == INVALID_ARGUMENT
         assert response.denied_response.status.code == 400
+        refused.append(response)
     token = keys.token(roles=["reader"])
     huge = stub.Check(check_request(headers={"authorization": f"Bearer {token}", "x-padding": "x" * 100_000}))
     assert huge.status.code == INVALID_ARGUMENT and huge.denied_response.status.code == 431
+    refused.append(huge)
+    # Each refusal is a decision like any other: its reason code and request id in the answer,
+    # and a decision-log line under that id.
+    answered = [headers_of(r.denied_response.headers) for r in refused]
+    assert [h["x-sandgate-reason"] for h in answered] == ["malformed_check_request"] * 2 + ["headers_too_large"]
+    ids = [h["x-sandgate-request-id"] for h in answered]
+    deadline = time.time() + 5
+    while True:
+        lines = {l["request_id"]: l for l in sandgate.decision_log()}
+        if all(i in lines for i in ids) or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert [(lines[i]["outcome"], lines[i]["status"], lines[i]["reason"]) for i in ids if i in lines] == [
+        ("deny", 400, "malformed_check_request"), ("deny", 400, "malformed_check_request"), ("deny", 431, "headers_too_large")]
 
 
 def test_a_check_message_over_one_mib_is_refused_before_it_is_read(stub, keys):

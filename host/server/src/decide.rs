@@ -474,13 +474,13 @@ impl Authorizer {
         answer
     }
 
-    /// Answer a request the protocol adapter could not read (400 with `reason`), counted and
-    /// logged like any decision.
-    pub fn refuse(&self, reason: &str, message: &str) -> Answer {
+    /// Answer a request the protocol adapter could not read (`status`, 400 or 431, with
+    /// `reason`), counted and logged like any decision.
+    pub fn refuse(&self, status: u16, reason: &str, message: &str) -> Answer {
         let started = Instant::now();
         let now = unix_now();
         let request_id = self.new_request_id();
-        let answer = Answer::host_deny(request_id, 400, reason, message);
+        let answer = Answer::host_deny(request_id, status, reason, message);
         self.record(&OriginalRequest::default(), &answer, None, &self.state.store.load(), None, now, started);
         answer
     }

@@ -7,7 +7,8 @@
 //! request, headers to remove); a deny is `UNAUTHENTICATED` (401), `UNAVAILABLE` (503) or
 //! `PERMISSION_DENIED` (anything else) with a `DeniedHttpResponse` carrying the policy's status,
 //! headers and message. A request without HTTP attributes, or with oversized headers, is denied
-//! (`INVALID_ARGUMENT`, 400 / 431): never allowed.
+//! (`INVALID_ARGUMENT`, 400 / 431, with its reason code), counted and logged like any
+//! decision: never allowed.
 
 use crate::decide::{Answer, Authorizer};
 use crate::listener::{BodyRefused, Receiving};
@@ -286,7 +287,11 @@ impl tonic::server::UnaryService<wire::CheckRequest> for Check {
                     }
                     check_response(&authorizer.decide(original).await)
                 }
-                Err((status, message)) => denied(code::INVALID_ARGUMENT, status, message, &[]),
+                // Counted and logged like any decision, as forward-auth's refusals are.
+                Err(Unreadable { status, reason, message }) => {
+                    let answer = authorizer.refuse(status, reason, message);
+                    denied(code::INVALID_ARGUMENT, status, message, &answer.headers())
+                }
             };
             Ok(tonic::Response::new(response))
         })
@@ -306,12 +311,24 @@ fn trace_metadata(metadata: &tonic::metadata::MetadataMap) -> Vec<Header> {
         .collect()
 }
 
+/// Why a check request cannot be checked: denied with this status and reason code, never
+/// guessed at.
+#[derive(Debug, PartialEq, Eq)]
+struct Unreadable {
+    status: u16,
+    reason: &'static str,
+    message: &'static str,
+}
+
 /// The original request from Envoy's attributes, or why it cannot be checked. Takes the
 /// decoded message apart: its strings become the check's without copies.
-fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16, &'static str)> {
-    let attributes = request.attributes.ok_or((400, "malformed check request: no attributes"))?;
-    let http =
-        attributes.request.and_then(|r| r.http).ok_or((400, "malformed check request: no attributes.request.http"))?;
+fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, Unreadable> {
+    let malformed = |message| Unreadable { status: 400, reason: "malformed_check_request", message };
+    let attributes = request.attributes.ok_or(malformed("malformed check request: no attributes"))?;
+    let http = attributes
+        .request
+        .and_then(|r| r.http)
+        .ok_or(malformed("malformed check request: no attributes.request.http"))?;
     // Counted as HTTP/2 counts a header list (RFC 7541 §4.1): 32 bytes an entry besides its
     // name and value, so that many empty entries are not free.
     let size: usize = http.headers.iter().map(|h| h.key.len() + h.value.len() + 32).sum::<usize>()
@@ -320,7 +337,7 @@ fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16
             .as_ref()
             .map_or(0, |m| m.headers.iter().map(|h| h.key.len() + h.value.len() + h.raw_value.len() + 32).sum());
     if size > MAX_HEADER_BYTES {
-        return Err((431, "request headers too large"));
+        return Err(Unreadable { status: 431, reason: "headers_too_large", message: "request headers too large" });
     }
     let lowercase = |mut name: String| {
         name.make_ascii_lowercase();
@@ -346,7 +363,11 @@ fn original_request(request: wire::CheckRequest) -> Result<OriginalRequest, (u16
     headers.sort_by(|a, b| a.name.cmp(&b.name));
     // Two `Authorization` headers: the upstream might use the one not checked.
     if headers.iter().filter(|h| h.name == "authorization").count() > 1 {
-        return Err((400, "the request has more than one `authorization` header"));
+        return Err(Unreadable {
+            status: 400,
+            reason: "ambiguous_authorization",
+            message: "the request has more than one `authorization` header",
+        });
     }
     let (path, query) = OriginalRequest::split_target(&http.path);
     let body = if !http.raw_body.is_empty() {
@@ -515,7 +536,8 @@ mod tests {
     #[test]
     fn a_check_without_http_attributes_is_invalid() {
         let empty = envoy_types::ext_authz::v3::pb::CheckRequest::default();
-        assert_eq!(original_request(decoded(&empty)).err(), Some((400, "malformed check request: no attributes")));
+        let refused = original_request(decoded(&empty)).err().map(|e| (e.status, e.reason, e.message));
+        assert_eq!(refused, Some((400, "malformed_check_request", "malformed check request: no attributes")));
     }
 
     fn with_http(
@@ -550,7 +572,10 @@ mod tests {
             header_map: Some(HeaderMap { headers: vec![header("Bearer a"), header("Bearer b")] }),
             ..Default::default()
         };
-        assert_eq!(original_request(decoded(&with_http(http))).err().map(|e| e.0), Some(400));
+        assert_eq!(
+            original_request(decoded(&with_http(http))).err().map(|e| (e.status, e.reason)),
+            Some((400, "ambiguous_authorization"))
+        );
         // The same through the `headers` map and `header_map` together.
         let http = attribute_context::HttpRequest {
             path: "/x".into(),
@@ -558,7 +583,10 @@ mod tests {
             header_map: Some(HeaderMap { headers: vec![header("Bearer b")] }),
             ..Default::default()
         };
-        assert_eq!(original_request(decoded(&with_http(http))).err().map(|e| e.0), Some(400));
+        assert_eq!(
+            original_request(decoded(&with_http(http))).err().map(|e| (e.status, e.reason)),
+            Some((400, "ambiguous_authorization"))
+        );
     }
 
     /// Many empty header entries count: each decodes to far more than its 2 bytes on the
@@ -572,7 +600,10 @@ mod tests {
             header_map: Some(HeaderMap { headers: vec![EnvoyHeader::default(); 40_000] }),
             ..Default::default()
         };
-        assert_eq!(original_request(decoded(&with_http(http))).err(), Some((431, "request headers too large")));
+        assert_eq!(
+            original_request(decoded(&with_http(http))).err().map(|e| (e.status, e.reason)),
+            Some((431, "headers_too_large"))
+        );
     }
 
     /// The lean message reads Envoy's full `CheckRequest` (with fields it skips: the

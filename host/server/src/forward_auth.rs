@@ -100,7 +100,7 @@ impl ForwardAuth {
         match rest {
             Some(rest) => match from_forward_auth(&request, rest, peer, self.proxy) {
                 Ok(original) => http_response(&self.authorizer.decide(original).await),
-                Err(unreadable) => http_response(&self.authorizer.refuse(unreadable.reason, &unreadable.message)),
+                Err(unreadable) => http_response(&self.authorizer.refuse(400, unreadable.reason, &unreadable.message)),
             },
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         }

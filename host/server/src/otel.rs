@@ -13,7 +13,7 @@ use opentelemetry::trace::{
     TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample};
 use sandgate_runtime::bindings::sandgate::policy::types::Header;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// `sample_ratio`, for checks whose caller left the decision to Sandgate.
+    ratio: Sampler,
 }
 
 impl Tracing {
@@ -38,9 +40,7 @@ impl Tracing {
             opentelemetry_sdk::runtime::Tokio,
         )
         .build();
-        let sampler = opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
-            opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(config.sample_ratio),
-        ));
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)));
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service_name.clone()).build();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
@@ -48,7 +48,7 @@ impl Tracing {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("sandgate");
-        Ok(Tracing { provider, tracer })
+        Ok(Tracing { provider, tracer, ratio: Sampler::TraceIdRatioBased(config.sample_ratio) })
     }
 
     /// Export what is buffered and stop.
@@ -62,7 +62,7 @@ impl Tracing {
     pub fn record(&self, check: &CheckTrace, end: Instant, attributes: Vec<KeyValue>, denied: bool) {
         let at = |instant: Instant| check.started + instant.saturating_duration_since(check.t0);
         let parent = match &check.parent {
-            Some(span_context) => Context::new().with_remote_span_context(span_context.clone()),
+            Some(parent) => Context::new().with_remote_span_context(parent.decided(&self.ratio)),
             None => Context::new(),
         };
         let root = self
@@ -111,7 +111,7 @@ impl Tracing {
 /// What a check measured along the way, for its spans.
 pub struct CheckTrace {
     /// The proxy's span, if the request carried one.
-    pub parent: Option<SpanContext>,
+    pub parent: Option<Parent>,
     /// Wall-clock time the check started.
     pub started: SystemTime,
     /// The same moment, monotonic.
@@ -168,9 +168,34 @@ fn get<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.name == name).map(|h| h.value.trim())
 }
 
+/// The caller's span, from its trace-context headers.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// Its ids and the caller's sampling decision.
+    pub span: SpanContext,
+    /// The caller left the sampling decision to Sandgate (B3 without a sampling state): the
+    /// check is sampled by `sample_ratio`, as a trace Sandgate starts is.
+    pub deferred: bool,
+}
+
+impl Parent {
+    /// The parent span the tracer's sampler (parent-based) sees: the caller's decision, or for
+    /// a deferred one, `ratio`'s on the trace id.
+    fn decided(&self, ratio: &Sampler) -> SpanContext {
+        if !self.deferred {
+            return self.span.clone();
+        }
+        let trace = self.span.trace_id();
+        let sampled = ratio.should_sample(None, trace, "sandgate.check", &SpanKind::Server, &[], &[]).decision
+            == SamplingDecision::RecordAndSample;
+        let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        SpanContext::new(trace, self.span.span_id(), flags, true, self.span.trace_state().clone())
+    }
+}
+
 /// The caller's span from W3C Trace Context (`traceparent`, `tracestate`) or B3 (`b3`, or
 /// `x-b3-traceid` with `x-b3-spanid` and `x-b3-sampled`).
-pub fn parent_context(headers: &[Header]) -> Option<SpanContext> {
+pub fn parent_context(headers: &[Header]) -> Option<Parent> {
     if let Some(traceparent) = get(headers, "traceparent") {
         return w3c(traceparent, get(headers, "tracestate"));
     }
@@ -196,7 +221,7 @@ fn hex_id<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(bytes)
 }
 
-fn w3c(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+fn w3c(traceparent: &str, tracestate: Option<&str>) -> Option<Parent> {
     let mut parts = traceparent.split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     // Version 00 has exactly four fields; a later version may add fields after them.
@@ -211,10 +236,10 @@ fn w3c(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
         return None;
     }
     let state = tracestate.and_then(|s| s.parse::<TraceState>().ok()).unwrap_or_default();
-    Some(SpanContext::new(trace, span, TraceFlags::new(flags & 1), true, state))
+    Some(Parent { span: SpanContext::new(trace, span, TraceFlags::new(flags & 1), true, state), deferred: false })
 }
 
-fn b3_context(trace: &str, span: &str, sampled: Option<&str>) -> Option<SpanContext> {
+fn b3_context(trace: &str, span: &str, sampled: Option<&str>) -> Option<Parent> {
     let trace = match trace.len() {
         16 => format!("{:0>32}", trace),
         32 => trace.to_owned(),
@@ -225,12 +250,13 @@ fn b3_context(trace: &str, span: &str, sampled: Option<&str>) -> Option<SpanCont
     if trace == TraceId::INVALID || span == SpanId::INVALID {
         return None;
     }
-    // Absent: the caller deferred the decision; sampled here by the ratio, as a root would be.
-    let flags = match sampled {
-        Some("1" | "d" | "true") => TraceFlags::SAMPLED,
-        _ => TraceFlags::default(),
+    // Absent (or not a sampling state): the caller deferred the decision to Sandgate.
+    let (flags, deferred) = match sampled {
+        Some("1" | "d" | "true") => (TraceFlags::SAMPLED, false),
+        Some("0" | "false") => (TraceFlags::default(), false),
+        _ => (TraceFlags::default(), true),
     };
-    Some(SpanContext::new(trace, span, flags, true, TraceState::default()))
+    Some(Parent { span: SpanContext::new(trace, span, flags, true, TraceState::default()), deferred })
 }
 
 #[cfg(test)]
@@ -247,17 +273,19 @@ mod tests {
             ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             ("tracestate", "vendor=x"),
         ]))
-        .map(|c| (c.trace_id().to_string(), c.span_id().to_string(), c.is_sampled(), c.is_remote()));
+        .map(|p| {
+            (p.span.trace_id().to_string(), p.span.span_id().to_string(), p.span.is_sampled(), p.span.is_remote())
+        });
         assert_eq!(w3c, Some(("4bf92f3577b34da6a3ce929d0e0e4736".into(), "00f067aa0ba902b7".into(), true, true)));
         let b3 = parent_context(&headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]))
-            .map(|c| (c.trace_id().to_string(), c.span_id().to_string(), c.is_sampled()));
+            .map(|p| (p.span.trace_id().to_string(), p.span.span_id().to_string(), p.span.is_sampled()));
         assert_eq!(b3, Some(("80f198ee56343ba864fe8b2a57d3eff7".into(), "e457b5a2e4d86bd1".into(), true)));
         let b3_multi = parent_context(&headers(&[
             ("x-b3-traceid", "a3ce929d0e0e4736"),
             ("x-b3-spanid", "00f067aa0ba902b7"),
             ("x-b3-sampled", "0"),
         ]))
-        .map(|c| (c.trace_id().to_string(), c.is_sampled()));
+        .map(|p| (p.span.trace_id().to_string(), p.span.is_sampled()));
         assert_eq!(b3_multi, Some(("0000000000000000a3ce929d0e0e4736".into(), false)));
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
@@ -274,6 +302,39 @@ mod tests {
             &headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]),
             &headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01")]),
         );
-        assert_eq!(from_metadata.parent.map(|c| c.span_id().to_string()), Some("1111111111111111".into()));
+        assert_eq!(from_metadata.parent.map(|p| p.span.span_id().to_string()), Some("1111111111111111".into()));
+    }
+
+    /// Whether the tracer's sampler (parent-based, as `Tracing::start` builds it) samples a
+    /// check whose request carries `pairs`, at `ratio`.
+    fn sampled(pairs: &[(&str, &str)], ratio: f64) -> bool {
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)));
+        let parent = parent_context(&headers(pairs)).map(|p| p.decided(&Sampler::TraceIdRatioBased(ratio)));
+        let Some(parent) = parent else { return false };
+        let cx = Context::new().with_remote_span_context(parent.clone());
+        let decision =
+            sampler.should_sample(Some(&cx), parent.trace_id(), "sandgate.check", &SpanKind::Server, &[], &[]).decision;
+        decision == SamplingDecision::RecordAndSample
+    }
+
+    #[test]
+    fn a_caller_that_defers_sampling_is_sampled_by_the_ratio_and_one_that_decides_is_followed() {
+        const TRACE: &str = "80f198ee56343ba864fe8b2a57d3eff7";
+        const SPAN: &str = "e457b5a2e4d86bd1";
+        let single = |sampled: &str| format!("{TRACE}-{SPAN}{sampled}");
+        for ratio in [0.0, 1.0] {
+            let by_ratio = ratio == 1.0;
+            // Deferred: no sampling state, in either B3 form.
+            assert_eq!(sampled(&[("b3", &single(""))], ratio), by_ratio, "b3 deferred at {ratio}");
+            assert_eq!(sampled(&[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)], ratio), by_ratio, "{ratio}");
+            // Decided by the caller, whatever the ratio.
+            assert!(sampled(&[("b3", &single("-1"))], ratio), "b3 sampled at {ratio}");
+            assert!(!sampled(&[("b3", &single("-0"))], ratio), "b3 not sampled at {ratio}");
+            let traceparent = |flags: &str| format!("00-{TRACE}-{SPAN}-{flags}");
+            assert!(sampled(&[("traceparent", &traceparent("01"))], ratio), "{ratio}");
+            assert!(!sampled(&[("traceparent", &traceparent("00"))], ratio), "{ratio}");
+            let decided = [("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-sampled", "0")];
+            assert!(!sampled(&decided, ratio), "{ratio}");
+        }
     }
 }
