@@ -69,7 +69,8 @@ def traffic(port, part, parts, count, answered):
         r = conn.getresponse()
         r.read()
         n += 1
-    answered.value += n
+    with answered.get_lock():
+        answered.value += n
 
 
 def main():
@@ -156,6 +157,8 @@ archive_dir = "{archive}"
     storm_secs = time.time() - started
     stop.set()
     churner.join()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    dropped = int(float(re.search(r"^sandgate_decision_log_dropped_total (\S+)", metrics, re.M).group(1)))
     proc.terminate()
     proc.wait(timeout=60)
     lines = sum(1 for _ in open(records))
@@ -164,11 +167,15 @@ archive_dir = "{archive}"
     replay_secs = time.time() - started
     report = json.loads(out.stdout)
     print(json.dumps({
-        "checks": answered.value, "records": lines, "storm_secs": round(storm_secs, 1), "replay_secs": round(replay_secs, 1),
-        "replayed": report["replayed"], "same": report["same"], "differ": report["differ"], "skipped": report["skipped"],
-        **changes, "exit": out.returncode,
+        "checks": answered.value, "records": lines, "dropped": dropped, "storm_secs": round(storm_secs, 1),
+        "replay_secs": round(replay_secs, 1), "replayed": report["replayed"], "same": report["same"],
+        "differ": report["differ"], "skipped": report["skipped"], **changes, "exit": out.returncode,
     }))
     subprocess.run(["rm", "-rf", str(work)])
+    # The proof holds only if every check left its record and every record was decided again.
+    if out.returncode == 0 and not (dropped == 0 and lines == answered.value == count == report["replayed"] + sum(report["skipped"].values())):
+        sys.exit(f"not every check was recorded and replayed: {count} sent, {answered.value} answered, {lines} records, "
+                 f"{dropped} dropped, {report['replayed']} replayed")
     sys.exit(out.returncode)
 
 

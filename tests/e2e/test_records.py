@@ -576,26 +576,27 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         stop.set()
         for c in clients:
             c.join()
-        s.stop()
-        # Every record reaches the stream once: after the sidecar stopped, what it had not sent
-        # is in the spool, and a restart sends it.
-        s = Sandgate(config, tmp_path / "stdout-2.log", proxy="nginx")
-        deadline = time.time() + 30
+        # The running sidecar resumes by itself: every record reaches the stream, once, without
+        # a restart, and none was dropped.
+        deadline = time.time() + 60
         ids = []
         while time.time() < deadline:
             ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
             if len(ids) >= len(answered):
                 break
             time.sleep(0.5)
-        # The restarted sidecar has had time to send anything its spool's cursor says is not
-        # acknowledged: a cursor left behind at a clean stop would send records again.
-        time.sleep(2)
-        ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
         assert during > 100, during
         assert len(ids) == len(set(ids)), "a record was stored twice"
         assert set(ids) == set(answered), (len(ids), len(answered), len(set(answered) - set(ids)))
         metrics = urllib.request.urlopen(s.base + "/metrics", timeout=2).read().decode()
-        assert "sandgate_decision_log_dropped_total 0" in metrics
+        assert "sandgate_decision_log_dropped_total 0" in metrics, metrics
+        assert re.search(r"^sandgate_decision_spool_bytes 0$", metrics, re.M), metrics
+        s.stop()
+        # A restart sends nothing again: a cursor left behind at a clean stop would.
+        s = Sandgate(config, tmp_path / "stdout-2.log", proxy="nginx")
+        time.sleep(2)
+        ids = [m["request_id"] for m in stream_messages(nats, "sandgate_decisions")]
+        assert len(ids) == len(set(ids)) == len(answered), (len(ids), len(set(ids)), len(answered))
         # Replayed straight from the stream: every record, the same.
         out = subprocess.run([str(SANDGATE), "replay", "--stream", "sandgate_decisions", "--nats-url", nats.url, "--archive", str(tmp_path / "archive"), "--json"],
                              capture_output=True, text=True, timeout=300)
@@ -641,6 +642,57 @@ def test_a_sidecar_restarted_under_load_sends_no_record_twice(tmp_path):
     finally:
         s.stop()
         nats.stop()
+
+
+def test_replay_runs_policies_under_the_sidecars_limits_and_leaves_out_what_its_clock_decided(tmp_path):
+    """A sidecar with 2 MiB instances: a check that copies a 1 MiB string runs out of memory
+    there, and must in the replay too, which takes the limit from the sidecar's configuration
+    (`--config`) or `--memory-limit-mib`. A check denied `policy_timeout` was decided by the
+    sidecar's clock under its load: the replay leaves it out (`host_condition`) instead of
+    calling its quicker answer a difference. Such a record is made here by editing a quick
+    check's record as an overloaded sidecar would have written it."""
+    records = tmp_path / "records.log"
+    config = tmp_path / "sandgate.toml"
+    write_config(
+        config,
+        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
+        policies=[{"id": "p2", "module": str(POLICIES / "hostile-wasip2-servable.wasm")}],
+        server={"proxy": "nginx", "default_policy": "p2"},
+        runtime={"memory_limit_mib": 2, "timeout_ms": 250},
+        extra_toml=f'[decision_log]\ncapture = "input"\nsink = "file"\npath = "{records}"\narchive_dir = "{tmp_path / "archive"}"\n',
+    )
+    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    try:
+        client = Client(s.port)
+        statuses = [client.check(path)[0] for path in ["/wasi/sleep", "/alias-decision", "/wasi/clock-spin"]]
+    finally:
+        s.stop()
+    lines = [json.loads(l) for l in records.read_text().splitlines()]
+    assert [(l["path"], l["reason"]) for l in lines] == [
+        ("/wasi/sleep", "allow"), ("/alias-decision", "policy_out_of_memory"), ("/wasi/clock-spin", "policy_timeout")], lines
+    assert statuses[:2] == [200, 403], statuses
+    archive = ["--archive", str(tmp_path / "archive"), "--json"]
+
+    def replayed(*args):
+        out = replay(records, *archive, *args)
+        return out.returncode, json.loads(out.stdout or "{}"), out.stderr
+
+    # The sidecar's limits, from its configuration or given: every record as it was.
+    for args, limits in (([f"--config={config}"], "memory_limit_mib = 2 and timeout_ms = 250"),
+                         (["--memory-limit-mib", "2"], "memory_limit_mib = 2 and timeout_ms = 100")):
+        code, report, err = replayed(*args)
+        assert limits in err, err
+        assert (code, report["replayed"], report["same"], report["skipped"]) == (0, 2, 2, {"host_condition": 1}), (args, report, err)
+    # Under the default 16 MiB, the copy no longer runs out of memory: a difference.
+    code, report, err = replayed()
+    assert "memory_limit_mib = 16" in err and (code, report["differ"]) == (1, 1), (report, err)
+    # A quick check recorded as denied out of time (an overloaded sidecar): not a difference.
+    quick = lines[0]
+    timed_out = dict(quick, outcome="deny", status=lines[2]["status"], reason="policy_timeout", fault=lines[2]["fault"],
+                     decision=lines[2]["decision"], request_id=quick["request_id"] + "-late")
+    records.write_text(json.dumps(quick) + "\n" + json.dumps(timed_out) + "\n")
+    code, report, err = replayed(f"--config={config}")
+    assert (code, report["replayed"], report["same"], report["skipped"]) == (0, 1, 1, {"host_condition": 1}), (report, err)
 
 
 def test_a_wasip2_policy_replays_exactly_what_its_wasi_gave_it(tmp_path):

@@ -260,7 +260,8 @@ pub struct Record {
     /// `allow` or `deny`.
     #[serde(default)]
     pub outcome: String,
-    /// The status answered.
+    /// The decision's status: 200 for an allow, else the deny's. Forward-auth answers a 5xx
+    /// deny 403 (429 for `overloaded`): proxies must not read a deny as the sidecar being down.
     #[serde(default)]
     pub status: u16,
     /// The reason code.

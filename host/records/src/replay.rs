@@ -167,6 +167,9 @@ impl TokenVerifier for PlayedBack {
     }
 }
 
+/// The reason code of a policy stopped at its time budget (wall-clock).
+const TIMEOUT: &str = "policy_timeout";
+
 /// Fetches a module an archive lacks, by digest (`sha256:…`), from where a record says it came
 /// from (`oci://…@sha256:…`, `fleet:sha256:…`).
 pub type Fetch<'a> = Box<dyn FnMut(&str, &str) -> Option<Vec<u8>> + 'a>;
@@ -271,7 +274,10 @@ impl<'a> Replayer<'a> {
         if let Some(field) = contradiction(record, &check, &versions, recorded) {
             return Verdict::Contradicts(field);
         }
-        if HOST_CONDITIONS.contains(&record.reason.as_str()) && record.fault.is_some() {
+        // A policy out of time answered for the sidecar's clock and load at that moment, which
+        // replay does not have.
+        let host_condition = |reason: &str| HOST_CONDITIONS.contains(&reason) || reason == TIMEOUT;
+        if host_condition(&record.reason) && record.fault.is_some() {
             return Verdict::Skipped("host_condition");
         }
         let candidate = record.policy.as_ref().and_then(|p| self.candidates.get(p)).cloned();
@@ -295,7 +301,10 @@ impl<'a> Replayer<'a> {
         if record.prepared && !is_candidate && !evaluation.prepared {
             return Verdict::Skipped("not_prepared");
         }
-        if evaluation.fault.as_ref().is_some_and(|f| HOST_CONDITIONS.contains(&f.reason())) {
+        // Out of time here: this machine's condition, unless the module is a candidate, whose
+        // running out of time is what it would change.
+        let replay_condition = |reason: &str| HOST_CONDITIONS.contains(&reason) || (reason == TIMEOUT && !is_candidate);
+        if evaluation.fault.as_ref().is_some_and(|f| replay_condition(f.reason())) {
             return Verdict::Skipped("host_condition");
         }
         let replayed = DecisionRecord::from(&evaluation.decision);

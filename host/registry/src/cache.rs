@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
+    /// Leave a blob that does not match its digest where it is (an archive read by replay:
+    /// whoever keeps it decides what to do with a damaged file).
+    keep_damaged: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -34,7 +37,14 @@ struct TagEntry {
 impl Cache {
     /// A cache in `dir` (created when first written).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Cache { dir: dir.into() }
+        Cache { dir: dir.into(), keep_damaged: false }
+    }
+
+    /// The same directory read without removing anything: a blob that does not match its digest
+    /// is a miss, and stays.
+    pub fn keeping_damaged(mut self) -> Self {
+        self.keep_damaged = true;
+        self
     }
 
     /// Where it lives.
@@ -52,13 +62,17 @@ impl Cache {
     }
 
     /// The blob with `digest`, if cached, at most `limit` bytes, and its bytes still hash to
-    /// `digest`. A corrupted file is removed and reported as a miss.
+    /// `digest`. A corrupted file is a miss, and is removed (unless [`Cache::keeping_damaged`]).
     pub fn read_blob(&self, digest: &str, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
         let Some(path) = self.blob_path(digest) else { return Ok(None) };
         let Some(bytes) = read_file(&path, limit)? else { return Ok(None) };
         if sha256_digest(&bytes) != digest {
-            tracing::warn!(path = %path.display(), digest, "a cached blob does not match its digest; removing it");
-            let _ = std::fs::remove_file(&path);
+            if self.keep_damaged {
+                tracing::warn!(path = %path.display(), digest, "a blob does not match its digest; not used");
+            } else {
+                tracing::warn!(path = %path.display(), digest, "a cached blob does not match its digest; removing it");
+                let _ = std::fs::remove_file(&path);
+            }
             return Ok(None);
         }
         Ok(Some(bytes))
@@ -191,9 +205,12 @@ mod tests {
         assert_eq!(cache.read_blob(&digest, 1 << 20).unwrap().as_deref(), Some(&b"module bytes"[..]));
         // Over the caller's limit: not returned.
         assert_eq!(cache.read_blob(&digest, 4).unwrap(), None);
-        // Tampered on disk: a miss, and the file is gone.
+        // Tampered on disk: a miss. Read as an archive (replay), the file stays for whoever
+        // keeps it; read as a cache, it is gone.
         let path = dir.path().join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
         std::fs::write(&path, b"module bytez").unwrap();
+        assert_eq!(cache.clone().keeping_damaged().read_blob(&digest, 1 << 20).unwrap(), None);
+        assert_eq!(std::fs::read(&path).unwrap(), b"module bytez");
         assert_eq!(cache.read_blob(&digest, 1 << 20).unwrap(), None);
         assert!(!path.exists());
         // Not a digest: never a path.

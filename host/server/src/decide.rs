@@ -525,11 +525,14 @@ impl Authorizer {
         self.token_cache.as_ref()
     }
 
-    /// Whether `token` is in the verified-token cache now (`hit`, `miss`, or `off`): for a span.
+    /// Whether verifying `token` now skips its signature check (`hit`: cached, and the cached
+    /// entry is still good, as [`Authorizer::verify_token`] decides), or not (`miss`, `off`):
+    /// for a span.
     fn cache_state(&self, token: &str, snapshot: &Snapshot, now: u64) -> &'static str {
+        let key = TokenCache::key(token, snapshot.keys.version);
         match &self.token_cache {
             None => "off",
-            Some(cache) if cache.get(&TokenCache::key(token, snapshot.keys.version), now).is_some() => "hit",
+            Some(cache) if cache.get(&key, now).is_some_and(|v| snapshot.keys.still_valid(&v, now)) => "hit",
             Some(_) => "miss",
         }
     }

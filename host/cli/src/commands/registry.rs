@@ -8,7 +8,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct RegistryArgs {
     /// Take the `[registry]` settings (credentials, CA, plain-HTTP hosts, cache) from a
-    /// sidecar configuration file; the flags below add to them.
+    /// sidecar configuration file; the flags below add to them. (`replay` also takes its
+    /// `[runtime]` limits.)
     #[arg(long)]
     config: Option<PathBuf>,
     /// User name for the registry (the password from `--password-stdin` or
@@ -39,6 +40,11 @@ impl RegistryArgs {
     /// Whether the password is read from standard input.
     pub fn reads_stdin(&self) -> bool {
         self.password_stdin
+    }
+
+    /// The sidecar configuration file given with `--config`.
+    pub fn config(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
     }
 
     /// A registry client for `reference`'s registry.

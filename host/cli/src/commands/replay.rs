@@ -23,12 +23,33 @@ pub struct Args {
     #[arg(required_unless_present = "stream")]
     records: Vec<PathBuf>,
     /// Read the records of this JetStream stream (`[decision_log.nats] stream`), from its first
-    /// message to its last, instead of (or besides) files.
+    /// message to the last one it held when the replay started, instead of (or besides) files.
     #[arg(long, requires = "nats_url")]
     stream: Option<String>,
     /// The NATS server(s) of `--stream`, comma-separated.
     #[arg(long)]
     nats_url: Option<String>,
+    /// A file holding a NATS token, for `--nats-url` and `--fleet-url`.
+    #[arg(long)]
+    nats_token_file: Option<PathBuf>,
+    /// A file holding an nkey seed, for `--nats-url` and `--fleet-url`.
+    #[arg(long)]
+    nats_nkey_seed_file: Option<PathBuf>,
+    /// NATS user, for `--nats-url` and `--fleet-url` (the password from `SANDGATE_NATS_PASSWORD`).
+    #[arg(long)]
+    nats_user: Option<String>,
+    /// A CA (PEM) for the NATS servers (implies TLS).
+    #[arg(long)]
+    nats_ca_file: Option<PathBuf>,
+    /// Memory cap of one policy instance, in MiB: the sidecar's `[runtime] memory_limit_mib`
+    /// (from `--config` if given there; else 16). A check that ran out of memory live must
+    /// run out here too, and one that did not must not.
+    #[arg(long)]
+    memory_limit_mib: Option<usize>,
+    /// Time budget of one policy call, in milliseconds: the sidecar's `[runtime] timeout_ms`
+    /// (from `--config` if given there; else 100).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
     /// A directory holding modules and data documents by digest (the sidecar's
     /// `[decision_log] archive_dir`, or a module cache); repeatable, searched in order.
     #[arg(long = "archive", required = true)]
@@ -66,8 +87,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let io = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let runtime = super::small_runtime()?;
-    let archives = args.archives.iter().map(Cache::new).collect();
+    let runtime = sandgate_runtime::Runtime::new(limits(&args)?)?;
+    // Archives are read, never changed: a damaged file is a miss and stays where it is.
+    let archives = args.archives.iter().map(|dir| Cache::new(dir).keeping_damaged()).collect();
     let mut replayer = Replayer::new(&runtime, archives);
     let candidate = match &args.candidate {
         Some(spec) => {
@@ -83,12 +105,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.fetch && args.registry.reads_stdin() && args.records.iter().any(|p| p.as_os_str() == "-") {
         bail!("--password-stdin and records from `-` would both read standard input");
     }
+    let nats = |url: &str, name: &str| nats_config(&args, url, name);
     if args.fetch {
-        let (registry, fleet, io) = (&args.registry, (args.fleet_url.clone(), args.fleet.clone()), &io);
+        let fleet = match (&args.fleet_url, &args.fleet) {
+            (Some(url), Some(name)) => Some(nats(url, name)?),
+            _ => None,
+        };
+        let (registry, io) = (&args.registry, &io);
         let allowed = &args.fetch_from;
         let mut nats: Option<async_nats::Client> = None;
         replayer = replayer.with_fetch(Box::new(move |digest, source| {
-            let fetched = io.block_on(fetch(digest, source, registry, allowed, &fleet, &mut nats));
+            let fetched = io.block_on(fetch(digest, source, registry, allowed, fleet.as_ref(), &mut nats));
             fetched.map_err(|e| eprintln!("cannot fetch {digest} from `{source}`: {e:#}")).ok()
         }));
     }
@@ -101,7 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => report.unreadable(),
     };
     if let (Some(stream), Some(url)) = (&args.stream, &args.nats_url) {
-        io.block_on(read_stream(url, stream, &mut replay_line))?;
+        io.block_on(read_stream(&nats(url, "replay")?, stream, &mut replay_line))?;
     }
     for path in &args.records {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
@@ -170,17 +197,57 @@ fn printable(text: &str) -> String {
     text.chars().flat_map(|c| if hidden(c) { c.escape_default().collect() } else { vec![c] }).collect()
 }
 
+/// The runtime's limits: the flags, else the `[runtime]` section of `--config`, else the
+/// sidecar's defaults. One instance at a time.
+fn limits(args: &Args) -> anyhow::Result<sandgate_runtime::RuntimeConfig> {
+    let configured = match args.registry.config() {
+        Some(path) => sandgate_server::Config::from_file(path)?.runtime,
+        None => sandgate_server::config::RuntimeLimits::default(),
+    };
+    let memory_limit_mib = args.memory_limit_mib.unwrap_or(configured.memory_limit_mib);
+    let timeout_ms = args.timeout_ms.unwrap_or(configured.timeout_ms);
+    if memory_limit_mib == 0 || timeout_ms == 0 {
+        bail!("--memory-limit-mib and --timeout-ms must be above 0");
+    }
+    eprintln!("policies run with memory_limit_mib = {memory_limit_mib} and timeout_ms = {timeout_ms}");
+    Ok(sandgate_runtime::RuntimeConfig {
+        max_instances: 1,
+        memory_limit: memory_limit_mib << 20,
+        timeout: std::time::Duration::from_millis(timeout_ms),
+        ..Default::default()
+    })
+}
+
+/// How to reach the NATS server(s) at `url`, with the credential flags.
+fn nats_config(args: &Args, url: &str, name: &str) -> anyhow::Result<sandgate_server::config::FleetConfig> {
+    let mut config = sandgate_server::config::FleetConfig::client(url, name);
+    if let Some(user) = &args.nats_user {
+        config.user = Some(user.clone());
+        config.password = Some(super::password(false, "SANDGATE_NATS_PASSWORD", "--nats-user")?);
+    }
+    config.token_file = args.nats_token_file.clone();
+    config.nkey_seed_file = args.nats_nkey_seed_file.clone();
+    config.ca_file = args.nats_ca_file.clone();
+    Ok(config)
+}
+
 /// Every record of JetStream stream `name` (messages of whole lines), from the first message to
-/// the last there is now, in order.
-async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
+/// the last it held when this started, in order: records published meanwhile are not waited
+/// for, so a replay of a stream that never stops growing ends.
+async fn read_stream(
+    config: &sandgate_server::config::FleetConfig,
+    name: &str,
+    each: &mut impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
     use futures_util::StreamExt;
-    let config = sandgate_server::config::FleetConfig::client(url, "replay");
-    let client = sandgate_server::fleet::connect(&config, true).await?;
+    let client = sandgate_server::fleet::connect(config, true).await?;
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(name).await.with_context(|| format!("no stream `{name}`"))?;
-    if stream.info().await.context("cannot read the stream")?.state.messages == 0 {
+    let state = &stream.info().await.context("cannot read the stream")?.state;
+    if state.messages == 0 {
         return Ok(());
     }
+    let last = state.last_sequence;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
@@ -202,7 +269,8 @@ async fn read_stream(url: &str, name: &str, each: &mut impl FnMut(&[u8])) -> any
         for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             each(line);
         }
-        if message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending == 0 {
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if info.stream_sequence >= last || info.pending == 0 {
             return Ok(());
         }
     }
@@ -215,7 +283,7 @@ async fn fetch(
     source: &str,
     registry: &super::registry::RegistryArgs,
     allowed: &[String],
-    fleet: &(Option<String>, Option<String>),
+    fleet: Option<&sandgate_server::config::FleetConfig>,
     nats: &mut Option<async_nats::Client>,
 ) -> anyhow::Result<Vec<u8>> {
     if sandgate_registry::ModuleRef::is_oci(source) {
@@ -230,16 +298,17 @@ async fn fetch(
         return Ok(pulled.module.to_vec());
     }
     if source.strip_prefix("fleet:") == Some(digest) {
-        let (Some(url), Some(name)) = fleet else {
+        let Some(config) = fleet else {
             anyhow::bail!("a module from a fleet's object store needs --fleet-url and --fleet");
         };
         if nats.is_none() {
-            let config = sandgate_server::config::FleetConfig::client(url, name);
-            *nats = Some(sandgate_server::fleet::connect(&config, true).await?);
+            *nats = Some(sandgate_server::fleet::connect(config, true).await?);
         }
         let client = nats.as_ref().context("no NATS client")?;
         let limit = sandgate_registry::RegistrySettings::default().max_module_bytes;
-        return sandgate_server::fleet::fetch_object(client, name, digest, limit).await.map_err(anyhow::Error::msg);
+        return sandgate_server::fleet::fetch_object(client, &config.name, digest, limit)
+            .await
+            .map_err(anyhow::Error::msg);
     }
     anyhow::bail!("no way to fetch a module from `{source}`")
 }
