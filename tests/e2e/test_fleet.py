@@ -75,8 +75,9 @@ def token(jti, sub="alice"):
 class Fleet:
     """N sidecars in fleet `prod`, each with its own caches and decision log."""
 
-    def __init__(self, tmp_path, nats, n, max_staleness=30, admin=False):
+    def __init__(self, tmp_path, nats, n, max_staleness=30, admin=False, capture=None):
         self.tmp_path, self.nats, self.max_staleness, self.admin = tmp_path, nats, max_staleness, admin
+        self.capture = capture
         self.sidecars = [self.start(i) for i in range(n)]
 
     def start(self, i):
@@ -85,7 +86,7 @@ class Fleet:
         extra = (
             f'[fleet]\nurl = "{self.nats.url}"\nname = "prod"\nnode_id = "node-{i}"\ncache_dir = "{d / "fleet"}"\n'
             f"max_staleness_secs = {self.max_staleness}\nheartbeat_ms = 200\n"
-        )
+        ) + (f'[decision_log]\ncapture = "{self.capture}"\n' if self.capture else "")
         config = {
             "issuers": [{"issuer": ISSUER, "algorithms": ["HS256"], "keys": [{"kid": "k", "algorithm": "HS256", "secret": SECRET}]}],
             "policies": [],
@@ -150,6 +151,42 @@ def wait_until(predicate, timeout=10):
             return True
         time.sleep(0.05)
     return False
+
+
+def test_replay_fetches_a_fleets_module_and_every_data_version_from_its_object_store(tmp_path, nats):
+    """A module uploaded to the fleet, and two versions of its data document: replay, with an
+    empty archive, fetches the module and each data document by the digests the records name
+    from the fleet's object store (`put-data` keeps every version there)."""
+    data = tmp_path / "rbac-data.json"
+    data.write_text(json.dumps(RBAC_DATA))
+    fleet(nats, "put-data", "rbac", str(data))
+    fleet(nats, "put-policy", "rbac", str(POLICIES / "rbac.wasm"))
+    f = Fleet(tmp_path, nats, 1, capture="input")
+    try:
+        sidecar = f.sidecars[0]
+        assert wait_until(lambda: ready(sidecar), 30)
+        assert answer(sidecar) == (200, None)
+        data.write_text(json.dumps({"roles": {}}))
+        out = fleet(nats, "put-data", "rbac", str(data), "--wait")
+        assert "uploaded the data document" in out.stderr, out.stderr
+        assert answer(sidecar, jti="probe-2") == (403, "forbidden")
+        lines = [l for l in sidecar.decision_log() if l.get("input")]
+    finally:
+        f.stop()
+    assert len({l["data_digest"] for l in lines}) == 2 and len(lines) == 2, lines
+    records = tmp_path / "records.log"
+    records.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    empty = tmp_path / "empty-archive"
+
+    def replay(*args):
+        out = subprocess.run([str(SANDGATE), "replay", str(records), "--archive", str(empty), "--json", *args],
+                             capture_output=True, text=True, timeout=120)
+        return out.returncode, json.loads(out.stdout or "{}"), out.stderr
+
+    code, report, err = replay()
+    assert code == 3 and report["skipped"] == {"missing_module": 2}, (report, err)
+    code, report, err = replay("--fetch", "--fleet-url", nats.url, "--fleet", "prod")
+    assert (code, report["replayed"], report["same"]) == (0, 2, 2), (report, err)
 
 
 def test_writes_with_wait_are_read_your_writes_across_the_fleet(tmp_path, nats, registry):

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Largest module or data document read from an archive.
-const MAX_BLOB: u64 = 256 << 20;
+pub const MAX_BLOB: u64 = 256 << 20;
 
 /// What replaying one record found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,9 +170,21 @@ impl TokenVerifier for PlayedBack {
 /// The reason code of a policy stopped at its time budget (wall-clock).
 const TIMEOUT: &str = "policy_timeout";
 
-/// Fetches a module an archive lacks, by digest (`sha256:…`), from where a record says it came
-/// from (`oci://…@sha256:…`, `fleet:sha256:…`).
-pub type Fetch<'a> = Box<dyn FnMut(&str, &str) -> Option<Vec<u8>> + 'a>;
+/// What a [`Fetch`] is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted<'s> {
+    /// A module, from where its record says it came from (`oci://…@sha256:…`,
+    /// `fleet:sha256:…`).
+    Module {
+        /// The record's `policy_source`.
+        source: &'s str,
+    },
+    /// A data document (a record does not say where one came from).
+    Data,
+}
+
+/// Fetches a module or data document the archives lack, by digest (`sha256:…`).
+pub type Fetch<'a> = Box<dyn FnMut(&str, Wanted<'_>) -> Option<Vec<u8>> + 'a>;
 
 /// Decides recorded checks again.
 pub struct Replayer<'a> {
@@ -197,8 +209,8 @@ impl<'a> Replayer<'a> {
         }
     }
 
-    /// Fetch modules the archives lack with `fetch` (given the digest and the record's
-    /// `policy_source`); what it returns is used only if it has that digest.
+    /// Fetch modules and data documents the archives lack with `fetch`; what it returns is used
+    /// only if it has the digest asked for.
     pub fn with_fetch(mut self, fetch: Fetch<'a>) -> Self {
         self.fetch = Some(fetch);
         self
@@ -223,7 +235,8 @@ impl<'a> Replayer<'a> {
         if bytes.is_none()
             && let (Some(fetch), Some(source)) = (self.fetch.as_mut(), source)
         {
-            bytes = fetch(&digest, source).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
+            bytes = fetch(&digest, Wanted::Module { source })
+                .filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
         }
         let module = bytes.and_then(|bytes| match self.runtime.load(&bytes) {
             Ok(module) => Some(module),
@@ -240,8 +253,13 @@ impl<'a> Replayer<'a> {
         if let Some(data) = self.data.get(digest) {
             return data.clone();
         }
-        let data = self
-            .blob(digest)
+        let mut bytes = self.blob(digest);
+        if bytes.is_none()
+            && let Some(fetch) = self.fetch.as_mut()
+        {
+            bytes = fetch(digest, Wanted::Data).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
+        }
+        let data = bytes
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .map(|value| Arc::new(PolicyData::new(value, version)));
         self.data.insert(digest.to_owned(), data.clone());

@@ -68,7 +68,8 @@ enum Command {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Replace policy `ID`'s data document with `FILE` (JSON).
+    /// Replace policy `ID`'s data document with `FILE` (JSON). The document is also kept in the
+    /// fleet's object store by its digest, where `sandgate replay --fetch` finds every version.
     PutData {
         id: String,
         file: PathBuf,
@@ -311,8 +312,14 @@ async fn execute(config: FleetConfig, command: Command) -> anyhow::Result<ExitCo
         Command::Keys { iss, wait, .. } => delete(&js, &config.name, &kv, Key::Keys(iss).encode(), wait).await?,
         Command::PutData { id, file, wait } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read `{}`", file.display()))?;
-            serde_json::from_slice::<serde_json::Value>(&bytes)
+            let value = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .with_context(|| format!("`{}` is not JSON", file.display()))?;
+            // Every version that serves is kept by the digest decision records name it by (its
+            // compact text, as the sidecars read it), for replay; before any sidecar can serve it.
+            let data = sandgate_runtime::PolicyData::new(value, 0);
+            let what = format!("the data document `{}`", file.display());
+            let digest = store_object(&js, &config, data.text().as_bytes(), &what).await?;
+            debug_assert_eq!(digest, data.digest());
             let key = Key::Data(id).encode();
             let revision = kv.put(&key, bytes.into()).await.context("the write failed")?;
             eprintln!("{key} at revision {revision}");
@@ -390,14 +397,26 @@ async fn upload(
         .load(&component)
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("`{}` is not a loadable policy component", file.display()))?;
-    let digest = sandgate_registry::sha256_digest(&component);
+    let digest = store_object(js, config, &component, &file.display().to_string()).await?;
+    Ok(format!("{FLEET_OBJECT}{digest}"))
+}
+
+/// Keep `bytes` (`what`, for messages) in the fleet's object store under their digest, which
+/// is returned; the store is created by the first upload.
+async fn store_object(
+    js: &async_nats::jetstream::Context,
+    config: &FleetConfig,
+    bytes: &[u8],
+    what: &str,
+) -> anyhow::Result<String> {
+    let digest = sandgate_registry::sha256_digest(bytes);
     let bucket = sandgate_server::fleet::objects_bucket(&config.name);
     let store = match js.get_object_store(&bucket).await {
         Ok(store) => store,
         Err(_) => js
             .create_object_store(async_nats::jetstream::object_store::Config {
                 bucket: bucket.clone(),
-                description: Some(format!("policy modules of fleet `{}`, by digest", config.name)),
+                description: Some(format!("policy modules and data documents of fleet `{}`, by digest", config.name)),
                 num_replicas: config.replicas,
                 storage: async_nats::jetstream::stream::StorageType::File,
                 ..Default::default()
@@ -405,22 +424,22 @@ async fn upload(
             .await
             .with_context(|| format!("cannot create the object store `{bucket}`"))?,
     };
-    // Content-addressed: an object already there under this digest is this module.
-    let present = store.info(&digest).await.is_ok_and(|info| !info.deleted && info.size == component.len());
+    // Content-addressed: an object already there under this digest is these bytes.
+    let present = store.info(&digest).await.is_ok_and(|info| !info.deleted && info.size == bytes.len());
     if !present {
+        let mut reader = bytes;
         store
-            .put(digest.as_str(), &mut component.as_slice())
+            .put(digest.as_str(), &mut reader)
             .await
-            .with_context(|| format!("cannot upload `{}` into `{bucket}`", file.display()))?;
+            .with_context(|| format!("cannot upload {what} into `{bucket}`"))?;
     }
     eprintln!(
-        "{} {} ({} bytes) {} the fleet's object store",
+        "{} {what} ({} bytes) {} the fleet's object store",
         if present { "found" } else { "uploaded" },
-        file.display(),
-        component.len(),
+        bytes.len(),
         if present { "in" } else { "into" }
     );
-    Ok(format!("{FLEET_OBJECT}{digest}"))
+    Ok(digest)
 }
 
 fn read_jwks(file: &std::path::Path) -> anyhow::Result<jsonwebtoken::jwk::JwkSet> {

@@ -10,7 +10,7 @@
 //! no record names, or on an archive that holds nothing.
 
 use anyhow::{Context, bail};
-use sandgate_records::replay::Change;
+use sandgate_records::replay::{Change, Wanted};
 use sandgate_records::{Record, Replayer, Report};
 use sandgate_registry::Cache;
 use std::io::BufRead;
@@ -66,8 +66,8 @@ pub struct Args {
     allow_skipped: bool,
     /// Fetch a module no archive has from where its record says it came from: an
     /// `oci://…@sha256:…` source from its registry (the flags below), a `fleet:sha256:…` source
-    /// from the fleet's object store (`--fleet-url`, `--fleet`). Data documents come from the
-    /// archives only.
+    /// from the fleet's object store (`--fleet-url`, `--fleet`). With a fleet named, a data
+    /// document no archive has is fetched from its object store too.
     #[arg(long)]
     fetch: bool,
     /// A registry (`host[:port]`) `--fetch` may pull modules from; repeatable. A record naming
@@ -114,9 +114,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let (registry, io) = (&args.registry, &io);
         let allowed = &args.fetch_from;
         let mut nats: Option<async_nats::Client> = None;
-        replayer = replayer.with_fetch(Box::new(move |digest, source| {
-            let fetched = io.block_on(fetch(digest, source, registry, allowed, fleet.as_ref(), &mut nats));
-            fetched.map_err(|e| eprintln!("cannot fetch {digest} from `{source}`: {e:#}")).ok()
+        replayer = replayer.with_fetch(Box::new(move |digest, wanted| match wanted {
+            Wanted::Module { source } => {
+                let fetched = io.block_on(fetch(digest, source, registry, allowed, fleet.as_ref(), &mut nats));
+                fetched.map_err(|e| eprintln!("cannot fetch {digest} from `{source}`: {e:#}")).ok()
+            }
+            // A data document only from the fleet's object store (`sandgate fleet put-data`
+            // keeps every version there), when a fleet is named.
+            Wanted::Data => {
+                let fetched = io.block_on(fetch_data(digest, fleet.as_ref()?, &mut nats));
+                fetched.map_err(|e| eprintln!("cannot fetch data {digest} from the fleet's object store: {e:#}")).ok()
+            }
         }));
     }
     let mut report = Report::default();
@@ -274,6 +282,20 @@ async fn read_stream(
             return Ok(());
         }
     }
+}
+
+/// Data document `digest` from the fleet's object store.
+async fn fetch_data(
+    digest: &str,
+    fleet: &sandgate_server::config::FleetConfig,
+    nats: &mut Option<async_nats::Client>,
+) -> anyhow::Result<Vec<u8>> {
+    if nats.is_none() {
+        *nats = Some(sandgate_server::fleet::connect(fleet, true).await?);
+    }
+    let client = nats.as_ref().context("no NATS client")?;
+    let limit = sandgate_records::replay::MAX_BLOB;
+    sandgate_server::fleet::fetch_object(client, &fleet.name, digest, limit).await.map_err(anyhow::Error::msg)
 }
 
 /// Module `digest` from `source`: its OCI registry, if it is one of `allowed` (pulled by

@@ -689,13 +689,13 @@ async fn watch(
     }
 }
 
-/// The object store holding the fleet's uploaded modules, by digest.
+/// The object store holding the fleet's uploaded modules and its data documents, by digest.
 pub fn objects_bucket(fleet: &str) -> String {
     format!("sandgate_{fleet}_modules")
 }
 
-/// Module `digest` (`sha256:<hex>`) from the fleet's object store: at most `limit` bytes, and
-/// only if its content has that digest.
+/// Object `digest` (`sha256:<hex>`: a module or a data document) from the fleet's object store:
+/// at most `limit` bytes, and only if its content has that digest.
 pub async fn fetch_object(
     client: &async_nats::Client,
     fleet: &str,
@@ -710,7 +710,7 @@ pub async fn fetch_object(
         .map_err(|e| format!("the fleet's object store `{}`: {e}", objects_bucket(fleet)))?;
     let object = store.get(digest).await.map_err(|e| format!("{digest} in the fleet's object store: {e}"))?;
     if object.info.size as u64 > limit {
-        return Err(format!("{digest} is {} bytes, over the {limit}-byte module limit", object.info.size));
+        return Err(format!("{digest} is {} bytes, over the {limit}-byte limit", object.info.size));
     }
     let mut bytes = Vec::new();
     object
@@ -719,7 +719,7 @@ pub async fn fetch_object(
         .await
         .map_err(|e| format!("reading {digest} from the fleet's object store: {e}"))?;
     if bytes.len() as u64 > limit {
-        return Err(format!("{digest} is over the {limit}-byte module limit"));
+        return Err(format!("{digest} is over the {limit}-byte limit"));
     }
     if sandgate_registry::sha256_digest(&bytes) != digest {
         return Err(format!("the object stored as {digest} does not have that digest"));
