@@ -233,6 +233,7 @@ impl<'a> Replayer<'a> {
         let digest = format!("sha256:{hex}");
         let mut bytes = self.blob(&digest);
         if bytes.is_none()
+            && sandgate_registry::valid_digest(&digest)
             && let (Some(fetch), Some(source)) = (self.fetch.as_mut(), source)
         {
             bytes = fetch(&digest, Wanted::Module { source })
@@ -254,7 +255,9 @@ impl<'a> Replayer<'a> {
             return data.clone();
         }
         let mut bytes = self.blob(digest);
+        // A record's digest is whatever its writer put there: only a digest is asked for.
         if bytes.is_none()
+            && sandgate_registry::valid_digest(digest)
             && let Some(fetch) = self.fetch.as_mut()
         {
             bytes = fetch(digest, Wanted::Data).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
