@@ -172,8 +172,9 @@ archive_dir = "{archive}"
         "differ": report["differ"], "skipped": report["skipped"], **changes, "exit": out.returncode,
     }))
     subprocess.run(["rm", "-rf", str(work)])
-    # The proof holds only if every check left its record and every record was decided again.
-    if out.returncode == 0 and not (dropped == 0 and lines == answered.value == count == report["replayed"] + sum(report["skipped"].values())):
+    # The proof holds only if every check left its record and every record was decided again: a
+    # record left out for any reason (the host's load, a missing module) proves nothing.
+    if out.returncode == 0 and not (dropped == 0 and lines == answered.value == count == report["replayed"]):
         sys.exit(f"not every check was recorded and replayed: {count} sent, {answered.value} answered, {lines} records, "
                  f"{dropped} dropped, {report['replayed']} replayed")
     sys.exit(out.returncode)

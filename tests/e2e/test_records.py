@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -603,6 +604,15 @@ def test_the_nats_sink_loses_nothing_while_nats_is_down(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         report = json.loads(out.stdout)
         assert report["replayed"] == len(answered) and report["differ"] == 0, report
+        # Read from the stream with fetches on: the data document, left out of a copy of the
+        # archive, is asked of the fleet's object store (there is none) while the stream is read.
+        partial = tmp_path / "archive-without-data"
+        shutil.copytree(tmp_path / "archive", partial)
+        for digest in {m["data_digest"] for m in stream_messages(nats, "sandgate_decisions")}:
+            (partial / "blobs" / "sha256" / digest.removeprefix("sha256:")).unlink()
+        out = subprocess.run([str(SANDGATE), "replay", "--stream", "sandgate_decisions", "--nats-url", nats.url, "--archive", str(partial),
+                              "--fetch", "--fleet-url", nats.url, "--fleet", "prod", "--json"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 3 and json.loads(out.stdout)["skipped"] == {"missing_data": len(answered)}, out.stdout + out.stderr
         print(f"NATS down {down_for:.0f} s: {during - before} checks meanwhile ({spooled:,} bytes spooled); "
               f"{len(answered)} checks, {len(ids)} records in the stream, replayed {report['replayed']}, 0 lost, 0 twice")
     finally:

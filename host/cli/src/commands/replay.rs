@@ -136,7 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => report.unreadable(),
     };
     if let (Some(stream), Some(url)) = (&args.stream, &args.nats_url) {
-        io.block_on(read_stream(&nats(url, "replay")?, stream, &mut replay_line))?;
+        read_stream(&io, &nats(url, "replay")?, stream, &mut replay_line)?;
     }
     for path in &args.records {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
@@ -241,32 +241,20 @@ fn nats_config(args: &Args, url: &str, name: &str) -> anyhow::Result<sandgate_se
 
 /// Every record of JetStream stream `name` (messages of whole lines), from the first message to
 /// the last it held when this started, in order: records published meanwhile are not waited
-/// for, so a replay of a stream that never stops growing ends.
-async fn read_stream(
+/// for, so a replay of a stream that never stops growing ends. `each` runs outside `io`'s
+/// futures, so it may block on `io` itself (a fetch).
+fn read_stream(
+    io: &tokio::runtime::Runtime,
     config: &sandgate_server::config::FleetConfig,
     name: &str,
     each: &mut impl FnMut(&[u8]),
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt;
-    let client = sandgate_server::fleet::connect(config, true).await?;
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(name).await.with_context(|| format!("no stream `{name}`"))?;
-    let state = &stream.info().await.context("cannot read the stream")?.state;
-    if state.messages == 0 {
-        return Ok(());
-    }
-    let last = state.last_sequence;
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .context("cannot read the stream")?;
-    let mut messages = consumer.messages().await.context("cannot read the stream")?;
+    let Some((mut messages, last)) = io.block_on(open_stream(config, name))? else { return Ok(()) };
     loop {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
-            .await
+        let next =
+            io.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), messages.next()).await });
+        let message = next
             .context("the stream stopped delivering")?
             .context("the stream ended")?
             .map_err(|e| anyhow::anyhow!("cannot read the stream: {e}"))?;
@@ -282,6 +270,31 @@ async fn read_stream(
             return Ok(());
         }
     }
+}
+
+/// The messages of stream `name` from its first, and the sequence of its last now; `None` if
+/// it holds none.
+async fn open_stream(
+    config: &sandgate_server::config::FleetConfig,
+    name: &str,
+) -> anyhow::Result<Option<(async_nats::jetstream::consumer::pull::Ordered, u64)>> {
+    let client = sandgate_server::fleet::connect(config, true).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.with_context(|| format!("no stream `{name}`"))?;
+    let state = &stream.info().await.context("cannot read the stream")?.state;
+    if state.messages == 0 {
+        return Ok(None);
+    }
+    let last = state.last_sequence;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read the stream")?;
+    let messages = consumer.messages().await.context("cannot read the stream")?;
+    Ok(Some((messages, last)))
 }
 
 /// Data document `digest` from the fleet's object store.
