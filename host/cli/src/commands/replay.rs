@@ -105,10 +105,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.fetch && args.registry.reads_stdin() && args.records.iter().any(|p| p.as_os_str() == "-") {
         bail!("--password-stdin and records from `-` would both read standard input");
     }
-    let nats = |url: &str, name: &str| nats_config(&args, url, name);
+    let nats_at = |url: &str, name: &str| nats_config(&args, url, name);
     if args.fetch {
         let fleet = match (&args.fleet_url, &args.fleet) {
-            (Some(url), Some(name)) => Some(nats(url, name)?),
+            (Some(url), Some(name)) => Some(nats_at(url, name)?),
             _ => None,
         };
         let (registry, io) = (&args.registry, &io);
@@ -136,7 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => report.unreadable(),
     };
     if let (Some(stream), Some(url)) = (&args.stream, &args.nats_url) {
-        read_stream(&io, &nats(url, "replay")?, stream, &mut replay_line)?;
+        read_stream(&io, &nats_at(url, "replay")?, stream, &mut replay_line)?;
     }
     for path in &args.records {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
