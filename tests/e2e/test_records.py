@@ -654,13 +654,10 @@ def test_a_sidecar_restarted_under_load_sends_no_record_twice(tmp_path):
         nats.stop()
 
 
-def test_replay_runs_policies_under_the_sidecars_limits_and_leaves_out_what_its_clock_decided(tmp_path):
-    """A sidecar with 2 MiB instances: a check that copies a 1 MiB string runs out of memory
-    there, and must in the replay too, which takes the limit from the sidecar's configuration
-    (`--config`) or `--memory-limit-mib`. A check denied `policy_timeout` was decided by the
-    sidecar's clock under its load: the replay leaves it out (`host_condition`) instead of
-    calling its quicker answer a difference. Such a record is made here by editing a quick
-    check's record as an overloaded sidecar would have written it."""
+def serve_wasip2_fixture(tmp_path, runtime=None):
+    """A sidecar serving the hostile `wasm32-wasip2` fixture as policy `p2` with `runtime`
+    limits, recording every check's input to a file and archiving its module and data: the
+    sidecar, its configuration file and its records file."""
     records = tmp_path / "records.log"
     config = tmp_path / "sandgate.toml"
     write_config(
@@ -668,10 +665,20 @@ def test_replay_runs_policies_under_the_sidecars_limits_and_leaves_out_what_its_
         issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
         policies=[{"id": "p2", "module": str(POLICIES / "hostile-wasip2-servable.wasm")}],
         server={"proxy": "nginx", "default_policy": "p2"},
-        runtime={"memory_limit_mib": 2, "timeout_ms": 250},
+        runtime=runtime,
         extra_toml=f'[decision_log]\ncapture = "input"\nsink = "file"\npath = "{records}"\narchive_dir = "{tmp_path / "archive"}"\n',
     )
-    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    return Sandgate(config, tmp_path / "stdout.log", proxy="nginx"), config, records
+
+
+def test_replay_runs_policies_under_the_sidecars_limits_and_leaves_out_what_its_clock_decided(tmp_path):
+    """A sidecar with 2 MiB instances: a check that copies a 1 MiB string runs out of memory
+    there, and must in the replay too, which takes the limit from the sidecar's configuration
+    (`--config`) or `--memory-limit-mib`. A check denied `policy_timeout` was decided by the
+    sidecar's clock under its load: the replay leaves it out (`host_condition`) instead of
+    calling its quicker answer a difference. Such a record is made here by editing a quick
+    check's record as an overloaded sidecar would have written it."""
+    s, config, records = serve_wasip2_fixture(tmp_path, runtime={"memory_limit_mib": 2, "timeout_ms": 250})
     try:
         client = Client(s.port)
         statuses = [client.check(path)[0] for path in ["/wasi/sleep", "/alias-decision", "/wasi/clock-spin"]]
@@ -709,16 +716,7 @@ def test_a_wasip2_policy_replays_exactly_what_its_wasi_gave_it(tmp_path):
     """A `wasm32-wasip2` policy reads the wall clock, randomness and stdin, prints, exits: the
     sidecar serves it, records each check, and replaying the records gives the same answers
     (the randomness comes from the request id, the clock from the pinned `now`)."""
-    records = tmp_path / "records.log"
-    config = tmp_path / "sandgate.toml"
-    write_config(
-        config,
-        issuers=[{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["HS256"], "keys": [{"kid": "hs-a", "algorithm": "HS256", "secret": SECRETS["hs-a"]}]}],
-        policies=[{"id": "p2", "module": str(POLICIES / "hostile-wasip2-servable.wasm")}],
-        server={"proxy": "nginx", "default_policy": "p2"},
-        extra_toml=f'[decision_log]\ncapture = "input"\nsink = "file"\npath = "{records}"\narchive_dir = "{tmp_path / "archive"}"\n',
-    )
-    s = Sandgate(config, tmp_path / "stdout.log", proxy="nginx")
+    s, _, records = serve_wasip2_fixture(tmp_path)
     try:
         client = Client(s.port)
         paths = ["/wasi/observe"] * 5 + ["/wasi/print", "/wasi/exit", "/wasi/file", "/wasi/sleep"]

@@ -167,8 +167,11 @@ impl TokenVerifier for PlayedBack {
     }
 }
 
-/// The reason code of a policy stopped at its time budget (wall-clock).
-const TIMEOUT: &str = "policy_timeout";
+/// Whether a fault with `reason` is the host's condition rather than the policy's answer:
+/// [`HOST_CONDITIONS`], and a policy stopped at its (wall-clock) time budget if `timeout`.
+fn host_condition(reason: &str, timeout: bool) -> bool {
+    HOST_CONDITIONS.contains(&reason) || (timeout && reason == "policy_timeout")
+}
 
 /// What a [`Fetch`] is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,8 +225,18 @@ impl<'a> Replayer<'a> {
         self
     }
 
-    fn blob(&self, digest: &str) -> Option<Vec<u8>> {
-        self.archives.iter().find_map(|a| a.read_blob(digest, MAX_BLOB).ok().flatten())
+    /// The blob with `digest`: from an archive, else fetched as `wanted` and used only if it has
+    /// that digest. A record's digest is whatever its writer put there: only a digest is asked
+    /// for.
+    fn blob(&mut self, digest: &str, wanted: Option<Wanted<'_>>) -> Option<Vec<u8>> {
+        if let Some(bytes) = self.archives.iter().find_map(|a| a.read_blob(digest, MAX_BLOB).ok().flatten()) {
+            return Some(bytes);
+        }
+        let (Some(fetch), Some(wanted)) = (self.fetch.as_mut(), wanted) else { return None };
+        if !sandgate_registry::valid_digest(digest) {
+            return None;
+        }
+        fetch(digest, wanted).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest)
     }
 
     fn module(&mut self, hex: &str, source: Option<&str>) -> Option<PolicyModule> {
@@ -231,19 +244,13 @@ impl<'a> Replayer<'a> {
             return module.clone();
         }
         let digest = format!("sha256:{hex}");
-        let mut bytes = self.blob(&digest);
-        if bytes.is_none()
-            && sandgate_registry::valid_digest(&digest)
-            && let (Some(fetch), Some(source)) = (self.fetch.as_mut(), source)
-        {
-            bytes = fetch(&digest, Wanted::Module { source })
-                .filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
-        }
-        let module = bytes.and_then(|bytes| match self.runtime.load(&bytes) {
-            Ok(module) => Some(module),
-            Err(e) => {
-                tracing::warn!(digest = hex, error = %e, "an archived module does not load");
-                None
+        let module = self.blob(&digest, source.map(|source| Wanted::Module { source })).and_then(|bytes| {
+            match self.runtime.load(&bytes) {
+                Ok(module) => Some(module),
+                Err(e) => {
+                    tracing::warn!(digest = hex, error = %e, "an archived module does not load");
+                    None
+                }
             }
         });
         self.modules.insert(hex.to_owned(), module.clone());
@@ -254,15 +261,8 @@ impl<'a> Replayer<'a> {
         if let Some(data) = self.data.get(digest) {
             return data.clone();
         }
-        let mut bytes = self.blob(digest);
-        // A record's digest is whatever its writer put there: only a digest is asked for.
-        if bytes.is_none()
-            && sandgate_registry::valid_digest(digest)
-            && let Some(fetch) = self.fetch.as_mut()
-        {
-            bytes = fetch(digest, Wanted::Data).filter(|bytes| sandgate_registry::sha256_digest(bytes) == digest);
-        }
-        let data = bytes
+        let data = self
+            .blob(digest, Some(Wanted::Data))
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .map(|value| Arc::new(PolicyData::new(value, version)));
         self.data.insert(digest.to_owned(), data.clone());
@@ -297,8 +297,7 @@ impl<'a> Replayer<'a> {
         }
         // A policy out of time answered for the sidecar's clock and load at that moment, which
         // replay does not have.
-        let host_condition = |reason: &str| HOST_CONDITIONS.contains(&reason) || reason == TIMEOUT;
-        if host_condition(&record.reason) && record.fault.is_some() {
+        if host_condition(&record.reason, true) && record.fault.is_some() {
             return Verdict::Skipped("host_condition");
         }
         let candidate = record.policy.as_ref().and_then(|p| self.candidates.get(p)).cloned();
@@ -324,8 +323,7 @@ impl<'a> Replayer<'a> {
         }
         // Out of time here: this machine's condition, unless the module is a candidate, whose
         // running out of time is what it would change.
-        let replay_condition = |reason: &str| HOST_CONDITIONS.contains(&reason) || (reason == TIMEOUT && !is_candidate);
-        if evaluation.fault.as_ref().is_some_and(|f| replay_condition(f.reason())) {
+        if evaluation.fault.as_ref().is_some_and(|f| host_condition(f.reason(), !is_candidate)) {
             return Verdict::Skipped("host_condition");
         }
         let replayed = DecisionRecord::from(&evaluation.decision);

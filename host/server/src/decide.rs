@@ -529,10 +529,12 @@ impl Authorizer {
     /// entry is still good, as [`Authorizer::verify_token`] decides), or not (`miss`, `off`):
     /// for a span.
     fn cache_state(&self, token: &str, snapshot: &Snapshot, now: u64) -> &'static str {
-        let key = TokenCache::key(token, snapshot.keys.version);
+        let still_good = |v: VerifiedToken| snapshot.keys.still_valid(&v, now);
         match &self.token_cache {
             None => "off",
-            Some(cache) if cache.get(&key, now).is_some_and(|v| snapshot.keys.still_valid(&v, now)) => "hit",
+            Some(cache) if cache.get(&TokenCache::key(token, snapshot.keys.version), now).is_some_and(still_good) => {
+                "hit"
+            }
             Some(_) => "miss",
         }
     }

@@ -122,7 +122,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             // A data document only from the fleet's object store (`sandgate fleet put-data`
             // keeps every version there), when a fleet is named.
             Wanted::Data => {
-                let fetched = io.block_on(fetch_data(digest, fleet.as_ref()?, &mut nats));
+                let limit = sandgate_records::replay::MAX_BLOB;
+                let fetched = io.block_on(fleet_object(digest, fleet.as_ref()?, &mut nats, limit));
                 fetched.map_err(|e| eprintln!("cannot fetch data {digest} from the fleet's object store: {e:#}")).ok()
             }
         }));
@@ -297,17 +298,18 @@ async fn open_stream(
     Ok(Some((messages, last)))
 }
 
-/// Data document `digest` from the fleet's object store.
-async fn fetch_data(
+/// Object `digest` (at most `limit` bytes) from the fleet's object store, over `nats`,
+/// connected on first use.
+async fn fleet_object(
     digest: &str,
     fleet: &sandgate_server::config::FleetConfig,
     nats: &mut Option<async_nats::Client>,
+    limit: u64,
 ) -> anyhow::Result<Vec<u8>> {
     if nats.is_none() {
         *nats = Some(sandgate_server::fleet::connect(fleet, true).await?);
     }
     let client = nats.as_ref().context("no NATS client")?;
-    let limit = sandgate_records::replay::MAX_BLOB;
     sandgate_server::fleet::fetch_object(client, &fleet.name, digest, limit).await.map_err(anyhow::Error::msg)
 }
 
@@ -336,14 +338,8 @@ async fn fetch(
         let Some(config) = fleet else {
             anyhow::bail!("a module from a fleet's object store needs --fleet-url and --fleet");
         };
-        if nats.is_none() {
-            *nats = Some(sandgate_server::fleet::connect(config, true).await?);
-        }
-        let client = nats.as_ref().context("no NATS client")?;
         let limit = sandgate_registry::RegistrySettings::default().max_module_bytes;
-        return sandgate_server::fleet::fetch_object(client, &config.name, digest, limit)
-            .await
-            .map_err(anyhow::Error::msg);
+        return fleet_object(digest, config, nats, limit).await;
     }
     anyhow::bail!("no way to fetch a module from `{source}`")
 }
